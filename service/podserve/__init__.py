@@ -1,0 +1,3 @@
+"""podserve: Kubernetes-native ONNX model serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The FastAPI application: lifespan (load models, warm up, then ready), routes, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from podserve import __version__, routes_health, routes_v1, routes_v2
+from podserve.errors import PodserveError
+from podserve.json_response import json_response
+from podserve.logs import configure_logging
+from podserve.runtime import ServingRuntime
+from podserve.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class InflightMiddleware:
+    """Counts requests in flight (an autoscaling signal); optionally names the worker."""
+
+    def __init__(self, app: ASGIApp, runtime: ServingRuntime, expose_worker: bool) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.worker_header = (b"x-podserve-worker", str(os.getpid()).encode())
+        self.expose_worker = expose_worker
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.expose_worker:
+            send = _add_worker_header(send, self.worker_header)
+        self.runtime.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.runtime.inflight -= 1
+
+
+def _add_worker_header(send: Send, header: tuple[bytes, bytes]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), header]
+        await send(message)
+
+    return wrapped
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PodserveError)
+    async def podserve_error(_: Request, exc: PodserveError) -> Response:
+        return json_response({"error": exc.message}, exc.status_code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"error": str(exc.detail)}, exc.status_code, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return json_response({"error": "internal server error"}, 500)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    runtime = ServingRuntime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="podserve",
+        version=__version__,
+        description="ONNX model serving: Open Inference Protocol (V2) and KServe V1 REST.",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    app.state.runtime = runtime
+    _install_error_handlers(app)
+    for router in (routes_health.router, routes_v2.router, routes_v1.router):
+        app.include_router(router)
+    app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)
+    return app

@@ -1,0 +1,276 @@
+"""Dynamic batching per model, with admission control.
+
+A batch closes at `max_batch_size` rows, at `max_batch_delay_ms`, or at once when an
+inference thread is idle: waiting for rows only pays off while the thread is busy
+(measured: a fixed delay costs its full length at low load and gains nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from podserve.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from podserve.inference_pool import ONLINE, InferencePool
+from podserve.onnx_model import BatchResult, OnnxModel
+from podserve.processors import Tensors
+
+
+@dataclass
+class PendingRequest:
+    inputs: Tensors
+    rows: int
+    key: tuple
+    future: asyncio.Future[InferenceOutcome]
+    enqueued: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None
+    context: Any = None  # opaque to the batcher: the request's trace context
+
+
+@dataclass
+class InferenceOutcome:
+    outputs: Tensors
+    queue_s: float
+    preprocess_s: float
+    infer_s: float
+    postprocess_s: float
+    batch_rows: int
+    batch_requests: int
+
+
+@dataclass
+class BatchRecord:
+    """What observers see of one session run (timestamps are time.time_ns())."""
+
+    model: OnnxModel
+    requests: list[PendingRequest]
+    result: BatchResult | None
+    start_ns: int
+    end_ns: int
+    error: BaseException | None = None
+
+
+BatchObserver = Callable[[BatchRecord], None]
+
+
+class QueueBudget:
+    """Per-worker bound on rows waiting for a batch, shared by all models."""
+
+    def __init__(self, max_rows: int, retry_after_s: int) -> None:
+        self.max_rows = max_rows
+        self.retry_after_s = retry_after_s
+        self.queued_rows = 0
+
+    def reserve(self, rows: int) -> None:
+        if rows > self.max_rows:
+            raise PayloadTooLarge(f"{rows} rows exceed the queue capacity of {self.max_rows}")
+        if self.queued_rows + rows > self.max_rows:
+            raise Overloaded(
+                f"server busy: {self.queued_rows} rows queued (limit {self.max_rows}); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        self.queued_rows += rows
+
+    def release(self, rows: int) -> None:
+        self.queued_rows -= rows
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: OnnxModel,
+        pool: InferencePool,
+        budget: QueueBudget,
+        observers: list[BatchObserver] | None = None,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.budget = budget
+        self.observers = observers if observers is not None else []
+        self._queue: deque[PendingRequest] = deque()
+        self._queued_rows = 0
+        self._arrived = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def submit(
+        self, inputs: Tensors, rows: int, deadline: float | None = None, context: Any = None
+    ) -> InferenceOutcome:
+        self.budget.reserve(rows)
+        loop = asyncio.get_running_loop()
+        item = PendingRequest(
+            inputs,
+            rows,
+            self.model.batch_key(inputs),
+            loop.create_future(),
+            deadline=deadline,
+            context=context,
+        )
+        self._queue.append(item)
+        self._queued_rows += rows
+        self._arrived.set()
+        try:
+            if deadline is None:
+                return await item.future
+            return await asyncio.wait_for(item.future, max(0.0, deadline - time.perf_counter()))
+        except TimeoutError:
+            raise DeadlineExceeded("request deadline exceeded before inference finished") from None
+        finally:
+            if not item.future.done():
+                item.future.cancel()  # still queued: the dispatcher will skip it
+
+    # --- dispatch ---------------------------------------------------------------
+    async def _dispatch_forever(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self.pool.acquire(ONLINE)
+            await self._wait_for_fill()
+            batch = self._take_batch()
+            if not batch:
+                self.pool.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_for_fill(self) -> None:
+        """Only while other batches occupy the pool: wait up to the delay for more rows."""
+        delay = self.model.max_batch_delay_s
+        while (
+            self.model.batching
+            and delay > 0
+            and self.pool.busy > 1
+            and self._queue
+            and self._queued_rows < self.model.max_batch_size
+        ):
+            remaining = self._queue[0].enqueued + delay - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[PendingRequest]:
+        """Oldest live request first, then others with the same batch key up to the limit."""
+        batch: list[PendingRequest] = []
+        rows = 0
+        kept: deque[PendingRequest] = deque()
+        now = time.perf_counter()
+        while self._queue:
+            item = self._queue.popleft()
+            if self._drop_if_dead(item, now):
+                continue
+            fits = not batch or (
+                self.model.batching
+                and item.key == batch[0].key
+                and rows + item.rows <= self.model.max_batch_size
+            )
+            if fits:
+                batch.append(item)
+                rows += item.rows
+                self._forget(item)
+            else:
+                kept.append(item)
+            if batch and (not self.model.batching or rows >= self.model.max_batch_size):
+                break
+        kept.extend(self._queue)
+        self._queue = kept
+        return batch
+
+    def _drop_if_dead(self, item: PendingRequest, now: float) -> bool:
+        if item.future.done():  # cancelled: the client gave up or its deadline passed
+            self._forget(item)
+            return True
+        if item.deadline is not None and now >= item.deadline:
+            item.future.set_exception(DeadlineExceeded("request deadline exceeded in the queue"))
+            self._forget(item)
+            return True
+        return False
+
+    def _forget(self, item: PendingRequest) -> None:
+        self._queued_rows -= item.rows
+        self.budget.release(item.rows)
+
+    async def _run(self, batch: list[PendingRequest]) -> None:
+        started = time.perf_counter()
+        start_ns = time.time_ns()
+        rows = [item.rows for item in batch]
+        result: BatchResult | None = None
+        error: BaseException | None = None
+        try:
+            result = await self.pool.run_in_slot(
+                self.model.run_batch, [item.inputs for item in batch], rows
+            )
+        except Exception as exc:
+            error = exc
+        if error is not None and len(batch) > 1:
+            # One bad request must not fail its batch-mates: rerun each alone.
+            try:
+                await self._run_alone(batch, started)
+            finally:
+                self.pool.release()
+            return
+        self.pool.release()
+        self._resolve(batch, result, error, started)
+        record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
+        for observer in self.observers:
+            observer(record)
+
+    async def _run_alone(self, batch: list[PendingRequest], started: float) -> None:
+        for item in batch:
+            try:
+                result = await self.pool.run_in_slot(
+                    self.model.run_batch, [item.inputs], [item.rows]
+                )
+            except Exception as exc:
+                self._resolve([item], None, exc, started)
+            else:
+                self._resolve([item], result, None, started)
+
+    def _resolve(
+        self,
+        batch: list[PendingRequest],
+        result: BatchResult | None,
+        error: BaseException | None,
+        started: float,
+    ) -> None:
+        total_rows = sum(item.rows for item in batch)
+        for index, item in enumerate(batch):
+            if item.future.done():
+                continue
+            if result is None:
+                item.future.set_exception(error or RuntimeError("inference failed"))
+                continue
+            item.future.set_result(
+                InferenceOutcome(
+                    outputs=result.outputs[index],
+                    queue_s=started - item.enqueued,
+                    preprocess_s=result.preprocess_s,
+                    infer_s=result.infer_s,
+                    postprocess_s=result.postprocess_s,
+                    batch_rows=total_rows,
+                    batch_requests=len(batch),
+                )
+            )
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows

@@ -1,0 +1,55 @@
+"""Errors that carry their HTTP status; the app renders them as {"error": "..."}."""
+
+from __future__ import annotations
+
+
+class PodserveError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(PodserveError):
+    status_code = 400
+
+
+class NotFound(PodserveError):
+    status_code = 404
+
+
+class RequestTimeout(PodserveError):
+    status_code = 408
+
+
+class PayloadTooLarge(PodserveError):
+    status_code = 413
+
+
+class UnsupportedMediaType(PodserveError):
+    status_code = 415
+
+
+class Unauthorized(PodserveError):
+    status_code = 401
+
+
+class ServiceUnavailable(PodserveError):
+    status_code = 503
+
+
+class Overloaded(ServiceUnavailable):
+    """Admission control said no: the client should retry after a short while."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class DeadlineExceeded(PodserveError):
+    status_code = 504
+
+
+class ModelNotReady(ServiceUnavailable):
+    pass

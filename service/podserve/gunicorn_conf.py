@@ -1,0 +1,52 @@
+"""Gunicorn configuration, derived from Settings.
+
+Usable directly: `gunicorn -c python:podserve.gunicorn_conf 'podserve.app:create_app()'`;
+`podserve serve` loads the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from podserve.logs import gunicorn_logconfig_dict
+from podserve.runtime import resolve_workers
+from podserve.settings import Settings, get_settings
+
+
+def bind_address(settings: Settings) -> str:
+    host = settings.host
+    return f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+
+
+def config_dict(settings: Settings) -> dict[str, Any]:
+    return {
+        "bind": [bind_address(settings)],
+        "workers": resolve_workers(settings),
+        "worker_class": "podserve.worker.PodserveWorker",
+        "reuse_port": True,  # one SO_REUSEPORT socket per worker: even load spread
+        "preload_app": False,  # ORT sessions and threads must be created after fork
+        "graceful_timeout": math.ceil(settings.graceful_timeout_s),
+        "timeout": math.ceil(settings.worker_timeout_s),
+        "keepalive": math.ceil(settings.keepalive_s),
+        "max_requests": settings.max_requests,
+        "max_requests_jitter": settings.max_requests // 10,
+        "backlog": 2048,
+        "accesslog": "-" if settings.access_log else None,
+        "logconfig_dict": gunicorn_logconfig_dict(settings.log_level),
+        "proc_name": "podserve",
+        "forwarded_allow_ips": "*",
+        **_optional_settings(),
+    }
+
+
+def _optional_settings() -> dict[str, Any]:
+    """Settings of newer Gunicorn releases, applied only where they exist."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = {setting.name for setting in KNOWN_SETTINGS}
+    # The control socket (Gunicorn >= 25.1) writes under $HOME: not on a read-only root FS.
+    return {"control_socket_disable": True} if "control_socket_disable" in known else {}
+
+
+globals().update(config_dict(get_settings()))

@@ -1,0 +1,65 @@
+"""A small bounded thread pool for CPU work, with priority slots.
+
+ONNX Runtime releases the GIL, so one thread per worker keeps a core busy without
+blocking the event loop. Slots are handed out by priority so background jobs never
+delay online requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+ONLINE = 0
+BACKGROUND = 10
+
+
+class InferencePool:
+    def __init__(self, threads: int) -> None:
+        self.capacity = threads
+        self.busy = 0
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="podserve-infer")
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: int = ONLINE) -> None:
+        """Wait for a free thread; lower priority numbers are served first."""
+        if self.busy < self.capacity and not self._waiters:
+            self.busy += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed to us just as we were cancelled
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():
+                waiter.set_result(None)  # hand the slot over: busy stays the same
+                return
+        self.busy -= 1
+
+    async def run_in_slot(self, fn: Callable[..., T], *args: object) -> T:
+        """Run fn in the pool; the caller must hold a slot (acquire) and release it after."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def run(self, fn: Callable[..., T], *args: object, priority: int = ONLINE) -> T:
+        await self.acquire(priority)
+        try:
+            return await self.run_in_slot(fn, *args)
+        finally:
+            self.release()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,61 @@
+"""Per-model configuration: `<model>/config.yaml` (or .json) in the model repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from podserve.datatypes import V2_TO_NUMPY
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.datatype not in V2_TO_NUMPY:
+            raise ValueError(f"unknown datatype {self.datatype!r}")
+
+
+class ProcessorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(BaseModel):
+    """Everything optional: a bare `<model>/<version>/model.onnx` is served with defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(None, ge=1)
+    max_batch_delay_ms: float | None = Field(None, ge=0)
+    batching: bool = True
+    allow_nonfinite: bool | None = None
+    preprocessor: ProcessorSpec | None = None
+    postprocessor: ProcessorSpec | None = None
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read config.yaml / config.yml / config.json, or defaults if none exists."""
+    for name in ("config.yaml", "config.yml", "config.json"):
+        path = model_dir / name
+        if not path.exists():
+            continue
+        try:
+            text = path.read_bytes()
+            raw = orjson.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+            return ModelConfig.model_validate(raw or {})
+        except (ValidationError, ValueError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: invalid model config: {exc}") from exc
+    return ModelConfig()

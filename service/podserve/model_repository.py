@@ -1,0 +1,108 @@
+"""The model repository: MODEL_REPOSITORY/<model>/<version>/model.onnx (+ <model>/config.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from podserve.errors import NotFound
+from podserve.model_config import load_model_config
+from podserve.onnx_model import OnnxModel, ThreadBudget
+from podserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """Start-up must fail loudly, naming the file and the reason."""
+
+
+@dataclass
+class ServedModel:
+    """All loaded versions of one model; the highest version number is the default."""
+
+    name: str
+    versions: dict[str, OnnxModel] = field(default_factory=dict)
+
+    @property
+    def default(self) -> OnnxModel:
+        return self.versions[max(self.versions, key=int)]
+
+    def get(self, version: str | None) -> OnnxModel:
+        if version is None or version == "":
+            return self.default
+        model = self.versions.get(version)
+        if model is None:
+            raise NotFound(
+                f"model '{self.name}' has no version '{version}'; "
+                f"available: {sorted(self.versions, key=int)}"
+            )
+        return model
+
+
+class ModelRepository:
+    def __init__(self, models: dict[str, ServedModel]) -> None:
+        self.models = models
+
+    def get(self, name: str, version: str | None = None) -> OnnxModel:
+        served = self.models.get(name)
+        if served is None:
+            raise NotFound(f"unknown model '{name}'; available: {sorted(self.models)}")
+        return served.get(version)
+
+    def all_versions(self) -> list[OnnxModel]:
+        return [m for served in self.models.values() for m in served.versions.values()]
+
+
+def _version_dirs(model_dir: Path) -> list[Path]:
+    return sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
+
+
+def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> ModelRepository:
+    if not root.is_dir():
+        raise ModelLoadError(f"model repository {root} does not exist or is not a directory")
+    models: dict[str, ServedModel] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        served = _load_model(model_dir, settings, threads)
+        if served.versions:
+            models[served.name] = served
+    if not models:
+        raise ModelLoadError(f"model repository {root} holds no <model>/<version>/model.onnx")
+    return ModelRepository(models)
+
+
+def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> ServedModel:
+    try:
+        config = load_model_config(model_dir)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    served = ServedModel(model_dir.name)
+    for version_dir in _version_dirs(model_dir):
+        path = version_dir / "model.onnx"
+        if not path.exists():
+            raise ModelLoadError(f"{path}: missing (every version directory needs a model.onnx)")
+        try:
+            model = OnnxModel(
+                name=model_dir.name,
+                version=version_dir.name,
+                path=path,
+                config=config,
+                threads=threads,
+                default_max_batch_size=settings.max_batch_size,
+                default_max_batch_delay_ms=settings.max_batch_delay_ms,
+                default_allow_nonfinite=settings.allow_nonfinite,
+                max_rows_per_request=settings.max_rows_per_request,
+            )
+            model.warm_up()
+        except Exception as exc:  # any failure here must name the file
+            raise ModelLoadError(f"{path}: failed to load: {type(exc).__name__}: {exc}") from exc
+        served.versions[version_dir.name] = model
+        log.info(
+            "model loaded",
+            extra={"model": model.name, "version": model.version, "batching": model.batching},
+        )
+    return served

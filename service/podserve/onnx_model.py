@@ -1,0 +1,235 @@
+"""One servable model version: an ONNX Runtime session plus its processors and tensor specs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
+from podserve.errors import BadRequest, PayloadTooLarge
+from podserve.model_config import ModelConfig, TensorSpec
+from podserve.processors import (
+    Postprocessor,
+    Preprocessor,
+    Tensors,
+    make_postprocessor,
+    make_preprocessor,
+)
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    intra_op: int
+    inter_op: int
+    allow_spinning: bool
+
+
+@dataclass
+class BatchResult:
+    """Per-request outputs of one session run, and how long each phase took (seconds)."""
+
+    outputs: list[Tensors]
+    preprocess_s: float
+    infer_s: float
+    postprocess_s: float
+
+
+def _dim(value: object) -> int:
+    """ORT reports dynamic dims as None or a symbolic name: both become -1."""
+    return value if isinstance(value, int) and value >= 0 else -1
+
+
+def _spec(node: ort.NodeArg) -> TensorSpec:
+    datatype = ORT_TO_V2.get(node.type)
+    if datatype is None:
+        raise ValueError(f"tensor {node.name!r} has unsupported type {node.type}")
+    return TensorSpec(name=node.name, datatype=datatype, shape=[_dim(d) for d in node.shape])
+
+
+def make_session(path: Path, threads: ThreadBudget) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads.intra_op
+    options.inter_op_num_threads = threads.inter_op
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the CPU quota that other workers need (measured: -25% peak).
+    spin = "1" if threads.allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        config: ModelConfig,
+        threads: ThreadBudget,
+        default_max_batch_size: int,
+        default_max_batch_delay_ms: float,
+        default_allow_nonfinite: bool,
+        max_rows_per_request: int,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.session = make_session(path, threads)
+        self.model_inputs = [_spec(n) for n in self.session.get_inputs()]
+        self.model_outputs = [_spec(n) for n in self.session.get_outputs()]
+        self.preprocessor = self._make_preprocessor(config, path.parent.parent)
+        self.postprocessor = self._make_postprocessor(config)
+        self.inputs = config.inputs or self._public_inputs()
+        self.outputs = config.outputs or self._public_outputs()
+        self.batchable = self._has_batch_dim()
+        self.batching = config.batching and self.batchable
+        self.max_batch_size = config.max_batch_size or default_max_batch_size
+        delay = config.max_batch_delay_ms
+        self.max_batch_delay_s = (default_max_batch_delay_ms if delay is None else delay) / 1000
+        nonfinite = config.allow_nonfinite
+        self.allow_nonfinite = default_allow_nonfinite if nonfinite is None else nonfinite
+        self.max_rows_per_request = max_rows_per_request
+        self._input_by_name = {spec.name: spec for spec in self.inputs}
+        self._output_names = {spec.name for spec in self.outputs}
+
+    # --- construction helpers ------------------------------------------------------
+    def _make_preprocessor(self, config: ModelConfig, model_dir: Path) -> Preprocessor | None:
+        spec = config.preprocessor
+        if spec is None:
+            return None
+        return make_preprocessor(spec.name, spec.options, model_dir, self.model_inputs)
+
+    def _make_postprocessor(self, config: ModelConfig) -> Postprocessor | None:
+        spec = config.postprocessor
+        return make_postprocessor(spec.name, spec.options) if spec else None
+
+    def _public_inputs(self) -> list[TensorSpec]:
+        return self.preprocessor.input_specs if self.preprocessor else self.model_inputs
+
+    def _public_outputs(self) -> list[TensorSpec]:
+        if self.postprocessor:
+            return self.postprocessor.output_specs(self.model_outputs)
+        return self.model_outputs
+
+    def _has_batch_dim(self) -> bool:
+        """Rows can be concatenated only if dim 0 of every model tensor is dynamic."""
+        tensors = self.model_inputs + self.model_outputs
+        return all(spec.shape and spec.shape[0] == -1 for spec in tensors)
+
+    @property
+    def output_names(self) -> set[str]:
+        return self._output_names
+
+    # --- per-request checks (event loop; cheap) ------------------------------------
+    def validate(
+        self, inputs: Tensors, datatypes: dict[str, str] | None = None
+    ) -> tuple[Tensors, int]:
+        """Check names, datatypes, shapes and values; return the inputs and their row count."""
+        self._check_names(inputs)
+        rows: set[int] = set()
+        for name, array in inputs.items():
+            spec = self._input_by_name[name]
+            self._check_datatype(spec, (datatypes or {}).get(name))
+            rows.add(self._check_tensor(spec, array))
+        if len(rows) != 1:
+            raise BadRequest(f"inputs disagree on the batch dimension: {sorted(rows)}")
+        count = rows.pop()
+        if count < 1:
+            raise BadRequest("inputs have no rows (batch dimension is 0)")
+        if count > self.max_rows_per_request:
+            raise PayloadTooLarge(
+                f"{count} rows exceed the limit of {self.max_rows_per_request} per request"
+            )
+        if self.preprocessor:
+            inputs = self.preprocessor.validate(inputs)
+        return inputs, count
+
+    def _check_names(self, inputs: Tensors) -> None:
+        missing = sorted(set(self._input_by_name) - set(inputs))
+        unknown = sorted(set(inputs) - set(self._input_by_name))
+        if unknown:
+            raise BadRequest(
+                f"unknown input(s) {unknown} for model '{self.name}'; "
+                f"expected {sorted(self._input_by_name)}"
+            )
+        if missing:
+            raise BadRequest(f"missing input(s) {missing} for model '{self.name}'")
+
+    @staticmethod
+    def _check_datatype(spec: TensorSpec, datatype: str | None) -> None:
+        if datatype is not None and datatype != spec.datatype:
+            raise BadRequest(
+                f"input '{spec.name}': datatype {datatype} does not match the model's "
+                f"{spec.datatype}"
+            )
+
+    def _check_tensor(self, spec: TensorSpec, array: np.ndarray) -> int:
+        if array.ndim != len(spec.shape):
+            raise BadRequest(
+                f"input '{spec.name}': shape {list(array.shape)} has {array.ndim} dims, "
+                f"model expects {len(spec.shape)} ({spec.shape})"
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+            if want >= 0 and got != want:
+                raise BadRequest(
+                    f"input '{spec.name}': dim {axis} is {got}, model expects {want} "
+                    f"(model shape {spec.shape})"
+                )
+        finite_only = spec.datatype in FLOAT_TYPES and not self.allow_nonfinite
+        if finite_only and not np.isfinite(array).all():
+            raise BadRequest(f"input '{spec.name}': NaN or Inf values are not allowed")
+        return int(array.shape[0]) if array.ndim else 1
+
+    def batch_key(self, inputs: Tensors) -> tuple:
+        """Requests can share a batch only if all non-batch dims agree (tokens pad anyway)."""
+        if self.preprocessor:
+            return ()
+        return tuple((name, a.shape[1:]) for name, a in sorted(inputs.items()))
+
+    # --- the work (inference thread) -------------------------------------------
+    def run_batch(self, batch: Sequence[Tensors], rows: Sequence[int]) -> BatchResult:
+        start = time.perf_counter()
+        feed = self._feed(batch)
+        preprocessed = time.perf_counter()
+        raw = dict(zip(self.session_output_names, self.session.run(None, feed), strict=True))
+        inferred = time.perf_counter()
+        outputs = self.postprocessor(raw, feed) if self.postprocessor else raw
+        split = self._split(outputs, rows)
+        done = time.perf_counter()
+        return BatchResult(split, preprocessed - start, inferred - preprocessed, done - inferred)
+
+    @property
+    def session_output_names(self) -> list[str]:
+        return [spec.name for spec in self.model_outputs]
+
+    def _feed(self, batch: Sequence[Tensors]) -> Tensors:
+        if self.preprocessor:
+            return self.preprocessor(batch)
+        if len(batch) == 1:
+            return dict(batch[0])
+        return {name: np.concatenate([r[name] for r in batch]) for name in batch[0]}
+
+    def _split(self, outputs: Tensors, rows: Sequence[int]) -> list[Tensors]:
+        if len(rows) == 1:
+            return [outputs]
+        bounds = np.cumsum(rows)[:-1]
+        per_output = {name: np.split(value, bounds) for name, value in outputs.items()}
+        return [{name: parts[i] for name, parts in per_output.items()} for i in range(len(rows))]
+
+    def warm_up(self) -> None:
+        """One inference with a dummy row, so the first real request pays no lazy init."""
+        dummy: Tensors = {}
+        for spec in self.inputs:
+            shape = [1 if d < 0 else d for d in spec.shape]
+            if spec.datatype == "BYTES":
+                dummy[spec.name] = np.full(shape, "warm up", dtype=object)
+            else:
+                dummy[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
+        inputs, count = self.validate(dummy)
+        self.run_batch([inputs], [count])

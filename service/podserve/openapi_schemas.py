@@ -1,0 +1,80 @@
+"""JSON schemas of request bodies, for the OpenAPI document (bodies are parsed by hand)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from podserve.datatypes import V2_TO_NUMPY
+
+_TENSOR_DATA: dict[str, Any] = {
+    "description": "Row-major tensor contents (flat or nested lists)",
+    "type": "array",
+    "items": {},
+}
+
+V2_INFER_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype", "data"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "datatype": {"type": "string", "enum": sorted(V2_TO_NUMPY)},
+                    "parameters": {"type": "object"},
+                    "data": _TENSOR_DATA,
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+
+V1_PREDICT_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["instances"],
+    "properties": {"instances": {"type": "array", "minItems": 1, "items": {}}},
+}
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` fragment declaring a required JSON request body."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {
+        "description": text,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}},
+                    "required": ["error"],
+                }
+            }
+        },
+    }
+    for status, text in {
+        400: "Invalid request",
+        404: "Unknown model or version",
+        413: "Body or batch too large",
+        415: "Unsupported content type",
+        503: "Overloaded or not ready (see Retry-After)",
+        504: "Deadline exceeded",
+    }.items()
+}

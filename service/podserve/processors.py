@@ -1,0 +1,143 @@
+"""Pre- and post-processors that run inside the inference thread, once per batch.
+
+A pre-processor turns the tensors clients send into the model's feed for a whole batch
+(e.g. strings -> padded token ids); a post-processor turns the model's raw outputs into
+the tensors clients receive (e.g. token states -> pooled sentence embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from podserve.errors import BadRequest
+from podserve.model_config import TensorSpec
+
+Tensors = dict[str, np.ndarray]
+
+
+class Preprocessor(Protocol):
+    input_specs: list[TensorSpec]
+
+    def validate(self, inputs: Tensors) -> Tensors:
+        """Cheap per-request checks on the event loop; raise BadRequest for bad input."""
+
+    def __call__(self, batch: Sequence[Tensors]) -> Tensors:
+        """All requests of a batch -> one model feed whose dim 0 is the total row count."""
+
+
+class Postprocessor(Protocol):
+    def output_specs(self, model_outputs: list[TensorSpec]) -> list[TensorSpec]: ...
+
+    def __call__(self, outputs: Tensors, feed: Tensors) -> Tensors: ...
+
+
+class TokenizerPreprocessor:
+    """Strings (BYTES) -> input_ids / attention_mask / token_type_ids, padded per batch."""
+
+    FEEDS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model_inputs: list[TensorSpec],
+        tokenizer_file: str = "tokenizer.json",
+        max_length: int = 128,
+        input_name: str = "text",
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        path = model_dir / tokenizer_file
+        if not path.exists():
+            raise ValueError(f"tokenizer file {path} does not exist")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.enable_truncation(max_length=max_length)
+        pad_token = "[PAD]" if self.tokenizer.token_to_id("[PAD]") is not None else None
+        pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else 0
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
+        self.input_name = input_name
+        self.feed_names = [spec.name for spec in model_inputs if spec.name in self.FEEDS]
+        unknown = [spec.name for spec in model_inputs if spec.name not in self.FEEDS]
+        if unknown or "input_ids" not in self.feed_names:
+            raise ValueError(f"tokenizer cannot feed model inputs {unknown or ['input_ids']}")
+        self.input_specs = [TensorSpec(name=input_name, datatype="BYTES", shape=[-1])]
+
+    def validate(self, inputs: Tensors) -> Tensors:
+        texts = inputs[self.input_name].reshape(-1)
+        decoded = np.empty(texts.shape, dtype=object)
+        for i, value in enumerate(texts):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise BadRequest(
+                        f"input '{self.input_name}': element {i} is not UTF-8"
+                    ) from exc
+            decoded[i] = value
+        return {self.input_name: decoded}
+
+    def __call__(self, batch: Sequence[Tensors]) -> Tensors:
+        texts = [str(t) for request in batch for t in request[self.input_name]]
+        encodings = self.tokenizer.encode_batch(texts)
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        return {name: np.asarray(columns[name], dtype=np.int64) for name in self.feed_names}
+
+
+class MeanPoolingPostprocessor:
+    """Token states [B, S, H] -> masked mean [B, H] (optionally L2-normalised)."""
+
+    def __init__(
+        self,
+        normalize: bool = True,
+        output_name: str = "embedding",
+        hidden_state: str = "last_hidden_state",
+    ) -> None:
+        self.normalize = normalize
+        self.output_name = output_name
+        self.hidden_state = hidden_state
+
+    def output_specs(self, model_outputs: list[TensorSpec]) -> list[TensorSpec]:
+        hidden = next((s for s in model_outputs if s.name == self.hidden_state), None)
+        if hidden is None:
+            raise ValueError(f"model has no output {self.hidden_state!r} to pool")
+        return [TensorSpec(name=self.output_name, datatype="FP32", shape=[-1, hidden.shape[-1]])]
+
+    def __call__(self, outputs: Tensors, feed: Tensors) -> Tensors:
+        states = outputs[self.hidden_state].astype(np.float32, copy=False)
+        mask = feed.get("attention_mask")
+        if mask is None:
+            mask = np.ones(states.shape[:2], dtype=np.float32)
+        weights = mask.astype(np.float32)[:, :, None]
+        pooled = (states * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        if self.normalize:
+            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+            pooled = pooled / np.clip(norms, 1e-12, None)
+        return {self.output_name: pooled.astype(np.float32, copy=False)}
+
+
+PreFactory = Callable[..., Preprocessor]
+PostFactory = Callable[..., Postprocessor]
+
+PREPROCESSORS: dict[str, PreFactory] = {"tokenizer": TokenizerPreprocessor}
+POSTPROCESSORS: dict[str, PostFactory] = {"mean_pooling": MeanPoolingPostprocessor}
+
+
+def make_preprocessor(
+    name: str, options: dict[str, Any], model_dir: Path, model_inputs: list[TensorSpec]
+) -> Preprocessor:
+    if name not in PREPROCESSORS:
+        raise ValueError(f"unknown preprocessor {name!r}; known: {sorted(PREPROCESSORS)}")
+    return PREPROCESSORS[name](model_dir, model_inputs, **options)
+
+
+def make_postprocessor(name: str, options: dict[str, Any]) -> Postprocessor:
+    if name not in POSTPROCESSORS:
+        raise ValueError(f"unknown postprocessor {name!r}; known: {sorted(POSTPROCESSORS)}")
+    return POSTPROCESSORS[name](**options)

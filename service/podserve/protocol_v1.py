@@ -1,0 +1,50 @@
+"""KServe V1 (TensorFlow-Serving style): {"instances": [...]} -> {"predictions": [...]}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from podserve.errors import BadRequest
+from podserve.model_config import TensorSpec
+from podserve.processors import Tensors
+from podserve.protocol_v2 import loads_json, numeric_array
+
+
+def parse_predict_request(body: bytes, inputs: list[TensorSpec]) -> Tensors:
+    doc = loads_json(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
+        raise BadRequest("request body must be a JSON object with an 'instances' list")
+    instances = doc["instances"]
+    if not instances:
+        raise BadRequest("'instances' is empty")
+    if len(inputs) == 1:
+        return {inputs[0].name: _column(inputs[0], instances)}
+    if not all(isinstance(row, dict) for row in instances):
+        names = [spec.name for spec in inputs]
+        raise BadRequest(f"model has several inputs {names}: each instance must be an object")
+    return {spec.name: _column(spec, [row.get(spec.name) for row in instances]) for spec in inputs}
+
+
+def _column(spec: TensorSpec, values: list[Any]) -> np.ndarray:
+    if any(v is None for v in values):
+        raise BadRequest(f"input '{spec.name}' is missing from some instances")
+    if spec.datatype == "BYTES":
+        if not all(isinstance(v, str) for v in values):
+            raise BadRequest(f"input '{spec.name}' takes strings")
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array.reshape([len(values)] + [1] * (len(spec.shape) - 1))
+    try:
+        shaped = np.asarray(values)
+    except ValueError:
+        raise BadRequest(f"input '{spec.name}': instances are ragged") from None
+    return numeric_array(spec.name, spec.datatype, values).reshape(shaped.shape)
+
+
+def encode_predictions(outputs: Tensors, order: list[str]) -> dict[str, Any]:
+    if len(order) == 1:
+        return {"predictions": outputs[order[0]]}
+    rows = len(outputs[order[0]])
+    return {"predictions": [{name: outputs[name][i] for name in order} for i in range(rows)]}

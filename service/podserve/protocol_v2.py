@@ -1,0 +1,301 @@
+"""Open Inference Protocol (KServe V2) REST: request parsing and response encoding.
+
+Supports JSON tensors and the binary tensor data extension that `tritonclient[http]` uses
+by default (a JSON header of `Inference-Header-Content-Length` bytes, then raw tensors).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from podserve.datatypes import INT_TYPES, V2_TO_NUMPY, numpy_to_v2
+from podserve.errors import BadRequest
+from podserve.processors import Tensors
+
+BINARY_HEADER = "inference-header-content-length"
+MAX_DIMS = 32
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    parameters: dict[str, Any]
+    inputs: Tensors
+    datatypes: dict[str, str]
+    outputs: list[RequestedOutput] | None = None
+    binary_output: bool = False
+
+
+def loads_json(body: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def parse_infer_request(body: bytes, json_length: int | None = None) -> InferRequest:
+    if json_length is not None and not 0 < json_length <= len(body):
+        raise BadRequest(
+            f"Inference-Header-Content-Length {json_length} is outside the body ({len(body)} bytes)"
+        )
+    view = memoryview(body)
+    doc = loads_json(view[:json_length] if json_length is not None else view)
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    binary = view[json_length:] if json_length is not None else view[:0]
+    inputs, datatypes = _parse_inputs(doc.get("inputs"), binary)
+    parameters = _object(doc.get("parameters"), "parameters")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("'id' must be a string")
+    return InferRequest(
+        id=request_id,
+        parameters=parameters,
+        inputs=inputs,
+        datatypes=datatypes,
+        outputs=_parse_outputs(doc.get("outputs")),
+        binary_output=bool(parameters.get("binary_data_output", False)),
+    )
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{what}' must be a JSON object")
+    return value
+
+
+def _parse_inputs(raw: Any, binary: memoryview) -> tuple[Tensors, dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    tensors: Tensors = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for item in raw:
+        name, datatype, shape, params = _tensor_header(item)
+        if name in tensors:
+            raise BadRequest(f"input '{name}' appears more than once")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise BadRequest(f"input '{name}': binary data is shorter than binary_data_size")
+            chunk = binary[offset : offset + size]
+            offset += size
+            tensors[name] = _binary_tensor(name, datatype, shape, chunk)
+        elif "data" in item:
+            tensors[name] = _json_tensor(name, datatype, shape, item["data"])
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        datatypes[name] = datatype
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return tensors, datatypes
+
+
+def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
+    if not isinstance(item, dict):
+        raise BadRequest("each input must be a JSON object")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("each input needs a non-empty string 'name'")
+    datatype = item.get("datatype")
+    if datatype not in V2_TO_NUMPY:
+        raise BadRequest(
+            f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(V2_TO_NUMPY)}"
+        )
+    shape = item.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise BadRequest(
+            f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} non-negative integers"
+        )
+    return name, datatype, shape, _object(item.get("parameters"), f"{name}.parameters")
+
+
+def _flatten(data: Any, out: list[Any], depth: int = 0) -> None:
+    if depth > MAX_DIMS:
+        raise BadRequest(f"tensor data is nested deeper than {MAX_DIMS} levels")
+    for value in data:
+        if isinstance(value, list):
+            _flatten(value, out, depth + 1)
+        else:
+            out.append(value)
+
+
+def _json_tensor(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    if not isinstance(data, list):
+        data = [data]
+    expected = math.prod(shape)
+    if datatype == "BYTES":
+        flat: list[Any] = []
+        _flatten(data, flat)
+        if not all(isinstance(v, str) for v in flat):
+            raise BadRequest(f"input '{name}': BYTES data must be strings")
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+    else:
+        array = numeric_array(name, datatype, data)
+    if array.size != expected:
+        raise BadRequest(
+            f"input '{name}': shape {shape} needs {expected} elements, data has {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def numeric_array(name: str, datatype: str, data: list[Any]) -> np.ndarray:
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError):
+        raise BadRequest(f"input '{name}': data is ragged or not numeric") from None
+    kind = raw.dtype.kind
+    if raw.size == 0:
+        return raw.reshape(-1).astype(V2_TO_NUMPY[datatype])
+    allowed = {"BOOL": "b"}.get(datatype, "iu" if datatype in INT_TYPES else "iuf")
+    if kind not in allowed:
+        found = {"b": "booleans", "f": "floats", "U": "strings", "O": "mixed or out-of-range"}
+        raise BadRequest(
+            f"input '{name}': datatype {datatype} cannot hold {found.get(kind, raw.dtype.name)} "
+            "values"
+        )
+    target = V2_TO_NUMPY[datatype]
+    if datatype in INT_TYPES:
+        info = np.iinfo(target)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise BadRequest(f"input '{name}': values out of range for {datatype}")
+    return raw.reshape(-1).astype(target, copy=False)
+
+
+def _binary_tensor(name: str, datatype: str, shape: list[int], chunk: memoryview) -> np.ndarray:
+    expected = math.prod(shape)
+    if datatype == "BYTES":
+        array = _decode_bytes_elements(name, chunk)
+        if array.size != expected:
+            raise BadRequest(
+                f"input '{name}': shape {shape} needs {expected} elements, data has {array.size}"
+            )
+        return array.reshape(shape)
+    dtype = V2_TO_NUMPY[datatype].newbyteorder("<")
+    if len(chunk) != expected * dtype.itemsize:
+        raise BadRequest(
+            f"input '{name}': shape {shape} of {datatype} needs {expected * dtype.itemsize} "
+            f"bytes, binary data has {len(chunk)}"
+        )
+    return (
+        np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+    )
+
+
+def _decode_bytes_elements(name: str, chunk: memoryview) -> np.ndarray:
+    """BYTES in binary form: each element is a 4-byte little-endian length, then the bytes."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(chunk):
+        if offset + 4 > len(chunk):
+            raise BadRequest(f"input '{name}': truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", chunk, offset)
+        offset += 4
+        if offset + length > len(chunk):
+            raise BadRequest(f"input '{name}': BYTES element longer than the data")
+        items.append(bytes(chunk[offset : offset + length]))
+        offset += length
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest("'outputs' must be a list")
+    outputs = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest("each requested output needs a string 'name'")
+        params = _object(item.get("parameters"), f"{item['name']}.parameters")
+        outputs.append(RequestedOutput(item["name"], bool(params.get("binary_data", False))))
+    return outputs
+
+
+# --- responses -----------------------------------------------------------------------
+def _json_data(array: np.ndarray) -> Any:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype == np.float16:
+        return flat.astype(np.float32)
+    if flat.dtype.kind == "O":
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
+    if not flat.dtype.isnative:
+        return flat.astype(flat.dtype.newbyteorder("="))
+    return flat
+
+
+def _binary_data(array: np.ndarray) -> bytes:
+    if array.dtype.kind == "O":
+        parts = []
+        for value in array.reshape(-1):
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts.append(struct.pack("<I", len(raw)) + raw)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: Tensors,
+    order: list[str],
+    extra_parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Return the body and the headers that the binary extension needs (if any)."""
+    requested = request.outputs or [RequestedOutput(n, request.binary_output) for n in order]
+    tensors: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for wanted in requested:
+        array = outputs[wanted.name]
+        entry: dict[str, Any] = {
+            "name": wanted.name,
+            "datatype": numpy_to_v2(array.dtype),
+            "shape": list(array.shape),
+        }
+        if wanted.binary:
+            blob = _binary_data(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        tensors.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        doc["id"] = request.id
+    if extra_parameters:
+        doc["parameters"] = extra_parameters
+    doc["outputs"] = tensors
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, {}
+    return header + b"".join(blobs), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def check_requested_outputs(request: InferRequest, known: set[str]) -> None:
+    for wanted in request.outputs or []:
+        if wanted.name not in known:
+            raise BadRequest(f"unknown output '{wanted.name}'; model outputs are {sorted(known)}")

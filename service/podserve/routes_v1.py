@@ -1,0 +1,40 @@
+"""KServe V1 endpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from podserve.http_body import check_content_type, read_body
+from podserve.inference_flow import RequestContext, predict, runtime_of, timing_headers
+from podserve.json_response import json_response
+from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
+from podserve.protocol_v1 import encode_predictions, parse_predict_request
+
+router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
+
+
+@router.get("/v1/models/{model_name}", summary="Model status")
+async def model_status(request: Request, model_name: str) -> Response:
+    model = runtime_of(request).model(model_name)
+    return json_response({"name": model.name, "version": model.version, "ready": True})
+
+
+@router.post(
+    "/v1/models/{model_name}:predict",
+    summary="Prediction",
+    openapi_extra=json_body(V1_PREDICT_REQUEST),
+)
+async def model_predict(request: Request, model_name: str) -> Response:
+    ctx = RequestContext.begin()
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    with ctx.timings.measure("parse"):
+        check_content_type(request)
+        body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+        model = runtime.model(model_name)
+        inputs = parse_predict_request(body, model.inputs)
+    outcome = await predict(request, ctx, model, inputs, None)
+    return json_response(
+        encode_predictions(outcome.outputs, [s.name for s in model.outputs]),
+        headers=timing_headers(ctx),
+    )

@@ -1,0 +1,98 @@
+"""Open Inference Protocol (KServe V2) model endpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from podserve.http_body import binary_header_length, check_content_type, read_body
+from podserve.inference_flow import RequestContext, predict, runtime_of, timing_headers
+from podserve.json_response import json_response
+from podserve.onnx_model import OnnxModel
+from podserve.openapi_schemas import ERROR_RESPONSES, V2_INFER_REQUEST, json_body
+from podserve.protocol_v2 import (
+    check_requested_outputs,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES)
+
+
+def _metadata(request: Request, model: OnnxModel) -> dict:
+    served = runtime_of(request).repository.models[model.name]  # type: ignore[union-attr]
+    return {
+        "name": model.name,
+        "versions": sorted(served.versions, key=int),
+        "platform": "onnxruntime_onnx",
+        "inputs": [spec.model_dump() for spec in model.inputs],
+        "outputs": [spec.model_dump() for spec in model.outputs],
+        "parameters": {
+            "max_batch_size": model.max_batch_size,
+            "batching": model.batching,
+            "version": model.version,
+        },
+    }
+
+
+@router.get("/v2/models/{model_name}", summary="Model metadata (default version)")
+async def model_metadata(request: Request, model_name: str) -> Response:
+    return json_response(_metadata(request, runtime_of(request).model(model_name)))
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model metadata")
+async def model_version_metadata(request: Request, model_name: str, model_version: str) -> Response:
+    return json_response(_metadata(request, runtime_of(request).model(model_name, model_version)))
+
+
+@router.get("/v2/models/{model_name}/ready", summary="Model readiness")
+async def model_ready(request: Request, model_name: str) -> Response:
+    runtime_of(request).model(model_name)
+    return json_response({"name": model_name, "ready": True})
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="Model readiness")
+async def model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
+    runtime_of(request).model(model_name, model_version)
+    return json_response({"name": model_name, "version": model_version, "ready": True})
+
+
+async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
+    ctx = RequestContext.begin()
+    runtime = runtime_of(request)
+    settings = runtime.settings
+    with ctx.timings.measure("parse"):
+        check_content_type(request)
+        body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+        parsed = parse_infer_request(body, binary_header_length(request))
+        model = runtime.model(model_name, model_version)
+        check_requested_outputs(parsed, model.output_names)
+    outcome = await predict(request, ctx, model, parsed.inputs, parsed.datatypes)
+    with ctx.timings.measure("postprocess"):
+        content, headers = encode_infer_response(
+            model.name, model.version, parsed, outcome.outputs, [s.name for s in model.outputs]
+        )
+    headers.update(timing_headers(ctx))
+    media_type = (
+        "application/octet-stream"
+        if "Inference-Header-Content-Length" in headers
+        else ("application/json")
+    )
+    return Response(content, headers=headers, media_type=media_type)
+
+
+@router.post(
+    "/v2/models/{model_name}/infer",
+    summary="Inference (default version)",
+    openapi_extra=json_body(V2_INFER_REQUEST),
+)
+async def infer(request: Request, model_name: str) -> Response:
+    return await _infer(request, model_name, None)
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    summary="Inference",
+    openapi_extra=json_body(V2_INFER_REQUEST),
+)
+async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
+    return await _infer(request, model_name, model_version)

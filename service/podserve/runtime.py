@@ -1,0 +1,115 @@
+"""Everything one worker serves with: models, the inference pool, batchers, admission control."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from typing import Any
+
+from podserve import lifecycle
+from podserve.batcher import Batcher, BatchObserver, InferenceOutcome, QueueBudget
+from podserve.cpu_quota import cpu_limit, default_workers, intra_op_threads
+from podserve.errors import BadRequest, ModelNotReady
+from podserve.inference_pool import InferencePool
+from podserve.model_repository import ModelRepository, load_repository
+from podserve.onnx_model import OnnxModel, ThreadBudget
+from podserve.processors import Tensors
+from podserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_workers(settings: Settings) -> int:
+    """PODSERVE_WORKERS, then WEB_CONCURRENCY, then the cgroup CPU quota."""
+    if settings.workers:
+        return settings.workers
+    env = os.environ.get("WEB_CONCURRENCY", "")
+    return int(env) if env.isdigit() and int(env) > 0 else default_workers()
+
+
+def thread_budget(settings: Settings) -> ThreadBudget:
+    """workers x pool threads x intra-op threads never exceeds the quota (unless overridden)."""
+    workers = resolve_workers(settings)
+    intra = settings.ort_intra_op_threads or intra_op_threads(
+        workers, settings.pool_threads, math.ceil(cpu_limit())
+    )
+    return ThreadBudget(intra, settings.ort_inter_op_threads, settings.ort_allow_spinning)
+
+
+class ServingRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository: ModelRepository | None = None
+        self.pool = InferencePool(settings.pool_threads)
+        self.budget = QueueBudget(settings.max_queue_rows, settings.retry_after_s)
+        self.batchers: dict[tuple[str, str], Batcher] = {}
+        self.batch_observers: list[BatchObserver] = []
+        self.inflight = 0
+        self.loaded = False
+
+    async def start(self) -> None:
+        threads = thread_budget(self.settings)
+        started = time.perf_counter()
+        self.repository = await asyncio.to_thread(
+            load_repository, self.settings.model_repository, self.settings, threads
+        )
+        for model in self.repository.all_versions():
+            batcher = Batcher(model, self.pool, self.budget, self.batch_observers)
+            batcher.start()
+            self.batchers[(model.name, model.version)] = batcher
+        self.loaded = True
+        log.info(
+            "models ready",
+            extra={
+                "models": sorted(self.repository.models),
+                "intra_op_threads": threads.intra_op,
+                "pool_threads": self.settings.pool_threads,
+                "load_s": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    async def stop(self) -> None:
+        self.loaded = False
+        await asyncio.gather(*(b.stop() for b in self.batchers.values()))
+        await asyncio.to_thread(self.pool.shutdown)
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not lifecycle.is_draining()
+
+    def model(self, name: str, version: str | None = None) -> OnnxModel:
+        if self.repository is None:
+            raise ModelNotReady("models are still loading")
+        return self.repository.get(name, version)
+
+    def deadline(self, started: float, header: str | None) -> float | None:
+        """Absolute perf_counter deadline from the request header or the default setting."""
+        timeout_ms = self.settings.request_timeout_ms
+        if header:
+            try:
+                timeout_ms = float(header)
+            except ValueError:
+                raise BadRequest(
+                    f"X-Podserve-Timeout-Ms must be a number, got {header!r}"
+                ) from None
+            if not math.isfinite(timeout_ms) or timeout_ms <= 0:
+                raise BadRequest("X-Podserve-Timeout-Ms must be a positive number")
+        return started + timeout_ms / 1000 if timeout_ms > 0 else None
+
+    async def infer(
+        self,
+        model: OnnxModel,
+        inputs: Tensors,
+        rows: int,
+        deadline: float | None,
+        context: Any = None,
+    ) -> InferenceOutcome:
+        batcher = self.batchers[(model.name, model.version)]
+        return await batcher.submit(inputs, rows, deadline=deadline, context=context)
+
+    @property
+    def queued_rows(self) -> int:
+        return self.budget.queued_rows

@@ -1,0 +1,66 @@
+"""The one settings object: every knob is an env var ``PODSERVE_<NAME>`` (see README)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PODSERVE_", extra="ignore")
+
+    # --- HTTP / Gunicorn -------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int | None = Field(None, ge=1, description="Gunicorn workers; default: CPU quota")
+    graceful_timeout_s: float = Field(25.0, gt=0)
+    worker_timeout_s: float = Field(60.0, gt=0)
+    keepalive_s: float = Field(75.0, gt=0, description="> typical LB idle timeout (60 s)")
+    max_requests: int = Field(0, ge=0, description="recycle a worker after N requests; 0 = never")
+    expose_worker_id: bool = False
+    docs_enabled: bool = True
+    log_level: str = "info"
+    access_log: bool = False
+
+    # --- Models and inference ------------------------------------------------------
+    model_repository: Path = Path("./model_repository")
+    pool_threads: int = Field(1, ge=1, description="inference threads per worker")
+    ort_intra_op_threads: int | None = Field(None, ge=1, description="default: quota split")
+    ort_inter_op_threads: int = Field(1, ge=1)
+    ort_allow_spinning: bool = False
+    max_batch_size: int = Field(32, ge=1, description="default for models without config")
+    max_batch_delay_ms: float = Field(2.0, ge=0)
+    max_queue_rows: int = Field(256, ge=1, description="per-worker bound on queued rows")
+    max_rows_per_request: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_ms: float = Field(0.0, ge=0, description="deadline per request; 0 = none")
+    allow_nonfinite: bool = False
+    retry_after_s: int = Field(1, ge=1)
+
+    # --- PostgreSQL (issue 3) ------------------------------------------------------
+    database_url: SecretStr | None = None
+    db_pool_min: int = Field(1, ge=0)
+    db_pool_max: int = Field(4, ge=1)
+    db_statement_cache_size: int = Field(256, ge=0)
+    db_command_timeout_s: float = Field(2.0, gt=0)
+    spool_dir: Path = Path("./spool")
+
+    # --- Observability (issue 4) --------------------------------------------------
+    tracing_enabled: bool = True
+    metrics_enabled: bool = True
+    prometheus_multiproc_dir: Path | None = None
+
+    # --- Security (issue 7) --------------------------------------------------------
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    auth_exempt_health: bool = True
+    auth_exempt_metrics: bool = True
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,44 @@
+"""Gunicorn worker: UvicornWorker that drains on SIGTERM and finishes before the SIGKILL.
+
+Load spreading: with one shared listening socket, keep-alive connections pile onto
+whichever worker accepts first (measured: 99.9% / 0.1% CPU split at concurrency 8).
+Gunicorn >= 23 with `reuse_port` gives each worker its own SO_REUSEPORT socket, created
+after fork, so the kernel spreads new connections evenly; gunicorn_conf turns it on and
+tests/test_load_spread.py checks the split.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+from typing import Any
+
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import Server
+from uvicorn_worker import UvicornWorker
+
+from podserve import lifecycle
+
+
+class DrainingServer(Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        lifecycle.begin_draining()  # readiness says no at once
+        super().handle_exit(sig, frame)
+
+
+class PodserveWorker(UvicornWorker):
+    CONFIG_KWARGS = {"loop": "auto", "http": "auto"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Finish in-flight requests and run lifespan shutdown (log flush) before the
+        # arbiter's SIGKILL at graceful_timeout.
+        self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 2)
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = DrainingServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)

@@ -1,0 +1,39 @@
+"""Shared fixtures: model repositories on disk and real podserve servers."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from model_builders import build_test_repository  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny test models plus the two demo models (tabular classifier, text pipeline)."""
+    from podserve.demo_models import build_demo_repository
+
+    repo = tmp_path_factory.mktemp("models")
+    build_test_repository(repo)
+    build_demo_repository(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path) -> Iterator[ServerProcess]:
+    """One shared 2-worker server for tests that do not disturb it."""
+    with ServerProcess(model_repo, workers=2) as proc:
+        yield proc
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http

@@ -1,0 +1,104 @@
+"""Tiny ONNX models for tests, built with onnx.helper in milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def save(model: onnx.ModelProto, repo: Path, name: str, version: int = 1,
+         config: dict | None = None) -> Path:
+    path = repo / name / str(version) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    if config is not None:
+        (repo / name / "config.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def affine_model(scale: float = 2.0, offset: float = 1.0, width: int = 4) -> onnx.ModelProto:
+    """y = x * scale + offset, FP32 [batch, width]."""
+    nodes = [helper.make_node("Mul", ["x", "s"], ["t"]), helper.make_node("Add", ["t", "o"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(np.array(scale, np.float32), "s"),
+         numpy_helper.from_array(np.array(offset, np.float32), "o")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def slow_model(size: int = 256, layers: int = 24) -> onnx.ModelProto:
+    """x [batch, size] -> [batch, size, size] through `layers` MatMul+Tanh: ms of CPU per row."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    ones = np.ones((size, size), np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"]),
+             helper.make_node("Mul", ["x3", "ones"], ["h"])]
+    previous = "h"
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [previous, "w"], [f"m{i}"]),
+                  helper.make_node("Tanh", [f"m{i}"], [f"h{i}"])]
+        previous = f"h{i}"
+    nodes.append(helper.make_node("ReduceMean", [previous], ["y"], axes=[2], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(ones, "ones"),
+         numpy_helper.from_array(np.array([1], np.int64), "axis1")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def mixed_types_model() -> onnx.ModelProto:
+    """ids INT64 [batch, 2], weights FP64 [batch], flags BOOL [batch, 3] -> three outputs."""
+    nodes = [
+        helper.make_node("ReduceSum", ["ids", "axes"], ["id_sum"], keepdims=0),
+        helper.make_node("Mul", ["weights", "two"], ["doubled"]),
+        helper.make_node("Not", ["flags"], ["inverted"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mixed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2]),
+         helper.make_tensor_value_info("weights", TensorProto.DOUBLE, ["batch"]),
+         helper.make_tensor_value_info("flags", TensorProto.BOOL, ["batch", 3])],
+        [helper.make_tensor_value_info("id_sum", TensorProto.INT64, ["batch"]),
+         helper.make_tensor_value_info("doubled", TensorProto.DOUBLE, ["batch"]),
+         helper.make_tensor_value_info("inverted", TensorProto.BOOL, ["batch", 3])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes"),
+         numpy_helper.from_array(np.array(2.0, np.float64), "two")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def fixed_batch_model() -> onnx.ModelProto:
+    """x FP32 [1, 3] (no dynamic batch dim): served unbatched."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def build_test_repository(repo: Path) -> Path:
+    """affine (v1 and v2), slow, mixed, fixed: every shape of model the tests need."""
+    save(affine_model(2.0, 1.0), repo, "affine", 1, {"max_batch_size": 16})
+    save(affine_model(3.0, 0.0), repo, "affine", 2)
+    save(slow_model(), repo, "slow", 1, {"max_batch_size": 8})
+    save(mixed_types_model(), repo, "mixed", 1)
+    save(fixed_batch_model(), repo, "fixed", 1)
+    return repo

@@ -1,0 +1,97 @@
+"""Start and stop a real `podserve serve` (Gunicorn + UvicornWorkers) on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PODSERVE = [sys.executable, "-m", "podserve.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, repo: Path, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            prefix="podserve-", suffix=".log", delete=False
+        )
+        self.env = {
+            **os.environ,
+            "PODSERVE_HOST": "127.0.0.1",
+            "PODSERVE_PORT": str(self.port),
+            "PODSERVE_WORKERS": str(workers),
+            "PODSERVE_MODEL_REPOSITORY": str(repo),
+            "PODSERVE_EXPOSE_WORKER_ID": "true",
+            "PODSERVE_GRACEFUL_TIMEOUT_S": "10",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [*PODSERVE, "serve"], env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Ready once every worker has answered /v2/health/ready with 200."""
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"podserve exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                response = httpx.get(f"{self.url}/v2/health/ready", timeout=2)
+                if response.status_code == 200:
+                    seen.add(response.headers.get("x-podserve-worker", "?"))
+                    if len(seen) >= self.workers:
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"podserve not ready after {timeout}s (saw {seen}):\n{self.logs()}")
+
+    def logs(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(pid) for pid in out.stdout.split()]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
