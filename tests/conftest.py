@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from model_builders import build_test_repository  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from model_builders import build_test_repository
+from server_process import ServerProcess
 
 
 @pytest.fixture(scope="session")

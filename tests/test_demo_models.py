@@ -10,9 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
+from tokenizers import Tokenizer
+
 from podserve import demo_models
 from podserve.demo_models import build_demo_repository, build_tabular, build_text
-from tokenizers import Tokenizer
 
 SENTENCES = [
     "Return a new path object.",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
 from podserve.errors import BadRequest, PayloadTooLarge
@@ -197,7 +198,11 @@ class OnnxModel:
         start = time.perf_counter()
         feed = self._feed(batch)
         preprocessed = time.perf_counter()
-        raw = dict(zip(self.session_output_names, self.session.run(None, feed), strict=True))
+        try:
+            results = self.session.run(None, feed)
+        except InvalidArgument as exc:  # shapes ORT could not reconcile: the client's input
+            raise BadRequest(f"model '{self.name}' rejected the input: {exc}") from None
+        raw = dict(zip(self.session_output_names, results, strict=True))
         inferred = time.perf_counter()
         outputs = self.postprocessor(raw, feed) if self.postprocessor else raw
         split = self._split(outputs, rows)

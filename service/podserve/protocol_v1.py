@@ -47,4 +47,6 @@ def encode_predictions(outputs: Tensors, order: list[str]) -> dict[str, Any]:
     if len(order) == 1:
         return {"predictions": outputs[order[0]]}
     rows = len(outputs[order[0]])
-    return {"predictions": [{name: outputs[name][i] for name in order} for i in range(rows)]}
+    # tolist(): orjson cannot encode every numpy scalar type (e.g. longlong from ORT).
+    columns = {name: outputs[name].tolist() for name in order}
+    return {"predictions": [{name: columns[name][i] for name in order} for i in range(rows)]}

@@ -15,7 +15,7 @@
 {{- end }}
 
 {{- define "podserve.databaseEnv" -}}
-{{- if .Values.database.enabled }}
+{{- if .Values.database.enabled -}}
 - name: PODSERVE_DATABASE_URL
   valueFrom:
     secretKeyRef:
@@ -54,7 +54,9 @@ graceful timeout vs grace period, paths vs mounts) are set here, not in the Conf
   value: {{ .Values.storage.metricsPath | quote }}
 - name: PODSERVE_METRICS_ENABLED
   value: {{ .Values.metrics.enabled | quote }}
-{{- include "podserve.databaseEnv" . | nindent 0 }}
+{{- if .Values.database.enabled }}
+{{ include "podserve.databaseEnv" . }}
+{{- end }}
 {{- if .Values.auth.existingSecret }}
 - name: PODSERVE_API_KEYS_FILE
   value: {{ printf "%s/%s" .Values.auth.mountPath .Values.auth.secretKey | quote }}

@@ -90,7 +90,7 @@ reliably on both cgroup v1 and v2. Accepts "2", 2, 1.5, "1500m".
 
 {{/* Resources of the server container with memory filled in. */}}
 {{- define "podserve.resources" -}}
-{{- $mem := include "podserve.memory" . }}
+{{- $mem := include "podserve.memory" . -}}
 requests:
   cpu: {{ .Values.resources.requests.cpu | quote }}
   memory: {{ default $mem .Values.resources.requests.memory | quote }}

@@ -1,0 +1,230 @@
+"""End-to-end Open Inference Protocol and KServe V1 against real Gunicorn with 2 workers."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import numpy as np
+import pytest
+
+from podserve.phases import parse_server_timing
+from server_process import ServerProcess
+
+JSON = {"content-type": "application/json"}
+
+
+def _infer_body(data: list, shape: list[int], name: str = "x", datatype: str = "FP32") -> dict:
+    return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+
+
+def test_server_metadata_and_health(client: httpx.Client) -> None:
+    assert client.get("/v2").json()["name"] == "podserve"
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_model_metadata_comes_from_the_session(client: httpx.Client) -> None:
+    meta = client.get("/v2/models/tabular").json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+    assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities"}
+    text = client.get("/v2/models/text").json()
+    assert text["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert text["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 32]}]
+    versions = client.get("/v2/models/affine").json()
+    assert versions["versions"] == ["1", "2"]
+    assert client.get("/v2/models/affine/versions/1").json()["parameters"]["version"] == "1"
+    assert client.get("/v2/models/affine/ready").status_code == 200
+    assert client.get("/v2/models/affine/versions/2/ready").status_code == 200
+
+
+def test_infer_json_with_server_timing(client: httpx.Client) -> None:
+    response = client.post("/v2/models/affine/infer", json=_infer_body([1, 2, 3, 4], [1, 4]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == "2"  # newest version is the default
+    assert body["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0]
+    phases = parse_server_timing(response.headers["server-timing"])
+    assert {"parse", "queue", "infer", "postprocess"} <= set(phases)
+    assert "features" not in phases and "log" not in phases  # phases that did not run
+
+
+def test_infer_specific_version_and_requested_outputs(client: httpx.Client) -> None:
+    body = _infer_body([1, 2, 3, 4], [1, 4]) | {"id": "req-7", "outputs": [{"name": "y"}]}
+    response = client.post("/v2/models/affine/versions/1/infer", json=body)
+    assert response.json()["id"] == "req-7"
+    assert response.json()["outputs"][0]["data"] == [3.0, 5.0, 7.0, 9.0]
+
+
+def test_text_pipeline_accepts_strings(client: httpx.Client) -> None:
+    body = _infer_body(["hello world", "héllo wörld 🚀"], [2], name="text", datatype="BYTES")
+    response = client.post("/v2/models/text/infer", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    assert out["shape"] == [2, 32]
+    vectors = np.array(out["data"]).reshape(2, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    phases = parse_server_timing(response.headers["server-timing"])
+    assert {"preprocess", "postprocess"} <= set(phases)
+
+
+def test_tabular_probabilities(client: httpx.Client) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    rows = data.data[:8].astype(np.float32)
+    body = _infer_body(rows.reshape(-1).tolist(), [8, 30], name="input")
+    outputs = {o["name"]: o for o in client.post("/v2/models/tabular/infer", json=body).json()[
+        "outputs"
+    ]}
+    assert outputs["label"]["datatype"] == "INT64"
+    assert outputs["label"]["data"] == data.target[:8].tolist()
+    probabilities = np.array(outputs["probabilities"]["data"]).reshape(8, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_all_json_datatypes_round_trip(client: httpx.Client) -> None:
+    body = {
+        "inputs": [
+            {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [[1, 2], [3, 4]]},
+            {"name": "weights", "shape": [2], "datatype": "FP64", "data": [0.25, 1.5]},
+            {"name": "flags", "shape": [2, 3], "datatype": "BOOL",
+             "data": [True, False, True, False, False, True]},
+        ]
+    }
+    response = client.post("/v2/models/mixed/infer", json=body)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert outputs["id_sum"] == {"name": "id_sum", "datatype": "INT64", "shape": [2],
+                                 "data": [3, 7]}
+    assert outputs["doubled"]["data"] == [0.5, 3.0]
+    assert outputs["inverted"]["datatype"] == "BOOL"
+    assert outputs["inverted"]["data"] == [False, True, False, True, True, False]
+
+
+def test_unbatchable_model_served(client: httpx.Client) -> None:
+    response = client.post("/v2/models/fixed/infer", json=_infer_body([1, 2, 3], [1, 3]))
+    assert response.json()["outputs"][0]["data"] == [-1.0, -2.0, -3.0]
+
+
+def test_kserve_v1(client: httpx.Client) -> None:
+    assert client.get("/v1/models/tabular").json()["ready"] is True
+    response = client.post("/v1/models/affine:predict", json={"instances": [[1, 2, 3, 4]]})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [[3.0, 6.0, 9.0, 12.0]]}
+    assert "server-timing" in response.headers
+    text = client.post("/v1/models/text:predict", json={"instances": ["one", "two words"]})
+    assert np.array(text.json()["predictions"]).shape == (2, 32)
+    multi = client.post(
+        "/v1/models/mixed:predict",
+        json={"instances": [{"ids": [1, 2], "weights": 1.0, "flags": [True, True, False]}]},
+    )
+    assert multi.status_code == 200, multi.text
+    assert multi.json()["predictions"][0]["id_sum"] == 3
+
+
+def test_openapi_documents_the_endpoints(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    assert "/v2/models/{model_name}/infer" in spec["paths"]
+    assert "/v1/models/{model_name}:predict" in spec["paths"]
+    body = spec["paths"]["/v2/models/{model_name}/infer"]["post"]["requestBody"]
+    assert "inputs" in body["content"]["application/json"]["schema"]["properties"]
+    assert client.get("/docs").status_code == 200
+
+
+VALID = _infer_body([1, 2, 3, 4], [1, 4])
+BAD_REQUESTS = [
+    ("malformed json", "/v2/models/affine/infer", b"{not json", JSON, 400, "malformed JSON"),
+    ("not an object", "/v2/models/affine/infer", b"[1, 2]", JSON, 400, "JSON object"),
+    ("no inputs", "/v2/models/affine/infer", b"{}", JSON, 400, "'inputs'"),
+    ("wrong content type", "/v2/models/affine/infer", b"x=1",
+     {"content-type": "application/x-www-form-urlencoded"}, 415, "content type"),
+    ("unknown model", "/v2/models/nope/infer", VALID, JSON, 404, "unknown model 'nope'"),
+    ("unknown version", "/v2/models/affine/versions/9/infer", VALID, JSON, 404, "no version '9'"),
+    ("unknown input", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [1, 4], name="z"),
+     JSON, 400, "unknown input(s) ['z']"),
+    ("missing input", "/v2/models/mixed/infer", _infer_body([1, 2], [1, 2], "ids", "INT64"),
+     JSON, 400, "missing input(s)"),
+    ("shape vs data", "/v2/models/affine/infer", _infer_body([1, 2, 3], [1, 4]), JSON, 400,
+     "needs 4 elements, data has 3"),
+    ("shape vs model", "/v2/models/affine/infer", _infer_body([1, 2, 3], [1, 3]), JSON, 400,
+     "dim 1 is 3, model expects 4"),
+    ("rank vs model", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [4]), JSON, 400,
+     "model expects 2"),
+    ("wrong datatype", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [1, 4],
+     datatype="FP64"), JSON, 400, "datatype FP64 does not match the model's FP32"),
+    ("floats for ints", "/v2/models/mixed/infer", {"inputs": [
+        {"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": [1.5, 2]},
+        {"name": "weights", "shape": [1], "datatype": "FP64", "data": [1]},
+        {"name": "flags", "shape": [1, 3], "datatype": "BOOL", "data": [True, True, True]}]},
+     JSON, 400, "cannot hold floats"),
+    ("strings for floats", "/v2/models/affine/infer", _infer_body(["a", "b", "c", "d"], [1, 4]),
+     JSON, 400, "cannot hold strings"),
+    ("unknown datatype", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [1, 4],
+     datatype="FP8"), JSON, 400, "unknown datatype"),
+    ("negative dim", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [-1, 4]), JSON, 400,
+     "non-negative"),
+    ("huge shape tiny data", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4],
+     [10**12, 4]), JSON, 400, "elements"),
+    ("ragged", "/v2/models/affine/infer", _infer_body([[1, 2], [3]], [1, 4]), JSON, 400,
+     "ragged"),
+    ("NaN forbidden", "/v2/models/affine/infer", b'{"inputs":[{"name":"x","shape":[1,4],'
+     b'"datatype":"FP32","data":[1,2,3,NaN]}]}', JSON, 400, "malformed JSON"),
+    ("Inf via overflow", "/v2/models/affine/infer", b'{"inputs":[{"name":"x","shape":[1,4],'
+     b'"datatype":"FP32","data":[1,2,3,1e39]}]}', JSON, 400, "NaN or Inf"),
+    ("unknown output", "/v2/models/affine/infer", VALID | {"outputs": [{"name": "q"}]}, JSON,
+     400, "unknown output 'q'"),
+    ("zero rows", "/v2/models/affine/infer", _infer_body([], [0, 4]), JSON, 400, "no rows"),
+    ("too many rows", "/v2/models/affine/infer", _infer_body([0.0] * 4 * 1025, [1025, 4]), JSON,
+     413, "exceed the limit"),
+    ("deep nesting", "/v2/models/affine/infer", b"[" * 5000 + b"]" * 5000, JSON, 400,
+     "malformed JSON"),
+    ("bad binary header", "/v2/models/affine/infer", b"{}",
+     {"inference-header-content-length": "99"}, 400, "outside the body"),
+    ("bad timeout header", "/v2/models/affine/infer", VALID,
+     {**JSON, "x-podserve-timeout-ms": "soon"}, 400, "Timeout-Ms"),
+    ("gzip unsupported", "/v2/models/affine/infer", VALID,
+     {**JSON, "content-encoding": "br"}, 415, "content encoding"),
+    ("v1 not instances", "/v1/models/affine:predict", {"inputs": []}, JSON, 400, "instances"),
+    ("v1 ragged", "/v1/models/affine:predict", {"instances": [[1, 2, 3, 4], [1]]}, JSON, 400,
+     "ragged"),
+    ("v1 unknown model", "/v1/models/nope:predict", {"instances": [[1]]}, JSON, 404,
+     "unknown model"),
+    ("unknown route", "/v3/nothing", VALID, JSON, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "message"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_input_gets_a_clear_4xx(
+    client: httpx.Client, path: str, body: bytes | dict, headers: dict, status: int, message: str
+) -> None:
+    content = body if isinstance(body, bytes) else __import__("orjson").dumps(body)
+    response = client.post(path, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_oversized_body_rejected_before_reading(server: ServerProcess) -> None:
+    # Declares 64 MiB but sends only the headers: a 413 proves the server did not wait for it.
+    request = (
+        "POST /v2/models/affine/infer HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {64 * 1024 * 1024}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert "exceeds the limit" in reply
+
+
+def test_chunked_oversized_body_is_cut_off(client: httpx.Client) -> None:
+    def chunks():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(40):
+            yield b" " * (1024 * 1024)
+
+    response = client.post("/v2/models/affine/infer", content=chunks(), headers=JSON)
+    assert response.status_code == 413
