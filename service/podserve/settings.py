@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,7 +48,26 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(4, ge=1)
     db_statement_cache_size: int = Field(256, ge=0)
     db_command_timeout_s: float = Field(2.0, gt=0)
+    db_connect_timeout_s: float = Field(2.0, gt=0)
+    db_max_waiting: int = Field(32, ge=0, description="requests waiting for a connection, then 503")
+    db_breaker_failures: int = Field(3, ge=1, description="failures that open the breaker")
+    db_breaker_reset_s: float = Field(2.0, gt=0, description="fail fast this long, then probe")
+    features_timeout_s: float = Field(1.0, gt=0, description="connection + query budget")
+    features_cache_size: int = Field(0, ge=0, description="cached feature rows; 0 = no cache")
+    features_cache_ttl_s: float = Field(60.0, gt=0)
+    prediction_log: bool = True
+    prediction_log_inputs: Literal["full", "digest"] = "digest"
+    prediction_log_buffer_rows: int = Field(10_000, ge=1)
+    prediction_log_batch_rows: int = Field(1_000, ge=1)
+    prediction_log_flush_ms: float = Field(200.0, gt=0)
+    prediction_log_max_backoff_s: float = Field(5.0, gt=0)
     spool_dir: Path = Path("./spool")
+    jobs_enabled: bool = True
+    jobs_concurrency: int = Field(1, ge=1, description="jobs run at once per worker")
+    jobs_poll_ms: float = Field(500.0, gt=0)
+    jobs_lease_s: float = Field(30.0, gt=0)
+    jobs_max_attempts: int = Field(5, ge=1)
+    jobs_result_ttl_s: float = Field(86_400.0, gt=0)
 
     # --- Observability (issue 4) --------------------------------------------------
     tracing_enabled: bool = True

@@ -9,6 +9,8 @@ tests/test_load_spread.py checks the split.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from types import FrameType
 from typing import Any
@@ -39,6 +41,15 @@ class PodserveWorker(UvicornWorker):
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
         self._install_sigquit_handler()
-        await server.serve(sockets=self.sockets)
+        try:
+            await server.serve(sockets=self.sockets)
+        except SystemExit:
+            if server.started:
+                raise
         if not server.started:
-            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+            # Start-up failed (e.g. a model did not load). Skip interpreter teardown: ORT's
+            # thread pools abort the process there, and Gunicorn would read SIGABRT as a
+            # crash and reboot the worker forever instead of halting with the boot error.
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(Arbiter.WORKER_BOOT_ERROR)

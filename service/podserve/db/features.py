@@ -1,0 +1,177 @@
+"""Feature lookup: requests send entity ids, the server fetches the vectors and builds the tensor.
+
+All rows of a request come from one query (`entity_id = ANY($2)`). An optional bounded
+in-process TTL cache saves the round trip for hot entities. Time budget: connection plus
+query within PODSERVE_FEATURES_TIMEOUT_S; a slow query is a 504, no database a 503.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from podserve.db.pool import Database
+from podserve.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from podserve.model_config import TensorSpec
+from podserve.onnx_model import OnnxModel
+from podserve.processors import Tensors
+from podserve.settings import Settings
+
+FETCH_SQL = (
+    'SELECT entity_id, "values" FROM podserve_features '
+    "WHERE feature_set = $1 AND entity_id = ANY($2::text[])"
+)
+MAX_LISTED = 50  # unknown ids named in a 404
+
+
+@dataclass(frozen=True)
+class EntityLookup:
+    entity_ids: list[str]
+    feature_set: str | None
+
+
+def entity_lookup(doc: Any, has_inputs: bool) -> EntityLookup | None:
+    """`{"entity_ids": [...], "feature_set": "..."}` (V2 parameters or a V1 body), else None."""
+    if not isinstance(doc, Mapping) or "entity_ids" not in doc:
+        return None
+    if has_inputs:
+        raise BadRequest("send either tensors or 'entity_ids', not both")
+    ids = doc["entity_ids"]
+    if not isinstance(ids, list) or not ids:
+        raise BadRequest("'entity_ids' must be a non-empty list of strings or integers")
+    if not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
+        raise BadRequest("'entity_ids' must hold only strings or integers")
+    feature_set = doc.get("feature_set")
+    if feature_set is not None and (not isinstance(feature_set, str) or not feature_set):
+        raise BadRequest("'feature_set' must be a non-empty string")
+    return EntityLookup([str(i) for i in ids], feature_set)
+
+
+def feature_input(model: OnnxModel) -> TensorSpec:
+    """The model's single FP32 [n, width] input that feature vectors fill."""
+    inputs = model.inputs
+    if len(inputs) != 1 or inputs[0].datatype != "FP32" or len(inputs[0].shape) != 2:
+        raise BadRequest(
+            f"model '{model.name}' cannot take entity ids: that needs a single FP32 "
+            "[batch, width] input"
+        )
+    return inputs[0]
+
+
+class TtlCache:
+    """Bounded LRU with a time-to-live: feature rows change, so stale entries expire."""
+
+    def __init__(self, max_entries: int, ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[tuple[str, str], tuple[float, np.ndarray]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        item = self._items.get(key)
+        if item is None or item[0] < time.monotonic():
+            if item is not None:
+                del self._items[key]
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[1]
+
+    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
+        self._items[key] = (time.monotonic() + self.ttl_s, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class FeatureStore:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.timeout_s = settings.features_timeout_s
+        size = settings.features_cache_size
+        self.cache = TtlCache(size, settings.features_cache_ttl_s) if size > 0 else None
+        self.queries = 0  # round trips to PostgreSQL (the cache saves some)
+
+    async def tensor(self, model: OnnxModel, lookup: EntityLookup) -> Tensors:
+        spec = feature_input(model)
+        ids = lookup.entity_ids
+        if len(ids) > model.max_rows_per_request:
+            raise PayloadTooLarge(
+                f"{len(ids)} entity ids exceed the limit of {model.max_rows_per_request}"
+            )
+        feature_set = lookup.feature_set or model.name
+        found = await self.vectors(feature_set, list(dict.fromkeys(ids)))
+        missing = [i for i in dict.fromkeys(ids) if i not in found]
+        if missing:
+            listed = ", ".join(repr(i) for i in missing[:MAX_LISTED])
+            more = f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+            raise NotFound(
+                f"unknown entity ids in feature set '{feature_set}' ({len(missing)} of "
+                f"{len(set(ids))}): [{listed}]{more}"
+            )
+        return {spec.name: _assemble(feature_set, spec, [found[i] for i in ids])}
+
+    async def vectors(self, feature_set: str, ids: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        wanted = ids
+        if self.cache is not None:
+            wanted = []
+            for entity in ids:
+                hit = self.cache.get((feature_set, entity))
+                if hit is None:
+                    wanted.append(entity)
+                else:
+                    found[entity] = hit
+        if wanted:
+            for entity, vector in (await self._fetch(feature_set, wanted)).items():
+                found[entity] = vector
+                if self.cache is not None:
+                    self.cache.put((feature_set, entity), vector)
+        return found
+
+    async def _fetch(self, feature_set: str, ids: list[str]) -> dict[str, np.ndarray]:
+        deadline = time.monotonic() + self.timeout_s
+        self.queries += 1
+        async with self.db.connection(self.timeout_s) as conn:
+            remaining = max(0.001, deadline - time.monotonic())
+            try:
+                rows = await conn.fetch(FETCH_SQL, feature_set, ids, timeout=remaining)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"feature lookup took longer than {self.timeout_s:g} s"
+                ) from None
+            except asyncpg.UndefinedTableError:
+                raise ServiceUnavailable(
+                    "database schema is missing: run `podserve db migrate`"
+                ) from None
+        return {row["entity_id"]: np.asarray(row["values"], np.float32) for row in rows}
+
+
+def _assemble(feature_set: str, spec: TensorSpec, vectors: list[np.ndarray]) -> np.ndarray:
+    widths = {len(v) for v in vectors}
+    if len(widths) != 1:
+        raise BadRequest(f"feature set '{feature_set}' has rows of different widths {widths}")
+    width = widths.pop()
+    if spec.shape[1] >= 0 and width != spec.shape[1]:
+        raise BadRequest(
+            f"feature set '{feature_set}' has width {width}; input '{spec.name}' "
+            f"expects {spec.shape[1]}"
+        )
+    return np.stack(vectors).astype(np.float32, copy=False)

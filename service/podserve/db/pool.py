@@ -1,0 +1,174 @@
+"""One asyncpg pool per worker, behind a circuit breaker.
+
+When PostgreSQL is down, a request must get its 503 within the feature timeout and
+must not queue behind others that are already waiting: the breaker opens after a few
+connection failures and then fails fast (one probe at a time), and the number of
+requests waiting for a connection is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from podserve.errors import ServiceUnavailable
+from podserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "no usable database" (as opposed to a bad query): count toward the breaker.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+)
+
+NOT_CONFIGURED = "PostgreSQL is not configured: set PODSERVE_DATABASE_URL"
+
+
+class CircuitBreaker:
+    """Closed -> open after N consecutive failures -> half-open (one probe) -> closed."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def admit(self) -> bool:
+        """May a call go to the database now? (Half-open admits a single probe.)"""
+        if not self.is_open:
+            return True
+        if time.monotonic() < self.open_until or self.probing:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.is_open:
+            self.open_until = time.monotonic() + self.reset_s
+
+    def release_probe(self) -> None:
+        """A probe that ended without telling us anything (e.g. a query timeout)."""
+        self.probing = False
+
+
+class Database:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.database_url is not None
+        self.settings = settings
+        self.dsn = settings.database_url.get_secret_value()
+        self.breaker = CircuitBreaker(settings.db_breaker_failures, settings.db_breaker_reset_s)
+        self.max_waiting = settings.db_max_waiting
+        self.waiting = 0
+        self.pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Connect db_pool_min connections; if PostgreSQL is down, start empty and connect later."""
+        try:
+            self.pool = await self._create_pool(self.settings.db_pool_min)
+        except (*CONNECTION_ERRORS, TimeoutError) as exc:
+            log.warning("database unreachable at start-up; connecting on demand",
+                        extra={"error": repr(exc)})
+            self.pool = await self._create_pool(0)
+
+    async def _create_pool(self, min_size: int) -> asyncpg.Pool:
+        s = self.settings
+        return await asyncpg.create_pool(
+            self.dsn,
+            min_size=min(min_size, s.db_pool_max),
+            max_size=s.db_pool_max,
+            statement_cache_size=s.db_statement_cache_size,
+            command_timeout=s.db_command_timeout_s,
+            timeout=s.db_connect_timeout_s,
+            server_settings={"application_name": f"podserve-{socket.gethostname()}-{os.getpid()}"},
+        )
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        if self.pool is None:
+            return
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout_s)
+        except TimeoutError:
+            self.pool.terminate()  # connections stuck on a dead network: do not hang shutdown
+
+    @asynccontextmanager
+    async def connection(self, timeout_s: float) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for a request: 503 at once when the database is known down."""
+        if self.pool is None:
+            raise ServiceUnavailable(NOT_CONFIGURED)
+        retry = {"Retry-After": str(max(1, round(self.breaker.reset_s)))}
+        if self.waiting >= self.max_waiting:
+            raise ServiceUnavailable("database busy: too many requests waiting", retry)
+        if not self.breaker.admit():
+            raise ServiceUnavailable("database unavailable (failing fast; retry later)", retry)
+        conn = await self._acquire(timeout_s, retry)
+        try:
+            yield conn
+        except TimeoutError:  # a slow query (an OSError subclass, but not a dead database)
+            self.breaker.release_probe()
+            raise
+        except CONNECTION_ERRORS as exc:
+            self.breaker.failure()
+            raise ServiceUnavailable(f"database unavailable: {_describe(exc)}", retry) from None
+        except BaseException:
+            self.breaker.release_probe()
+            raise
+        else:
+            self.breaker.success()
+        finally:
+            await self.pool.release(conn)
+
+    async def _acquire(self, timeout_s: float, retry: dict[str, str]) -> asyncpg.Connection:
+        assert self.pool is not None
+        self.waiting += 1
+        try:
+            return await self.pool.acquire(timeout=timeout_s)
+        except TimeoutError:
+            self.breaker.failure()
+            raise ServiceUnavailable(
+                f"database unavailable: no connection within {timeout_s:g} s", retry
+            ) from None
+        except CONNECTION_ERRORS as exc:
+            self.breaker.failure()
+            raise ServiceUnavailable(f"database unavailable: {_describe(exc)}", retry) from None
+        except BaseException:
+            self.breaker.release_probe()
+            raise
+        finally:
+            self.waiting -= 1
+
+    @asynccontextmanager
+    async def background(self, timeout_s: float) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for background work: no breaker, errors propagate to the caller's retry."""
+        if self.pool is None:
+            raise ServiceUnavailable(NOT_CONFIGURED)
+        conn = await self.pool.acquire(timeout=timeout_s)
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,322 @@
+"""Prometheus metrics, aggregated across Gunicorn workers (prometheus_client multiprocess mode).
+
+Every worker writes its samples to mmap files in one per-pod directory
+(``PROMETHEUS_MULTIPROC_DIR``); whichever worker answers ``GET /metrics`` merges all files, so
+a scrape sees the whole pod. Gunicorn's master empties the directory at start and removes a
+dead worker's live-gauge files (see :func:`gunicorn_hooks`); counters and histograms of dead
+workers stay, so totals never go backwards when a worker is recycled.
+
+Gauges use ``livesum``: the pod's value is the sum over its live workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from podserve.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+PODSERVE_ENV_DIR = "PODSERVE_PROMETHEUS_MULTIPROC_DIR"
+REFRESH_S = 1.0  # how often each worker writes its sampled gauges
+
+# Millisecond work: phases take 50 us .. 100 ms, whole requests 0.5 ms .. seconds.
+PHASE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+REQUEST_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Exception class -> podserve_rejections_total{reason}; the first match wins.
+REJECTION_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (Overloaded, "shed"),
+    (DeadlineExceeded, "deadline"),
+    (ModelNotReady, "not_ready"),
+    (ServiceUnavailable, "unavailable"),
+)
+
+
+def rejection_reason(exc: BaseException | None) -> str | None:
+    for cls, reason in REJECTION_REASONS:
+        if isinstance(exc, cls):
+            return reason
+    return None
+
+
+# --- the per-pod directory (Gunicorn master) ------------------------------------------------
+def multiproc_dir() -> Path | None:
+    value = os.environ.get(ENV_DIR)
+    return Path(value) if value else None
+
+
+def prepare_multiproc_dir(configured: Path | None) -> tuple[Path, bool]:
+    """Choose, create and empty the directory; export it for prometheus_client in the workers.
+
+    Order: PODSERVE_PROMETHEUS_MULTIPROC_DIR, PROMETHEUS_MULTIPROC_DIR, else a fresh temp dir
+    (returned with created=True so the master removes it on exit).
+    """
+    existing = configured or multiproc_dir()
+    if existing is None:
+        path, created = Path(tempfile.mkdtemp(prefix="podserve-metrics-")), True
+    else:
+        path, created = existing, False
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # samples of a previous server (container restart)
+            stale.unlink()
+    os.environ[ENV_DIR] = str(path)
+    os.environ[PODSERVE_ENV_DIR] = str(path)
+    _use_multiprocess_values()
+    return path, created
+
+
+def _use_multiprocess_values() -> None:
+    """prometheus_client picks its value class when first imported: fix it if that was early."""
+    if multiproc_dir() is not None and values.ValueClass is values.MutexValue:
+        values.ValueClass = values.get_value_class()
+
+
+def gunicorn_hooks(configured: Path | None) -> dict[str, Callable[..., None]]:
+    """Master-side hooks: empty the directory at start, drop a dead worker's live gauges."""
+    state: dict[str, Any] = {}
+
+    def on_starting(_server: Any) -> None:
+        state["path"], state["created"] = prepare_multiproc_dir(configured)
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        path = state.get("path") or multiproc_dir()
+        if path is not None:
+            mark_process_dead(worker.pid, str(path))
+
+    def on_exit(_server: Any) -> None:
+        if state.get("created"):
+            shutil.rmtree(state["path"], ignore_errors=True)
+
+    return {"on_starting": on_starting, "child_exit": child_exit, "on_exit": on_exit}
+
+
+# --- exemplars ------------------------------------------------------------------------------
+class ExemplarStore:
+    """Latest trace id per histogram bucket, kept by this worker.
+
+    prometheus_client does not store exemplars in multiprocess mode; an exemplar is only an
+    example, so the worker that answers a scrape attaches its own (OpenMetrics format only).
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, tuple[tuple[str, str], ...]], Exemplar] = {}
+
+    def record(
+        self, name: str, bounds: tuple[float, ...], labels: dict[str, str], value: float,
+        trace_id: str,
+    ) -> None:  # fmt: skip
+        upper = next((b for b in bounds if value <= b), float("inf"))
+        key = (f"{name}_bucket", tuple(sorted({**labels, "le": floatToGoString(upper)}.items())))
+        self._latest[key] = Exemplar({"trace_id": trace_id}, value, time.time())
+
+    def attach(self, metrics: Iterable[Metric]) -> Iterator[Metric]:
+        for metric in metrics:
+            if metric.type == "histogram" and self._latest:
+                metric.samples = [
+                    s._replace(exemplar=self._latest.get((s.name, tuple(sorted(s.labels.items())))))
+                    if s.name.endswith("_bucket")
+                    else s
+                    for s in metric.samples
+                ]
+            yield metric
+
+
+class _MultiProcessWithExemplars:
+    def __init__(self, path: Path, exemplars: ExemplarStore) -> None:
+        self._files = MultiProcessCollector(None, str(path))
+        self._exemplars = exemplars
+
+    def collect(self) -> Iterator[Metric]:
+        return self._exemplars.attach(self._files.collect())
+
+
+# --- the metrics ----------------------------------------------------------------------------
+class Metrics:
+    """All podserve metrics of this worker. Create it in the worker (after fork)."""
+
+    def __init__(self) -> None:
+        _use_multiprocess_values()
+        self.path = multiproc_dir()
+        self.exemplars = ExemplarStore()
+        self.registry = CollectorRegistry()
+        if self.path is not None:
+            self.exposition: CollectorRegistry = CollectorRegistry()
+            self.exposition.register(_MultiProcessWithExemplars(self.path, self.exemplars))
+        else:
+            self.exposition = self.registry
+        self._define(self.registry)
+        self._cumulative: dict[str, float] = {}
+        self.workers.set(1)
+
+    def _define(self, r: CollectorRegistry) -> None:
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=r, multiprocess_mode="livesum")
+
+        self.requests = Counter(
+            "podserve_requests", "HTTP requests answered, by model, route template and status",
+            ["model", "route", "status"], registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "podserve_request_duration_seconds",
+            "Time from the request reaching the app to the end of the response",
+            ["model", "route", "status"], buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.phase_duration = Histogram(
+            "podserve_phase_duration_seconds", "Time per request phase (parse, queue, infer, ...)",
+            ["model", "phase"], buckets=PHASE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "podserve_batch_size", "Rows per inference session run", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "podserve_rejections", "Requests refused by admission control or deadlines",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.inference_errors = Counter(
+            "podserve_inference_errors", "Requests whose inference failed with a server error",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.inflight = gauge("podserve_inflight_requests", "Requests being served (not scrapes)")
+        self.queue_rows = gauge("podserve_queue_rows", "Rows waiting for an inference batch")
+        self.pool_busy = gauge("podserve_pool_busy_threads", "Inference threads running a batch")
+        self.pool_threads = gauge("podserve_pool_threads", "Inference threads")
+        self.workers = gauge("podserve_workers", "Live Gunicorn workers (1 per worker)")
+        self.db_pool_in_use = gauge("podserve_db_pool_in_use", "PostgreSQL connections in use")
+        self.db_pool_size = gauge("podserve_db_pool_size", "PostgreSQL connections open")
+        self.log_buffer_rows = gauge(
+            "podserve_prediction_log_buffer_rows", "Prediction-log rows waiting to be written"
+        )
+        self.log_spool_bytes = gauge(
+            "podserve_prediction_log_spool_bytes", "Bytes of prediction-log rows in the spool"
+        )
+        self.log_rows_written = Counter(
+            "podserve_prediction_log_rows_written", "Prediction-log rows written to PostgreSQL",
+            registry=r,
+        )
+        self.log_rows_spooled = Counter(
+            "podserve_prediction_log_rows_spooled", "Prediction-log rows spooled to disk",
+            registry=r,
+        )
+        self.log_write_errors = Counter(
+            "podserve_prediction_log_write_errors", "Failed prediction-log writes", registry=r
+        )
+        self._histograms = {
+            id(self.request_duration): ("podserve_request_duration_seconds", REQUEST_BUCKETS),
+            id(self.phase_duration): ("podserve_phase_duration_seconds", PHASE_BUCKETS),
+        }
+        for _, reason in REJECTION_REASONS:  # present at 0, so rate() works from the start
+            self.rejections.labels(reason=reason)
+
+    # --- per request (event loop) ----------------------------------------------------------
+    def observe_request(
+        self, model: str, route: str, status: int, seconds: float, trace_id: str | None
+    ) -> None:
+        labels = {"model": model, "route": route, "status": str(status)}
+        self.requests.labels(**labels).inc()
+        self._observe(self.request_duration, labels, seconds, trace_id)
+
+    def observe_phases(self, model: str, durations: dict[str, float], trace_id: str | None) -> None:
+        for phase, seconds in durations.items():
+            labels = {"model": model, "phase": phase}
+            self._observe(self.phase_duration, labels, seconds, trace_id)
+
+    def _observe(
+        self, histogram: Histogram, labels: dict[str, str], value: float, trace_id: str | None
+    ) -> None:
+        if trace_id is None:
+            histogram.labels(**labels).observe(value)
+            return
+        histogram.labels(**labels).observe(value, exemplar={"trace_id": trace_id})
+        if self.path is not None:
+            name, bounds = self._histograms[id(histogram)]
+            self.exemplars.record(name, bounds, labels, value, trace_id)
+
+    def observe_batch(self, model: str, rows: int) -> None:
+        self.batch_size.labels(model=model).observe(rows)
+
+    # --- sampled state (a task per worker) ------------------------------------------------
+    def refresh(self, runtime: Any) -> None:
+        """Write this worker's instantaneous state; read by the next scrape of any worker."""
+        self.queue_rows.set(runtime.budget.queued_rows)
+        self.pool_busy.set(runtime.pool.busy)
+        self.pool_threads.set(runtime.pool.capacity)
+        self._refresh_database(runtime)
+
+    def _refresh_database(self, runtime: Any) -> None:
+        """Duck-typed: the database objects exist only when PODSERVE_DATABASE_URL is set."""
+        pool = getattr(runtime, "db_pool", None)
+        if pool is not None:
+            size = _call(pool, "get_size")
+            if size is not None:
+                self.db_pool_size.set(size)
+                idle = _call(pool, "get_idle_size") or 0
+                self.db_pool_in_use.set(size - idle)
+        plog = getattr(runtime, "prediction_log", None)
+        if plog is None:
+            return
+        for attr, gauge in (("buffered_rows", self.log_buffer_rows),
+                            ("spool_bytes", self.log_spool_bytes)):  # fmt: skip
+            value = getattr(plog, attr, None)
+            if value is not None:
+                gauge.set(value)
+        for attr, counter in (("rows_written", self.log_rows_written),
+                              ("rows_spooled", self.log_rows_spooled),
+                              ("write_errors", self.log_write_errors)):  # fmt: skip
+            self._advance(attr, counter, getattr(plog, attr, None))
+
+    def _advance(self, key: str, counter: Counter, total: float | None) -> None:
+        """Turn an object's running total into counter increments."""
+        if total is None:
+            return
+        delta = total - self._cumulative.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+        self._cumulative[key] = total
+
+    async def refresh_forever(self, runtime: Any) -> None:
+        while True:
+            try:
+                self.refresh(runtime)
+            except Exception:  # a metrics bug must not stop the worker
+                log.exception("metrics refresh failed")
+            await asyncio.sleep(REFRESH_S)
+
+    # --- exposition -------------------------------------------------------------------------
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """Text format by default; OpenMetrics (with exemplars) when the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.exposition), content_type
+
+
+def _call(obj: Any, method: str) -> int | None:
+    fn = getattr(obj, method, None)
+    if fn is None:
+        return None
+    with contextlib.suppress(Exception):
+        return int(fn())
+    return None

@@ -1,0 +1,303 @@
+"""OpenTelemetry tracing: a server span per request, one child span per phase, batch spans.
+
+Configured by the standard ``OTEL_*`` environment variables. Tracing is on only when
+``PODSERVE_TRACING_ENABLED`` is true (the default), an OTLP endpoint is set
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) and
+``OTEL_SDK_DISABLED`` is not true; otherwise nothing is instrumented and it costs nothing.
+
+Phase spans are created after the response, from the timestamps in ``PhaseTimings``: the hot
+path only reads the clock. A batch serves many requests, so its span is a root span of its own
+with a link to every request span it served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
+from opentelemetry.util.types import Attributes
+
+from podserve import __version__
+from podserve.phases import PHASES
+from podserve.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from podserve.batcher import BatchRecord
+    from podserve.inference_flow import RequestContext
+
+log = logging.getLogger(__name__)
+
+TRACE_ID_HEADER = b"x-trace-id"
+# Health probes and scrapes would drown the interesting traces.
+DEFAULT_EXCLUDED_URLS = "/metrics,/v2/health/live,/v2/health/ready"
+_ROOT = otel_context.Context()  # an empty context: batch spans start a trace of their own
+
+_active = False  # tracing configured in this process (a cheap check on the hot path)
+
+
+def tracing_requested(settings: Settings) -> bool:
+    if not settings.tracing_enabled:
+        return False
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+# --- for other modules ----------------------------------------------------------------------
+def current_trace_id() -> str | None:
+    """Trace id (32 hex digits) of the current request, or None without an active trace.
+
+    Call it inside the request (e.g. when building the prediction-log row), not in a
+    background task, which has no span of its own.
+    """
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None
+
+
+def link_context() -> SpanContext | None:
+    """The current request span, for the batch span to link to (None: nothing to link)."""
+    if not _active:
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    return ctx if ctx.trace_flags.sampled else None
+
+
+def response_headers(span: Span) -> list[tuple[bytes, bytes]]:
+    """X-Trace-Id, and the W3C draft `traceresponse` (which also says whether it was sampled)."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return []
+    trace_id = f"{ctx.trace_id:032x}"
+    flags = f"{int(ctx.trace_flags):02x}"
+    return [
+        (TRACE_ID_HEADER, trace_id.encode()),
+        (b"traceresponse", f"00-{trace_id}-{ctx.span_id:016x}-{flags}".encode()),
+    ]
+
+
+# --- configuration --------------------------------------------------------------------------
+class LinkedBatchSampler(Sampler):
+    """The configured sampler, except that a root span linked to a sampled span is sampled.
+
+    Batch spans are roots: without this a ratio sampler would drop the batch span of a
+    sampled request (and keep batch spans whose requests were dropped).
+    """
+
+    def __init__(self, base: Sampler) -> None:
+        self._base = base
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if not parent.is_valid and links and any(link.context.trace_flags.sampled for link in links):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return self._base.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"LinkedBatchSampler{{{self._base.get_description()}}}"
+
+
+def sampler_from_env() -> Sampler:
+    """OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (the standard names; default parent-based)."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    try:
+        ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+    except ValueError:
+        ratio = 1.0
+    ratio = min(max(ratio, 0.0), 1.0)
+    choices = {
+        "always_on": lambda: ALWAYS_ON,
+        "always_off": lambda: ALWAYS_OFF,
+        "traceidratio": lambda: TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: ParentBased(ALWAYS_ON),
+        "parentbased_always_off": lambda: ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: ParentBased(TraceIdRatioBased(ratio)),
+    }
+    if name not in choices:
+        log.warning("unknown OTEL_TRACES_SAMPLER, using parentbased_always_on", extra={"got": name})
+        name = "parentbased_always_on"
+    return LinkedBatchSampler(choices[name]())
+
+
+def build_resource(settings: Settings) -> Resource:
+    """OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win; these fill what they leave out."""
+    detected = Resource.create()
+    pod = os.environ.get("POD_NAME")
+    defaults: dict[str, Any] = {
+        "service.name": "podserve",
+        "service.version": __version__,
+        "service.instance.id": f"{pod or socket.gethostname()}-{os.getpid()}",
+        "process.pid": os.getpid(),
+        "k8s.pod.name": pod,
+        "k8s.namespace.name": os.environ.get("POD_NAMESPACE"),
+        "k8s.node.name": os.environ.get("NODE_NAME"),
+        "podserve.model_repository": str(settings.model_repository),
+    }
+    have = dict(detected.attributes)
+    if str(have.get("service.name", "")).startswith("unknown_service"):
+        del have["service.name"]  # the SDK's placeholder, not a choice
+    extra = {k: v for k, v in defaults.items() if v and k not in have}
+    return detected.merge(Resource(extra))
+
+
+def build_exporter() -> SpanExporter | None:
+    """OTLP over HTTP/protobuf by default; gRPC with the optional `podserve[grpc]` extra."""
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+        except ImportError:
+            log.error("OTLP protocol grpc needs `pip install podserve[grpc]`; tracing is off")
+            return None
+        return GrpcSpanExporter()
+    log.error("unsupported OTLP protocol; tracing is off", extra={"protocol": protocol})
+    return None
+
+
+# --- per worker -----------------------------------------------------------------------------
+class Tracing:
+    """This worker's tracer provider. Build it after fork: a BatchSpanProcessor started in
+    Gunicorn's master would lose its export thread in the workers."""
+
+    def __init__(self, settings: Settings, exporter: SpanExporter) -> None:
+        global _active
+        self.provider = TracerProvider(
+            sampler=sampler_from_env(), resource=build_resource(settings), shutdown_on_exit=False
+        )
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer = self.provider.get_tracer("podserve", __version__)
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            trace.set_tracer_provider(self.provider)  # for code that uses the global API
+        _active = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tracing | None:
+        if not tracing_requested(settings):
+            return None
+        exporter = build_exporter()
+        return cls(settings, exporter) if exporter is not None else None
+
+    def instrument(self, app: FastAPI) -> None:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        env_excluded = os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS") or os.environ.get(
+            "OTEL_PYTHON_EXCLUDED_URLS"
+        )
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=self.provider,
+            meter_provider=NoOpMeterProvider(),  # metrics come from prometheus_client
+            excluded_urls=None if env_excluded else DEFAULT_EXCLUDED_URLS,
+            exclude_spans=["receive", "send"],  # one span per ASGI message is noise
+        )
+        asyncpg = AsyncPGInstrumentor()
+        if not asyncpg.is_instrumented_by_opentelemetry:
+            asyncpg.instrument(tracer_provider=self.provider)
+
+    def record_phases(self, server_span: Span, ctx: RequestContext) -> None:
+        """Child spans of the request span for each phase that ran, with its real times."""
+        if not server_span.is_recording():
+            return
+        attributes = request_attributes(ctx)
+        server_span.set_attributes(attributes)
+        parent = trace.set_span_in_context(server_span)
+        timings = ctx.timings
+        for phase in PHASES:
+            start = timings.started_ns.get(phase)
+            if start is None:
+                continue
+            span = self.tracer.start_span(
+                phase, context=parent, start_time=start, attributes=attributes
+            )
+            span.end(end_time=timings.ended_ns.get(phase, start))
+
+    def observe_batch(self, record: BatchRecord) -> None:
+        """Batch observer: one span per session run, linked to the requests it served."""
+        links = [
+            Link(item.context, {"podserve.rows": item.rows})
+            for item in record.requests
+            if item.context is not None
+        ]
+        if not links:  # no sampled request in this batch
+            return
+        model = record.model
+        span = self.tracer.start_span(
+            "batch",
+            context=_ROOT,
+            links=links,
+            start_time=record.start_ns,
+            attributes={
+                "podserve.model": model.name,
+                "podserve.model.version": model.version,
+                "podserve.batch.size": sum(item.rows for item in record.requests),
+                "podserve.batch.requests": len(record.requests),
+            },
+        )
+        if record.error is not None:
+            span.record_exception(record.error)
+            span.set_status(Status(StatusCode.ERROR, type(record.error).__name__))
+        span.end(end_time=record.end_ns)
+
+    def shutdown(self) -> None:
+        """Flush what is buffered (called at worker shutdown)."""
+        global _active
+        _active = False
+        self.provider.shutdown()
+
+
+def request_attributes(ctx: RequestContext) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    if ctx.model is not None:
+        attributes["podserve.model"] = ctx.model.name
+        attributes["podserve.model.version"] = ctx.model.version
+        attributes["podserve.rows"] = ctx.rows
+        attributes["podserve.queue.depth"] = ctx.queue_rows
+    if ctx.outcome is not None:
+        attributes["podserve.batch.size"] = ctx.outcome.batch_rows
+        attributes["podserve.batch.requests"] = ctx.outcome.batch_requests
+    return attributes

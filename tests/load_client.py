@@ -1,0 +1,72 @@
+"""A small closed-loop HTTP load generator for tests (bounded in time, loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class LoadResult:
+    statuses: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    workers: Counter = field(default_factory=Counter)
+    connections: set[tuple[str, int]] = field(default_factory=set)  # (worker, client port)
+    retry_after: set[str] = field(default_factory=set)
+    server_timings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values()) + len(self.errors)
+
+
+async def closed_loop(
+    url: str,
+    path: str,
+    body: bytes,
+    concurrency: int,
+    duration_s: float,
+    max_requests: int = 100_000,
+) -> LoadResult:
+    """`concurrency` keep-alive connections, each sending the next request on its reply."""
+    result = LoadResult()
+    deadline = time.monotonic() + duration_s
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": "application/json"}
+
+    async def user(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while time.monotonic() < deadline and sent < max_requests:
+            sent += 1
+            start = time.perf_counter()
+            try:
+                response = await client.post(path, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                result.errors.append(repr(exc))
+                continue
+            result.latencies.append(time.perf_counter() - start)
+            result.statuses[response.status_code] += 1
+            worker = response.headers.get("x-podserve-worker")
+            result.workers[worker] += 1
+            stream = response.extensions.get("network_stream")
+            if stream is not None:
+                result.connections.add((worker, stream.get_extra_info("client_addr")[1]))
+            if "retry-after" in response.headers:
+                result.retry_after.add(response.headers["retry-after"])
+            if response.status_code == 200:
+                result.server_timings.append(response.headers.get("server-timing", ""))
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

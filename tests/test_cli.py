@@ -1,0 +1,93 @@
+"""The `podserve` command line: demo models, start-up failures that name the file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_builders import affine_model, save
+from server_process import ServerProcess, free_port
+
+PODSERVE = [sys.executable, "-m", "podserve.cli"]
+
+
+def test_build_demo_writes_a_servable_repository(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*PODSERVE, "models", "build-demo", str(tmp_path / "repo")],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    assert "tabular" in out.stdout and "text" in out.stdout
+    assert (tmp_path / "repo" / "tabular" / "1" / "model.onnx").exists()
+    assert (tmp_path / "repo" / "text" / "tokenizer.json").exists()
+
+
+def _serve_expecting_failure(repo: Path) -> str:
+    env = {"PODSERVE_MODEL_REPOSITORY": str(repo), "PODSERVE_PORT": str(free_port()),
+           "PODSERVE_WORKERS": "1"}
+    proc = subprocess.run(
+        [*PODSERVE, "serve"], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def test_corrupt_model_fails_startup_naming_the_file(tmp_path: Path) -> None:
+    save(affine_model(), tmp_path, "good")
+    broken = tmp_path / "broken" / "3" / "model.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not an onnx file")
+    output = _serve_expecting_failure(tmp_path)
+    assert str(broken) in output
+    assert "failed to load" in output
+
+
+def test_invalid_config_fails_startup_naming_the_file(tmp_path: Path) -> None:
+    save(affine_model(), tmp_path, "affine", config={"max_batch_size": 0, "colour": "red"})
+    output = _serve_expecting_failure(tmp_path)
+    assert str(tmp_path / "affine" / "config.yaml") in output
+    assert "invalid model config" in output
+
+
+def test_unknown_processor_fails_startup(tmp_path: Path) -> None:
+    save(affine_model(), tmp_path, "affine", config={"preprocessor": {"name": "magic"}})
+    assert "unknown preprocessor 'magic'" in _serve_expecting_failure(tmp_path)
+
+
+def test_empty_repository_fails_startup(tmp_path: Path) -> None:
+    assert "holds no <model>/<version>/model.onnx" in _serve_expecting_failure(tmp_path)
+
+
+def test_docs_can_be_switched_off(tmp_path: Path) -> None:
+    save(affine_model(), tmp_path, "affine")
+    with ServerProcess(tmp_path, workers=1, env={"PODSERVE_DOCS_ENABLED": "false"}) as server:
+        assert httpx.get(f"{server.url}/openapi.json").status_code == 404
+        assert httpx.get(f"{server.url}/docs").status_code == 404
+
+
+@pytest.mark.parametrize("flag", ["--dev"])
+def test_dev_server_serves(tmp_path: Path, flag: str) -> None:
+    save(affine_model(), tmp_path, "affine")
+    port = free_port()
+    env = {**os.environ, "PODSERVE_MODEL_REPOSITORY": str(tmp_path)}
+    proc = subprocess.Popen([*PODSERVE, "serve", flag, "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("dev server never became ready")
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -1,0 +1,80 @@
+"""The official Triton HTTP client (binary tensor extension by default) against podserve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from server_process import ServerProcess
+
+
+@pytest.fixture()
+def triton_client(server: ServerProcess) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+
+
+def test_health_and_metadata(triton_client: triton.InferenceServerClient) -> None:
+    assert triton_client.is_server_live()
+    assert triton_client.is_server_ready()
+    assert triton_client.is_model_ready("tabular")
+    assert triton_client.is_model_ready("affine", "1")
+    assert not triton_client.is_model_ready("missing")
+    meta = triton_client.get_model_metadata("tabular")
+    assert meta["inputs"][0]["name"] == "input"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tabular_round_trip(triton_client: triton.InferenceServerClient, binary: bool) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    rows = data.data[:16].astype(np.float32)
+    tensor = triton.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    outputs = [
+        triton.InferRequestedOutput("label", binary_data=binary),
+        triton.InferRequestedOutput("probabilities", binary_data=binary),
+    ]
+    result = triton_client.infer("tabular", [tensor], outputs=outputs, request_id="t-1")
+    assert result.get_response()["id"] == "t-1"
+    np.testing.assert_array_equal(result.as_numpy("label"), data.target[:16])
+    assert result.as_numpy("probabilities").shape == (16, 2)
+
+
+def test_bytes_tensor_binary(triton_client: triton.InferenceServerClient) -> None:
+    texts = np.array(["binary strings", "ünïcödé 🚀"], dtype=object)
+    tensor = triton.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(texts)  # binary by default: length-prefixed UTF-8
+    result = triton_client.infer("text", [tensor])  # no outputs: all returned as binary
+    embedding = result.as_numpy("embedding")
+    assert embedding.shape == (2, 32) and embedding.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
+
+
+def test_all_numeric_types_binary(triton_client: triton.InferenceServerClient) -> None:
+    ids = triton.InferInput("ids", [2, 2], "INT64")
+    ids.set_data_from_numpy(np.array([[1, 2], [3, 40]], dtype=np.int64))
+    weights = triton.InferInput("weights", [2], "FP64")
+    weights.set_data_from_numpy(np.array([0.5, -1.5]))
+    flags = triton.InferInput("flags", [2, 3], "BOOL")
+    flags.set_data_from_numpy(np.array([[True, False, True], [False, False, False]]))
+    result = triton_client.infer("mixed", [ids, weights, flags])
+    np.testing.assert_array_equal(result.as_numpy("id_sum"), [3, 43])
+    np.testing.assert_array_equal(result.as_numpy("doubled"), [1.0, -3.0])
+    np.testing.assert_array_equal(
+        result.as_numpy("inverted"), [[False, True, False], [True, True, True]]
+    )
+
+
+def test_errors_surface_with_status(triton_client: triton.InferenceServerClient) -> None:
+    tensor = triton.InferInput("x", [1, 3], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 3), np.float32))
+    with pytest.raises(InferenceServerException) as error:
+        triton_client.infer("affine", [tensor])
+    assert error.value.status() == "400"
+    assert "model expects 4" in error.value.message()
+    with pytest.raises(InferenceServerException) as missing:
+        triton_client.infer("missing", [tensor])
+    assert missing.value.status() == "404"
