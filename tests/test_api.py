@@ -6,6 +6,7 @@ import socket
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from podserve.phases import parse_server_timing
@@ -202,7 +203,7 @@ BAD_REQUESTS = [
 def test_bad_input_gets_a_clear_4xx(
     client: httpx.Client, path: str, body: bytes | dict, headers: dict, status: int, message: str
 ) -> None:
-    content = body if isinstance(body, bytes) else __import__("orjson").dumps(body)
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
     response = client.post(path, content=content, headers=headers)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]

@@ -170,3 +170,47 @@ def test_failing_request_does_not_fail_its_batch_mates(repository: ModelReposito
     good = results[:3] + results[4:]
     for i, outcome in enumerate(good):
         np.testing.assert_array_equal(outcome.outputs["y"], np.full((1, 4), i * 2 + 1))
+
+
+def test_waits_for_more_rows_only_while_the_pool_is_busy(model_repo: Path) -> None:
+    """Two threads, one busy: the next batch waits up to max_batch_delay_ms to fill up."""
+    config = Settings(max_batch_delay_ms=200)
+    repo = load_repository(model_repo, config, THREADS)
+    model = repo.get("slow")
+
+    async def scenario() -> list[BatchRecord]:
+        records: list[BatchRecord] = []
+        batcher = Batcher(model, InferencePool(2), QueueBudget(1000, 1), [records.append])
+        batcher.start()
+        heavy = asyncio.ensure_future(
+            batcher.submit(*model.validate({"x": np.ones((48, 256), np.float32)}))
+        )
+        await asyncio.sleep(0.01)  # thread 1 busy with the heavy batch
+        small = []
+        for _ in range(3):
+            small.append(asyncio.ensure_future(
+                batcher.submit(*model.validate({"x": np.ones((1, 256), np.float32)}))
+            ))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(heavy, *small)
+        await batcher.stop()
+        return records
+
+    records = asyncio.run(scenario())
+    sizes = sorted(len(r.requests) for r in records)
+    assert sizes == [1, 3], sizes  # the three small requests shared one batch
+
+
+def test_idle_pool_dispatches_at_once(model_repo: Path) -> None:
+    """A lone request never pays the batch delay when a thread is idle."""
+    config = Settings(max_batch_delay_ms=5000)
+    model = load_repository(model_repo, config, THREADS).get("affine", "1")
+
+    async def scenario() -> float:
+        batcher = Batcher(model, InferencePool(1), QueueBudget(100, 1))
+        batcher.start()
+        outcome = await batcher.submit(*model.validate({"x": np.ones((1, 4), np.float32)}))
+        await batcher.stop()
+        return outcome.queue_s
+
+    assert asyncio.run(scenario()) < 1.0  # far below the 5 s delay

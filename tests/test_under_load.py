@@ -120,3 +120,21 @@ async def _ready_status(client: httpx.AsyncClient) -> int | None:
             return (await fresh.get("/v2/health/ready")).status_code
     except httpx.HTTPError:
         return None
+
+
+def test_deadline_header_gives_504_instead_of_late_work(server: ServerProcess) -> None:
+    async def scenario() -> tuple[int, int, str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            headers = {"content-type": "application/json"}
+            busy = [asyncio.create_task(client.post("/v2/models/slow/infer",
+                                                    content=_slow_body(64), headers=headers))
+                    for _ in range(4)]
+            await asyncio.sleep(0.05)
+            late = await client.post("/v2/models/slow/infer", content=_slow_body(1),
+                                     headers={**headers, "x-podserve-timeout-ms": "1"})
+            done = await asyncio.gather(*busy)
+            return late.status_code, min(r.status_code for r in done), late.json()["error"]
+
+    status, busy_status, error = asyncio.run(scenario())
+    assert status == 504 and "deadline" in error
+    assert busy_status == 200

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request, Response
 
+from podserve.db.features import entity_lookup
+from podserve.db.hooks import fetch_features
 from podserve.http_body import check_content_type, read_body
 from podserve.inference_flow import RequestContext, predict, runtime_of, timing_headers
-from podserve.json_response import json_response
+from podserve.json_response import OPTIONS, json_response
 from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
-from podserve.protocol_v1 import encode_predictions, parse_predict_request
+from podserve.protocol_v1 import encode_predictions, parse_predict_doc
+from podserve.protocol_v2 import loads_json
 
 router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
 
@@ -32,9 +36,14 @@ async def model_predict(request: Request, model_name: str) -> Response:
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         model = runtime.model(model_name)
-        inputs = parse_predict_request(body, model.inputs)
+        doc = loads_json(body)
+        lookup = entity_lookup(doc, has_inputs=isinstance(doc, dict) and "instances" in doc)
+        inputs = {} if lookup else parse_predict_doc(doc, model.inputs)
+    if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
+        inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, inputs, None)
-    return json_response(
-        encode_predictions(outcome.outputs, [s.name for s in model.outputs]),
-        headers=timing_headers(ctx),
-    )
+    with ctx.timings.measure("postprocess"):
+        content = orjson.dumps(
+            encode_predictions(outcome.outputs, [s.name for s in model.outputs]), option=OPTIONS
+        )
+    return Response(content, headers=timing_headers(ctx), media_type="application/json")

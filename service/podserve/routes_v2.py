@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from podserve.db.features import entity_lookup
+from podserve.db.hooks import fetch_features
 from podserve.http_body import binary_header_length, check_content_type, read_body
 from podserve.inference_flow import RequestContext, predict, runtime_of, timing_headers
 from podserve.json_response import json_response
@@ -66,6 +68,9 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         parsed = parse_infer_request(body, binary_header_length(request))
         model = runtime.model(model_name, model_version)
         check_requested_outputs(parsed, model.output_names)
+        lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
+    if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
+        parsed.inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, parsed.inputs, parsed.datatypes)
     with ctx.timings.measure("postprocess"):
         content, headers = encode_infer_response(
