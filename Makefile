@@ -5,8 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL_REPOSITORY ?= model_repository
 TOOLS := .tools/bin
+# checkov gets its own venv: it pins packaging<24 and pulls boto3 & co., which would clash
+# with the project's dependencies.
+CHECKOV_VENV := .tools/checkov
+CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint install install-test demo-models tools clean
+.PHONY: run test lint install install-test demo-models tools clean k8s-sync
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +37,19 @@ demo-models: $(MODEL_REPOSITORY)/.built
 run: $(MODEL_REPOSITORY)/.built
 	PODSERVE_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/podserve serve
 
-# A real helm binary, installed by the project's own script (no cluster needed).
-tools: $(VENV)/.installed-test
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	mkdir -p $(TOOLS) && ln -sf ../checkov/bin/checkov $(TOOLS)/checkov
+	touch $@
+
+# A real helm binary, installed by the project's own script (no cluster needed), and checkov.
+tools: $(VENV)/.installed-test $(CHECKOV_VENV)/.installed
 	PATH=$(BIN):$$PATH sh helm/tools/install-helm $(TOOLS)
+
+# Regenerate the kustomize base (k8s/base/podserve.yaml) from the chart's defaults.
+k8s-sync: tools
+	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python helm/tools/render_k8s_base.py
 
 test: install-test tools
 	$(BIN)/ruff check service tests loadtests
@@ -46,4 +60,4 @@ lint: install-test
 	$(BIN)/ruff format --check service tests loadtests
 
 clean:
-	rm -rf $(VENV) $(TOOLS) $(MODEL_REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) $(CHECKOV_VENV) $(MODEL_REPOSITORY) .pytest_cache

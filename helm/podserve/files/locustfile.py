@@ -1,4 +1,4 @@
-"""Placeholder load test for the chart's distributed Locust: V2 inference on the demo `tabular` model.
+"""Placeholder load test for the chart's distributed Locust: V2 inference on demo `tabular`.
 
 The project's real scenarios live in loadtests/locustfile.py; copy it here to run them in-cluster.
 """
@@ -20,7 +20,9 @@ class TabularInferUser(FastHttpUser):
     @task
     def infer(self) -> None:
         row = [random.uniform(-1.0, 1.0) for _ in range(FEATURES)]
-        body = {"inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": row}]}
+        body = {
+            "inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": row}]
+        }
         with self.client.post(
             "/v2/models/tabular/infer", json=body, name="infer tabular", catch_response=True
         ) as resp:
