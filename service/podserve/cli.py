@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = models_cmds.add_parser("build-demo", help="write the demo model repository")
     demo.add_argument("directory")
     demo.set_defaults(func=_build_demo)
+
+    from podserve.db import cli as db_cli
+
+    db_cli.register(commands)  # `podserve db ...`, `podserve features ...`
     return parser
 
 

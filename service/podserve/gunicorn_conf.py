@@ -37,7 +37,17 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "proc_name": "podserve",
         "forwarded_allow_ips": "*",
         **_optional_settings(),
+        **_metrics_hooks(settings),
     }
+
+
+def _metrics_hooks(settings: Settings) -> dict[str, Any]:
+    """on_starting / child_exit / on_exit: the per-pod multiprocess metrics directory."""
+    if not settings.metrics_enabled:
+        return {}
+    from podserve.metrics import gunicorn_hooks
+
+    return gunicorn_hooks(settings.prometheus_multiproc_dir)
 
 
 def _optional_settings() -> dict[str, Any]:

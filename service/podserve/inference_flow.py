@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from podserve.batcher import InferenceOutcome
+from podserve.db.hooks import log_prediction
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
 from podserve.runtime import ServingRuntime
+from podserve.simulated_io import simulated_features
+from podserve.tracing import link_context
 
 TIMEOUT_HEADER = "x-podserve-timeout-ms"
+CONTEXT_SCOPE_KEY = "podserve.request_context"  # read by observability after the response
 
 
 @dataclass
@@ -22,6 +26,10 @@ class RequestContext:
 
     started: float
     timings: PhaseTimings
+    model: OnnxModel | None = None  # set once the input is valid
+    rows: int = 0
+    queue_rows: int = 0  # rows already queued in this worker when this request enqueued
+    outcome: InferenceOutcome | None = None
 
     @classmethod
     def begin(cls) -> RequestContext:
@@ -40,18 +48,34 @@ async def predict(
     datatypes: dict[str, str] | None,
 ) -> InferenceOutcome:
     runtime = runtime_of(request)
+    await simulated_features(ctx.timings)  # benchmark aid, off unless PODSERVE_SIMULATED_IO_MS
     with ctx.timings.measure("parse"):
         inputs, rows = model.validate(inputs, datatypes)
         deadline = runtime.deadline(ctx.started, request.headers.get(TIMEOUT_HEADER))
-    outcome = await runtime.infer(model, inputs, rows, deadline)
-    timings = ctx.timings
-    timings.record("queue", outcome.queue_s)
-    if model.preprocessor:
-        timings.record("preprocess", outcome.preprocess_s)
-    timings.record("infer", outcome.infer_s)
-    if model.postprocessor:
-        timings.record("postprocess", outcome.postprocess_s)
+    ctx.model, ctx.rows, ctx.queue_rows = model, rows, runtime.queued_rows
+    request.scope[CONTEXT_SCOPE_KEY] = ctx
+    submitted_ns = time.time_ns()
+    outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())
+    ctx.outcome = outcome
+    _record_inference(ctx.timings, model, outcome, submitted_ns)
+    log_prediction(request, ctx, model, inputs, outcome.outputs)  # `log` phase: buffer append
     return outcome
+
+
+def _record_inference(
+    timings: PhaseTimings, model: OnnxModel, outcome: InferenceOutcome, submitted_ns: int
+) -> None:
+    """Phases measured in the inference thread, laid end to end from the submit time."""
+    at = submitted_ns
+    for phase, seconds, ran in (
+        ("queue", outcome.queue_s, True),
+        ("preprocess", outcome.preprocess_s, bool(model.preprocessor)),
+        ("infer", outcome.infer_s, True),
+        ("postprocess", outcome.postprocess_s, bool(model.postprocessor)),
+    ):
+        if ran:
+            timings.record(phase, seconds, at)
+        at += int(seconds * 1e9)
 
 
 def timing_headers(ctx: RequestContext) -> dict[str, str]:

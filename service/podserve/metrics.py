@@ -170,7 +170,7 @@ class Metrics:
             self.exposition = self.registry
         self._define(self.registry)
         self._cumulative: dict[str, float] = {}
-        self.workers.set(1)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -205,9 +205,12 @@ class Metrics:
         self.queue_rows = gauge("podserve_queue_rows", "Rows waiting for an inference batch")
         self.pool_busy = gauge("podserve_pool_busy_threads", "Inference threads running a batch")
         self.pool_threads = gauge("podserve_pool_threads", "Inference threads")
-        self.workers = gauge("podserve_workers", "Live Gunicorn workers (1 per worker)")
+        self.workers = gauge("podserve_workers", "Gunicorn workers serving (1 per worker)")
         self.db_pool_in_use = gauge("podserve_db_pool_in_use", "PostgreSQL connections in use")
         self.db_pool_size = gauge("podserve_db_pool_size", "PostgreSQL connections open")
+        self.db_pool_waiting = gauge(
+            "podserve_db_pool_waiting", "Requests waiting for a PostgreSQL connection"
+        )
         self.log_buffer_rows = gauge(
             "podserve_prediction_log_buffer_rows", "Prediction-log rows waiting to be written"
         )
@@ -215,11 +218,13 @@ class Metrics:
             "podserve_prediction_log_spool_bytes", "Bytes of prediction-log rows in the spool"
         )
         self.log_rows_written = Counter(
-            "podserve_prediction_log_rows_written", "Prediction-log rows written to PostgreSQL",
+            "podserve_prediction_log_rows_written",
+            "Prediction-log rows written to PostgreSQL",
             registry=r,
         )
         self.log_rows_spooled = Counter(
-            "podserve_prediction_log_rows_spooled", "Prediction-log rows spooled to disk",
+            "podserve_prediction_log_rows_spooled",
+            "Prediction-log rows spooled to disk",
             registry=r,
         )
         self.log_write_errors = Counter(
@@ -236,28 +241,40 @@ class Metrics:
     def observe_request(
         self, model: str, route: str, status: int, seconds: float, trace_id: str | None
     ) -> None:
-        labels = {"model": model, "route": route, "status": str(status)}
-        self.requests.labels(**labels).inc()
-        self._observe(self.request_duration, labels, seconds, trace_id)
+        values = (model, route, str(status))
+        self._child(self.requests, values).inc()
+        self._observe(self.request_duration, ("model", "route", "status"), values, seconds,
+                      trace_id)  # fmt: skip
 
     def observe_phases(self, model: str, durations: dict[str, float], trace_id: str | None) -> None:
         for phase, seconds in durations.items():
-            labels = {"model": model, "phase": phase}
-            self._observe(self.phase_duration, labels, seconds, trace_id)
+            self._observe(self.phase_duration, ("model", "phase"), (model, phase), seconds,
+                          trace_id)  # fmt: skip
+
+    def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
+        """metric.labels(*values), cached: labels() validates and locks on every call."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def _observe(
-        self, histogram: Histogram, labels: dict[str, str], value: float, trace_id: str | None
-    ) -> None:
+        self, histogram: Histogram, names: tuple[str, ...], values: tuple[str, ...],
+        value: float, trace_id: str | None,
+    ) -> None:  # fmt: skip
+        child = self._child(histogram, values)
         if trace_id is None:
-            histogram.labels(**labels).observe(value)
+            child.observe(value)
             return
-        histogram.labels(**labels).observe(value, exemplar={"trace_id": trace_id})
+        child.observe(value, exemplar={"trace_id": trace_id})
         if self.path is not None:
             name, bounds = self._histograms[id(histogram)]
+            labels = dict(zip(names, values, strict=True))
             self.exemplars.record(name, bounds, labels, value, trace_id)
 
     def observe_batch(self, model: str, rows: int) -> None:
-        self.batch_size.labels(model=model).observe(rows)
+        self._child(self.batch_size, (model,)).observe(rows)
 
     # --- sampled state (a task per worker) ------------------------------------------------
     def refresh(self, runtime: Any) -> None:
@@ -266,23 +283,31 @@ class Metrics:
         self.pool_busy.set(runtime.pool.busy)
         self.pool_threads.set(runtime.pool.capacity)
         self._refresh_database(runtime)
+        self.workers.set(1)  # last: a worker counts once its other gauges are written
 
     def _refresh_database(self, runtime: Any) -> None:
-        """Duck-typed: the database objects exist only when PODSERVE_DATABASE_URL is set."""
-        pool = getattr(runtime, "db_pool", None)
-        if pool is not None:
-            size = _call(pool, "get_size")
-            if size is not None:
-                self.db_pool_size.set(size)
-                idle = _call(pool, "get_idle_size") or 0
-                self.db_pool_in_use.set(size - idle)
-        plog = getattr(runtime, "prediction_log", None)
+        """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
+
+        Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting` and `db.prediction_log`
+        (rows_written, rows_spooled, write_errors, buffer_depth, spool_bytes).
+        """
+        services = getattr(runtime, "db", None)
+        database = getattr(services, "database", None)
+        pool = getattr(database, "pool", None)
+        size = _call(pool, "get_size")
+        if size is not None:
+            self.db_pool_size.set(size)
+            self.db_pool_in_use.set(size - (_call(pool, "get_idle_size") or 0))
+        waiting = getattr(database, "waiting", None)
+        if isinstance(waiting, int):
+            self.db_pool_waiting.set(waiting)
+        plog = getattr(services, "prediction_log", None)
         if plog is None:
             return
-        for attr, gauge in (("buffered_rows", self.log_buffer_rows),
+        for attr, gauge in (("buffer_depth", self.log_buffer_rows),
                             ("spool_bytes", self.log_spool_bytes)):  # fmt: skip
             value = getattr(plog, attr, None)
-            if value is not None:
+            if isinstance(value, int | float):
                 gauge.set(value)
         for attr, counter in (("rows_written", self.log_rows_written),
                               ("rows_spooled", self.log_rows_spooled),
@@ -314,7 +339,7 @@ class Metrics:
 
 
 def _call(obj: Any, method: str) -> int | None:
-    fn = getattr(obj, method, None)
+    fn = getattr(obj, method, None) if obj is not None else None
     if fn is None:
         return None
     with contextlib.suppress(Exception):

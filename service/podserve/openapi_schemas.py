@@ -12,12 +12,22 @@ _TENSOR_DATA: dict[str, Any] = {
     "items": {},
 }
 
+_ENTITY_IDS: dict[str, Any] = {
+    "description": "Instead of tensors: look the feature vectors up in PostgreSQL",
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": ["string", "integer"]},
+}
+
 V2_INFER_REQUEST: dict[str, Any] = {
     "type": "object",
-    "required": ["inputs"],
+    "description": "Send `inputs`, or `parameters.entity_ids` (and `feature_set`) instead",
     "properties": {
         "id": {"type": "string"},
-        "parameters": {"type": "object"},
+        "parameters": {
+            "type": "object",
+            "properties": {"entity_ids": _ENTITY_IDS, "feature_set": {"type": "string"}},
+        },
         "inputs": {
             "type": "array",
             "minItems": 1,
@@ -46,8 +56,12 @@ V2_INFER_REQUEST: dict[str, Any] = {
 
 V1_PREDICT_REQUEST: dict[str, Any] = {
     "type": "object",
-    "required": ["instances"],
-    "properties": {"instances": {"type": "array", "minItems": 1, "items": {}}},
+    "description": "Send `instances`, or `entity_ids` (and `feature_set`) instead",
+    "properties": {
+        "instances": {"type": "array", "minItems": 1, "items": {}},
+        "entity_ids": _ENTITY_IDS,
+        "feature_set": {"type": "string"},
+    },
 }
 
 

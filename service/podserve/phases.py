@@ -15,12 +15,17 @@ class PhaseTimings:
     """Durations in seconds of the phases a request went through, in order."""
 
     durations: dict[str, float] = field(default_factory=dict)
+    # Wall-clock span of each phase (time_ns), for trace spans: first start, last end.
     started_ns: dict[str, int] = field(default_factory=dict)
+    ended_ns: dict[str, int] = field(default_factory=dict)
 
     def record(self, phase: str, seconds: float, start_ns: int | None = None) -> None:
         self.durations[phase] = self.durations.get(phase, 0.0) + seconds
         if start_ns is not None:
             self.started_ns.setdefault(phase, start_ns)
+            end_ns = start_ns + int(seconds * 1e9)
+            if end_ns > self.ended_ns.get(phase, 0):
+                self.ended_ns[phase] = end_ns
 
     @contextmanager
     def measure(self, phase: str) -> Iterator[None]:

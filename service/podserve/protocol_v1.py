@@ -13,7 +13,10 @@ from podserve.protocol_v2 import loads_json, numeric_array
 
 
 def parse_predict_request(body: bytes, inputs: list[TensorSpec]) -> Tensors:
-    doc = loads_json(body)
+    return parse_predict_doc(loads_json(body), inputs)
+
+
+def parse_predict_doc(doc: Any, inputs: list[TensorSpec]) -> Tensors:
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise BadRequest("request body must be a JSON object with an 'instances' list")
     instances = doc["instances"]

@@ -55,8 +55,11 @@ def parse_infer_request(body: bytes, json_length: int | None = None) -> InferReq
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object")
     binary = view[json_length:] if json_length is not None else view[:0]
-    inputs, datatypes = _parse_inputs(doc.get("inputs"), binary)
     parameters = _object(doc.get("parameters"), "parameters")
+    if doc.get("inputs") is None and "entity_ids" in parameters:
+        inputs, datatypes = {}, {}  # features are fetched by entity id (podserve.db.features)
+    else:
+        inputs, datatypes = _parse_inputs(doc.get("inputs"), binary)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
@@ -157,7 +160,15 @@ def _json_tensor(name: str, datatype: str, shape: list[int], data: Any) -> np.nd
         raise BadRequest(
             f"input '{name}': shape {shape} needs {expected} elements, data has {array.size}"
         )
-    return array.reshape(shape)
+    return _reshape(name, array, shape)
+
+
+def _reshape(name: str, array: np.ndarray, shape: list[int]) -> np.ndarray:
+    """Zero elements with a huge dim (e.g. [2**62, 0]) pass the count check; numpy refuses."""
+    try:
+        return array.reshape(shape)
+    except ValueError:
+        raise BadRequest(f"input '{name}': shape {shape} is too large") from None
 
 
 def numeric_array(name: str, datatype: str, data: list[Any]) -> np.ndarray:
@@ -191,16 +202,15 @@ def _binary_tensor(name: str, datatype: str, shape: list[int], chunk: memoryview
             raise BadRequest(
                 f"input '{name}': shape {shape} needs {expected} elements, data has {array.size}"
             )
-        return array.reshape(shape)
+        return _reshape(name, array, shape)
     dtype = V2_TO_NUMPY[datatype].newbyteorder("<")
     if len(chunk) != expected * dtype.itemsize:
         raise BadRequest(
             f"input '{name}': shape {shape} of {datatype} needs {expected * dtype.itemsize} "
             f"bytes, binary data has {len(chunk)}"
         )
-    return (
-        np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
-    )
+    flat = np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+    return _reshape(name, flat, shape)
 
 
 def _decode_bytes_elements(name: str, chunk: memoryview) -> np.ndarray:

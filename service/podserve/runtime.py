@@ -12,6 +12,7 @@ from typing import Any
 from podserve import lifecycle
 from podserve.batcher import Batcher, BatchObserver, InferenceOutcome, QueueBudget
 from podserve.cpu_quota import cpu_limit, default_workers, intra_op_threads
+from podserve.db.services import DatabaseServices
 from podserve.errors import BadRequest, ModelNotReady
 from podserve.inference_pool import InferencePool
 from podserve.model_repository import ModelRepository, load_repository
@@ -49,6 +50,7 @@ class ServingRuntime:
         self.batch_observers: list[BatchObserver] = []
         self.inflight = 0
         self.loaded = False
+        self.db = DatabaseServices(settings, self)  # PostgreSQL features; inert without a URL
 
     async def start(self) -> None:
         threads = thread_budget(self.settings)
@@ -60,6 +62,7 @@ class ServingRuntime:
             batcher = Batcher(model, self.pool, self.budget, self.batch_observers)
             batcher.start()
             self.batchers[(model.name, model.version)] = batcher
+        await self.db.start()
         self.loaded = True
         log.info(
             "models ready",
@@ -73,8 +76,10 @@ class ServingRuntime:
 
     async def stop(self) -> None:
         self.loaded = False
+        await self.db.stop_background()  # jobs requeued, prediction log flushed (or spooled)
         await asyncio.gather(*(b.stop() for b in self.batchers.values()))
         await asyncio.to_thread(self.pool.shutdown)
+        await self.db.close()
 
     @property
     def ready(self) -> bool:

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_rows_per_request: int = Field(1024, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     body_read_timeout_s: float = Field(30.0, gt=0)
+    header_read_timeout_s: float = Field(10.0, gt=0, description="slow-drip headers -> 408")
+    max_header_bytes: int = Field(65536, ge=1024, description="larger headers -> 431")
     request_timeout_ms: float = Field(0.0, ge=0, description="deadline per request; 0 = none")
     allow_nonfinite: bool = False
     retry_after_s: int = Field(1, ge=1)
@@ -49,7 +51,7 @@ class Settings(BaseSettings):
     db_statement_cache_size: int = Field(256, ge=0)
     db_command_timeout_s: float = Field(2.0, gt=0)
     db_connect_timeout_s: float = Field(2.0, gt=0)
-    db_max_waiting: int = Field(32, ge=0, description="requests waiting for a connection, then 503")
+    db_max_waiting: int = Field(32, ge=1, description="requests waiting for a connection, then 503")
     db_breaker_failures: int = Field(3, ge=1, description="failures that open the breaker")
     db_breaker_reset_s: float = Field(2.0, gt=0, description="fail fast this long, then probe")
     features_timeout_s: float = Field(1.0, gt=0, description="connection + query budget")
@@ -63,7 +65,7 @@ class Settings(BaseSettings):
     prediction_log_max_backoff_s: float = Field(5.0, gt=0)
     spool_dir: Path = Path("./spool")
     jobs_enabled: bool = True
-    jobs_concurrency: int = Field(1, ge=1, description="jobs run at once per worker")
+    jobs_concurrency: int = Field(1, ge=0, description="jobs run at once per worker; 0 = API only")
     jobs_poll_ms: float = Field(500.0, gt=0)
     jobs_lease_s: float = Field(30.0, gt=0)
     jobs_max_attempts: int = Field(5, ge=1)

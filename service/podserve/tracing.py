@@ -121,7 +121,8 @@ class LinkedBatchSampler(Sampler):
         trace_state: trace.TraceState | None = None,
     ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
-        if not parent.is_valid and links and any(link.context.trace_flags.sampled for link in links):
+        linked = links and any(link.context.trace_flags.sampled for link in links)
+        if linked and not parent.is_valid:
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
         return self._base.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
@@ -239,12 +240,21 @@ class Tracing:
         if not asyncpg.is_instrumented_by_opentelemetry:
             asyncpg.instrument(tracer_provider=self.provider)
 
+    @staticmethod
+    def annotate(server_span: Span, ctx: RequestContext) -> None:
+        """Model, rows, batch on the request span (before it ends, at the response start)."""
+        if server_span.is_recording():
+            server_span.set_attributes(request_attributes(ctx))
+
     def record_phases(self, server_span: Span, ctx: RequestContext) -> None:
-        """Child spans of the request span for each phase that ran, with its real times."""
-        if not server_span.is_recording():
+        """Child spans of the request span for each phase that ran, with its real times.
+
+        Runs after the response; the server span has ended by then, which is fine for a
+        parent: only its context is needed.
+        """
+        if not server_span.get_span_context().trace_flags.sampled:
             return
         attributes = request_attributes(ctx)
-        server_span.set_attributes(attributes)
         parent = trace.set_span_in_context(server_span)
         timings = ctx.timings
         for phase in PHASES:

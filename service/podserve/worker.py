@@ -20,6 +20,8 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from podserve import lifecycle
+from podserve.header_guard import guarded_protocol
+from podserve.settings import get_settings
 
 
 class DrainingServer(Server):
@@ -36,6 +38,21 @@ class PodserveWorker(UvicornWorker):
         # Finish in-flight requests and run lifespan shutdown (log flush) before the
         # arbiter's SIGKILL at graceful_timeout.
         self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 2)
+        # Bound the reading of request headers (uvicorn has no setting for it).
+        settings = get_settings()
+        self.config.http = guarded_protocol(
+            settings.header_read_timeout_s, settings.max_header_bytes
+        )
+
+    def load_wsgi(self) -> None:
+        # create_app failed (e.g. an unreadable API key file): Gunicorn's sys.exit would hang
+        # in ORT's exit handlers (state inherited from the master), so halt as _serve does.
+        try:
+            super().load_wsgi()
+        except Exception as exc:
+            self.log.exception("Exception in worker process")
+            print(exc, file=sys.stderr)
+            _exit_boot_error()
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
@@ -50,6 +67,10 @@ class PodserveWorker(UvicornWorker):
             # Start-up failed (e.g. a model did not load). Skip interpreter teardown: ORT's
             # thread pools abort the process there, and Gunicorn would read SIGABRT as a
             # crash and reboot the worker forever instead of halting with the boot error.
-            logging.shutdown()
-            sys.stderr.flush()
-            os._exit(Arbiter.WORKER_BOOT_ERROR)
+            _exit_boot_error()
+
+
+def _exit_boot_error() -> None:
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(Arbiter.WORKER_BOOT_ERROR)

@@ -149,18 +149,17 @@ class FeatureStore:
     async def _fetch(self, feature_set: str, ids: list[str]) -> dict[str, np.ndarray]:
         deadline = time.monotonic() + self.timeout_s
         self.queries += 1
-        async with self.db.connection(self.timeout_s) as conn:
-            remaining = max(0.001, deadline - time.monotonic())
-            try:
+        try:
+            async with self.db.connection(self.timeout_s) as conn:
+                remaining = max(0.001, deadline - time.monotonic())
                 rows = await conn.fetch(FETCH_SQL, feature_set, ids, timeout=remaining)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"feature lookup took longer than {self.timeout_s:g} s"
-                ) from None
-            except asyncpg.UndefinedTableError:
-                raise ServiceUnavailable(
-                    "database schema is missing: run `podserve db migrate`"
-                ) from None
+        except TimeoutError:  # the query (the connection's own timeout is a 503 already)
+            message = f"feature lookup took longer than {self.timeout_s:g} s"
+            raise DeadlineExceeded(message) from None
+        except asyncpg.UndefinedTableError:
+            raise ServiceUnavailable(
+                "database schema is missing: run `podserve db migrate`"
+            ) from None
         return {row["entity_id"]: np.asarray(row["values"], np.float32) for row in rows}
 
 

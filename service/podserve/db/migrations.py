@@ -7,9 +7,11 @@ serialize on the lock, and all but the first find nothing left to do.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -109,12 +111,24 @@ def _check_unchanged(migration: Migration, checksum: str) -> None:
         )
 
 
-async def migrate_url(dsn: str, connect_timeout_s: float = 10.0) -> list[int]:
-    conn = await asyncpg.connect(dsn, timeout=connect_timeout_s)
+async def migrate_url(dsn: str, connect_timeout_s: float = 10.0, wait_s: float = 0.0) -> list[int]:
+    """Connect (retrying for up to wait_s while the server is not up yet) and migrate."""
+    conn = await _connect(dsn, connect_timeout_s, time.monotonic() + wait_s)
     try:
         return await migrate(conn)
     finally:
         await conn.close()
+
+
+async def _connect(dsn: str, timeout_s: float, give_up_at: float) -> asyncpg.Connection:
+    while True:
+        try:
+            return await asyncpg.connect(dsn, timeout=timeout_s)
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            if time.monotonic() >= give_up_at:
+                raise
+            log.info("database not reachable yet; retrying", extra={"error": repr(exc)})
+            await asyncio.sleep(1.0)
 
 
 async def schema_status(conn: asyncpg.Connection) -> tuple[int, int]:

@@ -69,7 +69,7 @@ class CircuitBreaker:
             self.open_until = time.monotonic() + self.reset_s
 
     def release_probe(self) -> None:
-        """A probe that ended without telling us anything (e.g. a query timeout)."""
+        """A probe that ended without telling us anything (a bad query, a cancelled request)."""
         self.probing = False
 
 
@@ -83,14 +83,16 @@ class Database:
         self.waiting = 0
         self.pool: asyncpg.Pool | None = None
 
-    async def open(self) -> None:
-        """Connect db_pool_min connections; if PostgreSQL is down, start empty and connect later."""
+    async def open(self) -> bool:
+        """Connect db_pool_min connections; if PostgreSQL is down, start empty (False)."""
         try:
             self.pool = await self._create_pool(self.settings.db_pool_min)
+            return True
         except (*CONNECTION_ERRORS, TimeoutError) as exc:
             log.warning("database unreachable at start-up; connecting on demand",
                         extra={"error": repr(exc)})
             self.pool = await self._create_pool(0)
+            return False
 
     async def _create_pool(self, min_size: int) -> asyncpg.Pool:
         s = self.settings
@@ -104,7 +106,7 @@ class Database:
             server_settings={"application_name": f"podserve-{socket.gethostname()}-{os.getpid()}"},
         )
 
-    async def close(self, timeout_s: float = 2.0) -> None:
+    async def close(self, timeout_s: float = 1.0) -> None:
         if self.pool is None:
             return
         try:
@@ -125,19 +127,27 @@ class Database:
         conn = await self._acquire(timeout_s, retry)
         try:
             yield conn
-        except TimeoutError:  # a slow query (an OSError subclass, but not a dead database)
-            self.breaker.release_probe()
+        except TimeoutError:  # the caller's 504 (TimeoutError is an OSError: catch it first)
+            # Slow or unreachable: repeated timeouts open the breaker too, or requests would
+            # pile up behind a dead network.
+            _drop(conn)
+            self.breaker.failure()
             raise
         except CONNECTION_ERRORS as exc:
+            _drop(conn)
             self.breaker.failure()
             raise ServiceUnavailable(f"database unavailable: {_describe(exc)}", retry) from None
+        except asyncio.CancelledError:
+            _drop(conn)
+            self.breaker.release_probe()
+            raise
         except BaseException:
             self.breaker.release_probe()
             raise
         else:
             self.breaker.success()
         finally:
-            await self.pool.release(conn)
+            await _release(self.pool, conn)
 
     async def _acquire(self, timeout_s: float, retry: dict[str, str]) -> asyncpg.Connection:
         assert self.pool is not None
@@ -166,8 +176,24 @@ class Database:
         conn = await self.pool.acquire(timeout=timeout_s)
         try:
             yield conn
+        except (TimeoutError, asyncio.CancelledError, *CONNECTION_ERRORS):
+            _drop(conn)
+            raise
         finally:
-            await self.pool.release(conn)
+            await _release(self.pool, conn)
+
+
+def _drop(conn: asyncpg.Connection) -> None:
+    """Close a connection that timed out, was cancelled or broke, without waiting: a reset
+    (or the wait for a query cancellation) would hang on the same dead network."""
+    conn.terminate()
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    try:
+        await pool.release(conn)
+    except Exception:  # asyncpg terminated it and returned its slot: a new one replaces it
+        log.debug("connection dropped on release", exc_info=True)
 
 
 def _describe(exc: BaseException) -> str:

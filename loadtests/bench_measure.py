@@ -1,0 +1,153 @@
+"""Measure one system at a list of concurrencies: warm up, repeat, take medians."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loadtests.bench_systems import Server
+from loadtests.loadgen import RunResult, closed_loop, encode_request, percentile
+from podserve.phases import PHASES, parse_server_timing
+
+MAX_REQUESTS_PER_RUN = 500_000
+
+
+@dataclass
+class Sample:
+    """One measured run (times in ms, CPU in % of one core)."""
+
+    throughput: float
+    p50: float
+    p95: float
+    p99: float
+    io_p50: float | None
+    io_p99: float | None
+    infer_p50: float | None
+    infer_p99: float | None
+    phase_means: dict[str, float]
+    latency_mean: float
+    server_cpu: float
+    client_cpu: float
+    failures: int
+    requests: int
+    load1: float  # 1-minute load average after the run: others' CPU use shows here
+
+
+@dataclass
+class Point:
+    """Medians over the repeats of one (system, concurrency)."""
+
+    system: str
+    concurrency: int
+    median: dict[str, float | None]
+    phase_means: dict[str, float]
+    samples: list[Sample] = field(default_factory=list)
+
+
+def _run_loop(coro_factory: Callable[[], object]) -> RunResult:
+    try:
+        import uvloop  # lower client CPU: the generator shares the cores with the server
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro_factory())  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro_factory())  # type: ignore[arg-type]
+
+
+def one_run(server: Server, concurrency: int, duration_s: float) -> tuple[RunResult, float]:
+    system = server.system
+    request = encode_request(
+        "POST", "127.0.0.1", system.port, system.path, system.body, "application/json"
+    )
+    cpu_before = server.cpu_seconds()
+    result = _run_loop(
+        lambda: closed_loop(
+            "127.0.0.1", system.port, request, concurrency, duration_s, MAX_REQUESTS_PER_RUN
+        )
+    )
+    return result, server.cpu_seconds() - cpu_before
+
+
+def _phase_values(timings: list[str]) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = {}
+    for header in timings:
+        for phase, ms in parse_server_timing(header).items():
+            values.setdefault(phase, []).append(ms)
+    return values
+
+
+def summarize(result: RunResult, server_cpu_s: float, io_phase: str | None) -> Sample:
+    lat = [x * 1000 for x in result.latencies]
+    phases = _phase_values(result.server_timings)
+    io = phases.get(io_phase or "", [])
+    infer = phases.get("infer", [])
+    elapsed = max(result.elapsed_s, 1e-9)
+    return Sample(
+        throughput=result.throughput,
+        p50=percentile(lat, 0.50),
+        p95=percentile(lat, 0.95),
+        p99=percentile(lat, 0.99),
+        io_p50=percentile(io, 0.50) if io else None,
+        io_p99=percentile(io, 0.99) if io else None,
+        infer_p50=percentile(infer, 0.50) if infer else None,
+        infer_p99=percentile(infer, 0.99) if infer else None,
+        phase_means={p: statistics.fmean(v) for p, v in phases.items() if p in PHASES},
+        latency_mean=statistics.fmean(lat) if lat else float("nan"),
+        server_cpu=100 * server_cpu_s / elapsed,
+        client_cpu=100 * result.client_cpu_s / elapsed,
+        failures=result.failures,
+        requests=len(lat),
+        load1=os.getloadavg()[0],
+    )
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def measure(
+    server: Server,
+    concurrencies: list[int],
+    duration_s: float,
+    warmup_s: float,
+    repeats: int,
+    log: Callable[[str], None] = print,
+) -> list[Point]:
+    points = []
+    for concurrency in concurrencies:
+        one_run(server, concurrency, warmup_s)  # warm caches, connections, batch sizes
+        samples = []
+        for _ in range(repeats):
+            result, cpu_s = one_run(server, concurrency, duration_s)
+            samples.append(summarize(result, cpu_s, server.system.io_phase))
+            time.sleep(0.2)  # let the last replies drain
+        point = _point(server.system.name, concurrency, samples)
+        m = point.median
+        log(
+            f"  {server.system.name:<20} c={concurrency:<3} {m['throughput']:8.1f}/s "
+            f"p50 {m['p50']:7.1f} p99 {m['p99']:7.1f} ms  io p99 {_fmt(m['io_p99'])} "
+            f"srv {m['server_cpu']:5.0f}% cli {m['client_cpu']:4.0f}% fail {m['failures']:.0f} "
+            f"load {m['load1']:.1f}"
+        )
+        points.append(point)
+    return points
+
+
+def _point(system: str, concurrency: int, samples: list[Sample]) -> Point:
+    keys = [k for k in Sample.__dataclass_fields__ if k != "phase_means"]
+    median = {k: _median([getattr(s, k) for s in samples]) for k in keys}
+    phases = sorted({p for s in samples for p in s.phase_means}, key=PHASES.index)
+    phase_means = {
+        p: statistics.median([s.phase_means[p] for s in samples if p in s.phase_means])
+        for p in phases
+    }
+    return Point(system, concurrency, median, phase_means, samples)
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:6.2f}" if value is not None else "     -"

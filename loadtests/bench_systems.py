@@ -1,0 +1,169 @@
+"""The systems under test: how each server starts, what it is sent, how its CPU is read.
+
+Every system runs under Gunicorn with the same worker count and per-worker SO_REUSEPORT
+sockets (so connections spread evenly: findings 1), one ORT intra-op thread per worker, the
+same model file and the same request bytes. Servers run in their own process group so that a
+process pool's children are stopped with them (findings 3: orphans kept the port).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SENTENCE = "The quick brown fox jumps over the lazy dog."  # 12 tokens with [CLS]/[SEP]
+TABULAR_ROW = [
+    17.99, 10.38, 122.8, 1001.0, 0.1184, 0.2776, 0.3001, 0.1471, 0.2419, 0.07871,
+    1.095, 0.9053, 8.589, 153.4, 0.0064, 0.049, 0.054, 0.016, 0.03, 0.0062,
+    25.38, 17.33, 184.6, 2019.0, 0.1622, 0.6656, 0.7119, 0.2654, 0.4601, 0.1189,
+]  # fmt: skip
+
+
+def text_body(sentence: str = SENTENCE) -> bytes:
+    return orjson.dumps(
+        {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentence]}]}
+    )
+
+
+def tabular_body() -> bytes:
+    return orjson.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": TABULAR_ROW}]}
+    )
+
+
+def entity_body(entity: str) -> bytes:
+    return orjson.dumps({"parameters": {"entity_ids": [entity]}})  # no inputs: fetched by id
+
+
+@dataclass
+class System:
+    """One server configuration and the request it is measured with."""
+
+    name: str
+    group: str  # the table it belongs to: minilm, tabular, pg, competitors
+    argv: list[str]
+    env: dict[str, str]
+    path: str
+    body: bytes
+    note: str = ""
+    io_phase: str | None = "features"  # the phase that holds the awaited I/O step
+    port: int = 0
+    extra_pids: list[int] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gunicorn_argv(python: str, app: str, workers: int, port: int) -> list[str]:
+    """Stock Gunicorn + UvicornWorker, with reuse_port like podserve's own configuration."""
+    return [
+        python, "-m", "gunicorn", app,
+        "--workers", str(workers),
+        "--worker-class", "uvicorn_worker.UvicornWorker",
+        "--bind", f"127.0.0.1:{port}",
+        "--reuse-port",
+        "--keep-alive", "75",
+        "--graceful-timeout", "5",
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
+class Server:
+    """A running system: started in its own session, CPU read over its whole process tree."""
+
+    def __init__(self, system: System, log_dir: Path) -> None:
+        self.system = system
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept for post-mortems
+            dir=log_dir, prefix=f"{system.name}-", suffix=".log", delete=False
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._procs: dict[int, psutil.Process] = {}
+
+    def start(self, timeout_s: float = 180.0) -> Server:
+        env = {**os.environ, **self.system.env}
+        self.proc = subprocess.Popen(
+            self.system.argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Ready when the measured request itself answers 200 a few times in a row."""
+        deadline = time.monotonic() + timeout_s
+        ok = 0
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.system.name} exited:\n{self.logs()[-3000:]}")
+            ok = ok + 1 if self.probe() == 200 else 0
+            if ok >= 4:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.system.name} not ready in {timeout_s}s:\n{self.logs()[-3000:]}")
+
+    def probe(self) -> int | None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.system.port, timeout=10)
+            conn.request(
+                "POST", self.system.path, self.system.body, {"Content-Type": "application/json"}
+            )
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        except OSError:
+            return None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server and all its descendants (pool children too)."""
+        assert self.proc is not None
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        for proc in tree:  # keep Process objects: cpu_times of the same pid stay comparable
+            self._procs.setdefault(proc.pid, proc)
+        total = 0.0
+        for proc in self._procs.values():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # a pool child left in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Other model servers doing the same work; loadtests/competitors.py starts them."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: connection pool, migrations, feature lookup, prediction log, background jobs."""

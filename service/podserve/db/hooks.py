@@ -1,0 +1,79 @@
+"""The two calls the request path makes into the PostgreSQL features (kept tiny on purpose)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Protocol
+
+from starlette.requests import Request
+
+from podserve.db.features import EntityLookup
+from podserve.db.pool import NOT_CONFIGURED
+from podserve.db.prediction_log import make_row, new_request_id
+from podserve.errors import ServiceUnavailable
+from podserve.onnx_model import OnnxModel
+from podserve.phases import PhaseTimings
+from podserve.processors import Tensors
+
+if TYPE_CHECKING:
+    from podserve.db.services import DatabaseServices
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+class Timed(Protocol):
+    """inference_flow.RequestContext (not imported: it imports this module)."""
+
+    timings: PhaseTimings
+
+
+def services_of(request: Request) -> DatabaseServices:
+    return request.app.state.runtime.db
+
+
+async def fetch_features(
+    request: Request, ctx: Timed, model: OnnxModel, lookup: EntityLookup
+) -> Tensors:
+    """The `features` phase: entity ids -> the model's input tensor."""
+    store = services_of(request).features
+    if store is None:
+        raise ServiceUnavailable(f"feature lookup unavailable: {NOT_CONFIGURED}")
+    with ctx.timings.measure("features"):
+        return await store.tensor(model, lookup)
+
+
+def log_prediction(
+    request: Request, ctx: Timed, model: OnnxModel, inputs: Tensors, outputs: Tensors
+) -> None:
+    """The `log` phase: one row into the in-memory buffer (the writer task does the I/O)."""
+    prediction_log = services_of(request).prediction_log
+    if prediction_log is None:
+        return
+    with ctx.timings.measure("log"):
+        prediction_log.append(
+            make_row(
+                new_request_id(),
+                request.headers.get("x-request-id"),
+                model.name,
+                model.version,
+                inputs,
+                outputs,
+                dict(ctx.timings.durations),
+                trace_id(request),
+                prediction_log.inputs_mode,
+            )
+        )
+
+
+def trace_id(request: Request) -> str | None:
+    """The active OpenTelemetry trace, else the caller's `traceparent`, else None."""
+    try:
+        from opentelemetry import trace
+
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            return f"{span.trace_id:032x}"
+    except ImportError:  # pragma: no cover - opentelemetry is a dependency
+        pass
+    match = _TRACEPARENT.match(request.headers.get("traceparent", ""))
+    return match[1] if match and match[1] != "0" * 32 else None

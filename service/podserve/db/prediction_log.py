@@ -1,0 +1,344 @@
+"""The prediction log: every answered prediction becomes one row, written exactly once.
+
+Request path: build the row and append it to an in-memory buffer (microseconds, no I/O).
+A writer task sends batches with binary COPY every PODSERVE_PREDICTION_LOG_FLUSH_MS or
+PODSERVE_PREDICTION_LOG_BATCH_ROWS rows. Database slow or down: the writer retries with
+exponential backoff, and once the buffer is full a spiller moves the oldest rows to the
+on-disk spool; spooled segments are replayed in order when the database answers again
+and at start-up. On shutdown the buffer goes to the database, else to the spool.
+
+Exactly once: COPY goes into a temporary staging table and
+`INSERT ... SELECT ... ON CONFLICT (request_id) DO NOTHING` moves it over in the same
+transaction, so a batch re-sent after a lost acknowledgement, or a segment replayed twice,
+adds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from podserve.datatypes import numpy_to_v2
+from podserve.db.pool import Database
+from podserve.db.spool import Spool
+from podserve.errors import ServiceUnavailable
+from podserve.processors import Tensors
+from podserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TABLE = "podserve_prediction_log"
+STAGE = "podserve_prediction_log_stage"
+COLUMNS = (
+    "request_id",
+    "client_request_id",
+    "model",
+    "model_version",
+    "inputs",
+    "inputs_digest",
+    "outputs",
+    "timings_ms",
+    "trace_id",
+    "logged_at",
+)
+_LOGGED_AT = COLUMNS.index("logged_at")
+_CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {TABLE}) ON COMMIT DELETE ROWS"
+)
+_MOVE_STAGE = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM {STAGE} "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+INSERT_ONE = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES "
+    f"({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) ON CONFLICT (request_id) DO NOTHING"
+)
+SHUTDOWN_FLUSH_S = 1.0  # of the worker's graceful budget, spent trying the database
+RESCAN_S = 30.0  # look for spool segments of other (dead) workers this often
+_JSON = orjson.OPT_SERIALIZE_NUMPY
+
+# A row is a JSON-native list (so the spool can store it as is); logged_at is epoch seconds.
+Row = list[Any]
+
+
+def make_row(
+    request_id: str,
+    client_request_id: str | None,
+    model: str,
+    version: str,
+    inputs: Tensors,
+    outputs: Tensors,
+    timings_s: dict[str, float],
+    trace_id: str | None,
+    inputs_mode: str,
+) -> Row:
+    full = inputs_mode == "full"
+    return [
+        request_id,
+        client_request_id,
+        model,
+        version,
+        orjson.dumps(_tensors_json(inputs), option=_JSON).decode() if full else None,
+        None if full else tensors_digest(inputs),
+        orjson.dumps(_tensors_json(outputs), option=_JSON).decode(),
+        orjson.dumps({k: round(v * 1000, 3) for k, v in timings_s.items()}).decode(),
+        trace_id,
+        time.time(),
+    ]
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _tensors_json(tensors: Tensors) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, array in tensors.items():
+        flat = np.ascontiguousarray(array).reshape(-1)
+        if flat.dtype.kind == "O":
+            data: Any = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                         for v in flat]
+        elif flat.dtype == np.float16:
+            data = flat.astype(np.float32)
+        elif not flat.dtype.isnative:
+            data = flat.astype(flat.dtype.newbyteorder("="))
+        else:
+            data = flat
+        out[name] = {"datatype": numpy_to_v2(array.dtype), "shape": list(array.shape),
+                     "data": data}
+    return out
+
+
+def tensors_digest(tensors: Tensors) -> str:
+    """sha256 over names, dtypes, shapes and bytes: equal inputs, equal digest."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        if array.dtype.kind == "O":
+            for value in array.reshape(-1):
+                raw = value if isinstance(value, bytes) else str(value).encode()
+                digest.update(len(raw).to_bytes(4, "little") + raw)
+        else:
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def to_record(row: Row) -> tuple[Any, ...]:
+    """A buffered/spooled row as asyncpg wants it (timestamptz needs a datetime)."""
+    record = list(row)
+    record[_LOGGED_AT] = datetime.fromtimestamp(row[_LOGGED_AT], UTC)
+    return tuple(record)
+
+
+class PredictionLog:
+    def __init__(self, db: Database, spool: Spool, settings: Settings) -> None:
+        self.db = db
+        self.spool = spool
+        self.capacity = settings.prediction_log_buffer_rows
+        self.batch_rows = settings.prediction_log_batch_rows
+        self.flush_s = settings.prediction_log_flush_ms / 1000
+        self.max_backoff_s = settings.prediction_log_max_backoff_s
+        self.write_timeout_s = settings.db_command_timeout_s + settings.db_connect_timeout_s
+        self.inputs_mode = settings.prediction_log_inputs
+        self.buffer: deque[Row] = deque()
+        self._inflight: list[Row] = []  # the batch being written (out of the buffer)
+        # Plain counters for metrics (exported by the observability code).
+        self.rows_appended = 0
+        self.rows_written = 0  # inserted into PostgreSQL by this worker
+        self.rows_duplicate = 0  # re-sent rows the database already had
+        self.rows_spooled = 0
+        self.rows_replayed = 0  # read back from the spool and written
+        self.write_errors = 0
+        self.failures = 0  # consecutive failed write attempts (0: healthy)
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._spool_pending = False
+        self._next_rescan = time.monotonic() + RESCAN_S
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._spiller: asyncio.Task[None] | None = None
+
+    # --- metrics ---------------------------------------------------------------------
+    @property
+    def buffer_depth(self) -> int:
+        return len(self.buffer)
+
+    @property
+    def spool_bytes(self) -> int:
+        return self.spool.bytes
+
+    # --- request path ----------------------------------------------------------------
+    def append(self, row: Row) -> None:
+        """O(1), no I/O. Full twice over means the spool cannot keep up: refuse to answer."""
+        if len(self.buffer) >= 2 * self.capacity:
+            raise ServiceUnavailable("prediction log is full (database and spool both failing)")
+        self.buffer.append(row)
+        self.rows_appended += 1
+        depth = len(self.buffer)
+        if depth >= self.capacity:
+            self._full.set()
+        elif depth >= self.batch_rows and self.failures == 0:
+            self._wake.set()
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self.spool.open)
+        self._spool_pending = bool(self.spool.bytes)  # earlier runs left rows: replay first
+        self._writer = asyncio.create_task(self._write_forever(), name="prediction-log-writer")
+        self._spiller = asyncio.create_task(self._spill_forever(), name="prediction-log-spiller")
+
+    async def close(self) -> None:
+        """Shutdown (no more appends): to the database if it answers in time, else the spool.
+
+        Every wait is bounded: a write stuck on a dead network is abandoned, not awaited, and
+        its batch is spooled as well (replaying a row the database already has is a no-op).
+        """
+        self._closing = True
+        if self._spiller is not None:
+            self._full.set()
+            await self._spiller  # finishes a spill in progress, then returns
+        stranded: list[Row] = []  # the batch of a write that did not stop in time
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.wait({self._writer}, timeout=0.2)
+            if not self._writer.done():
+                stranded, self._inflight = self._inflight, []
+        if self.buffer and self.failures == 0 and not stranded:
+            flush = asyncio.ensure_future(self._drain_buffer())
+            await asyncio.wait({flush}, timeout=SHUTDOWN_FLUSH_S)
+            if not flush.done():
+                flush.cancel()
+            elif flush.exception() is not None:
+                log.warning("prediction log flush failed", extra={"error": repr(flush.exception())})
+        rows = [*stranded, *self._inflight, *self.buffer]
+        self.buffer.clear()
+        if rows:
+            await asyncio.to_thread(self.spool.write, rows)
+            self.rows_spooled += len(rows)
+            log.warning("prediction log spooled at shutdown", extra={"rows": len(rows)})
+
+    # --- writer ----------------------------------------------------------------------
+    async def _write_forever(self) -> None:
+        while True:
+            if time.monotonic() >= self._next_rescan:  # segments other workers left behind
+                self._next_rescan = time.monotonic() + RESCAN_S
+                self._spool_pending = True
+            try:
+                if self._spool_pending:
+                    await self._replay_spool()
+                await self._drain_buffer()
+            except Exception as exc:  # database down, slow, or a bad connection: retry later
+                self.failures += 1
+                self.write_errors += 1
+                if self.failures == 1 or self.failures % 20 == 0:
+                    log.warning("prediction log write failed; retrying with backoff",
+                                extra={"error": repr(exc), "failures": self.failures,
+                                       "buffered": len(self.buffer)})
+            else:
+                if self.failures:
+                    log.info("prediction log writing again", extra={"after": self.failures})
+                self.failures = 0
+            await self._sleep(self._backoff_s() if self.failures else self.flush_s)
+
+    def _backoff_s(self) -> float:
+        return min(self.max_backoff_s, 0.1 * 2 ** min(self.failures - 1, 16))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _drain_buffer(self) -> None:
+        while self.buffer:
+            count = min(self.batch_rows, len(self.buffer))
+            batch = [self.buffer.popleft() for _ in range(count)]
+            self._inflight = batch
+            try:
+                await self.write(batch)
+            except BaseException:
+                self.buffer.extendleft(reversed(batch))  # back in front, order kept
+                raise
+            finally:
+                self._inflight = []
+
+    async def write(self, rows: Sequence[Row]) -> int:
+        """One batch, idempotently; returns the rows that were new to the database."""
+        async with asyncio.timeout(self.write_timeout_s):
+            async with self.db.background(self.write_timeout_s) as conn, conn.transaction():
+                await conn.execute(_CREATE_STAGE)
+                await conn.copy_records_to_table(
+                    STAGE, records=map(to_record, rows), columns=COLUMNS
+                )
+                status = await conn.execute(_MOVE_STAGE)
+        inserted = int(status.rsplit(" ", 1)[-1])
+        self.rows_written += inserted
+        self.rows_duplicate += len(rows) - inserted
+        return inserted
+
+    async def _replay_spool(self) -> None:
+        """Oldest segment first. A spill during the replay sets the flag again."""
+        self._spool_pending = False
+        try:
+            for path in await asyncio.to_thread(self.spool.segments):
+                await self._replay_segment(path)
+        except BaseException:
+            self._spool_pending = True
+            raise
+
+    async def _replay_segment(self, path: Path) -> None:
+        claimed = await asyncio.to_thread(self.spool.claim, path)
+        if claimed is None:
+            return  # another worker is replaying it
+        try:
+            rows = await asyncio.to_thread(claimed.read)
+            for chunk in _chunks(rows, self.batch_rows):
+                await self.write(chunk)
+            await asyncio.to_thread(claimed.remove)
+            self.rows_replayed += len(rows)
+            log.info("spooled prediction rows replayed",
+                     extra={"rows": len(rows), "segment": path.name})
+        finally:
+            await asyncio.to_thread(claimed.close)
+
+    # --- spiller ---------------------------------------------------------------------
+    async def _spill_forever(self) -> None:
+        while not self._closing:
+            await self._full.wait()
+            self._full.clear()
+            while len(self.buffer) >= self.capacity and not self._closing:
+                if not await self._spill(len(self.buffer) - self.capacity // 2):
+                    await asyncio.sleep(1.0)  # the disk failed: try again shortly
+                    self._full.set()
+                    break
+
+    async def _spill(self, count: int) -> bool:
+        rows = [self.buffer.popleft() for _ in range(count)]
+        try:
+            await asyncio.to_thread(self.spool.write, rows)
+        except OSError as exc:
+            self.buffer.extendleft(reversed(rows))
+            log.error("cannot write the prediction-log spool", extra={"error": repr(exc)})
+            return False
+        self.rows_spooled += len(rows)
+        self._spool_pending = True
+        log.warning("prediction log buffer full: rows spooled to disk",
+                    extra={"rows": len(rows), "spool_bytes": self.spool.bytes})
+        return True
+
+
+def _chunks(rows: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]

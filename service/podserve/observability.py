@@ -1,0 +1,172 @@
+"""Wires metrics and tracing into the app: one ASGI middleware, GET /metrics, batch observers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from podserve.inference_flow import CONTEXT_SCOPE_KEY, RequestContext
+from podserve.metrics import Metrics, rejection_reason
+from podserve.tracing import Tracing, response_headers
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from podserve.batcher import BatchRecord
+    from podserve.runtime import ServingRuntime
+    from podserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ERROR_SCOPE_KEY = "podserve.error"
+METRICS_PATH = "/metrics"
+
+
+def note_error(scope: Scope, exc: BaseException) -> None:
+    """Called by the app's error handler: the middleware counts rejections from it."""
+    scope[ERROR_SCOPE_KEY] = exc
+
+
+class Observability:
+    """This worker's metrics and tracing; build it in create_app (in the worker, after fork)."""
+
+    def __init__(self, settings: Settings, runtime: ServingRuntime) -> None:
+        self.runtime = runtime
+        self.metrics = Metrics() if settings.metrics_enabled else None
+        self.tracing = Tracing.from_settings(settings)
+        self._refresher: asyncio.Task[None] | None = None
+
+    def install(self, app: FastAPI) -> None:
+        if self.tracing is not None:
+            self.tracing.instrument(app)
+            self.runtime.batch_observers.append(self.tracing.observe_batch)
+        if self.metrics is not None:
+            app.add_api_route(METRICS_PATH, self._scrape, methods=["GET"], include_in_schema=False)
+            self.runtime.batch_observers.append(self._observe_batch)
+        if self.metrics is not None or self.tracing is not None:
+            app.add_middleware(ObservabilityMiddleware, observability=self)
+
+    async def start(self) -> None:
+        """After the models are loaded (lifespan startup)."""
+        if self.metrics is None:
+            return
+        if self.runtime.repository is not None:
+            for name in self.runtime.repository.models:  # present at 0 from the start
+                self.metrics.inference_errors.labels(model=name)
+        self._refresher = asyncio.create_task(
+            self.metrics.refresh_forever(self.runtime), name="metrics-refresh"
+        )
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flush spans before the exit
+
+    async def _scrape(self, request: Request) -> Response:
+        assert self.metrics is not None
+        # Merging the workers' files is file I/O: keep it off the event loop.
+        body, content_type = await asyncio.to_thread(
+            self.metrics.render, request.headers.get("accept")
+        )
+        return Response(body, media_type=content_type)
+
+    def _observe_batch(self, record: BatchRecord) -> None:
+        assert self.metrics is not None
+        self.metrics.observe_batch(record.model.name, sum(item.rows for item in record.requests))
+
+    def model_label(self, scope: Scope, ctx: RequestContext | None) -> str:
+        """The model's name, only for served models (a 404's path must not create series)."""
+        if ctx is not None and ctx.model is not None:
+            return ctx.model.name
+        name = scope.get("path_params", {}).get("model_name")
+        repository = self.runtime.repository
+        return name if repository is not None and name in repository.models else ""
+
+
+class ObservabilityMiddleware:
+    """Per request: in-flight gauge, trace-id headers; after the response: counters,
+    histograms and the phase spans (off the client's critical path)."""
+
+    def __init__(self, app: ASGIApp, observability: Observability) -> None:
+        self.app = app
+        self.obs = observability
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.obs.metrics
+        counted = metrics is not None and scope["path"] != METRICS_PATH
+        span = trace.get_current_span() if self.obs.tracing is not None else None
+        extra_headers = response_headers(span) if span is not None else []
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if span is not None:
+                    self._annotate(scope, span)
+                if extra_headers:
+                    message["headers"] = [*message.get("headers", []), *extra_headers]
+            await send(message)
+
+        started = time.perf_counter()
+        failed = False
+        if counted:
+            metrics.inflight.inc()  # type: ignore[union-attr]
+        try:
+            await self.app(scope, receive, send_with_status)
+        except Exception:
+            failed = True
+            raise
+        finally:
+            if counted:
+                metrics.inflight.dec()  # type: ignore[union-attr]
+            try:
+                self._after(scope, status, time.perf_counter() - started, span, failed)
+            except Exception:  # a metrics or tracing bug must not turn into a failed request
+                log.exception("recording metrics/spans of a request failed")
+
+    def _annotate(self, scope: Scope, span: Any) -> None:
+        ctx: RequestContext | None = scope.get(CONTEXT_SCOPE_KEY)
+        if ctx is not None and self.obs.tracing is not None:
+            self.obs.tracing.annotate(span, ctx)
+
+    def _after(self, scope: Scope, status: int, seconds: float, span: Any, failed: bool) -> None:
+        ctx: RequestContext | None = scope.get(CONTEXT_SCOPE_KEY)
+        if self.obs.tracing is not None and ctx is not None and span is not None:
+            self.obs.tracing.record_phases(span, ctx)
+        metrics = self.obs.metrics
+        if metrics is None:
+            return
+        model = self.obs.model_label(scope, ctx)
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        trace_id = _sampled_trace_id(span)
+        metrics.observe_request(model, route, status, seconds, trace_id)
+        reason = rejection_reason(scope.get(ERROR_SCOPE_KEY))
+        if reason is not None:
+            metrics.rejections.labels(reason=reason).inc()
+        if ctx is not None and ctx.model is not None:
+            metrics.observe_phases(model, ctx.timings.durations, trace_id)
+            if failed and ctx.outcome is None:  # an unhandled error out of inference
+                metrics.inference_errors.labels(model=model).inc()
+
+
+def _sampled_trace_id(span: Any) -> str | None:
+    """Exemplars point at traces that were kept, or at nothing."""
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid and ctx.trace_flags.sampled else None

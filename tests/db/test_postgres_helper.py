@@ -1,0 +1,30 @@
+"""The test-database fallback chain of DEVELOPERS.md: its last resort, a throwaway cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+import postgres
+
+
+def test_throwaway_cluster_starts_migrates_and_goes_away() -> None:
+    bindir = postgres._find_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries here: the throwaway fallback cannot run")
+    server = postgres._start_cluster(bindir)
+    try:
+        assert postgres.reachable(server.admin_url) is None
+        with postgres.fresh_database(server.admin_url) as url:
+            assert postgres.migrate(url) == [1]
+            assert postgres.scalar(url, "SELECT count(*) FROM podserve_jobs") == 0
+    finally:
+        server.stop()
+    assert postgres.reachable(server.admin_url, timeout=1) is not None
+
+
+def test_urls_are_rewritten_for_the_proxy() -> None:
+    url = "postgresql://app:s3cret@db.example:5432/test?sslmode=disable"
+    assert postgres.with_port(url, 6000) == (
+        "postgresql://app:s3cret@127.0.0.1:6000/test?sslmode=disable")
+    assert postgres.with_database(url, "other").endswith("@db.example:5432/other?sslmode=disable")
+    assert postgres.host_port("postgresql://postgres@127.0.0.1/x") == ("127.0.0.1", 5432)

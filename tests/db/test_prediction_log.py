@@ -1,0 +1,294 @@
+"""Prediction log: exactly one row per answered prediction, through outages and shutdowns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+import postgres
+from podserve.db.pool import Database
+from podserve.db.prediction_log import PredictionLog, make_row, tensors_digest
+from podserve.db.spool import Spool
+from podserve.settings import Settings
+from server_process import ServerProcess
+from tcp_proxy import TcpProxy
+
+CONCURRENCY = 4
+BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+
+
+def _count(url: str, prefix: str) -> int:
+    return postgres.scalar(
+        url, "SELECT count(*) FROM podserve_prediction_log WHERE client_request_id LIKE $1",
+        f"{prefix}%",
+    )
+
+
+def _wait_for_rows(url: str, prefix: str, expected: int, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while (count := _count(url, prefix)) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
+
+
+def _send(server: ServerProcess, prefix: str, count: int,
+          during: Callable[[int], None] | None = None) -> list[tuple[int, float]]:
+    """`count` requests from CONCURRENCY clients; `during(i)` runs before request i is sent."""
+    clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(CONCURRENCY)]
+
+    def one(i: int) -> tuple[int, float]:
+        if during is not None:
+            during(i)
+        started = time.perf_counter()
+        response = clients[i % CONCURRENCY].post(
+            "/v2/models/affine/infer", json=BODY, headers={"x-request-id": f"{prefix}{i}"}
+        )
+        return response.status_code, time.perf_counter() - started
+
+    try:
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            return list(pool.map(one, range(count)))
+    finally:
+        for http in clients:
+            http.close()
+
+
+@pytest.fixture(scope="module")
+def spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("spool")
+
+
+@pytest.fixture(scope="module")
+def server(proxied_url: str, db_models: Path, spool_dir: Path) -> Iterator[ServerProcess]:
+    # A small buffer so that an outage of a second or two overflows it into the spool.
+    env = postgres.server_env(
+        proxied_url, spool_dir,
+        PODSERVE_PREDICTION_LOG_BUFFER_ROWS="60",
+        PODSERVE_PREDICTION_LOG_BATCH_ROWS="25",
+        PODSERVE_PREDICTION_LOG_FLUSH_MS="50",
+        PODSERVE_PREDICTION_LOG_INPUTS="full",
+    )
+    with ServerProcess(db_models, workers=2, env=env) as proc:
+        yield proc
+
+
+def test_rows_match_answers_through_an_outage(
+    server: ServerProcess, db_url: str, proxy: TcpProxy, spool_dir: Path
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    baseline = _send(server, f"{run}-a-", 400)
+    assert {status for status, _ in baseline} == {200}
+    assert _wait_for_rows(db_url, f"{run}-a-", 400) == 400  # N answered -> N rows
+
+    total = 800
+    spooled: list[int] = []
+
+    def outage(i: int) -> None:  # cut at 1/4 of the run, restore at 3/4
+        if i == total // 4:
+            proxy.cut()
+        elif i == 3 * total // 4:
+            spooled.append(len(list(spool_dir.glob("*.seg"))))
+            proxy.restore()
+
+    results = _send(server, f"{run}-b-", total, outage)
+    answered = sum(status == 200 for status, _ in results)
+    assert answered == total
+    assert _wait_for_rows(db_url, f"{run}-b-", answered) == answered
+    time.sleep(0.5)  # anything still in flight would show up as an extra row now
+    assert _count(db_url, f"{run}-b-") == answered
+    duplicates = postgres.scalar(
+        db_url, "SELECT count(*) - count(DISTINCT client_request_id) FROM podserve_prediction_log "
+                "WHERE client_request_id LIKE $1", f"{run}-%")
+    assert duplicates == 0
+    assert spooled and spooled[0] > 0, "the outage should have overflowed the buffer to disk"
+    assert not list(spool_dir.glob("*.seg")), "every spooled segment is replayed and removed"
+
+    latencies = [t for _, t in results]
+    p50_base = statistics.median(t for _, t in baseline)
+    p50_outage = statistics.median(latencies[total // 4 : 3 * total // 4])
+    p50_after = statistics.median(latencies[3 * total // 4 :])
+    print(f"\nprediction log: {answered} answered -> {answered} rows; {spooled[0]} segments "
+          f"spooled; raw p50 {p50_base * 1000:.2f} ms baseline, {p50_outage * 1000:.2f} ms "
+          f"during the outage, {p50_after * 1000:.2f} ms after")
+    assert p50_outage < max(2 * p50_base, p50_base + 0.005)
+
+
+def test_row_content(server: ServerProcess, db_url: str) -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with httpx.Client(base_url=server.url) as http:
+        response = http.post("/v2/models/affine/versions/1/infer", json=BODY, headers={
+            "x-request-id": "content-1", "traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+    assert response.status_code == 200
+    assert _wait_for_rows(db_url, "content-1", 1) == 1
+    row = postgres.query(db_url, "SELECT * FROM podserve_prediction_log "
+                                 "WHERE client_request_id = 'content-1'")[0]
+    assert (row["model"], row["model_version"], row["trace_id"]) == ("affine", "1", trace)
+    assert orjson.loads(row["inputs"]) == {"x": {"datatype": "FP32", "shape": [1, 4],
+                                                 "data": [1.0, 2.0, 3.0, 4.0]}}
+    assert orjson.loads(row["outputs"])["y"]["data"] == [3.0, 5.0, 7.0, 9.0]
+    assert {"parse", "queue", "infer"} <= set(orjson.loads(row["timings_ms"]))
+    assert abs(row["logged_at"].timestamp() - time.time()) < 60
+
+
+def _start(models: Path, url: str, spool: Path, **env: str) -> ServerProcess:
+    # Nothing is written before shutdown: only the SIGTERM flush can save these rows.
+    settings = postgres.server_env(url, spool, PODSERVE_PREDICTION_LOG_FLUSH_MS="600000",
+                                   PODSERVE_PREDICTION_LOG_BATCH_ROWS="100000", **env)
+    return ServerProcess(models, workers=2, env=settings).start()
+
+
+def _stop(proc: ServerProcess) -> None:
+    proc.signal(signal.SIGTERM)
+    assert proc.proc is not None and proc.proc.wait(30) == 0, proc.logs()[-3000:]
+
+
+def test_sigterm_flushes_the_buffer(db_url: str, db_models: Path, tmp_path: Path) -> None:
+    proc = _start(db_models, db_url, tmp_path)
+    try:
+        assert {s for s, _ in _send(proc, "term-", 50)} == {200}
+        time.sleep(0.3)
+        assert _count(db_url, "term-") == 0  # still buffered
+    finally:
+        _stop(proc)
+    assert _count(db_url, "term-") == 50
+    assert not list(tmp_path.glob("*.seg"))
+
+
+@pytest.mark.parametrize("outage", ["cut", "blackhole"])
+def test_sigterm_with_the_database_down_spools_and_the_next_start_replays(
+    db_url: str, db_models: Path, tmp_path: Path, outage: str
+) -> None:
+    prefix = f"spool-{outage}-"
+    with TcpProxy(*postgres.host_port(db_url)) as proxy:
+        url = postgres.with_port(db_url, proxy.port)
+        proc = _start(db_models, url, tmp_path)
+        try:
+            assert {s for s, _ in _send(proc, prefix, 30)} == {200}
+            getattr(proxy, outage)()
+        finally:
+            started = time.monotonic()
+            _stop(proc)  # within the graceful timeout: nothing SIGKILLed
+            stop_s = time.monotonic() - started
+        assert list(tmp_path.glob("*.seg")), proc.logs()[-3000:]
+        assert _count(db_url, prefix) == 0
+        proxy.restore()
+        again = _start(db_models, url, tmp_path)  # replays the spool at start-up
+        try:
+            assert _wait_for_rows(db_url, prefix, 30, timeout=15) == 30
+            assert not list(tmp_path.glob("*.seg"))
+        finally:
+            _stop(again)
+    assert _count(db_url, prefix) == 30
+    assert stop_s < 8, stop_s  # PODSERVE_GRACEFUL_TIMEOUT_S is 10 in tests
+    print(f"\nSIGTERM with the database {outage}: stopped in {stop_s:.2f} s, rows spooled")
+
+
+# --- in-process: the writer, the spool and idempotency --------------------------------
+def _rows(prefix: str, count: int) -> list[list]:
+    import numpy as np
+
+    tensor = {"x": np.ones((1, 4), np.float32)}
+    return [make_row(str(uuid.uuid4()), f"{prefix}{i}", "affine", "1", tensor, tensor,
+                     {"infer": 0.001}, None, "digest") for i in range(count)]
+
+
+def test_resent_batches_are_ignored(db_url: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=db_url, spool_dir=tmp_path, db_pool_min=0)
+
+    async def scenario() -> tuple[int, int, int]:
+        db = Database(settings)
+        await db.open()
+        plog = PredictionLog(db, Spool(tmp_path), settings)
+        try:
+            rows = _rows("resend-", 30)
+            first = await plog.write(rows)
+            second = await plog.write(rows[:10] + _rows("resend-extra-", 5))
+            return first, second, plog.rows_duplicate
+        finally:
+            await db.close()
+
+    assert postgres.run(scenario()) == (30, 5, 10)
+    assert _count(db_url, "resend-") == 35
+
+
+def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path) -> None:
+    knobs = {"spool_dir": tmp_path, "db_pool_min": 0, "prediction_log_buffer_rows": 20,
+             "prediction_log_batch_rows": 10, "prediction_log_flush_ms": 20,
+             "prediction_log_max_backoff_s": 0.2, "db_connect_timeout_s": 0.5,
+             "db_command_timeout_s": 0.5}
+
+    async def scenario(proxy: TcpProxy) -> dict[str, int]:
+        import asyncio
+
+        settings = Settings(database_url=postgres.with_port(db_url, proxy.port), **knobs)
+        db = Database(settings)
+        await db.open()
+        plog = PredictionLog(db, Spool(tmp_path), settings)
+        await plog.start()
+        proxy.cut()
+        for row in _rows("spill-", 95):
+            plog.append(row)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.3)
+        spooled = plog.rows_spooled
+        segments = len(list(tmp_path.glob("*.seg")))
+        proxy.restore()
+        for _ in range(100):
+            if plog.rows_written >= 95:
+                break
+            await asyncio.sleep(0.05)
+        await plog.close()
+        await db.close()
+        return {"spooled": spooled, "segments": segments, "written": plog.rows_written,
+                "replayed": plog.rows_replayed, "errors": plog.write_errors,
+                "depth": plog.buffer_depth, "spool_bytes": plog.spool_bytes}
+
+    with TcpProxy(*postgres.host_port(db_url)) as proxy:
+        stats = postgres.run(scenario(proxy))
+    assert stats["spooled"] >= 60 and stats["segments"] >= 2, stats
+    assert stats["written"] == 95 and stats["replayed"] == stats["spooled"], stats
+    assert stats["errors"] > 0 and stats["depth"] == 0 and stats["spool_bytes"] == 0, stats
+    assert _count(db_url, "spill-") == 95
+    assert not list(tmp_path.glob("*.seg"))
+
+
+def test_spool_segments_survive_torn_writes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    first = spool.write([[1, "a"]])
+    second = spool.write([[2, "b"], [3, "c"]])
+    assert spool.segments() == [first, second]  # oldest first
+    with second.open("ab") as handle:  # a torn record after a complete one
+        handle.write(b"PSL1\x00\x00")
+    claimed = spool.claim(second)
+    assert claimed is not None
+    assert spool.claim(second) is None  # locked: another replayer skips it
+    assert claimed.read() == [[2, "b"], [3, "c"]] and not claimed.intact
+    claimed.remove()
+    claimed.close()
+    assert second.with_suffix(".corrupt").exists()  # kept aside, not deleted
+    other = spool.claim(first)
+    assert other is not None and other.read() == [[1, "a"]] and other.intact
+    other.remove()
+    other.close()
+    assert spool.segments() == []
+    assert os.listdir(tmp_path) == [second.with_suffix(".corrupt").name]
+
+
+def test_digest_mode_is_stable() -> None:
+    import numpy as np
+
+    a = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
+    b = {"x": np.arange(4, dtype=np.float32).reshape(1, 4).copy()}
+    c = {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}
+    assert tensors_digest(a) == tensors_digest(b) != tensors_digest(c)

@@ -1,0 +1,75 @@
+"""The benchmark end to end on the tiny demo text model, and its report from known figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from loadtests import bench_report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_bench_runs_every_kind_of_system(model_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "loadtests.bench", "--quick", "--model-dir",
+           str(model_repo / "text"), "--systems", "inline,process-pool,podserve,podserve-tabular",
+           "--concurrency", "1,8", "--duration", "0.3", "--warmup", "0.2", "--repeats", "1",
+           "--ceiling-batches", "1,8", "--ceiling-s", "0.2", "--no-pg",
+           "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    seen = {(p["system"], p["concurrency"]) for p in doc["points"]}
+    assert {("inline", 1), ("inline", 8), ("process-pool", 8), ("podserve", 8),
+            ("podserve-tabular", 8)} <= seen, seen  # fmt: skip
+    for point in doc["points"]:
+        assert point["median"]["throughput"] > 0 and point["median"]["failures"] == 0, point
+    podserve = next(p for p in doc["points"] if p["system"] == "podserve")
+    assert podserve["median"]["io_p50"] >= 5.0  # PODSERVE_SIMULATED_IO_MS=5 in `features`
+    assert {p["batch"] for p in doc["ceiling"]["minilm"]} == {1, 8}
+    report = (out / "results.md").read_text()
+    assert "## Targets (concurrency 32)" in report and "| inline | 8 |" in report
+    for chart in ("latency.png", "throughput.png", "phases.png"):
+        assert (out / chart).read_bytes()[:4] == b"\x89PNG"
+
+
+def _point(system: str, c: int, rps: float, p99: float, io99: float | None,
+           infer50: float | None = None) -> dict:  # fmt: skip
+    median = {"throughput": rps, "p50": p99 / 2, "p95": p99 * 0.9, "p99": p99,
+              "io_p50": 5.1 if io99 else None, "io_p99": io99, "infer_p50": infer50,
+              "infer_p99": infer50, "latency_mean": p99 / 2, "server_cpu": 190.0,
+              "client_cpu": 10.0, "failures": 0, "requests": 100}  # fmt: skip
+    return {"system": system, "concurrency": c, "median": median,
+            "phase_means": {"features": 5.1, "infer": infer50 or 1.0}}  # fmt: skip
+
+
+def test_report_judges_each_target(tmp_path: Path) -> None:
+    doc = {
+        "command": "bench", "started": "now", "wall_s": 1.0,
+        "machine": {"cpu": "x", "cores": "2", "memory": "1 GiB", "os": "linux", "python": "3",
+                    "onnxruntime": "1", "load_before": "0"},
+        "settings": {"workers": "2", "duration": "1", "warmup": "1", "repeats": "1"},
+        "ceiling": {"minilm": [{"batch": 32, "rows_per_s": 1000.0, "infer_ms_p50": 30.0}]},
+        "systems": [{"name": n, "group": g, "note": ""} for n, g in (
+            ("inline", "minilm"), ("podserve", "minilm"), ("fastapi-constant", "tabular"),
+            ("podserve-tabular", "tabular"))],
+        "points": [
+            _point("inline", 1, 90, 12, 5.2), _point("inline", 32, 250, 200, 51.0),
+            _point("podserve", 1, 80, 12, 5.2), _point("podserve", 32, 900, 70, 5.9, 30.0),
+            _point("fastapi-constant", 32, 4000, 20, None),
+            _point("podserve-tabular", 32, 2000, 30, None),
+        ],
+    }  # fmt: skip
+    text = bench_report.write(doc, tmp_path)
+    targets = {line.split("|")[1].strip(): line for line in text.splitlines()
+               if line.startswith("| ") and "**" in line}  # fmt: skip
+    assert "**met**" in targets["I/O-phase p99 <= 1.2x idle"]  # 5.9 / 5.1 = 1.16
+    assert "inline: 10.0x" in targets["I/O-phase p99 <= 1.2x idle"]
+    assert "**met**" in targets["throughput >= 85% of raw ORT ceiling"]  # 90%
+    assert "**met**" in targets["throughput >= 3x inline"]  # 3.6x
+    assert "**missed**" in targets["client p99 <= 2x (batch delay + one batch's inference)"]
+    assert "**missed**" in targets["tabular >= 70% of bare FastAPI constant"]  # 50%
+    assert (tmp_path / "phases.png").exists()

@@ -1,0 +1,74 @@
+"""The benchmark's load generator against a real podserve: bounded, counts what it sees."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+from loadtests.loadgen import closed_loop, encode_request, percentile
+
+from podserve.phases import PhaseTimings, parse_server_timing
+from podserve.simulated_io import simulated_features, simulated_io_s
+
+TABULAR = orjson.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]}
+)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_closed_loop_measures_a_real_server(server) -> None:
+    port = _port(server.url)
+    request = encode_request(
+        "POST", "127.0.0.1", port, "/v2/models/tabular/infer", TABULAR, "application/json"
+    )
+    started = time.monotonic()
+    result = asyncio.run(closed_loop("127.0.0.1", port, request, 4, 1.0, max_requests=3000))
+    assert time.monotonic() - started < 15
+    assert result.errors == [] and set(result.statuses) == {200}, result.statuses
+    assert 0 < result.ok <= 3000 and result.throughput > 0
+    assert len(result.latencies) == result.ok
+    assert result.client_cpu_s > 0
+    phases = parse_server_timing(result.server_timings[0])
+    assert {"parse", "queue", "infer"} <= set(phases), phases
+
+
+def test_closed_loop_counts_error_statuses(server) -> None:
+    port = _port(server.url)
+    request = encode_request(
+        "POST", "127.0.0.1", port, "/v2/models/nope/infer", TABULAR, "application/json"
+    )
+    result = asyncio.run(closed_loop("127.0.0.1", port, request, 2, 0.3, max_requests=50))
+    assert result.statuses[404] > 0 and result.ok == 0
+    assert result.failures == sum(result.statuses.values())
+
+
+def test_load_goes_to_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        asyncio.run(closed_loop("10.0.0.1", 80, b"", 1, 0.1))
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+
+
+def test_simulated_io_is_off_by_default_and_recorded_as_features(monkeypatch) -> None:
+    simulated_io_s.cache_clear()
+    monkeypatch.delenv("PODSERVE_SIMULATED_IO_MS", raising=False)
+    timings = PhaseTimings()
+    asyncio.run(simulated_features(timings))
+    assert "features" not in timings.durations
+    monkeypatch.setenv("PODSERVE_SIMULATED_IO_MS", "5")
+    simulated_io_s.cache_clear()
+    try:
+        asyncio.run(simulated_features(timings))
+    finally:
+        simulated_io_s.cache_clear()
+    assert 0.005 <= timings.durations["features"] < 0.5

@@ -1,0 +1,107 @@
+"""With PostgreSQL: the `log` phase span, asyncpg spans, trace ids in the prediction log, and
+the prediction-log and pool metrics, on real Gunicorn with 2 workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from metrics_support import Scrape, scrape
+from otlp_receiver import OtlpReceiver, ReceivedSpan
+
+import postgres
+from server_process import ServerProcess
+
+AFFINE = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+INFER_SPAN = "POST /v2/models/{model_name}/infer"
+REQUESTS = 20
+
+
+@pytest.fixture(scope="module")
+def db_url() -> Iterator[str]:
+    try:
+        pg = postgres.find_or_start()
+    except postgres.NoPostgres as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        with postgres.fresh_database(pg.admin_url) as url:
+            postgres.migrate(url)
+            yield url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as rx:
+        yield rx
+
+
+@pytest.fixture(scope="module")
+def server(
+    model_repo: Path, db_url: str, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    env = {
+        "PODSERVE_DATABASE_URL": db_url,
+        "PODSERVE_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
+        "PODSERVE_PREDICTION_LOG_FLUSH_MS": "50",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "PODSERVE_TRACING_ENABLED": "true",
+    }
+    with ServerProcess(model_repo, workers=2, env=env) as proc:
+        yield proc
+
+
+def _wait_for_metrics(url: str, ready: Callable[[Scrape], bool], timeout: float = 20.0) -> Scrape:
+    deadline = time.monotonic() + timeout
+    result = scrape(url)
+    while not ready(result):
+        assert time.monotonic() < deadline, "metrics never matched"
+        time.sleep(0.2)
+        result = scrape(url)
+    return result
+
+
+def test_prediction_log_rows_carry_trace_ids_and_are_counted(
+    server: ServerProcess, db_url: str, receiver: OtlpReceiver
+) -> None:
+    trace_ids: set[str] = set()
+    workers: set[str] = set()
+    for _ in range(REQUESTS):
+        response = httpx.post(f"{server.url}/v2/models/affine/infer", json=AFFINE, timeout=30)
+        assert response.status_code == 200, response.text
+        trace_ids.add(response.headers["x-trace-id"])
+        workers.add(response.headers["x-podserve-worker"])
+    assert len(trace_ids) == REQUESTS and len(workers) == 2
+
+    written = "podserve_prediction_log_rows_written_total"
+    metrics = _wait_for_metrics(server.url, lambda s: s.value(written) >= REQUESTS)
+    assert metrics.value(written) == REQUESTS  # summed over both workers, exactly
+    assert metrics.value("podserve_prediction_log_rows_spooled_total") == 0
+    assert metrics.value("podserve_prediction_log_write_errors_total") == 0
+    assert metrics.value("podserve_db_pool_size") >= 1
+    assert metrics.value("podserve_phase_duration_seconds_count", model="affine",
+                         phase="log") == REQUESTS  # fmt: skip
+
+    rows = postgres.query(db_url, "SELECT trace_id FROM podserve_prediction_log")
+    assert {row["trace_id"] for row in rows} == trace_ids
+
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        logged = {s.trace_id for s in spans if s.name == "log"}
+        return trace_ids <= logged and any(_is_query(s) for s in spans)
+
+    spans = receiver.wait_for(arrived)
+    requests = {s.trace_id: s for s in spans if s.name == INFER_SPAN and s.trace_id in trace_ids}
+    for span in spans:
+        if span.name == "log" and span.trace_id in trace_ids:
+            assert span.parent_span_id == requests[span.trace_id].span_id
+            assert span.attributes["podserve.model"] == "affine"
+
+
+def _is_query(span: ReceivedSpan) -> bool:
+    """An asyncpg instrumentation span (the prediction-log writer's COPY/INSERT)."""
+    return span.attributes.get("db.system") == "postgresql"

@@ -1,0 +1,204 @@
+"""/metrics on real Gunicorn with 2 workers: counts add up exactly, whichever worker answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from metrics_support import Scrape, scrape
+
+from load_client import closed_loop
+from server_process import ServerProcess
+
+INFER = "/v2/models/{model_name}/infer"
+PREDICT = "/v1/models/{model_name}:predict"
+AFFINE = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+SLOW = orjson.dumps(
+    {"inputs": [{"name": "x", "shape": [4, 256], "datatype": "FP32", "data": [0.01] * 1024}]}
+)
+STALE = """
+from prometheus_client import Counter
+Counter("podserve_requests", "stale", ["model", "route", "status"]).labels(
+    "affine", "/v2/models/{model_name}/infer", "200").inc(1000)
+"""
+
+
+@pytest.fixture(scope="module")
+def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding samples of an earlier run: the server must start from zero."""
+    path = tmp_path_factory.mktemp("metrics")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)}
+    subprocess.run([sys.executable, "-c", STALE], env=env, check=True)
+    assert list(path.glob("counter_*.db")), "the stale sample was not written"
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path, metrics_dir: Path) -> Iterator[ServerProcess]:
+    env = {
+        "PODSERVE_PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "PODSERVE_TRACING_ENABLED": "false",
+        "PODSERVE_MAX_QUEUE_ROWS": "8",
+    }
+    with ServerProcess(model_repo, workers=2, env=env) as proc:
+        yield proc
+
+
+def _post(url: str, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    """A fresh connection per request: the kernel spreads them over both workers."""
+    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=30)
+
+
+def _scrape_both_workers(url: str) -> list[Scrape]:
+    scrapes: list[Scrape] = []
+    for _ in range(60):
+        scrapes.append(scrape(url))
+        if len({s.worker for s in scrapes}) == 2:
+            return scrapes
+    raise AssertionError(f"only worker(s) { ({s.worker for s in scrapes}) } answered /metrics")
+
+
+def _counters(result: Scrape) -> dict[tuple, float]:
+    """Counter and histogram samples, without the scrapes' own (they grow with each scrape)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for s in result.samples
+        if s.name.endswith(("_total", "_bucket", "_count")) and s.labels.get("route") != "/metrics"
+    }
+
+
+def test_counts_add_up_exactly_across_workers(server: ServerProcess) -> None:
+    url = server.url
+    workers: Counter[str] = Counter()
+    for _ in range(60):
+        response = _post(url, "/v2/models/affine/infer", AFFINE)
+        assert response.status_code == 200
+        workers[response.headers["x-podserve-worker"]] += 1
+    assert len(workers) == 2, f"requests did not reach both workers: {workers}"
+    assert "x-trace-id" not in response.headers  # tracing is off here
+    for _ in range(10):
+        assert _post(url, "/v1/models/affine:predict", {"instances": [[1, 2, 3, 4]]}).is_success
+    for _ in range(5):
+        assert _post(url, "/v2/models/nope/infer", AFFINE).status_code == 404
+    for _ in range(3):  # a 1 us deadline passes before any batch can run
+        late = _post(url, "/v2/models/affine/infer", AFFINE, {"x-podserve-timeout-ms": "0.001"})
+        assert late.status_code == 504, late.text
+    load = asyncio.run(closed_loop(url, "/v2/models/slow/infer", SLOW, 32, 2.0, 2000))
+    assert load.errors == [] and set(load.statuses) <= {200, 503}, load.statuses
+    served, shed = load.statuses[200], load.statuses[503]
+    assert served > 0 and shed > 0, load.statuses
+
+    scrapes = _scrape_both_workers(url)
+    first = scrapes[0]
+    for other in scrapes[1:]:  # the same totals whichever worker answered
+        assert _counters(other) == _counters(first)
+
+    requests = "podserve_requests_total"
+    assert first.value(requests, model="affine", route=INFER, status="200") == 60
+    assert first.value(requests, model="affine", route=PREDICT, status="200") == 10
+    assert first.value(requests, model="", route=INFER, status="404") == 5
+    assert first.value(requests, model="affine", route=INFER, status="504") == 3
+    assert first.value(requests, model="slow", route=INFER, status="200") == served
+    assert first.value(requests, model="slow", route=INFER, status="503") == shed
+    assert first.value("podserve_rejections_total", reason="shed") == shed
+    assert first.value("podserve_rejections_total", reason="deadline") == 3
+    assert first.value("podserve_inference_errors_total") == 0
+
+    duration = "podserve_request_duration_seconds"
+    assert first.value(f"{duration}_count", model="affine", route=INFER, status="200") == 60
+    assert first.value(f"{duration}_bucket", model="slow", route=INFER, status="503",
+                       le="+Inf") == shed  # fmt: skip
+    buckets = [s.value for s in first.find(f"{duration}_bucket", model="affine", route=INFER,
+                                           status="200")]  # fmt: skip
+    assert buckets == sorted(buckets) and buckets[-1] == 60
+
+    phases = "podserve_phase_duration_seconds_count"
+    assert first.value(phases, model="affine", phase="parse") == 60 + 10 + 3
+    assert first.value(phases, model="affine", phase="queue") == 60 + 10
+    assert first.value(phases, model="affine", phase="infer") == 60 + 10
+    assert first.value(phases, model="slow", phase="parse") == served + shed
+    assert first.value(phases, model="slow", phase="infer") == served
+    # Every served row went through exactly one batch.
+    assert first.value("podserve_batch_size_sum", model="affine") == 70
+    assert first.value("podserve_batch_size_sum", model="slow") == 4 * served
+    assert first.value("podserve_batch_size_count", model="slow") <= served
+
+
+def test_gauges_are_summed_over_live_workers(server: ServerProcess) -> None:
+    result = _wait_for(server.url, lambda s: s.value("podserve_queue_rows") == 0)
+    assert result.value("podserve_workers") == 2
+    assert result.value("podserve_pool_threads") == 2
+    assert result.value("podserve_inflight_requests") == 0  # the scrape does not count itself
+    assert result.value("podserve_pool_busy_threads") == 0
+
+
+def test_in_flight_requests_are_visible_to_a_scrape_of_either_worker(
+    server: ServerProcess,
+) -> None:
+    async def scenario() -> float:
+        load = asyncio.create_task(
+            closed_loop(server.url, "/v2/models/slow/infer", SLOW, 6, 2.0, 400)
+        )
+        await asyncio.sleep(0.5)
+        peak = 0.0
+        while not load.done():
+            result = await asyncio.to_thread(scrape, server.url)
+            peak = max(peak, result.value("podserve_inflight_requests"))
+            await asyncio.sleep(0.05)
+        await load
+        return peak
+
+    peak = asyncio.run(scenario())
+    assert 2 <= peak <= 6, peak
+
+
+def test_a_dead_workers_gauges_go_and_its_counts_stay(
+    server: ServerProcess, metrics_dir: Path
+) -> None:
+    before = _wait_for(server.url, lambda s: s.value("podserve_workers") == 2)
+    served = before.value("podserve_requests_total", model="affine", route=INFER)
+    victim = server.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)  # no clean shutdown: only the master's hook can clean up
+    after = _wait_for(
+        server.url,
+        lambda s: s.value("podserve_workers") == 2 and str(victim) not in _worker_pids(server),
+    )
+    assert not list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))
+    assert list(metrics_dir.glob(f"counter_{victim}.db"))  # its counts are kept
+    assert after.value("podserve_requests_total", model="affine", route=INFER) == served
+    assert after.value("podserve_pool_threads") == 2
+
+
+def test_openmetrics_format_on_request(server: ServerProcess) -> None:
+    result = scrape(server.url, openmetrics=True)
+    assert result.value("podserve_workers") == 2
+    response = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+def _worker_pids(server: ServerProcess) -> set[str]:
+    return {str(pid) for pid in server.worker_pids()}
+
+
+def _wait_for(url: str, ready: Callable[[Scrape], bool], timeout: float = 30.0) -> Scrape:
+    deadline = time.monotonic() + timeout
+    result = None
+    while time.monotonic() < deadline:
+        try:
+            result = scrape(url)
+        except httpx.HTTPError:
+            result = None
+        if result is not None and ready(result):
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"metrics never matched: {result}")
