@@ -17,10 +17,12 @@ loadtests/results/bench-<UTC time>. Every run is bounded in time and in requests
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadtests import bench_ceiling, bench_report
-from loadtests.bench_measure import Point, measure
+from loadtests.bench_measure import Point, Sample, describe, make_point, measure_once
 from loadtests.bench_systems import (
     ROOT,
     SENTENCE,
@@ -226,23 +228,58 @@ def run_ceiling(args: argparse.Namespace, repos: dict[str, Path], log: Callable)
     return {"minilm": [asdict(p) for p in minilm], "tabular": [asdict(p) for p in tabular]}
 
 
-def run_systems(
-    systems: list[System], args: argparse.Namespace, log_dir: Path, log: Callable
-) -> list[Point]:
-    points: list[Point] = []
-    for system in systems:
-        log(f"{system.name}: {system.note}")
-        concurrencies = args.concurrency
-        if system.group == "tabular":  # throughput comparison: c=1 says nothing there
-            concurrencies = [c for c in args.concurrency if c >= 8] or args.concurrency
-        try:
-            with Server(system, log_dir) as server:
-                points += measure(
-                    server, concurrencies, args.duration, args.warmup, args.repeats, log
-                )
-        except (RuntimeError, TimeoutError) as exc:
-            log(f"  FAILED to run {system.name}: {str(exc)[:2000]}")
-    return points
+def _concurrencies(system: System, args: argparse.Namespace) -> list[int]:
+    if system.group == "tabular":  # a throughput comparison: c=1 says nothing there
+        return [c for c in args.concurrency if c >= 8] or args.concurrency
+    return args.concurrency
+
+
+def run_rounds(
+    systems: list[System], args: argparse.Namespace, repos: dict[str, Path], log_dir: Path,
+    log: Callable,
+) -> tuple[list[Point], dict]:  # fmt: skip
+    """All servers up at once; each round measures the ceiling and then every system.
+
+    Interleaving the repeats spreads whatever else runs on the machine evenly over the
+    systems, so the ratios between them hold even when the background load changes.
+    """
+    samples: dict[tuple[str, int], list[Sample]] = {}
+    ceilings: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for system in systems:
+            try:
+                servers.append(stack.enter_context(Server(system, log_dir)))
+            except (RuntimeError, TimeoutError) as exc:
+                log(f"FAILED to start {system.name}: {str(exc)[:2000]}")
+        for round_no in range(1, args.repeats + 1):
+            log(f"--- round {round_no} of {args.repeats}")
+            ceilings.append(run_ceiling(args, repos, log))
+            for server in servers:
+                for c in _concurrencies(server.system, args):
+                    sample = measure_once(server, c, args.duration, args.warmup)
+                    samples.setdefault((server.system.name, c), []).append(sample)
+                    log(describe(server.system.name, c, sample))
+    points = [make_point(name, c, runs) for (name, c), runs in samples.items()]
+    return points, median_ceiling(ceilings)
+
+
+def median_ceiling(rounds: list[dict]) -> dict:
+    """Per model and batch size: the median over rounds, with the range."""
+    result: dict[str, list[dict]] = {}
+    for model in rounds[0] if rounds else {}:
+        by_batch: dict[int, list[dict]] = {}
+        for ceiling in rounds:
+            for point in ceiling[model]:
+                by_batch.setdefault(point["batch"], []).append(point)
+        result[model] = [
+            {"batch": batch, "rows_per_s": statistics.median(p["rows_per_s"] for p in pts),
+             "rows_per_s_min": min(p["rows_per_s"] for p in pts),
+             "rows_per_s_max": max(p["rows_per_s"] for p in pts),
+             "infer_ms_p50": statistics.median(p["infer_ms_p50"] for p in pts)}
+            for batch, pts in sorted(by_batch.items())
+        ]  # fmt: skip
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,8 +299,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--competitors", action="store_true", help="+ BentoML, MLServer")
     parser.add_argument("--install-timeout", type=float, default=900.0)
     parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--publish", type=Path, default=None,
-                        help="also write the results into this page (docs/performance.md)")
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        help="also write the results into this page (docs/performance.md)",
+    )
     args = parser.parse_args(argv)
     if args.quick:  # shorter defaults; options given explicitly still win
         quick = {"duration": 1.5, "warmup": 0.5, "repeats": 1, "ceiling_s": 1.0,
@@ -300,12 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     sink_port = free_port()
     sink = subprocess.Popen([PY, "-m", "loadtests.otlp_sink", str(sink_port)], cwd=ROOT)
     try:
-        ceiling = run_ceiling(args, repos, log)
         systems = catalogue(args, repos, dsn, sink_port)
-        points = run_systems(systems, args, work, log)
-        # Again at the end: other load on the machine may have changed; the report takes the
-        # higher ceiling, so a quiet moment for the ceiling only makes podserve look worse.
-        ceiling_end = run_ceiling(args, repos, log)
+        points, ceiling = run_rounds(systems, args, repos, work, log)
     finally:
         sink.terminate()
         sink.wait(10)
@@ -316,11 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
         "wall_s": round(time.time() - started, 1),
         "ceiling": ceiling,
-        "ceiling_end": ceiling_end,
         "systems": [{"name": s.name, "group": s.group, "note": s.note} for s in systems],
         "points": [
-            {"system": p.system, "concurrency": p.concurrency, "median": p.median,
-             "phase_means": p.phase_means, "samples": [asdict(s) for s in p.samples]}
+            {
+                "system": p.system,
+                "concurrency": p.concurrency,
+                "median": p.median,
+                "phase_means": p.phase_means,
+                "samples": [asdict(s) for s in p.samples],
+            }
             for p in points
         ],
         "log": lines,

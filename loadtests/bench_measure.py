@@ -110,35 +110,24 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def measure(
-    server: Server,
-    concurrencies: list[int],
-    duration_s: float,
-    warmup_s: float,
-    repeats: int,
-    log: Callable[[str], None] = print,
-) -> list[Point]:
-    points = []
-    for concurrency in concurrencies:
-        one_run(server, concurrency, warmup_s)  # warm caches, connections, batch sizes
-        samples = []
-        for _ in range(repeats):
-            result, cpu_s = one_run(server, concurrency, duration_s)
-            samples.append(summarize(result, cpu_s, server.system.io_phase))
-            time.sleep(0.2)  # let the last replies drain
-        point = _point(server.system.name, concurrency, samples)
-        m = point.median
-        log(
-            f"  {server.system.name:<20} c={concurrency:<3} {m['throughput']:8.1f}/s "
-            f"p50 {m['p50']:7.1f} p99 {m['p99']:7.1f} ms  io p99 {_fmt(m['io_p99'])} "
-            f"srv {m['server_cpu']:5.0f}% cli {m['client_cpu']:4.0f}% fail {m['failures']:.0f} "
-            f"load {m['load1']:.1f}"
-        )
-        points.append(point)
-    return points
+def measure_once(server: Server, concurrency: int, duration_s: float, warmup_s: float) -> Sample:
+    """Warm up (caches, connections, batch sizes), then one measured run."""
+    one_run(server, concurrency, warmup_s)
+    result, cpu_s = one_run(server, concurrency, duration_s)
+    time.sleep(0.2)  # let the last replies drain
+    return summarize(result, cpu_s, server.system.io_phase)
 
 
-def _point(system: str, concurrency: int, samples: list[Sample]) -> Point:
+def describe(system: str, concurrency: int, s: Sample) -> str:
+    return (
+        f"  {system:<20} c={concurrency:<3} {s.throughput:8.1f}/s p50 {s.p50:7.1f} "
+        f"p99 {s.p99:7.1f} ms  io p99 {_fmt(s.io_p99)} srv {s.server_cpu:5.0f}% "
+        f"cli {s.client_cpu:4.0f}% fail {s.failures} load {s.load1:.1f}"
+    )
+
+
+def make_point(system: str, concurrency: int, samples: list[Sample]) -> Point:
+    """Medians over the repeats of one (system, concurrency)."""
     keys = [k for k in Sample.__dataclass_fields__ if k != "phase_means"]
     median = {k: _median([getattr(s, k) for s in samples]) for k in keys}
     phases = sorted({p for s in samples for p in s.phase_means}, key=PHASES.index)

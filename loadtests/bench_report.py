@@ -28,8 +28,8 @@ def _f(value: float | None, digits: int = 1) -> str:
 
 
 def best_ceiling(doc: Doc, model: str = "minilm") -> Doc | None:
-    """The best batch size of the higher of the two ceiling runs (start, end)."""
-    points = [*doc["ceiling"].get(model, []), *doc.get("ceiling_end", {}).get(model, [])]
+    """The batch size with the highest median rows/s over the rounds."""
+    points = doc["ceiling"].get(model) or []
     return max(points, key=lambda p: p["rows_per_s"]) if points else None
 
 
@@ -99,8 +99,10 @@ def targets(doc: Doc) -> list[str]:
         rows.append(f"| client p99 <= 2x (batch delay + one batch's inference) | {client_p99:.1f}"
                     f" ms vs 2 x (2 + {infer:.1f}) = {bound:.1f} ms | "
                     f"{_verdict(client_p99 <= bound)} |")  # fmt: skip
-    tab, const = _at(doc, "podserve-tabular", "throughput"), _at(doc, "fastapi-constant",
-                                                                   "throughput")
+    tab, const = (
+        _at(doc, "podserve-tabular", "throughput"),
+        _at(doc, "fastapi-constant", "throughput"),
+    )
     if tab and const:
         rows.append(f"| tabular >= 70% of bare FastAPI constant | {tab:.0f} vs {const:.0f}/s = "
                     f"{tab / const:.0%} | {_verdict(tab / const >= 0.7)} |")  # fmt: skip
@@ -141,15 +143,17 @@ def _pct(new: float | None, old: float | None) -> str:
 
 
 def ceiling_table(doc: Doc) -> list[str]:
-    rows = ["| model | batch | rows/s (start of run) | rows/s (end of run) | one session.run ms |",
-            "|---|---:|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| model | batch | rows/s (median of rounds) | min - max | one session.run ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for model in ("minilm", "tabular"):
-        end = {p["batch"]: p for p in doc.get("ceiling_end", {}).get(model, [])}
         for p in doc["ceiling"].get(model, []):
-            later = end.get(p["batch"])
-            rows.append(f"| {model} | {p['batch']} | {p['rows_per_s']:.0f} | "
-                        f"{_f(later['rows_per_s'], 0) if later else '-'} | "
-                        f"{p['infer_ms_p50']:.3f} |")  # fmt: skip
+            spread = f"{p['rows_per_s_min']:.0f} - {p['rows_per_s_max']:.0f}"
+            rows.append(
+                f"| {model} | {p['batch']} | {p['rows_per_s']:.0f} | {spread} | "
+                f"{p['infer_ms_p50']:.3f} |"
+            )
     return rows
 
 

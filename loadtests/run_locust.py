@@ -83,8 +83,13 @@ def summary(out: Path) -> str:
     for row in doc["requests"]:
         lines.append(f"| {row['name']} | {row['count']} | {row['failures']} | {row['rps']:.1f} "
                      f"| {row['p50']:.0f} | {row['p95']:.0f} | {row['p99']:.0f} |")  # fmt: skip
-    lines += ["", "Server-side phases (from Server-Timing), ms:", "",
-              "| request | phase | count | p50 | p95 | p99 |", "|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Server-side phases (from Server-Timing), ms:",
+        "",
+        "| request | phase | count | p50 | p95 | p99 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for row in doc["phases"]:
         lines.append(f"| {row['name']} | {row['phase']} | {row['count']} | "
                      f"{row['p50']:.3f} | {row['p95']:.3f} | {row['p99']:.3f} |")  # fmt: skip

@@ -132,8 +132,9 @@ class Outcome:
         """Everything that was not a 200: other statuses and connection errors."""
         return self.sent - self.ok
 
-    def record(self, request_id: str | None, reply: Reply | None, error: str | None,
-               seconds: float) -> None:
+    def record(
+        self, request_id: str | None, reply: Reply | None, error: str | None, seconds: float
+    ) -> None:
         if reply is None:
             self.errors[error or "error"] += 1
         else:
@@ -303,8 +304,12 @@ def model_body(model: str) -> bytes:
     if model == "tabular":
         tensor = {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": TABULAR_ROW}
     elif model == "text":
-        tensor = {"name": "text", "shape": [2], "datatype": "BYTES",
-                  "data": ["a soak test keeps the server busy", "for a long time"]}
+        tensor = {
+            "name": "text",
+            "shape": [2],
+            "datatype": "BYTES",
+            "data": ["a soak test keeps the server busy", "for a long time"],
+        }
     elif model == "affine":
         tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
     else:
@@ -342,8 +347,12 @@ def start_server(repo: Path, workers: int, log_path: Path) -> tuple[subprocess.P
         "PODSERVE_EXPOSE_WORKER_ID": "true",
     }
     log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "podserve.cli", "serve"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "podserve.cli", "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -382,8 +391,7 @@ async def soak(args: argparse.Namespace, port: int, master: int | None) -> dict[
     while not load.done():
         await asyncio.wait({load}, timeout=args.sample_s)
         if not load.done() and pids:
-            samples.append({"t_s": round(time.monotonic() - started, 1),
-                            "workers": sample(pids)})
+            samples.append({"t_s": round(time.monotonic() - started, 1), "workers": sample(pids)})
     end = sample(pids) if pids else {}
     samples.append({"t_s": round(time.monotonic() - started, 1), "workers": end})
     pool.close()
@@ -409,7 +417,9 @@ def verdict(
         workers[str(pid)] = {
             "rss_kib_after_warmup": before["rss_kib"],
             "rss_kib_end": after["rss_kib"],
-            "rss_kib_max": max(s["workers"][pid]["rss_kib"] for s in samples if pid in s["workers"]),
+            "rss_kib_max": max(
+                s["workers"][pid]["rss_kib"] for s in samples if pid in s["workers"]
+            ),
             "rss_growth_pct": round(100 * growth, 2),
             "fds_after_warmup": before["fds"],
             "fds_end": after["fds"],

@@ -39,9 +39,7 @@ pool: ProcessPoolExecutor | None = None
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     global pool
     pool = ProcessPoolExecutor(max_workers=1, initializer=_load)
-    await asyncio.get_running_loop().run_in_executor(
-        pool, _embed, ["warm up"], time.perf_counter()
-    )
+    await asyncio.get_running_loop().run_in_executor(pool, _embed, ["warm up"], time.perf_counter())
     try:
         yield
     finally:

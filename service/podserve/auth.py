@@ -89,8 +89,9 @@ class ApiKeys:
                 return
             self.digests = self._load()
         except (OSError, ValueError) as exc:
-            log.warning("API key file not reloaded; keeping the current keys",
-                        extra={"reason": str(exc)})
+            log.warning(
+                "API key file not reloaded; keeping the current keys", extra={"reason": str(exc)}
+            )
             return
         log.info("API keys reloaded", extra={"keys": len(self.digests)})
 
@@ -139,8 +140,10 @@ class AuthMiddleware:
         else:
             message = "invalid credentials"
             challenge = _CHALLENGE + ', error="invalid_token"'
-        log.debug("request rejected by authentication",
-                  extra={"path": scope["path"], "reason": "missing" if missing else "invalid"})
+        log.debug(
+            "request rejected by authentication",
+            extra={"path": scope["path"], "reason": "missing" if missing else "invalid"},
+        )
         response = json_response({"error": message}, 401, {"WWW-Authenticate": challenge})
         await response(scope, receive, send)
 
@@ -168,6 +171,7 @@ def install_auth(app: FastAPI, keys: ApiKeys | None, settings: Settings) -> bool
         return False
     paths = open_paths(settings)
     app.add_middleware(AuthMiddleware, keys=keys, open_paths=paths)
-    log.info("API-key authentication on", extra={"keys": len(keys.digests),
-                                                   "open_paths": sorted(paths)})
+    log.info(
+        "API-key authentication on", extra={"keys": len(keys.digests), "open_paths": sorted(paths)}
+    )
     return True

@@ -28,11 +28,11 @@ def _affine(rows: list[list[float]]) -> dict:
                         "data": rows}]}
 
 
-def _slow(i: int) -> dict:
-    """2 rows of the slow model: ~25 ms of CPU, so the SIGKILL lands while jobs run."""
-    data = [((i * 7 + j) % 13) / 13 for j in range(2 * 256)]
+def _slow(i: int, rows: int = 2) -> dict:
+    """`rows` rows of the slow model: ~12 ms of CPU each, so a kill lands while jobs run."""
+    data = [((i * 7 + j) % 13) / 13 for j in range(rows * 256)]
     return {"id": f"job-{i}",
-            "inputs": [{"name": "x", "shape": [2, 256], "datatype": "FP32", "data": data}]}
+            "inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32", "data": data}]}
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,41 @@ def _kill_a_worker_mid_job_and_check(server: ServerProcess, url: str, ids: list[
           f"holding {len(orphans)}; all {JOBS} succeeded {all_done_s:.1f} s later; "
           f"{retried} ran more than once")
     server.wait_ready(60)  # Gunicorn replaced the killed worker
+
+
+def test_sigterm_hands_running_jobs_back_at_once(
+    pg_server: postgres.PostgresServer, db_models: Path, tmp_path: Path
+) -> None:
+    """A draining worker requeues its job (no lease wait, no attempt spent); the next runs it."""
+    with postgres.fresh_database(pg_server.admin_url) as url:
+        postgres.migrate(url)
+        env = postgres.server_env(url, tmp_path, PODSERVE_JOBS_POLL_MS="100",
+                                  PODSERVE_JOBS_LEASE_S="60")  # a lease that would outlast us
+        bodies = [_slow(i, rows=192) for i in range(4)]  # > 1 s each: longer than the grace
+        api_only = env | {"PODSERVE_JOBS_CONCURRENCY": "0"}
+        with ServerProcess(db_models, workers=1, env=api_only) as api, httpx.Client(
+            base_url=api.url, timeout=30
+        ) as http:
+            ids = [http.post("/v2/models/slow/jobs", json=body).json()["id"] for body in bodies]
+        first = ServerProcess(db_models, workers=1, env=env).start()
+        try:
+            deadline = time.monotonic() + 30
+            while _count_done(url, ids) < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            first.stop()
+        states = postgres.query(url, "SELECT status, attempts, started_at FROM podserve_jobs")
+        assert "running" not in {r["status"] for r in states}, states
+        handed_back = [r for r in states if r["status"] == "queued" and r["started_at"]]
+        assert len(handed_back) == 1, states  # it was running at SIGTERM
+        assert {r["attempts"] for r in states if r["status"] == "queued"} == {0}
+        done_by_first = _count_done(url, ids)
+        assert done_by_first < len(ids)
+        with ServerProcess(db_models, workers=1, env=env):
+            deadline = time.monotonic() + 30  # far less than the 60 s lease
+            while _count_done(url, ids) < len(ids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert _count_done(url, ids) == len(ids)
+        attempts = postgres.query(url, "SELECT attempts, count(*) FROM podserve_jobs "
+                                       "GROUP BY attempts")
+        assert {r["attempts"]: r["count"] for r in attempts} == {1: len(ids)}

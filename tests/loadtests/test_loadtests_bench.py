@@ -52,7 +52,8 @@ def test_report_judges_each_target(tmp_path: Path) -> None:
         "machine": {"cpu": "x", "cores": "2", "memory": "1 GiB", "os": "linux", "python": "3",
                     "onnxruntime": "1", "load_before": "0"},
         "settings": {"workers": "2", "duration": "1", "warmup": "1", "repeats": "1"},
-        "ceiling": {"minilm": [{"batch": 32, "rows_per_s": 1000.0, "infer_ms_p50": 30.0}]},
+        "ceiling": {"minilm": [{"batch": 32, "rows_per_s": 1000.0, "rows_per_s_min": 990.0,
+                               "rows_per_s_max": 1010.0, "infer_ms_p50": 30.0}]},
         "systems": [{"name": n, "group": g, "note": ""} for n, g in (
             ("inline", "minilm"), ("podserve", "minilm"), ("fastapi-constant", "tabular"),
             ("podserve-tabular", "tabular"))],

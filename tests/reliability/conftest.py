@@ -31,8 +31,7 @@ Report = Callable[..., None]
 @pytest.fixture()
 def report(request: pytest.FixtureRequest) -> Report:
     def write(scenario: str, **figures: Any) -> None:
-        line = json.dumps({"scenario": scenario, "test": request.node.name, **figures},
-                          default=str)
+        line = json.dumps({"scenario": scenario, "test": request.node.name, **figures}, default=str)
         print(f"\nRELIABILITY {line}")
         target = os.environ.get(REPORT_ENV)
         if target:

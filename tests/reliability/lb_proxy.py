@@ -74,8 +74,9 @@ class Balancer:
         try:
             async with asyncio.timeout(0.5):
                 reader, writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
-                writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: lb\r\n"
-                             b"Connection: close\r\n\r\n")
+                writer.write(
+                    b"GET /v2/health/ready HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+                )
                 status_line = await reader.readline()
                 writer.close()
             endpoint.ready = status_line.startswith(b"HTTP/1.1 200")
@@ -106,8 +107,11 @@ class Message:
         return None
 
     def encode(self, connection: str) -> bytes:
-        lines = [self.head] + [f"{k}: {v}" for k, v in self.headers
-                               if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"]
+        lines = [self.head] + [
+            f"{k}: {v}"
+            for k, v in self.headers
+            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
+        ]
         lines += [f"Content-Length: {len(self.body)}", f"Connection: {connection}"]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
@@ -166,16 +170,20 @@ class Proxy:
             tried.add(endpoint.port)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    up_reader, up_writer = await asyncio.open_connection("127.0.0.1",
-                                                                         endpoint.port)
+                    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", endpoint.port)
             except (OSError, TimeoutError):
                 endpoint.ready = False  # nothing was sent: safe to try another endpoint
                 self.lb.connect_retries += 1
                 continue
             return await self.forward(endpoint, request, up_reader, up_writer)
 
-    async def forward(self, endpoint: Endpoint, request: Message, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> Message:
+    async def forward(
+        self,
+        endpoint: Endpoint,
+        request: Message,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> Message:
         try:
             writer.write(request.encode("close"))
             await writer.drain()
@@ -225,7 +233,8 @@ class LoadBalancer:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__)), "--port", str(port), "--probe-s", str(probe_s)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "listening":

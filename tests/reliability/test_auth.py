@@ -54,8 +54,12 @@ class KeyedServer(ServerProcess):
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"podserve exited:\n{self.logs()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2,
-                             headers={"x-api-key": FILE_KEY}).status_code == 200:
+                if (
+                    httpx.get(
+                        f"{self.url}/v2/health/ready", timeout=2, headers={"x-api-key": FILE_KEY}
+                    ).status_code
+                    == 200
+                ):
                     return
             time.sleep(0.05)
         raise TimeoutError(self.logs()[-3000:])
@@ -64,8 +68,12 @@ class KeyedServer(ServerProcess):
 @pytest.fixture(scope="module")
 def locked_down(model_repo: Path, key_file: Path) -> Iterator[ServerProcess]:
     """Key from the file only; health and metrics not exempt; docs off."""
-    env = {"PODSERVE_API_KEYS_FILE": str(key_file), "PODSERVE_AUTH_EXEMPT_HEALTH": "false",
-           "PODSERVE_AUTH_EXEMPT_METRICS": "false", "PODSERVE_DOCS_ENABLED": "false"}
+    env = {
+        "PODSERVE_API_KEYS_FILE": str(key_file),
+        "PODSERVE_AUTH_EXEMPT_HEALTH": "false",
+        "PODSERVE_AUTH_EXEMPT_METRICS": "false",
+        "PODSERVE_DOCS_ENABLED": "false",
+    }
     with KeyedServer(model_repo, workers=1, env=env) as server:
         yield server
 
@@ -74,28 +82,37 @@ def _post(server: ServerProcess, headers: dict[str, str]) -> httpx.Response:
     return httpx.post(f"{server.url}{INFER}", json=BODY, headers=headers, timeout=10)
 
 
-@pytest.mark.parametrize("headers", [
-    {"authorization": "Bearer inline-key-0123456789abcdef"},
-    {"authorization": "bearer second-inline-key-fedcba9876543210"},
-    {"x-api-key": "inline-key-0123456789abcdef"},
-    {"authorization": f"Bearer {FILE_KEY}"},
-    {"authorization": "Basic Zm9vOmJhcg==", "x-api-key": FILE_KEY},
-], ids=["bearer", "bearer lower-case", "x-api-key", "key from file", "x-api-key beside basic"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"authorization": "Bearer inline-key-0123456789abcdef"},
+        {"authorization": "bearer second-inline-key-fedcba9876543210"},
+        {"x-api-key": "inline-key-0123456789abcdef"},
+        {"authorization": f"Bearer {FILE_KEY}"},
+        {"authorization": "Basic Zm9vOmJhcg==", "x-api-key": FILE_KEY},
+    ],
+    ids=["bearer", "bearer lower-case", "x-api-key", "key from file", "x-api-key beside basic"],
+)
 def test_accepted_credentials(secured: ServerProcess, headers: dict[str, str]) -> None:
     response = _post(secured, headers)
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize(("headers", "message"), [
-    ({}, "missing credentials"),
-    ({"authorization": "Basic Zm9vOmJhcg=="}, "missing credentials"),
-    ({"authorization": "Bearer"}, "missing credentials"),
-    ({"authorization": "Bearer inline-key-0123456789abcdeX"}, "invalid credentials"),
-    ({"x-api-key": "inline-key"}, "invalid credentials"),
-    ({"authorization": "Bearer inline-key-0123456789abcdef, x"}, "invalid credentials"),
-], ids=["none", "basic only", "empty bearer", "one char off", "prefix", "key plus junk"])
-def test_rejected_and_missing_credentials(secured: ServerProcess, headers: dict[str, str],
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing credentials"),
+        ({"authorization": "Basic Zm9vOmJhcg=="}, "missing credentials"),
+        ({"authorization": "Bearer"}, "missing credentials"),
+        ({"authorization": "Bearer inline-key-0123456789abcdeX"}, "invalid credentials"),
+        ({"x-api-key": "inline-key"}, "invalid credentials"),
+        ({"authorization": "Bearer inline-key-0123456789abcdef, x"}, "invalid credentials"),
+    ],
+    ids=["none", "basic only", "empty bearer", "one char off", "prefix", "key plus junk"],
+)
+def test_rejected_and_missing_credentials(
+    secured: ServerProcess, headers: dict[str, str], message: str
+) -> None:
     response = _post(secured, headers)
     assert response.status_code == 401, response.text
     assert message in response.json()["error"]
@@ -174,7 +191,9 @@ def test_every_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch)
 def test_parsing_keys_and_credentials() -> None:
     assert auth.parse_keys("# comment\n a, b\tc\n\n#d\ne") == ["a", "b", "c", "e"]
     assert auth.credentials([(b"authorization", b"Bearer  tok "), (b"x-api-key", b" k ")]) == [
-        "tok", "k"]
+        "tok",
+        "k",
+    ]
     assert auth.credentials([(b"authorization", b"Basic abc")]) == []
     with pytest.raises(ValueError, match="no API key"):
         auth.ApiKeys(" , ", None)

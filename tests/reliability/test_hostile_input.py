@@ -23,11 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+import soak
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-import soak
 from conftest import Report
 from server_process import ServerProcess
 
@@ -62,8 +62,11 @@ def _read_reply(sock: socket.socket) -> bytes:
             data += chunk
             if b"\r\n\r\n" in data:
                 head, _, body = data.partition(b"\r\n\r\n")
-                length = [line for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")]
+                length = [
+                    line
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
                 if length and len(body) >= int(length[0].split(b":")[1]):
                     break
     return data
@@ -88,8 +91,12 @@ def test_live_openapi_schema_never_5xx_nor_hangs(server: ServerProcess, report: 
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 strategy = operation.as_strategy(mode, path_parameters=params or None)
 
-                @settings(max_examples=8, deadline=None, database=None,
-                          suppress_health_check=list(HealthCheck))
+                @settings(
+                    max_examples=8,
+                    deadline=None,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )
                 @given(case=strategy)
                 def check(case: schemathesis.Case) -> None:
                     nonlocal slowest
@@ -98,12 +105,20 @@ def test_live_openapi_schema_never_5xx_nor_hangs(server: ServerProcess, report: 
                     slowest = max(slowest, time.monotonic() - started)
                     seen[response.status_code] += 1
                     assert _allowed(response.status_code, response.text), (
-                        case.method, case.formatted_path, case.body, response.text)
+                        case.method,
+                        case.formatted_path,
+                        case.body,
+                        response.text,
+                    )
 
                 with contextlib.suppress(Unsatisfiable):  # no invalid form of a bare GET
                     check()
-    report("hostile_schemathesis", requests=sum(seen.values()), statuses=dict(seen),
-           slowest_s=round(slowest, 3))
+    report(
+        "hostile_schemathesis",
+        requests=sum(seen.values()),
+        statuses=dict(seen),
+        slowest_s=round(slowest, 3),
+    )
     assert sum(seen.values()) > 300, seen
     assert seen[200] > 0 and seen[400] > 0, seen  # it reached both the model and the parser
 
@@ -111,9 +126,10 @@ def test_live_openapi_schema_never_5xx_nor_hangs(server: ServerProcess, report: 
 # --- oversized bodies -------------------------------------------------------------------------
 def test_declared_oversized_body_rejected_before_it_is_sent(strict: ServerProcess) -> None:
     with _connect(strict) as sock:
-        sock.sendall(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n"
-                     + b"[" * 65536)
+        sock.sendall(
+            b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n" + b"[" * 65536
+        )
         reply = _read_reply(sock)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
 
@@ -123,8 +139,10 @@ def test_streamed_oversized_body_cut_off_at_the_limit(strict: ServerProcess) -> 
     chunk = b"40000\r\n" + b" " * 0x40000 + b"\r\n"  # 256 KiB chunks
     sent = 0
     with _connect(strict) as sock:
-        sock.sendall(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\n"
-                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         sock.settimeout(0.05)
         reply = b""
         while sent < 64 * MAX_BODY and not reply:
@@ -138,62 +156,130 @@ def test_streamed_oversized_body_cut_off_at_the_limit(strict: ServerProcess) -> 
 
 # --- hostile JSON and tensors -----------------------------------------------------------------
 def _v2(name: str, shape: object, datatype: str, data: object) -> bytes:
-    return json.dumps({"inputs": [{"name": name, "shape": shape, "datatype": datatype,
-                                   "data": data}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+    ).encode()
 
 
 def _binary_bytes(elements: list[bytes], declared_size: int | None = None) -> tuple[bytes, str]:
     payload = b"".join(struct.pack("<I", len(e)) + e for e in elements)
     size = len(payload) if declared_size is None else declared_size
-    header = json.dumps({"inputs": [{"name": "text", "shape": [len(elements)],
-                                     "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": size}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "shape": [len(elements)],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        }
+    ).encode()
     return header + payload, str(len(header))
 
 
 DEEP = 100_000  # far past any parser's depth limit, within the 1 MiB body limit
 HOSTILE: list[tuple[str, str, bytes, set[int]]] = [
-    ("deep data", "/v2/models/affine/infer",
-     b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":' + b"[" * DEEP
-     + b"]" * DEEP + b"}]}", {400}),
-    ("deep parameters", "/v2/models/affine/infer",
-     b'{"parameters":' + b'{"a":' * DEEP + b"1" + b"}" * DEEP + b',"inputs":[]}', {400}),
-    ("deep v1", "/v1/models/affine:predict", b'{"instances":' + b"[" * DEEP + b"]" * DEEP + b"}",
-     {400}),
-    ("huge shape, tiny data", "/v2/models/affine/infer",
-     _v2("x", [2**32, 2**32], "FP32", []), {400}),
-    ("shape overflowing int64", "/v2/models/affine/infer",
-     _v2("x", [2**64, 4], "FP32", [1, 2, 3, 4]), {400}),
-    ("product of huge dims wraps to 0", "/v2/models/affine/infer",
-     _v2("x", [2**62, 4, 0], "FP32", []), {400}),
+    (
+        "deep data",
+        "/v2/models/affine/infer",
+        b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":'
+        + b"[" * DEEP
+        + b"]" * DEEP
+        + b"}]}",
+        {400},
+    ),
+    (
+        "deep parameters",
+        "/v2/models/affine/infer",
+        b'{"parameters":' + b'{"a":' * DEEP + b"1" + b"}" * DEEP + b',"inputs":[]}',
+        {400},
+    ),
+    (
+        "deep v1",
+        "/v1/models/affine:predict",
+        b'{"instances":' + b"[" * DEEP + b"]" * DEEP + b"}",
+        {400},
+    ),
+    (
+        "huge shape, tiny data",
+        "/v2/models/affine/infer",
+        _v2("x", [2**32, 2**32], "FP32", []),
+        {400},
+    ),
+    (
+        "shape overflowing int64",
+        "/v2/models/affine/infer",
+        _v2("x", [2**64, 4], "FP32", [1, 2, 3, 4]),
+        {400},
+    ),
+    (
+        "product of huge dims wraps to 0",
+        "/v2/models/affine/infer",
+        _v2("x", [2**62, 4, 0], "FP32", []),
+        {400},
+    ),
     ("negative dims", "/v2/models/affine/infer", _v2("x", [1, -4], "FP32", [1, 2, 3, 4]), {400}),
-    ("two negatives make 4", "/v2/models/affine/infer",
-     _v2("x", [-2, -2], "FP32", [1, 2, 3, 4]), {400}),
+    (
+        "two negatives make 4",
+        "/v2/models/affine/infer",
+        _v2("x", [-2, -2], "FP32", [1, 2, 3, 4]),
+        {400},
+    ),
     ("33 dims", "/v2/models/affine/infer", _v2("x", [1] * 33, "FP32", [1]), {400}),
-    ("unicode strings", "/v2/models/text/infer",
-     _v2("text", [4], "BYTES", ["\u0000nul", "\u202eRTL\u202c", "🚀" * 5000, "e\u0301\u0301"]),
-     {200}),
-    ("lone surrogate", "/v2/models/text/infer",
-     b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["\\ud800"]}]}',
-     {400}),
-    ("raw invalid UTF-8 in JSON", "/v2/models/text/infer",
-     b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["\xff\xfe"]}]}', {400}),
-    ("strings for a float tensor", "/v2/models/affine/infer",
-     _v2("x", [1, 4], "FP32", ["1", "2", "3", "🚀"]), {400}),
-    ("BYTES v1 unicode", "/v1/models/text:predict",
-     json.dumps({"instances": ["\u0000", "\U0010ffff", "a" * 100_000]}).encode(), {200}),
-    ("huge exponent", "/v2/models/affine/infer", b'{"inputs":[{"name":"x","shape":[1,4],'
-     b'"datatype":"FP32","data":[1e999999,2,3,4]}]}', {400}),
+    (
+        "unicode strings",
+        "/v2/models/text/infer",
+        _v2("text", [4], "BYTES", ["\u0000nul", "\u202eRTL\u202c", "🚀" * 5000, "e\u0301\u0301"]),
+        {200},
+    ),
+    (
+        "lone surrogate",
+        "/v2/models/text/infer",
+        b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["\\ud800"]}]}',
+        {400},
+    ),
+    (
+        "raw invalid UTF-8 in JSON",
+        "/v2/models/text/infer",
+        b'{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["\xff\xfe"]}]}',
+        {400},
+    ),
+    (
+        "strings for a float tensor",
+        "/v2/models/affine/infer",
+        _v2("x", [1, 4], "FP32", ["1", "2", "3", "🚀"]),
+        {400},
+    ),
+    (
+        "BYTES v1 unicode",
+        "/v1/models/text:predict",
+        json.dumps({"instances": ["\u0000", "\U0010ffff", "a" * 100_000]}).encode(),
+        {200},
+    ),
+    (
+        "huge exponent",
+        "/v2/models/affine/infer",
+        b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1e999999,2,3,4]}]}',
+        {400},
+    ),
     ("huge integer", "/v2/models/mixed/infer", _v2("ids", [1, 2], "INT64", [10**400, 1]), {400}),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "expected"), [case[1:] for case in HOSTILE],
-                         ids=[case[0] for case in HOSTILE])
-def test_hostile_json_gets_a_4xx(strict: ServerProcess, path: str, body: bytes,
-                                 expected: set[int]) -> None:
-    response = httpx.post(f"{strict.url}{path}", content=body, timeout=10,
-                          headers={"content-type": "application/json"})
+@pytest.mark.parametrize(
+    ("path", "body", "expected"), [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE]
+)
+def test_hostile_json_gets_a_4xx(
+    strict: ServerProcess, path: str, body: bytes, expected: set[int]
+) -> None:
+    response = httpx.post(
+        f"{strict.url}{path}",
+        content=body,
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code in expected, response.text[:300]
     if response.status_code >= 400:
         assert response.json()["error"]
@@ -207,23 +293,47 @@ BINARY: list[tuple[str, list[bytes], int | None, set[int]]] = [
 ]
 
 
-@pytest.mark.parametrize(("elements", "declared", "expected"), [c[1:] for c in BINARY],
-                         ids=[c[0] for c in BINARY])
-def test_hostile_binary_bytes_tensors(strict: ServerProcess, elements: list[bytes],
-                                      declared: int | None, expected: set[int]) -> None:
+@pytest.mark.parametrize(
+    ("elements", "declared", "expected"), [c[1:] for c in BINARY], ids=[c[0] for c in BINARY]
+)
+def test_hostile_binary_bytes_tensors(
+    strict: ServerProcess, elements: list[bytes], declared: int | None, expected: set[int]
+) -> None:
     body, header_length = _binary_bytes(elements, declared)
-    response = httpx.post(f"{strict.url}/v2/models/text/infer", content=body, timeout=10,
-                          headers={"inference-header-content-length": header_length,
-                                   "content-type": "application/octet-stream"})
+    response = httpx.post(
+        f"{strict.url}/v2/models/text/infer",
+        content=body,
+        timeout=10,
+        headers={
+            "inference-header-content-length": header_length,
+            "content-type": "application/octet-stream",
+        },
+    )
     assert response.status_code in expected, response.text[:300]
 
 
 def test_zero_element_binary_tensor_with_a_huge_dim(strict: ServerProcess) -> None:
-    header = json.dumps({"inputs": [{"name": "x", "shape": [2**62, 0], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": 0}}]}).encode()
-    response = httpx.post(f"{strict.url}/v2/models/affine/infer", content=header, timeout=10,
-                          headers={"inference-header-content-length": str(len(header)),
-                                   "content-type": "application/octet-stream"})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2**62, 0],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 0},
+                }
+            ]
+        }
+    ).encode()
+    response = httpx.post(
+        f"{strict.url}/v2/models/affine/infer",
+        content=header,
+        timeout=10,
+        headers={
+            "inference-header-content-length": str(len(header)),
+            "content-type": "application/octet-stream",
+        },
+    )
     assert response.status_code == 400, response.text[:300]
 
 
@@ -246,8 +356,9 @@ def _drip(sock: socket.socket, data: bytes, every_s: float, limit_s: float) -> t
     return b"<still open>", time.monotonic() - started
 
 
-REQUEST_HEAD = (b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\n"
-                b"Content-Type: application/json\r\n")
+REQUEST_HEAD = (
+    b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+)
 
 
 def test_slow_drip_body_gets_408(strict: ServerProcess) -> None:
@@ -261,8 +372,9 @@ def test_slow_drip_body_gets_408(strict: ServerProcess) -> None:
 
 def test_slow_drip_headers_get_408(strict: ServerProcess) -> None:
     with _connect(strict) as sock:
-        reply, seconds = _drip(sock, REQUEST_HEAD + b"X-Padding: " + b"a" * 1000, 0.2,
-                               HEADER_TIMEOUT_S + 10)
+        reply, seconds = _drip(
+            sock, REQUEST_HEAD + b"X-Padding: " + b"a" * 1000, 0.2, HEADER_TIMEOUT_S + 10
+        )
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert HEADER_TIMEOUT_S * 0.9 <= seconds < HEADER_TIMEOUT_S + SLACK_S, seconds
 
@@ -272,8 +384,9 @@ def test_slow_drip_headers_on_a_keepalive_connection_get_408(strict: ServerProce
     with _connect(strict) as sock:
         sock.sendall(REQUEST_HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert _read_reply(sock).startswith(b"HTTP/1.1 200")
-        reply, seconds = _drip(sock, REQUEST_HEAD + b"X-Padding: " + b"a" * 1000, 0.2,
-                               HEADER_TIMEOUT_S + 10)
+        reply, seconds = _drip(
+            sock, REQUEST_HEAD + b"X-Padding: " + b"a" * 1000, 0.2, HEADER_TIMEOUT_S + 10
+        )
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert seconds < HEADER_TIMEOUT_S + SLACK_S, seconds
 
@@ -328,9 +441,15 @@ def test_slowloris_flood_neither_starves_others_nor_leaks(
     while soak.fd_count(worker) > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
     fds_after = soak.fd_count(worker)
-    report("hostile_slowloris", connections=len(attackers), closed_by_server=closed,
-           fds_before=fds_before, fds_during=fds_during, fds_after=fds_after,
-           probe_max_ms=round(1000 * max(latencies), 1))
+    report(
+        "hostile_slowloris",
+        connections=len(attackers),
+        closed_by_server=closed,
+        fds_before=fds_before,
+        fds_during=fds_during,
+        fds_after=fds_after,
+        probe_max_ms=round(1000 * max(latencies), 1),
+    )
     assert fds_during >= fds_before + 250  # the attack really held connections
     assert closed == len(attackers)
     assert fds_after <= fds_before, (fds_before, fds_after)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import soak
+
 from conftest import Report
 from podserve.phases import parse_server_timing
 from server_process import ServerProcess
@@ -36,8 +37,9 @@ OVERLOAD_FACTOR = 3.0
 OVERLOAD_S = 8.0
 WARMUP_S = 2.0
 CONNECTIONS = 128
-BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32",
-                               "data": [0.01] * 256}]}).encode()
+BODY = json.dumps(
+    {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [0.01] * 256}]}
+).encode()
 REQUEST = soak.encode("POST", "/v2/models/slow/infer", BODY, {"Content-Type": "application/json"})
 
 
@@ -79,8 +81,7 @@ async def _overload(port: int, pids: list[int], rate: float) -> tuple[soak.Outco
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_rss(pids, stop))
     recovery = asyncio.create_task(_recovery(port, time.perf_counter() + OVERLOAD_S))
-    outcome = await soak.open_loop(pool, _make, rate, OVERLOAD_S,
-                                   soak.Outcome(keep_timings=True))
+    outcome = await soak.open_loop(pool, _make, rate, OVERLOAD_S, soak.Outcome(keep_timings=True))
     stop.set()
     pool.close()
     return outcome, await sampler, await recovery
@@ -95,8 +96,11 @@ async def _burst(port: int, rate: float) -> None:
 def test_overload_sheds_excess_keeps_latency_bounded_and_recovers(
     model_repo: Path, report: Report
 ) -> None:
-    env = {"PODSERVE_MAX_QUEUE_ROWS": str(QUEUE_ROWS), "PODSERVE_RETRY_AFTER_S": "1",
-           "PODSERVE_MAX_BATCH_DELAY_MS": str(BATCH_DELAY_MS)}
+    env = {
+        "PODSERVE_MAX_QUEUE_ROWS": str(QUEUE_ROWS),
+        "PODSERVE_RETRY_AFTER_S": "1",
+        "PODSERVE_MAX_BATCH_DELAY_MS": str(BATCH_DELAY_MS),
+    }
     with ServerProcess(model_repo, workers=2, env=env) as server:
         pids = server.worker_pids()
         capacity = asyncio.run(soak.closed_loop("127.0.0.1", server.port, _make, 8, 4.0))
@@ -106,7 +110,8 @@ def test_overload_sheds_excess_keeps_latency_bounded_and_recovers(
         asyncio.run(_burst(server.port, OVERLOAD_FACTOR * capacity_rps))
         rss_before = {pid: soak.rss_kib(pid) for pid in pids}
         outcome, rss_peak, recovery = asyncio.run(
-            _overload(server.port, pids, OVERLOAD_FACTOR * capacity_rps))
+            _overload(server.port, pids, OVERLOAD_FACTOR * capacity_rps)
+        )
         rss_after = {pid: soak.rss_kib(pid) for pid in pids}
         assert server.worker_pids() == pids, "a worker died under overload"
 
@@ -116,15 +121,24 @@ def test_overload_sheds_excess_keeps_latency_bounded_and_recovers(
     bound_ms = BATCH_DELAY_MS + batches * max(infer_ms) + 2 * shed_p99_ms
     p99_ms = soak.percentile(outcome.latencies, 0.99) * 1000
     growth = {pid: rss_after[pid] / rss_before[pid] - 1 for pid in pids}
-    report("overload", capacity_rps=round(capacity_rps, 1), offered_rps=round(
-        OVERLOAD_FACTOR * capacity_rps, 1), **outcome.summary(),
+    report(
+        "overload",
+        capacity_rps=round(capacity_rps, 1),
+        offered_rps=round(OVERLOAD_FACTOR * capacity_rps, 1),
+        **outcome.summary(),
         accepted_per_s=round(outcome.ok / outcome.elapsed_s, 1),
-        retry_after=dict(outcome.retry_after), bound_ms=round(bound_ms, 1),
-        accepted_p99_ms=round(p99_ms, 1), infer_max_ms=max(infer_ms),
-        shed_p99_ms=round(shed_p99_ms, 1), rss_kib_before=rss_before, rss_kib_peak=rss_peak,
-        rss_kib_after=rss_after, rss_growth_pct={p: round(100 * g, 2) for p, g in growth.items()},
+        retry_after=dict(outcome.retry_after),
+        bound_ms=round(bound_ms, 1),
+        accepted_p99_ms=round(p99_ms, 1),
+        infer_max_ms=max(infer_ms),
+        shed_p99_ms=round(shed_p99_ms, 1),
+        rss_kib_before=rss_before,
+        rss_kib_peak=rss_peak,
+        rss_kib_after=rss_after,
+        rss_growth_pct={p: round(100 * g, 2) for p, g in growth.items()},
         recovery_first_200_s=recovery["first_200_after_s"],
-        recovery_p50_ms=round(1000 * soak.percentile(recovery["streak_latencies_s"], 0.5), 1))
+        recovery_p50_ms=round(1000 * soak.percentile(recovery["streak_latencies_s"], 0.5), 1),
+    )
 
     assert outcome.late_starts < 0.05 * outcome.sent, "the generator could not offer the load"
     assert not outcome.errors, outcome.errors

@@ -26,21 +26,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+import soak
 
 import postgres
-import soak
 from conftest import Report
 from server_process import PODSERVE, ServerProcess
 from tcp_proxy import TcpProxy
 
 NOBODY = 65534
-WRITE_CALLS = ("open,openat,openat2,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,"
-               "unlinkat,rmdir,link,linkat,symlink,symlinkat,truncate,chmod,fchmodat,chown,"
-               "fchownat,lchown,utimensat,mknod,mknodat,bind")
+WRITE_CALLS = (
+    "open,openat,openat2,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,"
+    "unlinkat,rmdir,link,linkat,symlink,symlinkat,truncate,chmod,fchmodat,chown,"
+    "fchownat,lchown,utimensat,mknod,mknodat,bind"
+)
 WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
 HARMLESS = ("/dev/null", "/dev/tty", "/dev/urandom")
-TABULAR = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
-                       "data": [0.5] * 30}]}
+TABULAR = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
 
 
 class TracedServer(ServerProcess):
@@ -52,19 +53,37 @@ class TracedServer(ServerProcess):
 
     def start(self, timeout: float = 120.0) -> TracedServer:
         # -ff: one output file per process, so no call is split into unfinished/resumed lines
-        command = ["strace", "-f", "-ff", "-qq", "-y", "--seccomp-bpf",
-                   "-e", f"trace={WRITE_CALLS}", "-o", str(self.trace / "trace"),
-                   "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                   "--inh-caps=-all", "--", *PODSERVE, "serve"]
-        self.proc = subprocess.Popen(command, env=self.env, cwd=self.cwd, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT)
+        command = [
+            "strace",
+            "-f",
+            "-ff",
+            "-qq",
+            "-y",
+            "--seccomp-bpf",
+            "-e",
+            f"trace={WRITE_CALLS}",
+            "-o",
+            str(self.trace / "trace"),
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+            *PODSERVE,
+            "serve",
+        ]
+        self.proc = subprocess.Popen(
+            command, env=self.env, cwd=self.cwd, stdout=self.log_file, stderr=subprocess.STDOUT
+        )
         self.wait_ready(timeout)
         return self
 
     def master(self) -> int:
         assert self.proc is not None
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                             text=True, check=False)
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        )
         return int(out.stdout.split()[0])
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -82,8 +101,13 @@ class TracedServer(ServerProcess):
 def layout(model_repo: Path) -> Iterator[dict[str, Path]]:
     base = Path(tempfile.mkdtemp(prefix="podserve-rofs-"))
     base.chmod(0o755)
-    dirs = {"readonly": base / "readonly", "models": base / "models", "spool": base / "spool",
-            "prometheus": base / "prometheus", "tmp": base / "tmp"}
+    dirs = {
+        "readonly": base / "readonly",
+        "models": base / "models",
+        "spool": base / "spool",
+        "prometheus": base / "prometheus",
+        "tmp": base / "tmp",
+    }
     shutil.copytree(model_repo, dirs["models"])
     for path in [dirs["models"], *dirs["models"].rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)  # readable by nobody, owned by root
@@ -129,9 +153,12 @@ def test_writes_only_to_configured_directories(
     before = sorted(p.name for p in layout["readonly"].iterdir())
     with TcpProxy(*postgres.host_port(rel_db)) as proxy:
         env = postgres.server_env(
-            postgres.with_port(rel_db, proxy.port), layout["spool"],
-            HOME=str(layout["readonly"]), TMPDIR=str(layout["tmp"]),
-            PYTHONDONTWRITEBYTECODE="1", PODSERVE_MODEL_REPOSITORY=str(layout["models"]),
+            postgres.with_port(rel_db, proxy.port),
+            layout["spool"],
+            HOME=str(layout["readonly"]),
+            TMPDIR=str(layout["tmp"]),
+            PYTHONDONTWRITEBYTECODE="1",
+            PODSERVE_MODEL_REPOSITORY=str(layout["models"]),
             PODSERVE_PROMETHEUS_MULTIPROC_DIR=str(layout["prometheus"]),
             PROMETHEUS_MULTIPROC_DIR=str(layout["prometheus"]),
         )
@@ -142,8 +169,10 @@ def test_writes_only_to_configured_directories(
             server.start()
             uids = {_uid(pid) for pid in [server.master(), *soak.child_pids(server.master())]}
             with httpx.Client(base_url=server.url, timeout=10) as client:
-                statuses = [client.post("/v2/models/tabular/infer", json=TABULAR).status_code
-                            for _ in range(20)]
+                statuses = [
+                    client.post("/v2/models/tabular/infer", json=TABULAR).status_code
+                    for _ in range(20)
+                ]
                 statuses.append(client.get("/metrics").status_code)
             proxy.cut()  # the buffered prediction-log rows can only go to the spool now
             exit_code = server.stop()
@@ -154,16 +183,29 @@ def test_writes_only_to_configured_directories(
     allowed = tuple(str(layout[name]) for name in ("spool", "prometheus", "tmp"))
 
     def outside(wanted: set[str]) -> list[str]:
-        return sorted({f"{path} ({result})" for path, result in calls if result in wanted
-                       and not path.startswith(allowed) and not path.startswith(HARMLESS)})
+        return sorted(
+            {
+                f"{path} ({result})"
+                for path, result in calls
+                if result in wanted
+                and not path.startswith(allowed)
+                and not path.startswith(HARMLESS)
+            }
+        )
 
     written_outside = outside({"ok"})
     refused_outside = outside({"EACCES", "EROFS", "EPERM"})  # tried, and the FS said no
     spooled = sorted(p.name for p in layout["spool"].iterdir())
-    report("readonly_fs", write_calls=sum(r == "ok" for _, r in calls),
-           written_outside=written_outside, refused_outside=refused_outside,
-           spool_files=spooled, statuses=sorted(set(statuses)), exit_code=exit_code,
-           uids=sorted(uids))
+    report(
+        "readonly_fs",
+        write_calls=sum(r == "ok" for _, r in calls),
+        written_outside=written_outside,
+        refused_outside=refused_outside,
+        spool_files=spooled,
+        statuses=sorted(set(statuses)),
+        exit_code=exit_code,
+        uids=sorted(uids),
+    )
     assert uids == {NOBODY}, uids
     assert statuses == [200] * 21, server.logs()[-3000:]
     assert exit_code == 0, server.logs()[-3000:]

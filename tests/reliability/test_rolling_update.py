@@ -16,11 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 import soak
-from conftest import Report
 from lb_proxy import LoadBalancer
+
+from conftest import Report
 from server_process import ServerProcess, free_port
 
 PROPAGATION_S = 0.3  # endpoint removal reaching the balancer (kube-proxy / ingress lag)
@@ -30,8 +29,18 @@ SLOW_USERS = 1
 
 
 def _slow_body(rows: int) -> bytes:
-    return json.dumps({"inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32",
-                                   "data": [0.01] * (rows * 256)}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [rows, 256],
+                    "datatype": "FP32",
+                    "data": [0.01] * (rows * 256),
+                }
+            ]
+        }
+    ).encode()
 
 
 SLOW_BODY = _slow_body(4)  # tens of ms per row: a steady share of long requests
@@ -71,8 +80,9 @@ class SteadyLoad:
 def _drained_request(pod: ServerProcess) -> tuple[soak.Connection, asyncio.Task]:
     """A long request straight to the pod, on the wire before SIGTERM: it must still finish."""
     conn = soak.Connection("127.0.0.1", pod.port)
-    request = soak.encode("POST", "/v2/models/slow/infer", DRAINED_BODY,
-                          {"Content-Type": "application/json"})
+    request = soak.encode(
+        "POST", "/v2/models/slow/infer", DRAINED_BODY, {"Content-Type": "application/json"}
+    )
     loop = asyncio.new_event_loop()
     task = loop.create_task(conn.send(request))
     loop.run_until_complete(asyncio.sleep(0.15))  # connected, sent, and being worked on
@@ -97,8 +107,11 @@ def _replace(lb: LoadBalancer, old: ServerProcess, repo: Path) -> tuple[ServerPr
     boot.join(120)
     lb.wait_routable(replacement.port)
     lb.remove(old.port)
-    return replacement, {"old_exit_code": exit_code, "drained_status": drained.status,
-                         "seconds": round(time.monotonic() - started, 2)}
+    return replacement, {
+        "old_exit_code": exit_code,
+        "drained_status": drained.status,
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 def test_rolling_update_loses_no_request(model_repo: Path, report: Report) -> None:
@@ -122,12 +135,20 @@ def test_rolling_update_loses_no_request(model_repo: Path, report: Report) -> No
         for pod in pods:
             pod.stop()
     served_by_new = {p: e["forwarded"] for p, e in state["endpoints"].items()}
-    report("rolling_update", sent=fast.sent + slow.sent, failed=fast.failed + slow.failed,
-           shed=fast.shed + slow.shed, errors={**fast.errors, **slow.errors},
-           statuses={**fast.summary()["statuses"]}, slow_statuses=slow.summary()["statuses"],
-           lb_502=state["responses_502"], lb_503=state["responses_503"],
-           lb_connect_retries=state["connect_retries"], new_pods_forwarded=served_by_new,
-           steps=steps)
+    report(
+        "rolling_update",
+        sent=fast.sent + slow.sent,
+        failed=fast.failed + slow.failed,
+        shed=fast.shed + slow.shed,
+        errors={**fast.errors, **slow.errors},
+        statuses={**fast.summary()["statuses"]},
+        slow_statuses=slow.summary()["statuses"],
+        lb_502=state["responses_502"],
+        lb_503=state["responses_503"],
+        lb_connect_retries=state["connect_retries"],
+        new_pods_forwarded=served_by_new,
+        steps=steps,
+    )
     assert fast.sent > 500 and slow.sent > 10, (fast.sent, slow.sent)
     assert fast.failed == 0 and slow.failed == 0, (fast.summary(), slow.summary())
     assert state["responses_502"] == 0 and state["responses_503"] == 0, state

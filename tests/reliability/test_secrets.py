@@ -40,14 +40,19 @@ def _with_password(url: str, port: int) -> str:
 
 
 @pytest.fixture()
-def traced_server(model_repo: Path, rel_db: str, tmp_path: Path
-                  ) -> Iterator[tuple[ServerProcess, TcpProxy, OtlpReceiver]]:
+def traced_server(
+    model_repo: Path, rel_db: str, tmp_path: Path
+) -> Iterator[tuple[ServerProcess, TcpProxy, OtlpReceiver]]:
     with OtlpReceiver() as receiver, TcpProxy(*postgres.host_port(rel_db)) as proxy:
         env = postgres.server_env(
-            _with_password(rel_db, proxy.port), tmp_path / "spool",
-            PODSERVE_API_KEYS=API_KEY, PODSERVE_LOG_LEVEL="debug", PODSERVE_ACCESS_LOG="true",
+            _with_password(rel_db, proxy.port),
+            tmp_path / "spool",
+            PODSERVE_API_KEYS=API_KEY,
+            PODSERVE_LOG_LEVEL="debug",
+            PODSERVE_ACCESS_LOG="true",
             PODSERVE_DB_BREAKER_RESET_S="0.5",
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100",
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
         )
         server = ServerProcess(model_repo, workers=2, env=env)
         try:
@@ -60,14 +65,19 @@ def _exercise(server: ServerProcess, proxy: TcpProxy) -> list[httpx.Response]:
     good = {"authorization": f"Bearer {API_KEY}"}
     responses = []
     with httpx.Client(base_url=server.url, timeout=10) as client:
+
         def call(method: str, path: str, **kwargs: object) -> None:
             responses.append(client.request(method, path, **kwargs))
 
         for _ in range(5):
             call("POST", "/v2/models/tabular/infer", json=RAW, headers=good)
             call("POST", "/v2/models/tabular/infer", json=RAW, headers={"x-api-key": API_KEY})
-            call("POST", "/v2/models/tabular/infer", json=RAW,
-                 headers={"authorization": f"Bearer {WRONG_KEY}"})
+            call(
+                "POST",
+                "/v2/models/tabular/infer",
+                json=RAW,
+                headers={"authorization": f"Bearer {WRONG_KEY}"},
+            )
             call("POST", "/v2/models/tabular/infer", json=RAW, headers={"x-api-key": WRONG_KEY})
             call("POST", "/v2/models/tabular/infer", json=BY_ID, headers=good)  # 404: no rows
             call("GET", "/v2/models/tabular", headers={"authorization": f"Bearer {WRONG_KEY}"})
@@ -88,8 +98,7 @@ def _dump(response: httpx.Response) -> str:
 
 
 def _span_text(receiver: OtlpReceiver) -> str:
-    return "\n".join(f"{s.name} {s.attributes} {s.resource} {s.links}"
-                     for s in receiver.snapshot())
+    return "\n".join(f"{s.name} {s.attributes} {s.resource} {s.links}" for s in receiver.snapshot())
 
 
 def test_no_secret_in_logs_traces_errors_or_metrics(
@@ -100,8 +109,20 @@ def test_no_secret_in_logs_traces_errors_or_metrics(
     receiver.wait_for(lambda spans: len(spans) >= 40)
     server.stop()  # flushes logs, spans and the prediction log
     cli = subprocess.run(
-        [sys.executable, "-m", "podserve.cli", "db", "status", "--database-url",
-         _with_password(rel_db, 9)], capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "podserve.cli",
+            "db",
+            "status",
+            "--database-url",
+            _with_password(rel_db, 9),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
     captured = {
         "server output": server.logs(),
@@ -111,8 +132,12 @@ def test_no_secret_in_logs_traces_errors_or_metrics(
         "cli": cli.stdout + cli.stderr,
     }
     statuses = sorted({r.status_code for r in responses})
-    report("secrets", bytes_searched={k: len(v) for k, v in captured.items()},
-           spans=len(receiver.snapshot()), statuses=statuses)
+    report(
+        "secrets",
+        bytes_searched={k: len(v) for k, v in captured.items()},
+        spans=len(receiver.snapshot()),
+        statuses=statuses,
+    )
     # The search covered real output: the run did log, trace, reject and fail.
     assert "API-key authentication on" in captured["server output"]
     assert "/v2/models/tabular/infer" in captured["server output"]  # access log
@@ -121,6 +146,9 @@ def test_no_secret_in_logs_traces_errors_or_metrics(
     assert {200, 401, 503} <= set(statuses), statuses
     assert cli.returncode != 0 and cli.stderr
     for where, text in captured.items():
-        for name, secret in (("API key", API_KEY), ("wrong key", WRONG_KEY),
-                             ("database password", DB_PASSWORD)):
+        for name, secret in (
+            ("API key", API_KEY),
+            ("wrong key", WRONG_KEY),
+            ("database password", DB_PASSWORD),
+        ):
             assert secret not in text, f"{name} found in {where}"

@@ -205,9 +205,12 @@ class JobRunner:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.executions:
             await asyncio.wait(self.executions, timeout=grace_s)
-        for job in list(self.running.values()):
-            with contextlib.suppress(Exception):
-                await self.store.requeue(job, self.owner, 0.0, refund=True)
+        requeues = [self.store.requeue(job, self.owner, 0.0, refund=True)
+                    for job in self.running.values()]
+        if requeues:  # bounded: with the database gone, the leases expire instead
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await asyncio.gather(*requeues, return_exceptions=True)
         for task in self.executions:
             task.cancel()
 

@@ -9,6 +9,7 @@ requests waiting for a connection is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -186,7 +187,8 @@ class Database:
 def _drop(conn: asyncpg.Connection) -> None:
     """Close a connection that timed out, was cancelled or broke, without waiting: a reset
     (or the wait for a query cancellation) would hang on the same dead network."""
-    conn.terminate()
+    with contextlib.suppress(asyncpg.InterfaceError):  # already closed and handed back
+        conn.terminate()
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:

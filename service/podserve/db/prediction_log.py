@@ -209,7 +209,7 @@ class PredictionLog:
         self._closing = True
         if self._spiller is not None:
             self._full.set()
-            await self._spiller  # finishes a spill in progress, then returns
+            await asyncio.wait({self._spiller}, timeout=2.0)  # lets a spill in progress end
         stranded: list[Row] = []  # the batch of a write that did not stop in time
         if self._writer is not None:
             self._writer.cancel()
@@ -225,10 +225,15 @@ class PredictionLog:
                 log.warning("prediction log flush failed", extra={"error": repr(flush.exception())})
         rows = [*stranded, *self._inflight, *self.buffer]
         self.buffer.clear()
-        if rows:
+        if not rows:
+            return
+        try:
             await asyncio.to_thread(self.spool.write, rows)
-            self.rows_spooled += len(rows)
-            log.warning("prediction log spooled at shutdown", extra={"rows": len(rows)})
+        except (OSError, TypeError, ValueError):
+            log.exception("prediction-log rows lost at shutdown", extra={"rows": len(rows)})
+            return
+        self.rows_spooled += len(rows)
+        log.warning("prediction log spooled at shutdown", extra={"rows": len(rows)})
 
     # --- writer ----------------------------------------------------------------------
     async def _write_forever(self) -> None:
@@ -328,7 +333,7 @@ class PredictionLog:
         rows = [self.buffer.popleft() for _ in range(count)]
         try:
             await asyncio.to_thread(self.spool.write, rows)
-        except OSError as exc:
+        except Exception as exc:  # a full or read-only disk: keep the rows, try again later
             self.buffer.extendleft(reversed(rows))
             log.error("cannot write the prediction-log spool", extra={"error": repr(exc)})
             return False

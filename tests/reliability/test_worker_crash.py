@@ -1,0 +1,163 @@
+"""Scenario 2: SIGKILL one Gunicorn worker under load.
+
+Gunicorn replaces the worker; the pod stays ready (the other worker answers the readiness
+probe); the only failed requests are those the killed worker held (one per client connection
+bound to it at most: the request in flight, or one sent into its closing socket); and every
+answered request has its prediction-log row.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import soak
+from traffic import RecordedLoad
+
+import postgres
+from conftest import Report
+from server_process import ServerProcess
+from tcp_proxy import TcpProxy
+
+USERS = 8
+
+
+class Prober:
+    """A kubelet-like readiness probe: a new connection every 50 ms, 1 s timeout."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.results: list[tuple[float, int | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                status: int | None = httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code
+            except httpx.HTTPError:
+                status = None
+            self.results.append((started, status))
+            time.sleep(0.05)
+
+    def __enter__(self) -> Prober:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def longest_failure_streak(self) -> int:
+        streak = longest = 0
+        for _, status in self.results:
+            streak = streak + 1 if status != 200 else 0
+            longest = max(longest, streak)
+        return longest
+
+
+@pytest.fixture()
+def logged_server(model_repo: Path, rel_db: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    with TcpProxy(*postgres.host_port(rel_db)) as proxy:
+        env = postgres.server_env(postgres.with_port(rel_db, proxy.port), tmp_path / "spool")
+        with ServerProcess(model_repo, workers=2, env=env) as server:
+            yield server
+
+
+def _wait_for_replacement(server: ServerProcess, killed: int, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        pids = server.worker_pids()
+        if killed not in pids and len(pids) == 2:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise TimeoutError(f"worker {killed} was not replaced")
+
+
+def test_sigkill_one_worker_under_load(
+    logged_server: ServerProcess, rel_db: str, report: Report
+) -> None:
+    server = logged_server
+    load = RecordedLoad(server.port, {"raw": soak.request_maker("tabular")}, {"raw": USERS})
+    with Prober(server.url) as prober, load:
+        time.sleep(2.0)
+        before = server.worker_pids()
+        victim = before[0]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        respawn_s = _wait_for_replacement(server, victim)
+        new_pid = next(p for p in server.worker_pids() if p not in before)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not load.select(
+            since=killed_at, where=lambda s: s.worker == str(new_pid) and s.status == 200
+        ):
+            time.sleep(0.05)
+        serving_s = time.monotonic() - killed_at
+        time.sleep(1.0)
+    server.stop()  # flushes the surviving workers' prediction-log buffers
+
+    bound = {s.user for s in _last_answer_per_user(load, killed_at) if s.worker == str(victim)}
+    failed = load.select(where=lambda s: s.status != 200)
+    answered = load.answered_ids()
+    logged = {
+        r["client_request_id"]
+        for r in postgres.query(
+            rel_db,
+            "SELECT client_request_id FROM podserve_prediction_log "
+            "WHERE client_request_id = ANY($1::text[])",
+            list(answered),
+        )
+    }
+    lost = answered - logged
+    lost_by_victim = {
+        s.request_id for s in load.samples if s.request_id in lost and s.worker == str(victim)
+    }
+    report(
+        "worker_crash",
+        sent=len(load.samples),
+        failed=len(failed),
+        failures={
+            f"{s.status or s.error}": sum(
+                1 for x in failed if (x.status or x.error) == (s.status or s.error)
+            )
+            for s in failed
+        },
+        connections_on_killed_worker=len(bound),
+        respawn_s=round(respawn_s, 2),
+        new_worker_serving_after_s=round(serving_s, 2),
+        probes=len(prober.results),
+        probes_failed=sum(1 for _, s in prober.results if s != 200),
+        rows_answered=len(answered),
+        rows_logged=len(logged),
+        rows_lost=len(lost),
+        rows_lost_answered_by_killed_worker=len(lost_by_victim),
+    )
+    assert len(load.samples) > 200
+    # Errors: only requests the killed worker held, at most one per connection bound to it,
+    # and only around the kill.
+    assert len(failed) <= len(bound), (len(failed), bound)
+    assert all(killed_at - 1 <= s.started <= killed_at + 2 for s in failed), failed
+    assert all(s.status is None for s in failed), failed  # no 5xx from the surviving worker
+    # The pod stayed ready: no probe said 503 and none failed twice in a row (a kubelet
+    # marks a pod unready after 3 failures by default).
+    assert all(status in (200, None) for _, status in prober.results), prober.results
+    assert prober.longest_failure_streak() <= 1, prober.results
+    assert lost <= lost_by_victim, "rows of requests answered by a surviving worker are lost"
+    if lost:
+        # Known gap (see README "Reliability"): rows wait in the worker's memory for up to
+        # PODSERVE_PREDICTION_LOG_FLUSH_MS; a SIGKILL loses them. Needs a crash-safe journal.
+        pytest.xfail(f"{len(lost)} rows buffered in the SIGKILLed worker were lost")
+
+
+def _last_answer_per_user(load: RecordedLoad, before: float) -> list:
+    last = {}
+    for sample in load.select(until=before, where=lambda s: s.status == 200):
+        last[sample.user] = sample
+    return list(last.values())
