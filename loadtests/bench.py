@@ -252,6 +252,7 @@ def run_rounds(
                 servers.append(stack.enter_context(Server(system, log_dir)))
             except (RuntimeError, TimeoutError) as exc:
                 log(f"FAILED to start {system.name}: {str(exc)[:2000]}")
+        log_idle_cpu(servers, log)
         for round_no in range(1, args.repeats + 1):
             log(f"--- round {round_no} of {args.repeats}")
             ceilings.append(run_ceiling(args, repos, log))
@@ -262,6 +263,15 @@ def run_rounds(
                     log(describe(server.system.name, c, sample))
     points = [make_point(name, c, runs) for (name, c), runs in samples.items()]
     return points, median_ceiling(ceilings)
+
+
+def log_idle_cpu(servers: list[Server], log: Callable, seconds: float = 3.0) -> None:
+    """What the idle servers cost while another system is measured (they all stay up)."""
+    before = [server.cpu_seconds() for server in servers]
+    time.sleep(seconds)
+    for server, cpu in zip(servers, before, strict=True):
+        idle = 100 * (server.cpu_seconds() - cpu) / seconds
+        log(f"  idle CPU {server.system.name:<20} {idle:5.1f}% of a core")
 
 
 def median_ceiling(rounds: list[dict]) -> dict:

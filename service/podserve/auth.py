@@ -53,7 +53,7 @@ class ApiKeys:
     """The accepted keys, as SHA-256 digests; reloads the key file when it changes."""
 
     def __init__(self, inline: str | None, key_file: Path | None) -> None:
-        self.inline = parse_keys(inline or "")
+        self.inline = [_digest(key) for key in parse_keys(inline or "")]  # no clear text kept
         self.key_file = key_file
         self._stamp: tuple[int, int] | None = None
         self._checked = time.monotonic()
@@ -65,18 +65,19 @@ class ApiKeys:
         return stat.st_mtime_ns, stat.st_ino
 
     def _load(self) -> list[bytes]:
-        keys = list(self.inline)
+        digests = list(self.inline)
         if self.key_file is not None:
             try:
                 self._stamp = self._file_stamp()
-                keys += parse_keys(self.key_file.read_text(encoding="utf-8"))
+                text = self.key_file.read_text(encoding="utf-8")
+                digests += [_digest(key) for key in parse_keys(text)]
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(
                     f"cannot read PODSERVE_API_KEYS_FILE {self.key_file}: {type(exc).__name__}"
                 ) from None
-        if not keys:
+        if not digests:
             raise ValueError("authentication is configured but no API key was found")
-        return [_digest(key) for key in dict.fromkeys(keys)]
+        return list(dict.fromkeys(digests))
 
     def maybe_reload(self) -> None:
         """At most every RELOAD_CHECK_S; a missing or empty file keeps the current keys."""

@@ -35,7 +35,7 @@ BODY_TIMEOUT_S = 1.0
 HEADER_TIMEOUT_S = 1.0
 MAX_BODY = 1024 * 1024
 SLACK_S = 2.0  # scheduling noise on a shared 2-core machine
-MODELS = ["affine", "text", "tabular", "mixed"]
+MODELS = ["affine", "text", "mixed"]  # float, BYTES (tokenizer) and multi-input models
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_live_openapi_schema_never_5xx_nor_hangs(server: ServerProcess, report: 
                 strategy = operation.as_strategy(mode, path_parameters=params or None)
 
                 @settings(
-                    max_examples=8,
+                    max_examples=6,
                     deadline=None,
                     database=None,
                     suppress_health_check=list(HealthCheck),
@@ -119,7 +119,7 @@ def test_live_openapi_schema_never_5xx_nor_hangs(server: ServerProcess, report: 
         statuses=dict(seen),
         slowest_s=round(slowest, 3),
     )
-    assert sum(seen.values()) > 300, seen
+    assert sum(seen.values()) > 150, seen
     assert seen[200] > 0 and seen[400] > 0, seen  # it reached both the model and the parser
 
 
