@@ -169,6 +169,12 @@ def catalogue(
                          "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
                          "OTEL_TRACES_SAMPLER": "always_on"},
                         "batching on, every request traced (OTLP to a local sink)"),
+        podserve_system("podserve-tracing-10pct", "minilm", repos["minilm"], n, minilm_path,
+                        text, {**sim, "PODSERVE_TRACING_ENABLED": "true",
+                               "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                               "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+                        "batching on, 10% of requests traced"),
         reference_system("fastapi-constant", "tabular", ref + "constant_app:app", n, tab_path,
                          tab, {}, "bare FastAPI, constant answer", io_phase=None),
         podserve_system("podserve-tabular", "tabular", repos["tabular"], n, tab_path, tab,
@@ -286,7 +292,8 @@ def median_ceiling(rounds: list[dict]) -> dict:
             {"batch": batch, "rows_per_s": statistics.median(p["rows_per_s"] for p in pts),
              "rows_per_s_min": min(p["rows_per_s"] for p in pts),
              "rows_per_s_max": max(p["rows_per_s"] for p in pts),
-             "infer_ms_p50": statistics.median(p["infer_ms_p50"] for p in pts)}
+             "infer_ms_p50": statistics.median(p["infer_ms_p50"] for p in pts),
+             "cpu_ms_per_row": statistics.median(p["cpu_ms_per_row"] for p in pts)}
             for batch, pts in sorted(by_batch.items())
         ]  # fmt: skip
     return result

@@ -21,6 +21,7 @@ class CeilingPoint:
     batch: int
     rows_per_s: float
     infer_ms_p50: float  # one session.run of the whole batch
+    cpu_ms_per_row: float  # CPU time per row: unlike rows/s, barely moved by other load
 
 
 def _session(path: str):  # type: ignore[no-untyped-def]
@@ -61,13 +62,14 @@ def _worker(
     for _ in range(5):  # warm up
         session.run(None, feed)
     times: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < duration_s and len(times) < 1_000_000:
         began = time.perf_counter()
         session.run(None, feed)
         times.append(time.perf_counter() - began)
-    elapsed = time.perf_counter() - start
-    out.put((len(times) * batch / elapsed, float(np.median(times))))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    rows = len(times) * batch
+    out.put((rows / elapsed, float(np.median(times)), 1000 * cpu / rows))
 
 
 def measure(
@@ -91,7 +93,8 @@ def measure(
     for proc in procs:
         proc.join(timeout=10)
     rate = sum(r[0] for r in results)
-    return CeilingPoint(batch, rate, float(np.median([r[1] for r in results])) * 1000)
+    infer_ms = float(np.median([r[1] for r in results])) * 1000
+    return CeilingPoint(batch, rate, infer_ms, float(np.median([r[2] for r in results])))
 
 
 def sweep(

@@ -32,9 +32,11 @@ class Sample:
     latency_mean: float
     server_cpu: float
     client_cpu: float
+    cpu_ms_per_request: float  # server CPU per answered request: robust to other load
     failures: int
     requests: int
     load1: float  # 1-minute load average after the run: others' CPU use shows here
+    statuses: dict[str, int] = field(default_factory=dict)  # HTTP status (or error) -> count
 
 
 @dataclass
@@ -99,9 +101,14 @@ def summarize(result: RunResult, server_cpu_s: float, io_phase: str | None) -> S
         latency_mean=statistics.fmean(lat) if lat else float("nan"),
         server_cpu=100 * server_cpu_s / elapsed,
         client_cpu=100 * result.client_cpu_s / elapsed,
+        cpu_ms_per_request=1000 * server_cpu_s / result.ok if result.ok else float("nan"),
         failures=result.failures,
         requests=len(lat),
         load1=os.getloadavg()[0],
+        statuses={
+            **{str(k): v for k, v in result.statuses.items()},
+            **({"error": len(result.errors)} if result.errors else {}),
+        },
     )
 
 
@@ -128,7 +135,7 @@ def describe(system: str, concurrency: int, s: Sample) -> str:
 
 def make_point(system: str, concurrency: int, samples: list[Sample]) -> Point:
     """Medians over the repeats of one (system, concurrency)."""
-    keys = [k for k in Sample.__dataclass_fields__ if k != "phase_means"]
+    keys = [k for k in Sample.__dataclass_fields__ if k not in ("phase_means", "statuses")]
     median = {k: _median([getattr(s, k) for s in samples]) for k in keys}
     phases = sorted({p for s in samples for p in s.phase_means}, key=PHASES.index)
     phase_means = {

@@ -46,7 +46,11 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [*PODSERVE, "serve"], env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
         )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # a server that never got ready must not outlive the test
+            raise
         return self
 
     def wait_ready(self, timeout: float) -> None:

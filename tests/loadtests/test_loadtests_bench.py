@@ -41,7 +41,8 @@ def _point(system: str, c: int, rps: float, p99: float, io99: float | None,
     median = {"throughput": rps, "p50": p99 / 2, "p95": p99 * 0.9, "p99": p99,
               "io_p50": 5.1 if io99 else None, "io_p99": io99, "infer_p50": infer50,
               "infer_p99": infer50, "latency_mean": p99 / 2, "server_cpu": 190.0,
-              "client_cpu": 10.0, "failures": 0, "requests": 100}  # fmt: skip
+              "client_cpu": 10.0, "failures": 0, "requests": 100,
+              "cpu_ms_per_request": 1900.0 / rps}  # fmt: skip
     return {"system": system, "concurrency": c, "median": median,
             "phase_means": {"features": 5.1, "infer": infer50 or 1.0}}  # fmt: skip
 
@@ -53,7 +54,8 @@ def test_report_judges_each_target(tmp_path: Path) -> None:
                     "onnxruntime": "1", "load_before": "0"},
         "settings": {"workers": "2", "duration": "1", "warmup": "1", "repeats": "1"},
         "ceiling": {"minilm": [{"batch": 32, "rows_per_s": 1000.0, "rows_per_s_min": 990.0,
-                               "rows_per_s_max": 1010.0, "infer_ms_p50": 30.0}]},
+                               "rows_per_s_max": 1010.0, "infer_ms_p50": 30.0,
+                               "cpu_ms_per_row": 2.0}]},
         "systems": [{"name": n, "group": g, "note": ""} for n, g in (
             ("inline", "minilm"), ("podserve", "minilm"), ("fastapi-constant", "tabular"),
             ("podserve-tabular", "tabular"))],
@@ -70,6 +72,8 @@ def test_report_judges_each_target(tmp_path: Path) -> None:
     assert "**met**" in targets["I/O-phase p99 <= 1.2x idle"]  # 5.9 / 5.1 = 1.16
     assert "inline: 10.0x" in targets["I/O-phase p99 <= 1.2x idle"]
     assert "**met**" in targets["throughput >= 85% of raw ORT ceiling"]  # 90%
+    cpu_row = targets["same, CPU-normalised (robust to other load on the machine)"]
+    assert "2.11 ms CPU per request" in cpu_row and "= 95%" in cpu_row and "**met**" in cpu_row
     assert "**met**" in targets["throughput >= 3x inline"]  # 3.6x
     assert "**missed**" in targets["client p99 <= 2x (batch delay + one batch's inference)"]
     assert "**missed**" in targets["tabular >= 70% of bare FastAPI constant"]  # 50%

@@ -23,11 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-import soak
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+import soak
 from conftest import Report
 from server_process import ServerProcess
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import soak
 
 import postgres
+import soak
 from conftest import Report
 from server_process import PODSERVE, ServerProcess
 from tcp_proxy import TcpProxy
@@ -76,20 +76,28 @@ class TracedServer(ServerProcess):
         self.proc = subprocess.Popen(
             command, env=self.env, cwd=self.cwd, stdout=self.log_file, stderr=subprocess.STDOUT
         )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    def master(self) -> int:
+    def master(self) -> int | None:
         assert self.proc is not None
         out = subprocess.run(
             ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
         )
-        return int(out.stdout.split()[0])
+        return int(out.stdout.split()[0]) if out.stdout.split() else None
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
-        os.kill(self.master(), signal.SIGTERM)
+        master = self.master()
+        if master is None:
+            self.proc.terminate()
+        else:
+            os.kill(master, signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -167,7 +175,9 @@ def test_writes_only_to_configured_directories(
         server = TracedServer(layout["models"], env, layout["readonly"], tmp_path / "strace")
         try:
             server.start()
-            uids = {_uid(pid) for pid in [server.master(), *soak.child_pids(server.master())]}
+            master = server.master()
+            assert master is not None
+            uids = {_uid(pid) for pid in [master, *soak.child_pids(master)]}
             with httpx.Client(base_url=server.url, timeout=10) as client:
                 statuses = [
                     client.post("/v2/models/tabular/infer", json=TABULAR).status_code

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import soak
-from lb_proxy import LoadBalancer
-
 from conftest import Report
+from lb_proxy import LoadBalancer
 from server_process import ServerProcess, free_port
 
 PROPAGATION_S = 0.3  # endpoint removal reaching the balancer (kube-proxy / ingress lag)
@@ -77,7 +76,9 @@ class SteadyLoad:
         self.thread.join(60)
 
 
-def _drained_request(pod: ServerProcess) -> tuple[soak.Connection, asyncio.Task]:
+def _drained_request(
+    pod: ServerProcess,
+) -> tuple[asyncio.AbstractEventLoop, asyncio.Task[soak.Reply]]:
     """A long request straight to the pod, on the wire before SIGTERM: it must still finish."""
     conn = soak.Connection("127.0.0.1", pod.port)
     request = soak.encode(
@@ -89,9 +90,12 @@ def _drained_request(pod: ServerProcess) -> tuple[soak.Connection, asyncio.Task]
     return loop, task
 
 
-def _replace(lb: LoadBalancer, old: ServerProcess, repo: Path) -> tuple[ServerProcess, dict]:
+def _replace(
+    lb: LoadBalancer, old: ServerProcess, repo: Path, everyone: list[ServerProcess]
+) -> tuple[ServerProcess, dict]:
     started = time.monotonic()
     replacement = ServerProcess(repo, workers=1)
+    everyone.append(replacement)  # stopped by the test whatever happens here
     boot = threading.Thread(target=replacement.start)
     boot.start()  # scheduled at once; gets traffic only when ready
     lb.add(replacement.port)
@@ -116,8 +120,12 @@ def _replace(lb: LoadBalancer, old: ServerProcess, repo: Path) -> tuple[ServerPr
 
 def test_rolling_update_loses_no_request(model_repo: Path, report: Report) -> None:
     lb = LoadBalancer(free_port())
-    pods = [ServerProcess(model_repo, workers=1).start() for _ in range(2)]
+    pods: list[ServerProcess] = []
+    everyone: list[ServerProcess] = []
     try:
+        for _ in range(2):
+            everyone.append(ServerProcess(model_repo, workers=1))
+            pods.append(everyone[-1].start())
         for pod in pods:
             lb.add(pod.port)
             lb.wait_routable(pod.port)
@@ -125,14 +133,14 @@ def test_rolling_update_loses_no_request(model_repo: Path, report: Report) -> No
         with SteadyLoad(lb.port) as load:
             time.sleep(1.5)
             for index in range(2):
-                pods[index], step = _replace(lb, pods[index], model_repo)
+                pods[index], step = _replace(lb, pods[index], model_repo, everyone)
                 steps.append(step)
             time.sleep(1.5)  # the new pods carry the load alone
         fast, slow = load.outcomes
         state = lb.state()
     finally:
         lb.close()
-        for pod in pods:
+        for pod in everyone:
             pod.stop()
     served_by_new = {p: e["forwarded"] for p, e in state["endpoints"].items()}
     report(

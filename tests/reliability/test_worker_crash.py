@@ -18,13 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import soak
-from traffic import RecordedLoad
 
 import postgres
+import soak
 from conftest import Report
 from server_process import ServerProcess
 from tcp_proxy import TcpProxy
+from traffic import RecordedLoad
 
 USERS = 8
 

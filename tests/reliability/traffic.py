@@ -34,6 +34,7 @@ class RecordedLoad:
     port: int
     makers: dict[str, soak.MakeRequest]
     users: dict[str, int]
+    pause_after_failure_s: float = 0.0  # a client's back-off after an error answer
     samples: list[Sample] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -73,6 +74,8 @@ class RecordedLoad:
                     reply.headers.get("x-podserve-worker"),
                 )
             )
+            if reply.status != 200 and self.pause_after_failure_s:
+                await asyncio.sleep(self.pause_after_failure_s)
         conn.close()
 
     async def _run(self) -> None:
