@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     features_cache_ttl_s: float = Field(60.0, gt=0)
     prediction_log: bool = True
     prediction_log_inputs: Literal["full", "digest"] = "digest"
+    prediction_log_journal: bool = Field(True, description="survive SIGKILL: see db/journal.py")
     prediction_log_buffer_rows: int = Field(10_000, ge=1)
     prediction_log_batch_rows: int = Field(1_000, ge=1)
     prediction_log_flush_ms: float = Field(200.0, gt=0)

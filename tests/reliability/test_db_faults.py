@@ -22,10 +22,9 @@ import pytest
 
 import postgres
 import soak
-from conftest import Report
 from fault_proxy import FaultProxy
 from server_process import ServerProcess
-from traffic import RecordedLoad, Sample
+from traffic import RecordedLoad, Report, Sample
 
 FEATURES_TIMEOUT_S = 0.5
 ENTITIES = 200

@@ -28,8 +28,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 import soak
-from conftest import Report
 from server_process import ServerProcess
+from traffic import Report
 
 BODY_TIMEOUT_S = 1.0
 HEADER_TIMEOUT_S = 1.0

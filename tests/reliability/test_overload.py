@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import soak
-from conftest import Report
 from podserve.phases import parse_server_timing
 from server_process import ServerProcess
+from traffic import Report
 
 QUEUE_ROWS = 8  # PODSERVE_MAX_QUEUE_ROWS per worker
 BATCH_ROWS = 8  # max_batch_size of the `slow` test model (its config.yaml)

@@ -29,9 +29,9 @@ import pytest
 
 import postgres
 import soak
-from conftest import Report
 from server_process import PODSERVE, ServerProcess
 from tcp_proxy import TcpProxy
+from traffic import Report
 
 NOBODY = 65534
 WRITE_CALLS = (

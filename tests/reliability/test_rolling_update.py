@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import soak
-from conftest import Report
 from lb_proxy import LoadBalancer
 from server_process import ServerProcess, free_port
+from traffic import Report
 
 PROPAGATION_S = 0.3  # endpoint removal reaching the balancer (kube-proxy / ingress lag)
 PRESTOP_S = 1.0  # preStop sleep: longer than the propagation lag

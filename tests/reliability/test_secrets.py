@@ -21,10 +21,10 @@ import httpx
 import pytest
 
 import postgres
-from conftest import Report
 from observability.otlp_receiver import OtlpReceiver
 from server_process import ServerProcess
 from tcp_proxy import TcpProxy
+from traffic import Report
 
 API_KEY = f"sk-live-{uuid.uuid4().hex}"
 WRONG_KEY = f"sk-live-{uuid.uuid4().hex}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Report
+from traffic import Report
 
 SOAK = Path(__file__).parents[2] / "loadtests" / "soak.py"
 

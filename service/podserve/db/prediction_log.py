@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 
 from podserve.datatypes import numpy_to_v2
+from podserve.db.journal import Journal, forget, recover_dead_journals
 from podserve.db.pool import Database
 from podserve.db.spool import Spool
 from podserve.errors import ServiceUnavailable
@@ -154,6 +155,11 @@ class PredictionLog:
         self.write_timeout_s = settings.db_command_timeout_s + settings.db_connect_timeout_s
         self.inputs_mode = settings.prediction_log_inputs
         self.buffer: deque[Row] = deque()
+        # Crash safety: each buffered row is also in the journal until it is durable.
+        journal_on = settings.prediction_log_journal
+        self.journal = Journal(spool.directory / "journal") if journal_on else None
+        self._pending: dict[str, int] = {}  # request id -> journal seq, until durable
+        self.rows_recovered = 0  # rows of dead workers' journals moved to the spool
         self._inflight: list[Row] = []  # the batch being written (out of the buffer)
         # Plain counters for metrics (exported by the observability code).
         self.rows_appended = 0
@@ -185,6 +191,8 @@ class PredictionLog:
         """O(1), no I/O. Full twice over means the spool cannot keep up: refuse to answer."""
         if len(self.buffer) >= 2 * self.capacity:
             raise ServiceUnavailable("prediction log is full (database and spool both failing)")
+        if self.journal is not None:
+            self._pending[row[0]] = self.journal.append(row)
         self.buffer.append(row)
         self.rows_appended += 1
         depth = len(self.buffer)
@@ -194,9 +202,35 @@ class PredictionLog:
             self._wake.set()
 
     # --- lifecycle -------------------------------------------------------------------
+    def _mark_durable(self, rows: Iterable[Row]) -> None:
+        """These rows are in PostgreSQL or the spool: their journal copies may go."""
+        if self.journal is None:
+            return
+        for row in rows:
+            self._pending.pop(row[0], None)
+        self.journal.release(min(self._pending.values(), default=self.journal.next_seq))
+
+    def _recover_journals(self) -> int:
+        """Blocking: journals of dead (e.g. SIGKILLed) workers become spool segments."""
+        if self.journal is None:
+            return 0
+        recovered = 0
+        for path, rows, fd in recover_dead_journals(self.journal.directory):
+            if rows:
+                self.spool.write(rows)
+            forget(path, fd)
+            recovered += len(rows)
+        if recovered:
+            log.warning("prediction rows recovered from a dead worker's journal",
+                        extra={"rows": recovered})
+        return recovered
+
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.open)
-        self._spool_pending = bool(self.spool.bytes)  # earlier runs left rows: replay first
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.open)
+            self.rows_recovered += await asyncio.to_thread(self._recover_journals)
+        self._spool_pending = bool(self.spool.bytes) or self.rows_recovered > 0  # earlier runs left rows: replay first
         self._writer = asyncio.create_task(self._write_forever(), name="prediction-log-writer")
         self._spiller = asyncio.create_task(self._spill_forever(), name="prediction-log-spiller")
 
@@ -225,13 +259,22 @@ class PredictionLog:
                 log.warning("prediction log flush failed", extra={"error": repr(flush.exception())})
         rows = [*stranded, *self._inflight, *self.buffer]
         self.buffer.clear()
+        try:
+            await self._spool_at_shutdown(rows)
+        finally:
+            if self.journal is not None:  # rows not made durable stay for the next worker
+                self.journal.close(all_durable=not self._pending)
+
+    async def _spool_at_shutdown(self, rows: list[Row]) -> None:
         if not rows:
             return
         try:
             await asyncio.to_thread(self.spool.write, rows)
         except (OSError, TypeError, ValueError):
-            log.exception("prediction-log rows lost at shutdown", extra={"rows": len(rows)})
+            log.exception("prediction-log rows not spooled at shutdown; kept in the journal",
+                          extra={"rows": len(rows)})
             return
+        self._mark_durable(rows)
         self.rows_spooled += len(rows)
         log.warning("prediction log spooled at shutdown", extra={"rows": len(rows)})
 
@@ -278,6 +321,7 @@ class PredictionLog:
                 raise
             finally:
                 self._inflight = []
+            self._mark_durable(batch)
 
     async def write(self, rows: Sequence[Row]) -> int:
         """One batch, idempotently; returns the rows that were new to the database."""
@@ -297,6 +341,7 @@ class PredictionLog:
         """Oldest segment first. A spill during the replay sets the flag again."""
         self._spool_pending = False
         try:
+            self.rows_recovered += await asyncio.to_thread(self._recover_journals)
             for path in await asyncio.to_thread(self.spool.segments):
                 await self._replay_segment(path)
         except BaseException:
@@ -337,6 +382,7 @@ class PredictionLog:
             self.buffer.extendleft(reversed(rows))
             log.error("cannot write the prediction-log spool", extra={"error": repr(exc)})
             return False
+        self._mark_durable(rows)
         self.rows_spooled += len(rows)
         self._spool_pending = True
         log.warning("prediction log buffer full: rows spooled to disk",

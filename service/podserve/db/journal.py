@@ -1,0 +1,132 @@
+"""Crash-safe journal of buffered prediction-log rows.
+
+The request path appends each row to the in-memory buffer *and* writes it to this worker's
+journal file with one `write()` (no fsync): once the syscall returns, the data is in the
+kernel's page cache and survives the process being SIGKILLed (not a node crash; the spool's
+fsync'd segments cover rows that wait longer). Journal segments are deleted once every row in
+them reached PostgreSQL or the spool. A starting worker converts the journals of dead workers
+(whose `flock` the kernel released) into spool segments, which are then replayed; replaying a
+row the database already has is a no-op (idempotent on request id).
+
+Layout: `<spool_dir>/journal/<time_ns>-<pid>-<seq>.jnl`, one JSON row per line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".jnl"
+
+
+@dataclass
+class _Segment:
+    path: Path
+    fd: int
+    first_seq: int
+    rows: int = 0
+
+    @property
+    def end_seq(self) -> int:
+        return self.first_seq + self.rows
+
+
+class Journal:
+    def __init__(self, directory: Path, rotate_rows: int = 2000) -> None:
+        self.directory = directory
+        self.rotate_rows = rotate_rows
+        self.next_seq = 0
+        self._segments: list[_Segment] = []
+        self._count = 0
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._start_segment()
+
+    def _start_segment(self) -> None:
+        self._count += 1
+        path = self.directory / f"{time.time_ns()}-{os.getpid()}-{self._count}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until we close: marks us alive
+        self._segments.append(_Segment(path, fd, self.next_seq))
+
+    def append(self, row: list[Any]) -> int:
+        """Write one row; return its sequence number (rows are numbered in append order)."""
+        current = self._segments[-1]
+        os.write(current.fd, orjson.dumps(row) + b"\n")
+        seq = self.next_seq
+        self.next_seq += 1
+        current.rows += 1
+        if current.rows >= self.rotate_rows:
+            self._start_segment()
+        return seq
+
+    def release(self, oldest_pending_seq: int) -> None:
+        """Delete the segments whose rows are all durable (seq < oldest_pending_seq)."""
+        while len(self._segments) > 1 and self._segments[0].end_seq <= oldest_pending_seq:
+            self._drop(self._segments.pop(0))
+
+    def close(self, all_durable: bool) -> None:
+        """At shutdown: delete everything if every row is durable, else keep it for recovery."""
+        for segment in self._segments:
+            if all_durable:
+                self._drop(segment)
+            else:
+                os.close(segment.fd)  # unlocked: the next worker recovers it
+        self._segments = []
+
+    @staticmethod
+    def _drop(segment: _Segment) -> None:
+        segment.path.unlink(missing_ok=True)
+        os.close(segment.fd)
+
+
+def recover_dead_journals(directory: Path) -> list[tuple[Path, list[list[Any]], int]]:
+    """Journals whose writer is gone: (path, rows, locked fd). Blocking: call in a thread.
+
+    The caller makes the rows durable (spool), then calls `forget(path, fd)`.
+    """
+    found = []
+    try:
+        paths = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+    except FileNotFoundError:
+        return []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its worker is alive
+            os.close(fd)
+            continue
+        if not path.exists():  # recovered and removed by another worker meanwhile
+            os.close(fd)
+            continue
+        found.append((path, _read_rows(path), fd))
+    return found
+
+
+def _read_rows(path: Path) -> list[list[Any]]:
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            log.warning("skipping a torn journal line", extra={"path": str(path), "line": number})
+    return rows
+
+
+def forget(path: Path, fd: int) -> None:
+    path.unlink(missing_ok=True)
+    os.close(fd)
