@@ -135,7 +135,11 @@ def test_counts_add_up_exactly_across_workers(server: ServerProcess) -> None:
 
 
 def test_gauges_are_summed_over_live_workers(server: ServerProcess) -> None:
-    result = _wait_for(server.url, lambda s: s.value("podserve_queue_rows") == 0)
+    # Gauges are sampled about once a second: wait until earlier tests' load has drained.
+    result = _wait_for(
+        server.url,
+        lambda s: s.value("podserve_queue_rows") == s.value("podserve_pool_busy_threads") == 0,
+    )
     assert result.value("podserve_workers") == 2
     assert result.value("podserve_pool_threads") == 2
     assert result.value("podserve_inflight_requests") == 0  # the scrape does not count itself
