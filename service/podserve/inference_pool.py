@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -20,11 +22,32 @@ ONLINE = 0
 BACKGROUND = 10
 
 
+def _lower_thread_priority(niceness: int) -> None:
+    """Make this (inference) thread yield the CPU to the event loop thread under contention.
+
+    Linux applies nice values per thread (setpriority on the thread id). Raising one needs no
+    privilege. With the CPU saturated, the loop then still runs the moment it has work, so
+    awaited I/O and health checks are not delayed behind inference.
+    """
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+    except OSError:  # not permitted in some sandboxes: run at normal priority
+        pass
+
+
 class InferencePool:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, niceness: int = 0) -> None:
         self.capacity = threads
         self.busy = 0
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="podserve-infer")
+        self._executor = ThreadPoolExecutor(
+            threads,
+            thread_name_prefix="podserve-infer",
+            initializer=_lower_thread_priority,
+            initargs=(niceness,),
+        )
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 

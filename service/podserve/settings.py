@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     # --- Models and inference ------------------------------------------------------
     model_repository: Path = Path("./model_repository")
     pool_threads: int = Field(1, ge=1, description="inference threads per worker")
+    inference_thread_nice: int = Field(10, ge=0, le=19, description="loop first on busy CPUs")
     ort_intra_op_threads: int | None = Field(None, ge=1, description="default: quota split")
     ort_inter_op_threads: int = Field(1, ge=1)
     ort_allow_spinning: bool = False

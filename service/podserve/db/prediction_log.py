@@ -230,7 +230,8 @@ class PredictionLog:
         if self.journal is not None:
             await asyncio.to_thread(self.journal.open)
             self.rows_recovered += await asyncio.to_thread(self._recover_journals)
-        self._spool_pending = bool(self.spool.bytes) or self.rows_recovered > 0  # earlier runs left rows: replay first
+        # Earlier runs (or dead workers' journals) left rows: replay them first.
+        self._spool_pending = bool(self.spool.bytes) or self.rows_recovered > 0
         self._writer = asyncio.create_task(self._write_forever(), name="prediction-log-writer")
         self._spiller = asyncio.create_task(self._spill_forever(), name="prediction-log-spiller")
 
