@@ -304,6 +304,7 @@ def publish(out: Path, page: Path) -> None:
     charts_dir = page.parent / "performance"
     charts_dir.mkdir(exist_ok=True)
     body = (out / "results.md").read_text().split("\n", 1)[1]  # its title: the page has one
+    body = body.replace("\n## ", "\n### ")  # nested under the page's own section
     for chart in sorted(out.glob("*.png")):
         (charts_dir / chart.name).write_bytes(chart.read_bytes())
         body = body.replace(f"]({chart.name})", f"](performance/{chart.name})")
