@@ -64,3 +64,12 @@ def test_headless_run_against_podserve(server, tmp_path: Path) -> None:
     assert final["Aggregated"]["failures"] == 0
     for name in ("v2 infer tabular", "v1 predict tabular", "v2 infer text"):
         assert int(rows[name]["Request Count"]) <= final[name]["count"]  # the CSV may lag
+
+
+def test_helm_chart_ships_the_same_locustfile() -> None:
+    """The chart's distributed Locust mounts files/locustfile.py: it must be this one."""
+    root = Path(__file__).resolve().parents[2]
+    chart_copy = root / "helm" / "podserve" / "files" / "locustfile.py"
+    assert chart_copy.read_text() == (root / "loadtests" / "locustfile.py").read_text(), (
+        "run: cp loadtests/locustfile.py helm/podserve/files/locustfile.py"
+    )

@@ -1,32 +1,248 @@
-"""Placeholder load test for the chart's distributed Locust: V2 inference on demo `tabular`.
+"""podserve load scenarios for Locust (FastHttpUser: low client CPU per request).
 
-The project's real scenarios live in loadtests/locustfile.py; copy it here to run them in-cluster.
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000          # web UI
+    make loadtest                                                          # headless, bounded
+
+User classes (weights via LOCUST_WEIGHTS; default "tabular=4,v1=1,text=2,entity=0,jobs=0";
+a weight of 0 leaves the class out; entity and jobs need podserve's PostgreSQL):
+  TabularV2User   V2 infer on the tabular model (one row of 30 features)
+  V1PredictUser   KServe V1 predict on the tabular model
+  TextUser        V2 infer on a text-embedding model (LOCUST_TEXT_MODEL: text, or minilm)
+  EntityUser      V2 infer by entity id: the server fetches the features from PostgreSQL
+  JobUser         background job: submit (202 + Location), then poll until done
+
+Every response's `Server-Timing` header is aggregated per request name and phase; with
+LOCUST_PHASES_FILE set, Locust's final per-request figures and the per-phase p50/p95/p99 are
+written there as JSON when the run ends (in distributed runs the workers report their samples
+to the master, which writes the file).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import time
+from collections import defaultdict
+from typing import Any
 
-from locust import constant_throughput, task
+from locust import between, events, task
 from locust.contrib.fasthttp import FastHttpUser
+from locust.runners import LocalRunner, MasterRunner
 
-FEATURES = 30  # the demo tabular model's input is FP32 [-1, 30]
+FEATURES = 30  # the demo tabular model's input: FP32 [-1, 30]
+TEXT_MODEL = os.environ.get("LOCUST_TEXT_MODEL", "text")
+TABULAR_MODEL = os.environ.get("LOCUST_TABULAR_MODEL", "tabular")
+ENTITY_COUNT = int(os.environ.get("LOCUST_ENTITY_COUNT", "1000"))  # ids patient-0000..
+JOB_POLLS = int(os.environ.get("LOCUST_JOB_POLLS", "40"))  # bounded polling per job
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "podserve batches requests while the inference thread is busy.",
+    "Kubernetes scales the deployment when queues grow.",
+    "A short sentence.",
+]
+# The database scenarios are opt-in (LOCUST_WEIGHTS=...,entity=1,jobs=1): without
+# PODSERVE_DATABASE_URL they answer 503, so the defaults run against any podserve.
+DEFAULT_WEIGHTS = {"tabular": 4, "v1": 1, "text": 2, "entity": 0, "jobs": 0}
+SAMPLES_PER_KEY = 20_000  # bounded memory per (request name, phase)
 
 
-class TabularInferUser(FastHttpUser):
-    # One request per second per user: the user count sets the offered rate.
-    wait_time = constant_throughput(1)
+def weights() -> dict[str, int]:
+    """LOCUST_WEIGHTS overrides the defaults: 'tabular=4,text=2,entity=0'."""
+    result = dict(DEFAULT_WEIGHTS)
+    for item in filter(None, os.environ.get("LOCUST_WEIGHTS", "").split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in result:
+            raise ValueError(f"LOCUST_WEIGHTS: unknown class {name!r}; known: {sorted(result)}")
+        result[name.strip()] = int(value)
+    return result
 
+
+def tabular_row() -> list[float]:
+    return [round(random.uniform(0.0, 30.0), 4) for _ in range(FEATURES)]
+
+
+def v2_tensor(name: str, shape: list[int], datatype: str, data: list) -> dict[str, Any]:
+    return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+
+
+def check(response: Any, expected: int = 200, field: str | None = "outputs") -> None:
+    """Mark anything but the expected status (or a body without `field`) as a failure."""
+    if response.status_code != expected:
+        response.failure(f"HTTP {response.status_code}: {response.text[:200]!r}")
+    elif field is not None and field not in (response.json() or {}):
+        response.failure(f"no {field!r} in the response")
+
+
+# --- Server-Timing aggregation ------------------------------------------------------------
+PHASE_SAMPLES: dict[tuple[str, str], list[float]] = defaultdict(list)
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`parse;dur=0.2, infer;dur=1.3` -> {phase: ms} (podserve.phases, without importing it)."""
+    result: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip() == "dur" and name.strip():
+                result[name.strip()] = float(value)
+    return result
+
+
+def record_phases(name: str, header: str | None) -> None:
+    if not header:
+        return
+    for phase, ms in parse_server_timing(header).items():
+        samples = PHASE_SAMPLES[(name, phase)]
+        if len(samples) < SAMPLES_PER_KEY:
+            samples.append(ms)
+        else:  # reservoir: keep a uniform sample of everything seen
+            samples[random.randrange(SAMPLES_PER_KEY)] = ms
+
+
+@events.request.add_listener
+def _on_request(name: str, response: Any = None, exception: Any = None, **_: Any) -> None:
+    if exception is None and response is not None and getattr(response, "headers", None):
+        record_phases(name, response.headers.get("Server-Timing"))
+
+
+@events.report_to_master.add_listener
+def _to_master(client_id: str, data: dict[str, Any]) -> None:
+    data["podserve_phases"] = [[n, p, v] for (n, p), v in PHASE_SAMPLES.items()]
+    PHASE_SAMPLES.clear()
+
+
+@events.worker_report.add_listener
+def _from_worker(client_id: str, data: dict[str, Any]) -> None:
+    for name, phase, values in data.get("podserve_phases", []):
+        for ms in values:
+            record_phases_value(name, phase, ms)
+
+
+def record_phases_value(name: str, phase: str, ms: float) -> None:
+    samples = PHASE_SAMPLES[(name, phase)]
+    if len(samples) < SAMPLES_PER_KEY:
+        samples.append(ms)
+
+
+def phase_summary() -> list[dict[str, Any]]:
+    rows = []
+    for (name, phase), values in sorted(PHASE_SAMPLES.items()):
+        ordered = sorted(values)
+
+        def pct(q: float, ordered: list[float] = ordered) -> float:
+            return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+        rows.append({"name": name, "phase": phase, "count": len(ordered),
+                     "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)})  # fmt: skip
+    return rows
+
+
+def request_summary(stats: Any) -> list[dict[str, Any]]:
+    """Locust's final per-request figures (its CSV, written on a timer, can miss the end)."""
+    rows = []
+    for entry in [*sorted(stats.entries.values(), key=lambda e: e.name), stats.total]:
+        if entry.num_requests == 0:
+            continue
+        rows.append({"name": entry.name, "count": entry.num_requests,
+                     "failures": entry.num_failures, "rps": entry.total_rps,
+                     "p50": entry.get_response_time_percentile(0.5),
+                     "p95": entry.get_response_time_percentile(0.95),
+                     "p99": entry.get_response_time_percentile(0.99)})  # fmt: skip
+    return rows
+
+
+@events.quitting.add_listener
+def _write_summary(environment: Any, **_: Any) -> None:
+    """At the very end (a master has the workers' last reports by then): LOCUST_PHASES_FILE."""
+    path = os.environ.get("LOCUST_PHASES_FILE")
+    if path and isinstance(environment.runner, LocalRunner | MasterRunner):
+        doc = {"requests": request_summary(environment.stats), "phases": phase_summary()}
+        with open(path, "w") as handle:
+            json.dump(doc, handle, indent=1)
+
+
+# --- users ---------------------------------------------------------------------------------
+class PodserveUser(FastHttpUser):
+    abstract = True
+    wait_time = between(0.0, 0.01)  # near closed loop; the user count sets concurrency
+    connection_timeout = 10.0
+    network_timeout = 30.0
+
+
+class TabularV2User(PodserveUser):
     @task
     def infer(self) -> None:
-        row = [random.uniform(-1.0, 1.0) for _ in range(FEATURES)]
-        body = {
-            "inputs": [{"name": "input", "shape": [1, FEATURES], "datatype": "FP32", "data": row}]
-        }
-        with self.client.post(
-            "/v2/models/tabular/infer", json=body, name="infer tabular", catch_response=True
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}")
-            elif "outputs" not in resp.json():
-                resp.failure("no outputs in response")
+        body = v2_tensor("input", [1, FEATURES], "FP32", tabular_row())
+        with self.client.post(f"/v2/models/{TABULAR_MODEL}/infer", json=body,
+                              name="v2 infer tabular", catch_response=True) as r:  # fmt: skip
+            check(r)
+
+
+class V1PredictUser(PodserveUser):
+    @task
+    def predict(self) -> None:
+        body = {"instances": [tabular_row()]}
+        with self.client.post(f"/v1/models/{TABULAR_MODEL}:predict", json=body,
+                              name="v1 predict tabular", catch_response=True) as r:  # fmt: skip
+            check(r, field="predictions")
+
+
+class TextUser(PodserveUser):
+    @task
+    def embed(self) -> None:
+        body = v2_tensor("text", [1], "BYTES", [random.choice(SENTENCES)])
+        with self.client.post(f"/v2/models/{TEXT_MODEL}/infer", json=body,
+                              name=f"v2 infer {TEXT_MODEL}", catch_response=True) as r:  # fmt: skip
+            check(r)
+
+
+class EntityUser(PodserveUser):
+    @task
+    def by_entity(self) -> None:
+        entity = f"patient-{random.randrange(ENTITY_COUNT):04d}"
+        body = {"parameters": {"entity_ids": [entity]}}  # no inputs: the server fetches them
+        with self.client.post(f"/v2/models/{TABULAR_MODEL}/infer", json=body,
+                              name="v2 infer by entity id", catch_response=True) as r:  # fmt: skip
+            check(r)
+
+
+class JobUser(PodserveUser):
+    wait_time = between(0.05, 0.2)  # jobs are background work: a lower offered rate
+
+    @task
+    def submit_and_poll(self) -> None:
+        body = v2_tensor("input", [1, FEATURES], "FP32", tabular_row())
+        with self.client.post(f"/v2/models/{TABULAR_MODEL}/jobs", json=body,
+                              name="job submit", catch_response=True) as r:  # fmt: skip
+            check(r, expected=202, field="id")
+            location = r.headers.get("Location") if r.status_code == 202 else None
+        if location:
+            self.poll(location)
+
+    def poll(self, location: str) -> None:
+        for _ in range(JOB_POLLS):
+            with self.client.get(location, name="job poll", catch_response=True) as r:
+                check(r, field="status")
+                status = r.json().get("status") if r.status_code == 200 else "error"
+            if status in ("succeeded", "failed", "error"):
+                if status != "succeeded":
+                    events.request.fire(request_type="JOB", name="job outcome",
+                                        response_time=0, response_length=0,
+                                        exception=RuntimeError(f"job {status}"))  # fmt: skip
+                return
+            time.sleep(0.05)
+
+
+def _apply_weights() -> None:
+    """Weights from LOCUST_WEIGHTS; a class at 0 becomes abstract, so Locust never runs it."""
+    chosen = weights()
+    classes = {"tabular": TabularV2User, "v1": V1PredictUser, "text": TextUser,
+               "entity": EntityUser, "jobs": JobUser}  # fmt: skip
+    for key, cls in classes.items():
+        cls.weight = max(chosen[key], 1)
+        cls.abstract = chosen[key] == 0
+
+
+_apply_weights()
