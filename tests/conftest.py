@@ -11,8 +11,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import postgres
 from model_builders import build_test_repository
 from server_process import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[postgres.PostgresServer]:
+    """The test PostgreSQL (see tests/postgres.py for how it is found or started)."""
+    try:
+        server = postgres.find_or_start()
+    except postgres.NoPostgres as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,19 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class TcpProxy:
+    DROPPING_MODES: tuple[str, ...] = ("blackhole",)  # modes in which data is swallowed
+
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections_refused = 0
-        self.mode = "pass"  # pass | cut | blackhole
+        self.mode = "pass"  # pass | cut | blackhole (subclasses may add modes)
+        self.delay_s = 0.0  # hold every chunk this long before forwarding it
         self._closed = False
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -96,7 +100,9 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if self.mode != "blackhole":
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                if self.mode not in self.DROPPING_MODES:
                     dst.sendall(data)
         except OSError:
             pass

@@ -15,18 +15,6 @@ from model_builders import affine_model, save, slow_model
 from tcp_proxy import TcpProxy
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[postgres.PostgresServer]:
-    try:
-        server = postgres.find_or_start()
-    except postgres.NoPostgres as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def empty_db(pg_server: postgres.PostgresServer) -> Iterator[str]:
     """A fresh database for this module only (no schema)."""

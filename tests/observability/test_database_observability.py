@@ -21,17 +21,10 @@ REQUESTS = 20
 
 
 @pytest.fixture(scope="module")
-def db_url() -> Iterator[str]:
-    try:
-        pg = postgres.find_or_start()
-    except postgres.NoPostgres as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        with postgres.fresh_database(pg.admin_url) as url:
-            postgres.migrate(url)
-            yield url
-    finally:
-        pg.stop()
+def db_url(pg_server: postgres.PostgresServer) -> Iterator[str]:
+    with postgres.fresh_database(pg_server.admin_url) as url:
+        postgres.migrate(url)
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -41,21 +41,9 @@ def report(request: pytest.FixtureRequest) -> Report:
     return write
 
 
-@pytest.fixture(scope="session")
-def rel_pg() -> Iterator[postgres.PostgresServer]:
-    try:
-        server = postgres.find_or_start()
-    except postgres.NoPostgres as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
-def rel_db(rel_pg: postgres.PostgresServer) -> Iterator[str]:
+def rel_db(pg_server: postgres.PostgresServer) -> Iterator[str]:
     """A fresh, migrated database for one test module."""
-    with postgres.fresh_database(rel_pg.admin_url) as url:
+    with postgres.fresh_database(pg_server.admin_url) as url:
         postgres.migrate(url)
         yield url

@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import time
 
-from tcp_proxy import TcpProxy, _close
+from tcp_proxy import TcpProxy
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -29,7 +28,7 @@ def _abort(sock: socket.socket) -> None:
 
 
 class FaultProxy(TcpProxy):
-    delay_s = 0.0
+    DROPPING_MODES = ("blackhole", "reset")
     resets = 0
 
     def slow(self, delay_s: float) -> None:
@@ -55,22 +54,3 @@ class FaultProxy(TcpProxy):
             _abort(client)
             return
         super()._connect(client)
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if self.delay_s:
-                    time.sleep(self.delay_s)
-                if self.mode not in ("blackhole", "reset"):
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                self._sockets.discard(src)
-                self._sockets.discard(dst)
-            _close(src)
-            _close(dst)
