@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from podserve import __version__, routes_health, routes_jobs, routes_v1, routes_v2
 from podserve.auth import api_keys, install_auth
+from podserve.direct_routes import DirectRoutes
 from podserve.errors import PodserveError
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
@@ -75,6 +77,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         return json_response({"error": "internal server error"}, 500)
 
 
+def inference_routes() -> list[APIRoute]:
+    """V2 infer (both paths) and V1 predict: the routes DirectRoutes serves."""
+    endpoints = (routes_v2.infer, routes_v2.infer_version, routes_v1.model_predict)
+    return [
+        route
+        for router in (routes_v2.router, routes_v1.router)
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.endpoint in endpoints
+    ]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -100,11 +113,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if settings.docs_enabled else None,
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
+        # Tracing is podserve's own (tracing.py, opentelemetry-instrumentation-fastapi);
+        # FastAPI's native telemetry would only add a provider lookup to every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = runtime
     _install_error_handlers(app)
     for router in (routes_health.router, routes_v2.router, routes_v1.router, routes_jobs.router):
         app.include_router(router)
+    # Innermost: the inference endpoints skip FastAPI's router (see direct_routes.py).
+    app.add_middleware(DirectRoutes, fastapi_app=app, routes=inference_routes())
     install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
     observability.install(app)
     app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)

@@ -89,10 +89,26 @@ def prepare_multiproc_dir(configured: Path | None) -> tuple[Path, bool]:
     return path, created
 
 
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def _cached_pid() -> int:
+    """prometheus_client asks for the pid on every inc/observe (a syscall, ~1 us here, ~15
+    times per request) to notice a fork; the fork hook above keeps this answer current."""
+    return _pid[0]
+
+
 def _use_multiprocess_values() -> None:
-    """prometheus_client picks its value class when first imported: fix it if that was early."""
-    if multiproc_dir() is not None and values.ValueClass is values.MutexValue:
-        values.ValueClass = values.get_value_class()
+    """prometheus_client picks its value class when first imported: fix it if that was early.
+
+    Runs before any metric exists in the process (Gunicorn's master, or the first Metrics()),
+    so no sample is ever written through two value classes.
+    """
+    if multiproc_dir() is None or getattr(values.ValueClass, "_podserve_pid_cache", False):
+        return
+    values.ValueClass = values.MultiProcessValue(process_identifier=_cached_pid)
+    values.ValueClass._podserve_pid_cache = True  # type: ignore[attr-defined]
 
 
 def gunicorn_hooks(configured: Path | None) -> dict[str, Callable[..., None]]:
