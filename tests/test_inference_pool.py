@@ -25,6 +25,23 @@ def test_inference_threads_run_at_lower_priority_than_the_loop() -> None:
     assert thread_nice == min(19, loop_nice + 10)
 
 
+def _own_policy() -> int:
+    return os.sched_getscheduler(threading.get_native_id())
+
+
+def test_inference_threads_can_run_under_sched_idle() -> None:
+    async def scenario() -> tuple[int, int]:
+        pool = InferencePool(1, idle_policy=True)
+        try:
+            return _own_policy(), await pool.run(_own_policy)
+        finally:
+            pool.shutdown()
+
+    loop_policy, thread_policy = asyncio.run(scenario())
+    assert loop_policy == os.SCHED_OTHER  # the loop thread keeps the normal policy
+    assert thread_policy == os.SCHED_IDLE
+
+
 def test_online_work_is_served_before_background_work() -> None:
     async def scenario() -> list[str]:
         pool = InferencePool(1)

@@ -229,7 +229,7 @@ class Batcher:
                 self.pool.release()
             return
         self.pool.release()
-        self._resolve(batch, result, error, started)
+        await self._resolve_spread(batch, result, error, started)
         record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
         for observer in self.observers:
             observer(record)
@@ -245,6 +245,25 @@ class Batcher:
             else:
                 self._resolve([item], result, None, started)
 
+    async def _resolve_spread(
+        self,
+        batch: list[PendingRequest],
+        result: BatchResult | None,
+        error: BaseException | None,
+        started: float,
+    ) -> None:
+        """Wake the batch's requests one loop pass at a time, not all in one pass.
+
+        Each woken request encodes and sends its response on the event loop (~0.1-0.2 ms).
+        Woken together, a 16-request batch would hold the loop for ~3 ms, and every timer or
+        socket read due meanwhile (other requests' awaited I/O) would wait behind it.
+        """
+        rows = sum(item.rows for item in batch)
+        for index, item in enumerate(batch):
+            self._settle(item, index, len(batch), rows, result, error, started)
+            if index + 1 < len(batch):
+                await asyncio.sleep(0)
+
     def _resolve(
         self,
         batch: list[PendingRequest],
@@ -252,24 +271,36 @@ class Batcher:
         error: BaseException | None,
         started: float,
     ) -> None:
-        total_rows = sum(item.rows for item in batch)
+        rows = sum(item.rows for item in batch)
         for index, item in enumerate(batch):
-            if item.future.done():
-                continue
-            if result is None:
-                item.future.set_exception(error or RuntimeError("inference failed"))
-                continue
-            item.future.set_result(
-                InferenceOutcome(
-                    outputs=result.outputs[index],
-                    queue_s=started - item.enqueued,
-                    preprocess_s=result.preprocess_s,
-                    infer_s=result.infer_s,
-                    postprocess_s=result.postprocess_s,
-                    batch_rows=total_rows,
-                    batch_requests=len(batch),
-                )
+            self._settle(item, index, len(batch), rows, result, error, started)
+
+    @staticmethod
+    def _settle(
+        item: PendingRequest,
+        index: int,
+        batch_requests: int,
+        batch_rows: int,
+        result: BatchResult | None,
+        error: BaseException | None,
+        started: float,
+    ) -> None:
+        if item.future.done():  # cancelled meanwhile (client gone, deadline)
+            return
+        if result is None:
+            item.future.set_exception(error or RuntimeError("inference failed"))
+            return
+        item.future.set_result(
+            InferenceOutcome(
+                outputs=result.outputs[index],
+                queue_s=started - item.enqueued,
+                preprocess_s=result.preprocess_s,
+                infer_s=result.infer_s,
+                postprocess_s=result.postprocess_s,
+                batch_rows=batch_rows,
+                batch_requests=batch_requests,
             )
+        )
 
     @property
     def queued_rows(self) -> int:

@@ -31,8 +31,12 @@ METRICS_PATH = "/metrics"
 
 
 def note_error(scope: Scope, exc: BaseException) -> None:
-    """Called by the app's error handler: the middleware counts rejections from it."""
-    scope[ERROR_SCOPE_KEY] = exc
+    """Called by the app's error handler: the middleware counts rejections from it.
+
+    Only the reason is kept: the exception would hold its traceback's frames (and the
+    request body) for as long as the connection keeps the scope.
+    """
+    scope[ERROR_SCOPE_KEY] = rejection_reason(exc)
 
 
 class Observability:
@@ -155,7 +159,7 @@ class ObservabilityMiddleware:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         trace_id = _sampled_trace_id(span)
         metrics.observe_request(model, route, status, seconds, trace_id)
-        reason = rejection_reason(scope.get(ERROR_SCOPE_KEY))
+        reason = scope.get(ERROR_SCOPE_KEY)
         if reason is not None:
             metrics.rejections.labels(reason=reason).inc()
         if ctx is not None and ctx.model is not None:

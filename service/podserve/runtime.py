@@ -44,7 +44,9 @@ class ServingRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.repository: ModelRepository | None = None
-        self.pool = InferencePool(settings.pool_threads, settings.inference_thread_nice)
+        self.pool = InferencePool(
+            settings.pool_threads, settings.inference_thread_nice, settings.inference_thread_idle
+        )
         self.budget = QueueBudget(settings.max_queue_rows, settings.retry_after_s)
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.batch_observers: list[BatchObserver] = []

@@ -40,6 +40,10 @@ class PodserveWorker(UvicornWorker):
         self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 2)
         # Bound the reading of request headers (uvicorn has no setting for it).
         settings = get_settings()
+        # The inference thread runs Python between ORT calls (tokenizer, pooling, splits);
+        # the loop thread waits up to the switch interval for the GIL (CPython: 5 ms), which
+        # would show up in every awaited I/O call. A short interval bounds that wait.
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         self.config.http = guarded_protocol(
             settings.header_read_timeout_s, settings.max_header_bytes
         )
