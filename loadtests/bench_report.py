@@ -108,8 +108,13 @@ def targets(doc: Doc) -> list[str]:
                     f"| {_verdict(share >= 0.85)} |")  # fmt: skip
     inline_rps = _at(doc, "inline", "throughput")
     if rps and inline_rps:
+        # With the same threads budget the inline variant is not slow, only unfair to I/O:
+        # when it already runs at more than a third of the ceiling, 3x is out of reach.
+        reach = (f"; the ceiling allows at most {ceiling['rows_per_s'] / inline_rps:.2f}x"
+                 if ceiling else "")  # fmt: skip
+        ratio = rps / inline_rps
         rows.append(f"| throughput >= 3x inline | {rps:.0f} vs {inline_rps:.0f}/s = "
-                    f"{rps / inline_rps:.2f}x | {_verdict(rps / inline_rps >= 3)} |")  # fmt: skip
+                    f"{ratio:.2f}x{reach} | {_verdict(ratio >= 3)} |")  # fmt: skip
     client_p99, infer = _at(doc, "podserve", "p99"), _at(doc, "podserve", "infer_p50")
     if client_p99 and infer:
         bound = 2 * (2.0 + infer)  # max_batch_delay_ms of the MiniLM entry = 2
