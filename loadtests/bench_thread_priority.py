@@ -1,6 +1,6 @@
-"""A/B: inference threads at normal vs lowered priority, measured side by side.
+"""A/B/C: inference threads at normal priority, at nice +10, under SCHED_IDLE, side by side.
 
-Two 2-worker podserve servers in turn (PODSERVE_INFERENCE_THREAD_NICE=0, then 10), the slow
+2-worker podserve servers in turn (nice 0; nice 10; SCHED_IDLE, the default), the slow
 test model (ms of CPU per row) behind a 5 ms awaited I/O step, a closed loop of 32 keep-alive
 connections for a bounded time, 127.0.0.1 only. Prints req/s, the I/O-phase (`features`)
 p50/p99 from Server-Timing, and the client p99, per round.
@@ -31,14 +31,21 @@ BODY = orjson.dumps(
 )
 
 
-def measure(repo: Path, nice: int, seconds: float) -> str:
-    env = {"PODSERVE_INFERENCE_THREAD_NICE": str(nice), "PODSERVE_SIMULATED_IO_MS": "5"}
+VARIANTS = {
+    "nice 0": {"PODSERVE_INFERENCE_THREAD_NICE": "0", "PODSERVE_INFERENCE_THREAD_IDLE": "false"},
+    "nice 10": {"PODSERVE_INFERENCE_THREAD_NICE": "10", "PODSERVE_INFERENCE_THREAD_IDLE": "false"},
+    "SCHED_IDLE": {"PODSERVE_INFERENCE_THREAD_IDLE": "true"},
+}
+
+
+def measure(repo: Path, variant: str, seconds: float) -> str:
+    env = {**VARIANTS[variant], "PODSERVE_SIMULATED_IO_MS": "5"}
     with ServerProcess(repo, workers=2, env=env) as server:
         asyncio.run(closed_loop(server.url, "/v2/models/slow/infer", BODY, 32, 2.0))  # warm-up
         result = asyncio.run(closed_loop(server.url, "/v2/models/slow/infer", BODY, 32, seconds))
     io_ms = [parse_server_timing(t).get("features", 0.0) for t in result.server_timings]
     return (
-        f"nice={nice:>2} req/s={result.statuses[200] / seconds:.0f} "
+        f"{variant:<10} req/s={result.statuses[200] / seconds:.0f} "
         f"io_p50={percentile(io_ms, 0.5):.2f}ms io_p99={percentile(io_ms, 0.99):.2f}ms "
         f"client_p99={percentile(result.latencies, 0.99) * 1000:.0f}ms errors={len(result.errors)}"
     )
@@ -52,8 +59,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_test_repository(Path(tmp))
         for _ in range(args.rounds):
-            for nice in (0, 10):
-                print(measure(repo, nice, args.seconds), flush=True)
+            for variant in VARIANTS:
+                print(measure(repo, variant, args.seconds), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,10 @@ def _lower_thread_priority(niceness: int, idle_policy: bool) -> None:
     """Make this (inference) thread yield the CPU to the event loop thread under contention.
 
     Linux applies nice values and policies per thread (on the thread id); lowering them
-    needs no privilege. nice +10 alone is not enough on Linux 6.6+ (EEVDF): a waking loop
-    thread often waits out the inference thread's slice, and the awaited I/O of every request
-    shows it (measured, 2 workers on 2 cores, c=32: I/O-phase p99 1.75x its idle value).
-    SCHED_IDLE makes the loop preempt inference at once (1.3x, the same as with a core to
-    spare). Its price: a loop that is busy *all* the time (an open-loop flood far above
-    capacity, every request shed) leaves inference almost no CPU, where nice +10 leaves ~10%.
+    needs no privilege. SCHED_IDLE (optional) makes a waking loop preempt inference at once;
+    its price is that a loop busy *all* the time (an open-loop flood far above capacity)
+    leaves inference almost no CPU, where nice +10 leaves ~10%. README: "The event loop
+    wins the CPU" has the measurements.
     """
     if not hasattr(os, "setpriority"):
         return

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     model_repository: Path = Path("./model_repository")
     pool_threads: int = Field(1, ge=1, description="inference threads per worker")
     inference_thread_nice: int = Field(10, ge=0, le=19, description="loop first on busy CPUs")
-    inference_thread_idle: bool = Field(True, description="SCHED_IDLE: the loop preempts")
+    inference_thread_idle: bool = Field(False, description="SCHED_IDLE: the loop preempts")
     gil_switch_interval_ms: float = Field(
         0.5, gt=0, le=100, description="how long the loop waits for the GIL at most (py: 5)"
     )
