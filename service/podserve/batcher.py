@@ -229,7 +229,7 @@ class Batcher:
                 self.pool.release()
             return
         self.pool.release()
-        await self._resolve_spread(batch, result, error, started)
+        self._resolve(batch, result, error, started)
         record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
         for observer in self.observers:
             observer(record)
@@ -244,25 +244,6 @@ class Batcher:
                 self._resolve([item], None, exc, started)
             else:
                 self._resolve([item], result, None, started)
-
-    async def _resolve_spread(
-        self,
-        batch: list[PendingRequest],
-        result: BatchResult | None,
-        error: BaseException | None,
-        started: float,
-    ) -> None:
-        """Wake the batch's requests one loop pass at a time, not all in one pass.
-
-        Each woken request encodes and sends its response on the event loop (~0.1-0.2 ms).
-        Woken together, a 16-request batch would hold the loop for ~3 ms, and every timer or
-        socket read due meanwhile (other requests' awaited I/O) would wait behind it.
-        """
-        rows = sum(item.rows for item in batch)
-        for index, item in enumerate(batch):
-            self._settle(item, index, len(batch), rows, result, error, started)
-            if index + 1 < len(batch):
-                await asyncio.sleep(0)
 
     def _resolve(
         self,

@@ -1,0 +1,138 @@
+"""CPU per request of the ASGI app stack alone: podserve vs a bare FastAPI constant endpoint.
+
+No sockets, no HTTP parser, no load generator: the app is called in-process with prebuilt
+ASGI messages by `--concurrency` concurrent callers on uvloop, and process CPU time (event
+loop and inference thread together) is divided by the request count. This isolates what
+podserve's own code costs per request (routing, parsing, validation, the thread hop to the
+inference pool, encoding, metrics) from what every uvicorn server pays, and it is far less
+noisy than an HTTP benchmark on a shared machine.
+
+    .venv/bin/python -m loadtests.bench_app_cpu                 # tabular demo model
+    .venv/bin/python -m loadtests.bench_app_cpu --requests 50000 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loadtests.bench_systems import tabular_body
+
+PATH = "/v2/models/tabular/infer"
+
+
+def _scope(body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": PATH, "raw_path": PATH.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip
+
+
+async def _call(app: Any, body: bytes, statuses: Counter) -> None:
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # a client that stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] += 1
+
+    await app(_scope(body), receive, send)
+
+
+async def _cpu_per_request(app: Any, requests: int, concurrency: int) -> tuple[float, Counter]:
+    body, statuses = tabular_body(), Counter()
+
+    async def caller(n: int) -> None:
+        for _ in range(n):
+            await _call(app, body, statuses)
+
+    await asyncio.gather(*(caller(50) for _ in range(concurrency)))  # warm-up
+    statuses.clear()
+    per_caller = max(1, requests // concurrency)
+    started = time.process_time()
+    await asyncio.gather(*(caller(per_caller) for _ in range(concurrency)))
+    return (time.process_time() - started) / (per_caller * concurrency), statuses
+
+
+async def _measure(kind: str, requests: int, concurrency: int) -> tuple[float, Counter]:
+    if kind == "constant":
+        from loadtests.reference.constant_app import app
+
+        return await _cpu_per_request(app, requests, concurrency)
+    from podserve.app import create_app
+
+    app = create_app()
+    async with app.router.lifespan_context(app):
+        return await _cpu_per_request(app, requests, concurrency)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kind", choices=["podserve", "constant"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.kind:  # one measurement, in a fresh process (see below)
+        import uvloop
+
+        cpu, statuses = uvloop.run(_measure(args.kind, args.requests, args.concurrency))
+        print(f"{cpu * 1e6:.1f} {dict(statuses)}")
+        return 0 if set(statuses) == {200} else 1
+    return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Alternate fresh processes (podserve, constant, ...) so drift hits both alike."""
+    import subprocess
+
+    from podserve.demo_models import build_tabular
+
+    results: dict[str, list[float]] = {"podserve": [], "constant": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        models, prom = Path(tmp, "models"), Path(tmp, "prometheus")
+        models.mkdir()
+        prom.mkdir()
+        build_tabular(models)
+        env = {**os.environ, "PODSERVE_MODEL_REPOSITORY": str(models),
+               "PODSERVE_LOG_LEVEL": "warning", "PODSERVE_TRACING_ENABLED": "false",
+               "PODSERVE_SPOOL_DIR": f"{tmp}/spool",
+               "PROMETHEUS_MULTIPROC_DIR": str(prom)}  # fmt: skip
+        for _ in range(args.rounds):
+            for kind in results:
+                out = subprocess.run(
+                    [sys.executable, "-m", "loadtests.bench_app_cpu", "--kind", kind,
+                     "--requests", str(args.requests), "--concurrency", str(args.concurrency)],
+                    env=env, capture_output=True, text=True, timeout=600, check=False,
+                )  # fmt: skip
+                if out.returncode != 0:
+                    print(out.stdout, out.stderr, file=sys.stderr)
+                    return 1
+                results[kind].append(float(out.stdout.split()[0]))
+                print(f"{kind:<9} {results[kind][-1]:7.1f} us CPU per request", flush=True)
+    pod, const = (statistics.median(results[k]) for k in ("podserve", "constant"))
+    print(f"median: podserve {pod:.1f} us, bare FastAPI constant {const:.1f} us, "
+          f"ratio {pod / const:.2f}x")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
