@@ -252,36 +252,24 @@ class Batcher:
         error: BaseException | None,
         started: float,
     ) -> None:
-        rows = sum(item.rows for item in batch)
+        total_rows = sum(item.rows for item in batch)
         for index, item in enumerate(batch):
-            self._settle(item, index, len(batch), rows, result, error, started)
-
-    @staticmethod
-    def _settle(
-        item: PendingRequest,
-        index: int,
-        batch_requests: int,
-        batch_rows: int,
-        result: BatchResult | None,
-        error: BaseException | None,
-        started: float,
-    ) -> None:
-        if item.future.done():  # cancelled meanwhile (client gone, deadline)
-            return
-        if result is None:
-            item.future.set_exception(error or RuntimeError("inference failed"))
-            return
-        item.future.set_result(
-            InferenceOutcome(
-                outputs=result.outputs[index],
-                queue_s=started - item.enqueued,
-                preprocess_s=result.preprocess_s,
-                infer_s=result.infer_s,
-                postprocess_s=result.postprocess_s,
-                batch_rows=batch_rows,
-                batch_requests=batch_requests,
+            if item.future.done():
+                continue
+            if result is None:
+                item.future.set_exception(error or RuntimeError("inference failed"))
+                continue
+            item.future.set_result(
+                InferenceOutcome(
+                    outputs=result.outputs[index],
+                    queue_s=started - item.enqueued,
+                    preprocess_s=result.preprocess_s,
+                    infer_s=result.infer_s,
+                    postprocess_s=result.postprocess_s,
+                    batch_rows=total_rows,
+                    batch_requests=len(batch),
+                )
             )
-        )
 
     @property
     def queued_rows(self) -> int:
