@@ -12,7 +12,6 @@ so OpenAPI, tracing's route names and the metrics' route label are unchanged.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,8 +20,6 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-log = logging.getLogger(__name__)
 
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
