@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,34 @@ def test_module_imports_without_build_deps() -> None:
         "assert not {'sklearn', 'skl2onnx', 'onnx'} & {m for m, v in sys.modules.items() if v}"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+_THREADS_SCRIPT = """
+import os, sys
+from pathlib import Path
+from podserve.processors import TokenizerPreprocessor
+from podserve.model_config import TensorSpec
+pre = TokenizerPreprocessor(Path(sys.argv[1]), [TensorSpec(name="input_ids", datatype="INT64",
+                            shape=[-1, -1])])
+before = len(os.listdir("/proc/self/task"))
+pre([{"text": ["a sentence to tokenize, number %d" % i for i in range(256)]}])
+print(os.environ.get("TOKENIZERS_PARALLELISM"), before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.parametrize(("preset", "expected_env", "extra_threads"),
+                         [(None, "false", False), ("true", "true", True)])  # fmt: skip
+def test_tokenizer_stays_in_the_calling_thread_unless_asked(
+    repo: Path, preset: str | None, expected_env: str, extra_threads: bool
+) -> None:
+    """No rayon pool beside the inference threads (thread budget), unless the user sets it."""
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    if preset is not None:
+        env["TOKENIZERS_PARALLELISM"] = preset
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(repo / "text")],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    value, before, after = out.stdout.split()
+    assert value == expected_env
+    assert (int(after) > int(before)) is extra_threads, out.stdout

@@ -58,3 +58,65 @@ def test_online_work_is_served_before_background_work() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["online", "job"]
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def test_results_and_errors_come_back_to_the_awaiting_request() -> None:
+    async def scenario() -> tuple[list[str], str, str]:
+        pool = InferencePool(2)
+        try:
+            names = await asyncio.gather(
+                *(pool.run(lambda: threading.current_thread().name) for _ in range(20))
+            )
+            try:
+                await pool.run(_fail, "bad batch")
+            except ValueError as exc:
+                error = str(exc)
+            loop_thread = threading.current_thread().name
+        finally:
+            pool.shutdown()
+        return names, error, loop_thread
+
+    names, error, loop_thread = asyncio.run(scenario())
+    assert set(names) <= {"podserve-infer_0", "podserve-infer_1"} and loop_thread not in names
+    assert error == "bad batch"
+
+
+def test_a_cancelled_caller_does_not_break_the_pool() -> None:
+    async def scenario() -> str:
+        pool = InferencePool(1)
+        gate = threading.Event()
+        try:
+            slow = asyncio.ensure_future(pool.run(gate.wait, 5))
+            await asyncio.sleep(0.01)
+            slow.cancel()  # the client went away while its batch runs
+            gate.set()
+            return await pool.run(str, "next")
+        finally:
+            pool.shutdown()
+
+    assert asyncio.run(scenario()) == "next"
+
+
+def test_shutdown_finishes_queued_work_then_refuses_more() -> None:
+    async def scenario() -> tuple[list[int], bool]:
+        pool = InferencePool(1)
+        before = set(threading.enumerate())
+        done: list[int] = []
+        # As batchers do, each holding a slot of its own (in-flight batches at shutdown).
+        queued = [asyncio.ensure_future(pool.run_in_slot(done.append, i)) for i in range(5)]
+        await asyncio.sleep(0)  # all five are on the queue
+        await asyncio.to_thread(pool.shutdown)
+        await asyncio.gather(*queued)
+        assert not {t for t in set(threading.enumerate()) - before if t.name.startswith("podserve")}
+        try:
+            await pool.run(done.append, 99)
+        except RuntimeError:
+            return done, True
+        return done, False
+
+    done, refused = asyncio.run(scenario())
+    assert done == [0, 1, 2, 3, 4] and refused

@@ -20,7 +20,7 @@ from podserve.errors import PodserveError
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
 from podserve.observability import Observability, note_error
-from podserve.runtime import ServingRuntime
+from podserve.runtime import RUNTIME_SCOPE_KEY, ServingRuntime
 from podserve.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class InflightMiddleware:
             return
         if self.expose_worker:
             send = _add_worker_header(send, self.worker_header)
+        scope[RUNTIME_SCOPE_KEY] = self.runtime
         self.runtime.inflight += 1
         try:
             await self.app(scope, receive, send)

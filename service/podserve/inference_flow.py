@@ -12,7 +12,7 @@ from podserve.db.hooks import log_prediction
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
-from podserve.runtime import ServingRuntime
+from podserve.runtime import runtime_of
 from podserve.simulated_io import simulated_features
 from podserve.tracing import link_context
 
@@ -34,10 +34,6 @@ class RequestContext:
     @classmethod
     def begin(cls) -> RequestContext:
         return cls(started=time.perf_counter(), timings=PhaseTimings())
-
-
-def runtime_of(request: Request) -> ServingRuntime:
-    return request.app.state.runtime
 
 
 async def predict(

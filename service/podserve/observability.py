@@ -74,11 +74,14 @@ class Observability:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        if self.metrics is not None:
+            self.metrics.flush()  # the last requests' samples outlive the worker
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flush spans before the exit
 
     async def _scrape(self, request: Request) -> Response:
         assert self.metrics is not None
+        self.metrics.flush()  # this worker's own samples are exact in its answer
         # Merging the workers' files is file I/O: keep it off the event loop.
         body, content_type = await asyncio.to_thread(
             self.metrics.render, request.headers.get("accept")
@@ -129,7 +132,7 @@ class ObservabilityMiddleware:
         started = time.perf_counter()
         failed = False
         if counted:
-            metrics.inflight.inc()  # type: ignore[union-attr]
+            metrics.inflight_requests += 1  # type: ignore[union-attr]
         try:
             await self.app(scope, receive, send_with_status)
         except Exception:
@@ -137,7 +140,7 @@ class ObservabilityMiddleware:
             raise
         finally:
             if counted:
-                metrics.inflight.dec()  # type: ignore[union-attr]
+                metrics.inflight_requests -= 1  # type: ignore[union-attr]
             try:
                 self._after(scope, status, time.perf_counter() - started, span, failed)
             except Exception:  # a metrics or tracing bug must not turn into a failed request
@@ -161,11 +164,11 @@ class ObservabilityMiddleware:
         metrics.observe_request(model, route, status, seconds, trace_id)
         reason = scope.get(ERROR_SCOPE_KEY)
         if reason is not None:
-            metrics.rejections.labels(reason=reason).inc()
+            metrics.count_rejection(reason)
         if ctx is not None and ctx.model is not None:
             metrics.observe_phases(model, ctx.timings.durations, trace_id)
             if failed and ctx.outcome is None:  # an unhandled error out of inference
-                metrics.inference_errors.labels(model=model).inc()
+                metrics.count_inference_error(model)
 
 
 def _sampled_trace_id(span: Any) -> str | None:

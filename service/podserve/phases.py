@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 
 PHASES = ("parse", "features", "preprocess", "queue", "infer", "postprocess", "log")
 
@@ -27,14 +26,9 @@ class PhaseTimings:
             if end_ns > self.ended_ns.get(phase, 0):
                 self.ended_ns[phase] = end_ns
 
-    @contextmanager
-    def measure(self, phase: str) -> Iterator[None]:
-        start_ns = time.time_ns()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.record(phase, time.perf_counter() - start, start_ns)
+    def measure(self, phase: str) -> _PhaseClock:
+        """`with timings.measure("parse"): ...` records the block's duration, errors included."""
+        return _PhaseClock(self, phase)
 
     def server_timing(self) -> str:
         """`parse;dur=0.081, infer;dur=2.3` (milliseconds), phases that ran, in phase order."""
@@ -43,6 +37,29 @@ class PhaseTimings:
             for phase in PHASES
             if phase in self.durations
         )
+
+
+class _PhaseClock:
+    """A plain class, not @contextmanager: a request enters ~5 of these, and a generator-based
+    context manager costs ~3x as much CPU per use."""
+
+    __slots__ = ("_phase", "_start", "_start_ns", "_timings")
+
+    def __init__(self, timings: PhaseTimings, phase: str) -> None:
+        self._timings = timings
+        self._phase = phase
+
+    def __enter__(self) -> None:
+        self._start_ns = time.time_ns()
+        self._start = time.perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._timings.record(self._phase, time.perf_counter() - self._start, self._start_ns)
 
 
 def parse_server_timing(header: str) -> dict[str, float]:

@@ -7,6 +7,7 @@ the tensors clients receive (e.g. token states -> pooled sentence embeddings).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,17 @@ class Postprocessor(Protocol):
     def __call__(self, outputs: Tensors, feed: Tensors) -> Tensors: ...
 
 
+def keep_tokenizer_single_threaded() -> None:
+    """Unless the user chose otherwise, tokenize in the calling (inference) thread only.
+
+    HF tokenizers' encode_batch fans out to a rayon pool with a thread per core, in every
+    worker: threads outside the budget of workers x inference threads that podserve keeps.
+    Measured (8 short sentences per batch, 2 cores): 450 us CPU per batch with the pool vs
+    348 us without; the pool only buys wall time by taking cores from the other worker.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 class TokenizerPreprocessor:
     """Strings (BYTES) -> input_ids / attention_mask / token_type_ids, padded per batch."""
 
@@ -50,6 +62,7 @@ class TokenizerPreprocessor:
     ) -> None:
         from tokenizers import Tokenizer
 
+        keep_tokenizer_single_threaded()
         path = model_dir / tokenizer_file
         if not path.exists():
             raise ValueError(f"tokenizer file {path} does not exist")

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from podserve import lifecycle
 from podserve.batcher import Batcher, BatchObserver, InferenceOutcome, QueueBudget
@@ -20,7 +20,12 @@ from podserve.onnx_model import OnnxModel, ThreadBudget
 from podserve.processors import Tensors
 from podserve.settings import Settings
 
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
 log = logging.getLogger(__name__)
+
+RUNTIME_SCOPE_KEY = "podserve.runtime"  # put in every request's scope by app.py's middleware
 
 
 def resolve_workers(settings: Settings) -> int:
@@ -120,3 +125,9 @@ class ServingRuntime:
     @property
     def queued_rows(self) -> int:
         return self.budget.queued_rows
+
+
+def runtime_of(request: Request) -> ServingRuntime:
+    """From the scope: `request.app.state.runtime` is an attribute chain on every call."""
+    runtime = request.scope.get(RUNTIME_SCOPE_KEY)
+    return runtime if runtime is not None else request.app.state.runtime

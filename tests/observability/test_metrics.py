@@ -18,6 +18,7 @@ import pytest
 from metrics_support import Scrape, scrape
 
 from load_client import closed_loop
+from podserve.metrics import REFRESH_S
 from server_process import ServerProcess
 
 INFER = "/v2/models/{model_name}/infer"
@@ -68,6 +69,18 @@ def _scrape_both_workers(url: str) -> list[Scrape]:
     raise AssertionError(f"only worker(s) { ({s.worker for s in scrapes}) } answered /metrics")
 
 
+def _settled_scrapes(url: str) -> list[Scrape]:
+    """Scrapes of both workers that agree: each worker flushes its samples once a second
+    (metrics.REFRESH_S), so a scrape may lag the last second of the other worker's requests."""
+    deadline = time.monotonic() + 10 * REFRESH_S
+    while True:
+        scrapes = _scrape_both_workers(url)
+        if all(_counters(other) == _counters(scrapes[0]) for other in scrapes[1:]):
+            return scrapes  # the same totals whichever worker answered
+        assert time.monotonic() < deadline, "the workers' totals never agreed"
+        time.sleep(REFRESH_S / 4)
+
+
 def _counters(result: Scrape) -> dict[tuple, float]:
     """Counter and histogram samples, without the scrapes' own (they grow with each scrape)."""
     return {
@@ -98,10 +111,8 @@ def test_counts_add_up_exactly_across_workers(server: ServerProcess) -> None:
     served, shed = load.statuses[200], load.statuses[503]
     assert served > 0 and shed > 0, load.statuses
 
-    scrapes = _scrape_both_workers(url)
+    scrapes = _settled_scrapes(url)
     first = scrapes[0]
-    for other in scrapes[1:]:  # the same totals whichever worker answered
-        assert _counters(other) == _counters(first)
 
     requests = "podserve_requests_total"
     assert first.value(requests, model="affine", route=INFER, status="200") == 60

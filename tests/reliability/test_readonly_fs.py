@@ -169,6 +169,9 @@ def test_writes_only_to_configured_directories(
             PODSERVE_MODEL_REPOSITORY=str(layout["models"]),
             PODSERVE_PROMETHEUS_MULTIPROC_DIR=str(layout["prometheus"]),
             PROMETHEUS_MULTIPROC_DIR=str(layout["prometheus"]),
+            # Rows stay buffered until the stop, when the database is gone: a timed flush
+            # between the last request and the cut would leave nothing for the spool.
+            PODSERVE_PREDICTION_LOG_FLUSH_MS="60000",
         )
         env.pop("XDG_CACHE_HOME", None)
         (tmp_path / "strace").mkdir()

@@ -14,6 +14,7 @@ from podserve.errors import ServiceUnavailable
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
+from podserve.runtime import runtime_of
 
 if TYPE_CHECKING:
     from podserve.db.services import DatabaseServices
@@ -28,7 +29,7 @@ class Timed(Protocol):
 
 
 def services_of(request: Request) -> DatabaseServices:
-    return request.app.state.runtime.db
+    return runtime_of(request).db
 
 
 async def fetch_features(
