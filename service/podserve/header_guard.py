@@ -7,6 +7,7 @@ Gunicorn setting for this, so the worker uses the protocol class below (uvicorn 
 class for its `http` option). Like nginx's `client_header_timeout`: the headers of a request
 must be complete within PODSERVE_HEADER_READ_TIMEOUT_S of its first byte (or of the
 connection), and within PODSERVE_MAX_HEADER_BYTES, else 408 / 431 and the connection closes.
+The deadlines are checked by a sweep (deadline_sweep.py), not a timer per request.
 Idle keep-alive connections between requests stay governed by PODSERVE_KEEPALIVE_S; a slow
 *body* is bounded by PODSERVE_BODY_READ_TIMEOUT_S in the route (408).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+from podserve.deadline_sweep import sweep_for
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -43,55 +46,15 @@ def _reply(status: int, message: str) -> bytes:
     )
 
 
-class _Deadlines:
-    """Header deadlines of one event loop's connections, checked by one periodic sweep.
-
-    A TimerHandle armed and cancelled per request cost ~2% of a worker's CPU at a few
-    thousand requests/s; a dict entry costs next to nothing. Deadlines fire within a tenth
-    of the timeout (at most 1 s) after they pass: nginx-like precision for a guard.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
-        self.loop = loop
-        self.timeout_s = timeout_s
-        self.interval_s = min(1.0, max(0.01, timeout_s / 10))
-        self.pending: dict[Any, float] = {}  # protocol -> loop.time() deadline
-        self._sweep_handle: asyncio.TimerHandle | None = None
-
-    def arm(self, protocol: Any) -> None:
-        self.pending[protocol] = self.loop.time() + self.timeout_s
-        if self._sweep_handle is None:
-            self._sweep_handle = self.loop.call_later(self.interval_s, self._sweep)
-
-    def disarm(self, protocol: Any) -> None:
-        self.pending.pop(protocol, None)
-
-    def _sweep(self) -> None:
-        now = self.loop.time()
-        expired = [p for p, deadline in self.pending.items() if deadline <= now]
-        for protocol in expired:
-            del self.pending[protocol]
-            protocol._expired()
-        self._sweep_handle = (
-            self.loop.call_later(self.interval_s, self._sweep) if self.pending else None
-        )
-
-
 def guarded_protocol(
     timeout_s: float, max_header_bytes: int, base: type[asyncio.Protocol] | None = None
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a deadline and a size bound on request headers."""
     parent: Any = base or _auto_protocol()
-    deadlines_by_loop: dict[asyncio.AbstractEventLoop, _Deadlines] = {}  # one loop per worker
-
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._guard_deadlines = deadlines_by_loop.get(self.loop)
-            if self._guard_deadlines is None:
-                self._guard_deadlines = deadlines_by_loop[self.loop] = _Deadlines(
-                    self.loop, timeout_s
-                )
+            self._guard_deadlines = sweep_for(self.loop, timeout_s)
             self._guard_armed = False
             self._guard_cycle: Any = None
             self._guard_bytes = 0
@@ -121,7 +84,7 @@ def guarded_protocol(
             self._guard_cycle = self.cycle
             self._guard_bytes = 0
             self._guard_armed = True
-            self._guard_deadlines.arm(self)
+            self._guard_deadlines.arm(self, self._expired)
 
         def _disarm(self) -> None:
             if self._guard_armed:

@@ -6,6 +6,7 @@ import asyncio
 
 from starlette.requests import ClientDisconnect, Request
 
+from podserve.deadline_sweep import sweep_for
 from podserve.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 JSON_TYPES = ("application/json", "application/octet-stream")
@@ -22,6 +23,8 @@ def check_content_type(request: Request) -> None:
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, or 413 past `max_bytes`, or 408 if it is not in within `timeout_s`
+    (checked by a sweep, not a timer per request: see deadline_sweep.py)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -30,17 +33,31 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
     chunks: list[bytes] = []
     total = 0
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    sweep = sweep_for(asyncio.get_running_loop(), timeout_s)
+    sweep.arm(task, expire)
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > max_bytes:
-                    raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"request body not received within {timeout_s:g} s") from None
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:  # our deadline, and nobody else's cancel
+            raise RequestTimeout(f"request body not received within {timeout_s:g} s") from None
+        raise
     except ClientDisconnect:
         raise BadRequest("client disconnected while sending the body") from None
+    finally:
+        sweep.disarm(task)
     return b"".join(chunks)
 
 
