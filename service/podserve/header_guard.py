@@ -51,6 +51,7 @@ def guarded_protocol(
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a deadline and a size bound on request headers."""
     parent: Any = base or _auto_protocol()
+
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)

@@ -8,8 +8,8 @@ The threads are podserve's own, not a ThreadPoolExecutor behind run_in_executor:
 item is a tuple on a SimpleQueue, and the result goes back with one call_soon_threadsafe.
 The executor's round trip (a concurrent Future with its condition, the idle semaphore, the
 chaining of two futures) cost ~80 us of CPU per batch here against ~26 us for this one
-(`loadtests/bench_app_cpu.py`'s machine, a no-op function): for the tabular model that is
-more than the inference itself.
+(`python -m loadtests.bench_thread_handoff`, a no-op function on the 2-core dev machine):
+for the tabular model that is more than the inference itself.
 """
 
 from __future__ import annotations

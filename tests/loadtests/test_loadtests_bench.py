@@ -79,3 +79,13 @@ def test_report_judges_each_target(tmp_path: Path) -> None:
     assert "**missed**" in targets["client p99 <= 2x (batch delay + one batch's inference)"]
     assert "**missed**" in targets["tabular >= 70% of bare FastAPI constant"]  # 50%
     assert (tmp_path / "phases.png").exists()
+
+
+def test_thread_handoff_bench_reports_both_hand_offs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench_thread_handoff", "--hops", "300", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    per_hop = {line.split()[0]: float(line.split()[1]) for line in out.stdout.splitlines()}
+    assert set(per_hop) == {"run_in_executor", "InferencePool"}, out.stdout
+    assert all(value > 0 for value in per_hop.values()), out.stdout

@@ -119,7 +119,13 @@ def test_overload_sheds_excess_keeps_latency_bounded_and_recovers(
     with ServerProcess(model_repo, workers=2, env=env) as server:
         pids = server.worker_pids()
         # Two users per worker fill a batch (2 x 4 rows) and never exceed the queue bound.
-        capacity = asyncio.run(soak.closed_loop("127.0.0.1", server.port, _make, 4, 4.0))
+        # The better of two runs: a stall of the shared machine during one would make the
+        # "3x" load too light to need shedding (seen once: 15 instead of ~40 req/s).
+        capacity = max(
+            (asyncio.run(soak.closed_loop("127.0.0.1", server.port, _make, 4, 4.0))
+             for _ in range(2)),
+            key=lambda run: run.ok / run.elapsed_s,
+        )  # fmt: skip
         capacity_rps = capacity.ok / capacity.elapsed_s
         normal_s = 2 * soak.percentile(capacity.latencies, 0.99) + 0.05  # unloaded speed
         # A short burst first: connections, 503 paths and allocator arenas warm up, so the
