@@ -14,6 +14,7 @@ from loadtests.loadgen import RunResult, closed_loop, encode_request, percentile
 from podserve.phases import PHASES, parse_server_timing
 
 MAX_REQUESTS_PER_RUN = 500_000
+METRICS_FLUSH_S = 1.1  # podserve workers write their metric tallies once a second
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Sample:
     requests: int
     load1: float  # 1-minute load average after the run: others' CPU use shows here
     statuses: dict[str, int] = field(default_factory=dict)  # HTTP status (or error) -> count
+    rows_per_batch: float | None = None  # podserve only: mean rows per ORT session run
 
 
 @dataclass
@@ -58,6 +60,14 @@ def _run_loop(coro_factory: Callable[[], object]) -> RunResult:
             return runner.run(coro_factory())  # type: ignore[arg-type]
     except ImportError:
         return asyncio.run(coro_factory())  # type: ignore[arg-type]
+
+
+def rows_per_batch(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def one_run(server: Server, concurrency: int, duration_s: float) -> tuple[RunResult, float]:
@@ -120,9 +130,17 @@ def _median(values: list[float | None]) -> float | None:
 def measure_once(server: Server, concurrency: int, duration_s: float, warmup_s: float) -> Sample:
     """Warm up (caches, connections, batch sizes), then one measured run."""
     one_run(server, concurrency, warmup_s)
+    counts_batches = server.batch_totals() is not None
+    if counts_batches:
+        time.sleep(METRICS_FLUSH_S)  # every worker has written the warm-up's tallies
+    batches_before = server.batch_totals()
     result, cpu_s = one_run(server, concurrency, duration_s)
     time.sleep(0.2)  # let the last replies drain
-    return summarize(result, cpu_s, server.system.io_phase)
+    sample = summarize(result, cpu_s, server.system.io_phase)
+    if counts_batches:
+        time.sleep(METRICS_FLUSH_S)
+        sample.rows_per_batch = rows_per_batch(batches_before, server.batch_totals())
+    return sample
 
 
 def describe(system: str, concurrency: int, s: Sample) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,18 @@ def best_ceiling(doc: Doc, model: str = "minilm") -> Doc | None:
     return max(points, key=lambda p: p["rows_per_s"]) if points else None
 
 
+def ceiling_at_batch(doc: Doc, rows: float, model: str = "minilm") -> float | None:
+    """The ceiling's rows/s at a (fractional) batch size, linear between measured sizes."""
+    points = sorted(doc["ceiling"].get(model) or [], key=lambda p: p["batch"])
+    if not points or rows < points[0]["batch"]:
+        return None
+    for low, high in itertools.pairwise(points):
+        if low["batch"] <= rows <= high["batch"]:
+            share = (rows - low["batch"]) / (high["batch"] - low["batch"])
+            return low["rows_per_s"] + share * (high["rows_per_s"] - low["rows_per_s"])
+    return points[-1]["rows_per_s"]
+
+
 def idle_io(doc: Doc, system: str) -> float | None:
     """The I/O phase's p50 with one request in flight: nothing else can delay it."""
     point = _points(doc).get((system, 1))
@@ -43,8 +56,8 @@ def system_table(doc: Doc, group: str) -> list[str]:
     rows = [
         "| system | c | req/s | p50 ms | p95 ms | p99 ms | I/O p50 | I/O p99 | I/O p99 / idle "
         "| infer p50 | infer p99 | server CPU % | server CPU ms/req | client CPU % | failures "
-        "| load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| load avg | rows per batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     names = [s["name"] for s in doc["systems"] if s["group"] == group]
     for name in names:
@@ -60,7 +73,7 @@ def system_table(doc: Doc, group: str) -> list[str]:
                 f"{_f(m['io_p99'], 2)} | {_f(ratio, 2)}{'x' if ratio else ''} | "
                 f"{_f(m['infer_p50'], 2)} | {_f(m['infer_p99'], 2)} | {_f(m['server_cpu'], 0)} "
                 f"| {_cpu_per_req(m)} | {_f(m['client_cpu'], 0)} | {_f(m['failures'], 0)} "
-                f"| {_f(m.get('load1'))} |"
+                f"| {_f(m.get('load1'))} | {_f(m.get('rows_per_batch'))} |"
             )
     return rows
 
@@ -106,6 +119,12 @@ def targets(doc: Doc) -> list[str]:
                     f"{cpu_req:.2f} ms CPU per request vs the ceiling's "
                     f"{ceiling['cpu_ms_per_row']:.2f} ms per row = {share:.0%} "
                     f"| {_verdict(share >= 0.85)} |")  # fmt: skip
+    rows_run = _at(doc, "podserve", "rows_per_batch")
+    at_batch = ceiling_at_batch(doc, rows_run) if rows_run else None
+    if rps and rows_run and at_batch:
+        rows.append(f"| context: the ceiling at the batch size podserve ran ({rows_run:.1f} rows "
+                    f"per session run) | {rps:.0f}/s vs {at_batch:.0f}/s = {rps / at_batch:.0%} "
+                    f"| not a target |")  # fmt: skip
     inline_rps = _at(doc, "inline", "throughput")
     if rps and inline_rps:
         # With the same threads budget the inline variant is not slow, only unfair to I/O:
@@ -121,6 +140,12 @@ def targets(doc: Doc) -> list[str]:
         rows.append(f"| client p99 <= 2x (batch delay + one batch's inference) | {client_p99:.1f}"
                     f" ms vs 2 x (2 + {infer:.1f}) = {bound:.1f} ms | "
                     f"{_verdict(client_p99 <= bound)} |")  # fmt: skip
+    if client_p99 and infer and at_batch:
+        floor = TARGET_C / at_batch * 1000  # Little's law: in flight / rate = mean latency
+        rows.append(f"| context: no closed loop of {TARGET_C} has a mean latency below {TARGET_C} "
+                    f"/ (ceiling at {rows_run:.1f} rows) = {floor:.1f} ms | podserve mean "
+                    f"{_at(doc, 'podserve', 'latency_mean') or float('nan'):.1f} ms, p99 "
+                    f"{client_p99:.1f} ms | not a target |")  # fmt: skip
     tab, const = (
         _at(doc, "podserve-tabular", "throughput"),
         _at(doc, "fastapi-constant", "throughput"),

@@ -147,6 +147,25 @@ class Server:
                 continue
         return total
 
+    def batch_totals(self) -> tuple[float, float] | None:
+        """(rows, session runs) so far from podserve's /metrics; None for other systems."""
+        if self.system.argv[-2:] != ["podserve.cli", "serve"]:
+            return None
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.system.port, timeout=10)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+        except OSError:
+            return None
+        totals = {"_sum": 0.0, "_count": 0.0}
+        for line in text.splitlines():
+            name, _, value = line.partition("{")
+            for suffix in totals:
+                if name == f"podserve_batch_size{suffix}":
+                    totals[suffix] += float(value.rsplit(" ", 1)[1])
+        return totals["_sum"], totals["_count"]
+
     def logs(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 

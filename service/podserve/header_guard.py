@@ -18,6 +18,7 @@ import asyncio
 from typing import Any
 
 from podserve.deadline_sweep import sweep_for
+from podserve.write_coalescing import CoalescingTransport
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -55,6 +56,7 @@ def guarded_protocol(
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = CoalescingTransport(transport, self, self.loop)
             self._guard_deadlines = sweep_for(self.loop, timeout_s)
             self._guard_armed = False
             self._guard_cycle: Any = None
@@ -65,14 +67,17 @@ def guarded_protocol(
             if not self._guard_armed and self._between_requests():
                 self._arm()  # first byte of the next request on a keep-alive connection
             if self._guard_armed:
-                self._guard_bytes += len(data)
+                end = data.find(b"\r\n\r\n")  # count header bytes only, not the body's
+                self._guard_bytes += len(data) if end < 0 else end + 4
+                if self._guard_bytes > max_header_bytes:  # before parsing: in one burst too
+                    if not self.transport.is_closing():
+                        self._refuse(431, f"request headers exceed {max_header_bytes} bytes")
+                    return
             super().data_received(data)
             if not self._guard_armed:
                 return
             if self.cycle is not self._guard_cycle or self.transport.get_protocol() is not self:
                 self._disarm()  # headers complete (a new cycle), or upgraded to another protocol
-            elif self._guard_bytes > max_header_bytes and not self.transport.is_closing():
-                self._refuse(431, f"request headers exceed {max_header_bytes} bytes")
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -410,6 +410,17 @@ def test_oversized_headers_rejected(strict: ServerProcess) -> None:
     assert time.monotonic() - started < HEADER_TIMEOUT_S + SLACK_S
 
 
+def test_oversized_headers_in_one_burst_rejected(strict: ServerProcess) -> None:
+    """A complete request whose headers exceed the bound arrives at once: still 431."""
+    body = b'{"inputs": []}'
+    big = b"X-Big: " + b"a" * 70_000 + b"\r\n"  # over the 64 KiB default
+    with _connect(strict) as sock:
+        sock.sendall(REQUEST_HEAD + big + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        reply = _read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert b"request headers exceed 65536 bytes" in reply
+
+
 def test_slowloris_flood_neither_starves_others_nor_leaks(
     strict: ServerProcess, report: Report
 ) -> None:
