@@ -39,6 +39,7 @@ class Sample:
     load1: float  # 1-minute load average after the run: others' CPU use shows here
     statuses: dict[str, int] = field(default_factory=dict)  # HTTP status (or error) -> count
     rows_per_batch: float | None = None  # podserve only: mean rows per ORT session run
+    loop_cpu_ms_per_request: float | None = None  # of cpu_ms_per_request: workers' main threads
 
 
 @dataclass
@@ -134,9 +135,13 @@ def measure_once(server: Server, concurrency: int, duration_s: float, warmup_s: 
     if counts_batches:
         time.sleep(METRICS_FLUSH_S)  # every worker has written the warm-up's tallies
     batches_before = server.batch_totals()
+    loop_before = server.loop_thread_seconds()
     result, cpu_s = one_run(server, concurrency, duration_s)
+    loop_s = server.loop_thread_seconds() - loop_before
     time.sleep(0.2)  # let the last replies drain
     sample = summarize(result, cpu_s, server.system.io_phase)
+    if result.ok:
+        sample.loop_cpu_ms_per_request = 1000 * loop_s / result.ok
     if counts_batches:
         time.sleep(METRICS_FLUSH_S)
         sample.rows_per_batch = rows_per_batch(batches_before, server.batch_totals())

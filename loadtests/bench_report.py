@@ -55,9 +55,9 @@ def idle_io(doc: Doc, system: str) -> float | None:
 def system_table(doc: Doc, group: str) -> list[str]:
     rows = [
         "| system | c | req/s | p50 ms | p95 ms | p99 ms | I/O p50 | I/O p99 | I/O p99 / idle "
-        "| infer p50 | infer p99 | server CPU % | server CPU ms/req | client CPU % | failures "
-        "| load avg | rows per batch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| infer p50 | infer p99 | server CPU % | server CPU ms/req | of which loops "
+        "| client CPU % | failures | load avg | rows per batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     names = [s["name"] for s in doc["systems"] if s["group"] == group]
     for name in names:
@@ -72,7 +72,8 @@ def system_table(doc: Doc, group: str) -> list[str]:
                 f"| {_f(m['p95'])} | {_f(m['p99'])} | {_f(m['io_p50'], 2)} | "
                 f"{_f(m['io_p99'], 2)} | {_f(ratio, 2)}{'x' if ratio else ''} | "
                 f"{_f(m['infer_p50'], 2)} | {_f(m['infer_p99'], 2)} | {_f(m['server_cpu'], 0)} "
-                f"| {_cpu_per_req(m)} | {_f(m['client_cpu'], 0)} | {_f(m['failures'], 0)} "
+                f"| {_cpu_per_req(m)} | {_f(m.get('loop_cpu_ms_per_request'), 2)} "
+                f"| {_f(m['client_cpu'], 0)} | {_f(m['failures'], 0)} "
                 f"| {_f(m.get('load1'))} | {_f(m.get('rows_per_batch'))} |"
             )
     return rows

@@ -147,6 +147,26 @@ class Server:
                 continue
         return total
 
+    def loop_thread_seconds(self) -> float:
+        """User + system CPU of the workers' main threads (the event loops), so far.
+
+        Workers are the server's direct children (Gunicorn's); a worker's main thread has
+        the process id as its thread id. Everything else (inference threads, process-pool
+        children, the master) is the rest of cpu_seconds().
+        """
+        assert self.proc is not None
+        total = 0.0
+        try:
+            workers = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return 0.0
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for thread in worker.threads():
+                    if thread.id == worker.pid:
+                        total += thread.user_time + thread.system_time
+        return total
+
     def batch_totals(self) -> tuple[float, float] | None:
         """(rows, session runs) so far from podserve's /metrics; None for other systems."""
         if self.system.argv[-2:] != ["podserve.cli", "serve"]:

@@ -214,3 +214,39 @@ def test_idle_pool_dispatches_at_once(model_repo: Path) -> None:
         return outcome.queue_s
 
     assert asyncio.run(scenario()) < 1.0  # far below the 5 s delay
+
+
+def test_batch_mates_resume_one_loop_iteration_apart(repository: ModelRepository) -> None:
+    """A finished batch wakes its requests in turn, so due timers run between responses."""
+    model = repository.get("affine", "1")
+
+    async def scenario() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        iterations = [0]
+
+        def tick() -> None:  # one call per loop iteration
+            iterations[0] += 1
+            loop.call_soon(tick)
+
+        records: list[BatchRecord] = []
+        pool = InferencePool(1)
+        batcher = Batcher(model, pool, QueueBudget(100, 1), [records.append])
+        batcher.start()
+        await pool.acquire()  # the only thread is busy: the requests below queue up
+        seen: list[int] = []
+
+        async def one() -> None:
+            await batcher.submit(*model.validate({"x": np.ones((1, 4), np.float32)}))
+            seen.append(iterations[0])
+
+        requests = [asyncio.ensure_future(one()) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        pool.release()  # now they run as one batch
+        loop.call_soon(tick)
+        await asyncio.gather(*requests)
+        await batcher.stop()
+        return seen, max(len(r.requests) for r in records)
+
+    seen, largest_batch = asyncio.run(scenario())
+    assert largest_batch == 4  # one batch ...
+    assert seen == sorted(set(seen)), seen  # ... whose requests resumed in distinct iterations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,24 +253,46 @@ class Batcher:
         started: float,
     ) -> None:
         total_rows = sum(item.rows for item in batch)
+        answers: list[Answer] = []
         for index, item in enumerate(batch):
-            if item.future.done():
-                continue
             if result is None:
-                item.future.set_exception(error or RuntimeError("inference failed"))
+                answers.append((item, error or RuntimeError("inference failed")))
                 continue
-            item.future.set_result(
-                InferenceOutcome(
-                    outputs=result.outputs[index],
-                    queue_s=started - item.enqueued,
-                    preprocess_s=result.preprocess_s,
-                    infer_s=result.infer_s,
-                    postprocess_s=result.postprocess_s,
-                    batch_rows=total_rows,
-                    batch_requests=len(batch),
-                )
+            outcome = InferenceOutcome(
+                outputs=result.outputs[index],
+                queue_s=started - item.enqueued,
+                preprocess_s=result.preprocess_s,
+                infer_s=result.infer_s,
+                postprocess_s=result.postprocess_s,
+                batch_rows=total_rows,
+                batch_requests=len(batch),
             )
+            answers.append((item, outcome))
+        _wake_in_turn(iter(answers))
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+
+Answer = tuple["PendingRequest", "InferenceOutcome | BaseException"]
+
+
+def _wake_in_turn(answers: Iterator[Answer]) -> None:
+    """Answer one request of a batch now and the next one in the loop's next iteration.
+
+    Answered together, a batch's requests resume in one loop iteration and run back to back
+    (postprocess, encode, send: ~0.35 ms each for MiniLM), and a timer that falls due
+    meanwhile (another request's awaited I/O) waits for all of them: 8 rows made the
+    `features` phase's p99 ~3 ms longer. One per iteration, due timers and socket events
+    get their turn between two responses; the last answer leaves no later than before.
+    """
+    for item, answer in answers:
+        if item.future.done():  # cancelled meanwhile
+            continue
+        if isinstance(answer, BaseException):
+            item.future.set_exception(answer)
+        else:
+            item.future.set_result(answer)
+        item.future.get_loop().call_soon(_wake_in_turn, answers)
+        return
