@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -63,10 +64,28 @@ class System:
     extra_pids: list[int] = field(default_factory=list)
 
 
+_HANDED_OUT: set[int] = set()
+# Below Linux's default ephemeral range (32768-60999): the load generator's own outgoing
+# connections take ports from that range and once took one picked for a server that had
+# not bound it yet (MLServer's metrics port: "address already in use").
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now and was not handed out before in this process."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {_PORT_RANGE}")
 
 
 def gunicorn_argv(python: str, app: str, workers: int, port: int) -> list[str]:
