@@ -131,8 +131,7 @@ def _median(values: list[float | None]) -> float | None:
 def measure_once(server: Server, concurrency: int, duration_s: float, warmup_s: float) -> Sample:
     """Warm up (caches, connections, batch sizes), then one measured run."""
     one_run(server, concurrency, warmup_s)
-    counts_batches = server.batch_totals() is not None
-    if counts_batches:
+    if server.is_podserve:
         time.sleep(METRICS_FLUSH_S)  # every worker has written the warm-up's tallies
     batches_before = server.batch_totals()
     loop_before = server.loop_thread_seconds()
@@ -142,7 +141,7 @@ def measure_once(server: Server, concurrency: int, duration_s: float, warmup_s: 
     sample = summarize(result, cpu_s, server.system.io_phase)
     if result.ok:
         sample.loop_cpu_ms_per_request = 1000 * loop_s / result.ok
-    if counts_batches:
+    if server.is_podserve:
         time.sleep(METRICS_FLUSH_S)
         sample.rows_per_batch = rows_per_batch(batches_before, server.batch_totals())
     return sample

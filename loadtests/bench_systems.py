@@ -73,9 +73,8 @@ _PORT_RANGE = (20000, 32000)
 
 def free_port() -> int:
     """A loopback port that is free now and was not handed out before in this process."""
-    rng = random.Random()
     for _ in range(1000):
-        port = rng.randrange(*_PORT_RANGE)
+        port = random.randrange(*_PORT_RANGE)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as sock:
@@ -186,9 +185,13 @@ class Server:
                         total += thread.user_time + thread.system_time
         return total
 
+    @property
+    def is_podserve(self) -> bool:
+        return self.system.argv[-2:] == ["podserve.cli", "serve"]
+
     def batch_totals(self) -> tuple[float, float] | None:
         """(rows, session runs) so far from podserve's /metrics; None for other systems."""
-        if self.system.argv[-2:] != ["podserve.cli", "serve"]:
+        if not self.is_podserve:
             return None
         try:
             conn = http.client.HTTPConnection("127.0.0.1", self.system.port, timeout=10)

@@ -57,9 +57,9 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
 async def serving() -> AsyncIterator[tuple[int, list[RecordingTransport]]]:
     recorders: list[RecordingTransport] = []
 
-    def wrap(transport: asyncio.Transport, protocol: Any, loop: Any) -> CoalescingTransport:
+    def wrap(transport: asyncio.Transport, protocol: Any) -> CoalescingTransport:
         recorders.append(RecordingTransport(transport))
-        return CoalescingTransport(recorders[-1], protocol, loop)  # type: ignore[arg-type]
+        return CoalescingTransport(recorders[-1], protocol)  # type: ignore[arg-type]
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -56,7 +56,7 @@ def guarded_protocol(
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.transport = CoalescingTransport(transport, self, self.loop)
+            self.transport = CoalescingTransport(transport, self)
             self._guard_deadlines = sweep_for(self.loop, timeout_s)
             self._guard_armed = False
             self._guard_cycle: Any = None
@@ -67,8 +67,7 @@ def guarded_protocol(
             if not self._guard_armed and self._between_requests():
                 self._arm()  # first byte of the next request on a keep-alive connection
             if self._guard_armed:
-                end = data.find(b"\r\n\r\n")  # count header bytes only, not the body's
-                self._guard_bytes += len(data) if end < 0 else end + 4
+                self._guard_bytes += self._header_part(data)
                 if self._guard_bytes > max_header_bytes:  # before parsing: in one burst too
                     if not self.transport.is_closing():
                         self._refuse(431, f"request headers exceed {max_header_bytes} bytes")
@@ -78,6 +77,12 @@ def guarded_protocol(
                 return
             if self.cycle is not self._guard_cycle or self.transport.get_protocol() is not self:
                 self._disarm()  # headers complete (a new cycle), or upgraded to another protocol
+
+        def _header_part(self, data: bytes) -> int:
+            """How many bytes of data belong to the headers (the body's are not counted)."""
+            tail, self._guard_tail = self._guard_tail, (self._guard_tail + data[-3:])[-3:]
+            end = (tail + data).find(b"\r\n\r\n")  # the blank line may straddle two chunks
+            return len(data) if end < 0 else max(0, end + 4 - len(tail))
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -89,6 +94,7 @@ def guarded_protocol(
         def _arm(self) -> None:
             self._guard_cycle = self.cycle
             self._guard_bytes = 0
+            self._guard_tail = b""
             self._guard_armed = True
             self._guard_deadlines.arm(self, self._expired)
 

@@ -22,12 +22,10 @@ class CoalescingTransport:
 
     __slots__ = ("_cycle", "_held", "_loop", "_protocol", "_transport")
 
-    def __init__(
-        self, transport: asyncio.Transport, protocol: Any, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
         self._transport = transport
-        self._protocol = protocol  # its `cycle` attribute marks a new request/response
-        self._loop = loop
+        self._protocol = protocol  # uvicorn's: its `cycle` marks a new request, `loop` its loop
+        self._loop: asyncio.AbstractEventLoop = protocol.loop
         self._held: bytes | None = None
         self._cycle: object = None
 

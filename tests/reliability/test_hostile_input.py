@@ -421,6 +421,20 @@ def test_oversized_headers_in_one_burst_rejected(strict: ServerProcess) -> None:
     assert b"request headers exceed 65536 bytes" in reply
 
 
+def test_body_after_a_blank_line_split_across_reads_is_not_counted_as_headers(
+    strict: ServerProcess,
+) -> None:
+    """Headers end in one read, the body (over the header bound) follows: 200, not 431."""
+    data = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    body = json.dumps({"inputs": [data]}).encode() + b" " * 70_000  # JSON allows padding
+    with _connect(strict) as sock:
+        sock.sendall(REQUEST_HEAD + f"Content-Length: {len(body)}\r\n\r".encode())
+        time.sleep(0.2)  # the server reads the headers' last byte with the body, separately
+        sock.sendall(b"\n" + body)
+        reply = _read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+
+
 def test_slowloris_flood_neither_starves_others_nor_leaks(
     strict: ServerProcess, report: Report
 ) -> None:
