@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from podserve.deadline_sweep import sweep_for
 from podserve.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from podserve.request_headers import request_headers
 
 JSON_TYPES = ("application/json", "application/octet-stream")
 
 
 def check_content_type(request: Request) -> None:
     """JSON, or octet-stream for the binary extension; a missing type is taken as JSON."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
-        raise UnsupportedMediaType(f"content type {content_type!r} is not supported; send JSON")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    headers = request_headers(request.scope)
+    content_type = headers.get("content-type", "")
+    if content_type not in JSON_TYPES:  # the exact common values skip the parsing below
+        content_type = content_type.split(";")[0].strip().lower()
+        if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
+            raise UnsupportedMediaType(f"content type {content_type!r} is not supported; send JSON")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"content encoding {encoding!r} is not supported")
 
@@ -25,7 +29,7 @@ def check_content_type(request: Request) -> None:
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The whole body, or 413 past `max_bytes`, or 408 if it is not in within `timeout_s`
     (checked by a sweep, not a timer per request: see deadline_sweep.py)."""
-    declared = request.headers.get("content-length")
+    declared = request_headers(request.scope).get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("Content-Length must be a non-negative integer")
@@ -42,10 +46,17 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         expired = True
         task.cancel()
 
+    receive = request.receive  # the ASGI messages themselves: no stream generator per request
     sweep = sweep_for(asyncio.get_running_loop(), timeout_s)
     sweep.arm(task, expire)
     try:
-        async for chunk in request.stream():
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect
+                raise BadRequest("client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
             total += len(chunk)
             if total > max_bytes:
                 raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
@@ -54,15 +65,13 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         if expired and task.uncancel() == 0:  # our deadline, and nobody else's cancel
             raise RequestTimeout(f"request body not received within {timeout_s:g} s") from None
         raise
-    except ClientDisconnect:
-        raise BadRequest("client disconnected while sending the body") from None
     finally:
         sweep.disarm(task)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def binary_header_length(request: Request) -> int | None:
-    value = request.headers.get("inference-header-content-length")
+    value = request_headers(request.scope).get("inference-header-content-length")
     if value is None:
         return None
     if not value.isdigit():

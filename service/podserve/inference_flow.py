@@ -12,9 +12,10 @@ from podserve.db.hooks import log_prediction
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
+from podserve.request_headers import request_headers
 from podserve.runtime import runtime_of
 from podserve.simulated_io import simulated_features
-from podserve.tracing import link_context
+from podserve.tracing import link_context, tracing_active
 
 TIMEOUT_HEADER = "x-podserve-timeout-ms"
 CONTEXT_SCOPE_KEY = "podserve.request_context"  # read by observability after the response
@@ -33,7 +34,7 @@ class RequestContext:
 
     @classmethod
     def begin(cls) -> RequestContext:
-        return cls(started=time.perf_counter(), timings=PhaseTimings())
+        return cls(started=time.perf_counter(), timings=PhaseTimings(wall_clock=tracing_active()))
 
 
 async def predict(
@@ -47,10 +48,11 @@ async def predict(
     await simulated_features(ctx.timings)  # benchmark aid, off unless PODSERVE_SIMULATED_IO_MS
     with ctx.timings.measure("parse"):
         inputs, rows = model.validate(inputs, datatypes)
-        deadline = runtime.deadline(ctx.started, request.headers.get(TIMEOUT_HEADER))
+        timeout = request_headers(request.scope).get(TIMEOUT_HEADER)
+        deadline = runtime.deadline(ctx.started, timeout)
     ctx.model, ctx.rows, ctx.queue_rows = model, rows, runtime.queued_rows
     request.scope[CONTEXT_SCOPE_KEY] = ctx
-    submitted_ns = time.time_ns()
+    submitted_ns = time.time_ns() if ctx.timings.wall_clock else None
     outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())
     ctx.outcome = outcome
     _record_inference(ctx.timings, model, outcome, submitted_ns)
@@ -59,9 +61,10 @@ async def predict(
 
 
 def _record_inference(
-    timings: PhaseTimings, model: OnnxModel, outcome: InferenceOutcome, submitted_ns: int
+    timings: PhaseTimings, model: OnnxModel, outcome: InferenceOutcome, submitted_ns: int | None
 ) -> None:
-    """Phases measured in the inference thread, laid end to end from the submit time."""
+    """Phases measured in the inference thread, laid end to end from the submit time (the
+    wall-clock placement only matters for trace spans)."""
     at = submitted_ns
     for phase, seconds, ran in (
         ("queue", outcome.queue_s, True),
@@ -71,8 +74,9 @@ def _record_inference(
     ):
         if ran:
             timings.record(phase, seconds, at)
-        at += int(seconds * 1e9)
+        if at is not None:
+            at += int(seconds * 1e9)
 
 
-def timing_headers(ctx: RequestContext) -> dict[str, str]:
-    return {"Server-Timing": ctx.timings.server_timing()}
+def timing_header(ctx: RequestContext) -> tuple[bytes, bytes]:
+    return (b"server-timing", ctx.timings.server_timing().encode("latin-1"))

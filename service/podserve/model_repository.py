@@ -44,8 +44,14 @@ class ServedModel:
 class ModelRepository:
     def __init__(self, models: dict[str, ServedModel]) -> None:
         self.models = models
+        # Most requests name no version: their model is looked up once, not per request.
+        self._defaults = {name: served.default for name, served in models.items()}
 
     def get(self, name: str, version: str | None = None) -> OnnxModel:
+        if not version:
+            model = self._defaults.get(name)
+            if model is not None:
+                return model
         served = self.models.get(name)
         if served is None:
             raise NotFound(f"unknown model '{name}'; available: {sorted(self.models)}")

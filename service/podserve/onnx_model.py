@@ -152,6 +152,8 @@ class OnnxModel:
         return inputs, count
 
     def _check_names(self, inputs: Tensors) -> None:
+        if inputs.keys() == self._input_by_name.keys():
+            return
         missing = sorted(set(self._input_by_name) - set(inputs))
         unknown = sorted(set(inputs) - set(self._input_by_name))
         if unknown:

@@ -125,12 +125,13 @@ def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(type(d) is int and d >= 0 for d in shape)  # `type`: a bool is no dim
     ):
         raise BadRequest(
             f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} non-negative integers"
         )
-    return name, datatype, shape, _object(item.get("parameters"), f"{name}.parameters")
+    params = item.get("parameters")
+    return name, datatype, shape, {} if params is None else _object(params, f"{name}.parameters")
 
 
 def _flatten(data: Any, out: list[Any], depth: int = 0) -> None:
@@ -171,6 +172,13 @@ def _reshape(name: str, array: np.ndarray, shape: list[int]) -> np.ndarray:
         raise BadRequest(f"input '{name}': shape {shape} is too large") from None
 
 
+# numpy kinds that JSON values of each datatype may parse to (bool, int, unsigned, float).
+_ALLOWED_KINDS = {
+    datatype: "b" if datatype == "BOOL" else "iu" if datatype in INT_TYPES else "iuf"
+    for datatype in V2_TO_NUMPY
+}
+
+
 def numeric_array(name: str, datatype: str, data: list[Any]) -> np.ndarray:
     try:
         raw = np.asarray(data)
@@ -179,8 +187,7 @@ def numeric_array(name: str, datatype: str, data: list[Any]) -> np.ndarray:
     kind = raw.dtype.kind
     if raw.size == 0:
         return raw.reshape(-1).astype(V2_TO_NUMPY[datatype])
-    allowed = {"BOOL": "b"}.get(datatype, "iu" if datatype in INT_TYPES else "iuf")
-    if kind not in allowed:
+    if kind not in _ALLOWED_KINDS[datatype]:
         found = {"b": "booleans", "f": "floats", "U": "strings", "O": "mixed or out-of-range"}
         raise BadRequest(
             f"input '{name}': datatype {datatype} cannot hold {found.get(kind, raw.dtype.name)} "
@@ -276,17 +283,21 @@ def encode_infer_response(
     extra_parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Return the body and the headers that the binary extension needs (if any)."""
-    requested = request.outputs or [RequestedOutput(n, request.binary_output) for n in order]
+    requested = (
+        [(wanted.name, wanted.binary) for wanted in request.outputs]
+        if request.outputs
+        else [(name, request.binary_output) for name in order]
+    )
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for wanted in requested:
-        array = outputs[wanted.name]
+    for name, binary in requested:
+        array = outputs[name]
         entry: dict[str, Any] = {
-            "name": wanted.name,
+            "name": name,
             "datatype": numpy_to_v2(array.dtype),
             "shape": list(array.shape),
         }
-        if wanted.binary:
+        if binary:
             blob = _binary_data(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

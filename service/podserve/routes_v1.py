@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response
 from podserve.db.features import entity_lookup
 from podserve.db.hooks import fetch_features
 from podserve.http_body import check_content_type, read_body
-from podserve.inference_flow import RequestContext, predict, runtime_of, timing_headers
-from podserve.json_response import OPTIONS, json_response
+from podserve.inference_flow import RequestContext, predict, runtime_of, timing_header
+from podserve.json_response import JSON_TYPE, OPTIONS, PreparedResponse, json_response
 from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
 from podserve.protocol_v1 import encode_predictions, parse_predict_doc
 from podserve.protocol_v2 import loads_json
@@ -46,4 +46,4 @@ async def model_predict(request: Request, model_name: str) -> Response:
         content = orjson.dumps(
             encode_predictions(outcome.outputs, [s.name for s in model.outputs]), option=OPTIONS
         )
-    return Response(content, headers=timing_headers(ctx), media_type="application/json")
+    return PreparedResponse(content, [timing_header(ctx), JSON_TYPE])

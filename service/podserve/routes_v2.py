@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request, Response
 from podserve.db.features import entity_lookup
 from podserve.db.hooks import fetch_features
 from podserve.http_body import binary_header_length, check_content_type, read_body
-from podserve.inference_flow import RequestContext, predict, runtime_of, timing_headers
-from podserve.json_response import json_response
+from podserve.inference_flow import RequestContext, predict, runtime_of, timing_header
+from podserve.json_response import BINARY_TYPE, JSON_TYPE, PreparedResponse, json_response
 from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V2_INFER_REQUEST, json_body
 from podserve.protocol_v2 import (
@@ -76,13 +76,11 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         content, headers = encode_infer_response(
             model.name, model.version, parsed, outcome.outputs, [s.name for s in model.outputs]
         )
-    headers.update(timing_headers(ctx))
-    media_type = (
-        "application/octet-stream"
-        if "Inference-Header-Content-Length" in headers
-        else ("application/json")
-    )
-    return Response(content, headers=headers, media_type=media_type)
+    raw_headers = [timing_header(ctx), JSON_TYPE]
+    if headers:  # the binary extension's header length: the body is JSON, then raw tensors
+        raw_headers[1] = BINARY_TYPE
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return PreparedResponse(content, raw_headers)
 
 
 @router.post(

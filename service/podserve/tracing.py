@@ -78,6 +78,11 @@ def current_trace_id() -> str | None:
     return f"{ctx.trace_id:032x}" if ctx.is_valid else None
 
 
+def tracing_active() -> bool:
+    """Whether this process exports spans (phase timings then keep wall-clock times)."""
+    return _active
+
+
 def link_context() -> SpanContext | None:
     """The current request span, for the batch span to link to (None: nothing to link)."""
     if not _active:

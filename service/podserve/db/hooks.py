@@ -14,6 +14,7 @@ from podserve.errors import ServiceUnavailable
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
+from podserve.request_headers import request_headers
 from podserve.runtime import runtime_of
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def log_prediction(
         prediction_log.append(
             make_row(
                 new_request_id(),
-                request.headers.get("x-request-id"),
+                request_headers(request.scope).get("x-request-id"),
                 model.name,
                 model.version,
                 inputs,
@@ -76,5 +77,5 @@ def trace_id(request: Request) -> str | None:
             return f"{span.trace_id:032x}"
     except ImportError:  # pragma: no cover - opentelemetry is a dependency
         pass
-    match = _TRACEPARENT.match(request.headers.get("traceparent", ""))
+    match = _TRACEPARENT.match(request_headers(request.scope).get("traceparent", ""))
     return match[1] if match and match[1] != "0" * 32 else None
