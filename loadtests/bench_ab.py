@@ -1,0 +1,112 @@
+"""A/B: podserve under the same load with different settings, rounds interleaved.
+
+Every variant is a podserve server (Gunicorn, `--workers`, the MiniLM model behind the 5 ms
+awaited I/O step, or the tabular model) started once with its own `PODSERVE_*` overrides;
+the rounds alternate between them, each after its own warm-up, so drift on a shared machine
+hits all variants alike. Per round and as medians it prints req/s, client p50/p99, the I/O
+phase p50/p99, server CPU per request and the event loops' share of it. The loop and load
+generator are loadtests.bench's own (bench_measure.measure_once).
+
+    .venv/bin/python -m loadtests.bench_ab --model minilm --concurrency 32 --rounds 4 \\
+        --variant base: --variant yield:PODSERVE_SOME_KNOB=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from loadtests.bench import DEFAULT_MODEL, build_repos, podserve_system
+from loadtests.bench_measure import Sample, measure_once
+from loadtests.bench_systems import Server, tabular_body, text_body
+
+COLUMNS = (
+    ("req/s", "throughput", "8.1f"),
+    ("p50", "p50", "6.1f"),
+    ("p99", "p99", "6.1f"),
+    ("io p50", "io_p50", "6.2f"),
+    ("io p99", "io_p99", "6.2f"),
+    ("cpu ms/req", "cpu_ms_per_request", "6.3f"),
+    ("loop ms/req", "loop_cpu_ms_per_request", "6.3f"),
+    ("rows/run", "rows_per_batch", "5.1f"),
+    ("fail", "failures", "4.0f"),
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`name:KEY=VALUE,KEY=VALUE` (an empty list after the colon is the baseline)."""
+    name, _, assignments = text.partition(":")
+    env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+    return name, env
+
+
+def _row(name: str, sample: Sample) -> str:
+    cells = []
+    for _, key, fmt in COLUMNS:
+        value = getattr(sample, key)
+        cells.append(format(value, fmt) if value is not None else "-")
+    return f"{name:<14} " + " ".join(f"{c:>10}" for c in cells)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", required=True, type=parse_variant)
+    parser.add_argument("--model", choices=["minilm", "tabular"], default="minilm")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--io-ms", type=float, default=5.0)
+    args = parser.parse_args()
+
+    header = f"{'variant':<14} " + " ".join(f"{label:>10}" for label, _, _ in COLUMNS)
+    samples: dict[str, list[Sample]] = {name: [] for name, _ in args.variant}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        repos = build_repos(args.model_dir, Path(tmp)) if args.model == "minilm" else None
+        if repos is None:
+            from podserve.demo_models import build_tabular
+
+            repo = Path(tmp, "tabular")
+            repo.mkdir()
+            build_tabular(repo)
+        servers = {}
+        for name, env in args.variant:
+            if args.model == "minilm":
+                assert repos is not None
+                system = podserve_system(
+                    name, "ab", repos["minilm"], args.workers, "/v2/models/minilm/infer",
+                    text_body(), {"PODSERVE_SIMULATED_IO_MS": str(args.io_ms), **env},
+                )  # fmt: skip
+            else:
+                system = podserve_system(
+                    name, "ab", repo, args.workers, "/v2/models/tabular/infer",
+                    tabular_body(), env, io_phase=None,
+                )  # fmt: skip
+            servers[name] = stack.enter_context(Server(system, Path(tmp)))
+        print(header, flush=True)
+        for round_no in range(args.rounds):
+            order = list(servers) if round_no % 2 == 0 else list(reversed(servers))
+            for name in order:
+                sample = measure_once(servers[name], args.concurrency, args.duration, args.warmup)
+                samples[name].append(sample)
+                print(_row(name, sample), flush=True)
+    print("\nmedians over the rounds")
+    print(header)
+    for name, runs in samples.items():
+        median = Sample(**{
+            key: statistics.median(getattr(s, key) for s in runs)
+            if all(getattr(s, key) is not None for s in runs) else None
+            for key in Sample.__dataclass_fields__
+            if key not in ("phase_means", "statuses")
+        }, phase_means={}, statuses={})  # fmt: skip
+        print(_row(name, median))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
