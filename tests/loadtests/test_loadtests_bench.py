@@ -89,3 +89,19 @@ def test_thread_handoff_bench_reports_both_hand_offs() -> None:
     per_hop = {line.split()[0]: float(line.split()[1]) for line in out.stdout.splitlines()}
     assert set(per_hop) == {"run_in_executor", "InferencePool"}, out.stdout
     assert all(value > 0 for value in per_hop.values()), out.stdout
+
+
+def test_ab_bench_alternates_the_variants_and_reports_medians() -> None:
+    cmd = [sys.executable, "-m", "loadtests.bench_ab", "--model", "tabular", "--rounds", "2",
+           "--duration", "0.4", "--warmup", "0.2", "--concurrency", "16",
+           "--variant", "base:", "--variant", "tight:PODSERVE_MAX_QUEUE_ROWS=1"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rounds, _, medians = done.stdout.partition("medians over the rounds")
+    order = [line.split()[0] for line in rounds.splitlines()[1:] if line.strip()]
+    assert order == ["base", "tight", "tight", "base"], done.stdout  # interleaved
+    rows = {line.split()[0]: line.split() for line in medians.splitlines()[2:] if line.strip()}
+    assert set(rows) == {"base", "tight"}, done.stdout
+    assert float(rows["base"][1]) > 0 and rows["base"][-1] == "0", done.stdout  # req/s, no fail
+    # One queued row per worker: 16 clients get 503s, so the variant's setting reached it.
+    assert float(rows["tight"][-1]) > 0, done.stdout

@@ -111,8 +111,7 @@ def test_database_faults_under_load(
     server.stop()  # the prediction log flushes what it still holds
     # Rows the shutdown had to spool are durable; the next start replays them (a restarted pod).
     spooled = _spooled_ids(tmp_path / "spool")
-    if spooled:
-        _restart_and_replay(server, tmp_path / "spool")
+    replay_log = _restart_and_replay(server, tmp_path / "spool") if spooled else ""
 
     answered = load.answered_ids()
     logged = postgres.query(
@@ -159,17 +158,22 @@ def test_database_faults_under_load(
             settled = [s for s in features if s.started >= ended - 1.0]
             ok = sum(1 for s in settled if s.status == 200)
             assert settled and ok >= 0.9 * len(settled), (name, figures[name])
-    assert not missing, f"{len(missing)} answered rows not logged ({len(spooled)} in the spool)"
+    assert not missing, (
+        f"{len(missing)} answered rows not logged ({len(spooled)} in the spool); "
+        f"shutdown log:\n{server.logs()[-3000:]}\nreplay log:\n{replay_log[-6000:]}"
+    )
     assert all(counts[i] == 1 for i in answered), "duplicate prediction-log rows"
 
 
-def _restart_and_replay(server: ServerProcess, spool: Path, timeout: float = 30) -> None:
+def _restart_and_replay(server: ServerProcess, spool: Path, timeout: float = 30) -> str:
+    """Start a fresh server on the same spool until it is replayed; its log, for failures."""
     env = {k: v for k, v in server.env.items() if k.startswith("PODSERVE_")}
     env.pop("PODSERVE_PORT")
-    with ServerProcess(Path(env["PODSERVE_MODEL_REPOSITORY"]), workers=1, env=env):
+    with ServerProcess(Path(env["PODSERVE_MODEL_REPOSITORY"]), workers=1, env=env) as replayer:
         deadline = time.monotonic() + timeout
         while list(spool.glob("*.seg")) and time.monotonic() < deadline:
             time.sleep(0.1)
+        return replayer.logs()
 
 
 def _spooled_ids(spool: Path) -> set[str]:
