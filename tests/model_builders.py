@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = [helper.make_opsetid("", 17)]
 
 
-def save(model: onnx.ModelProto, repo: Path, name: str, version: int = 1,
-         config: dict | None = None) -> Path:
+def save(
+    model: onnx.ModelProto, repo: Path, name: str, version: int = 1, config: dict | None = None
+) -> Path:
     path = repo / name / str(version) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.checker.check_model(model)
@@ -31,8 +32,10 @@ def affine_model(scale: float = 2.0, offset: float = 1.0, width: int = 4) -> onn
         "affine",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
-        [numpy_helper.from_array(np.array(scale, np.float32), "s"),
-         numpy_helper.from_array(np.array(offset, np.float32), "o")],
+        [
+            numpy_helper.from_array(np.array(scale, np.float32), "s"),
+            numpy_helper.from_array(np.array(offset, np.float32), "o"),
+        ],
     )
     return helper.make_model(graph, opset_imports=OPSET)
 
@@ -42,12 +45,16 @@ def slow_model(size: int = 256, layers: int = 24) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
     ones = np.ones((size, size), np.float32)
-    nodes = [helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"]),
-             helper.make_node("Mul", ["x3", "ones"], ["h"])]
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"]),
+        helper.make_node("Mul", ["x3", "ones"], ["h"]),
+    ]
     previous = "h"
     for i in range(layers):
-        nodes += [helper.make_node("MatMul", [previous, "w"], [f"m{i}"]),
-                  helper.make_node("Tanh", [f"m{i}"], [f"h{i}"])]
+        nodes += [
+            helper.make_node("MatMul", [previous, "w"], [f"m{i}"]),
+            helper.make_node("Tanh", [f"m{i}"], [f"h{i}"]),
+        ]
         previous = f"h{i}"
     nodes.append(helper.make_node("ReduceMean", [previous], ["y"], axes=[2], keepdims=0))
     graph = helper.make_graph(
@@ -55,8 +62,11 @@ def slow_model(size: int = 256, layers: int = 24) -> onnx.ModelProto:
         "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(ones, "ones"),
-         numpy_helper.from_array(np.array([1], np.int64), "axis1")],
+        [
+            numpy_helper.from_array(weight, "w"),
+            numpy_helper.from_array(ones, "ones"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ],
     )
     return helper.make_model(graph, opset_imports=OPSET)
 
@@ -71,14 +81,20 @@ def mixed_types_model() -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "mixed",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2]),
-         helper.make_tensor_value_info("weights", TensorProto.DOUBLE, ["batch"]),
-         helper.make_tensor_value_info("flags", TensorProto.BOOL, ["batch", 3])],
-        [helper.make_tensor_value_info("id_sum", TensorProto.INT64, ["batch"]),
-         helper.make_tensor_value_info("doubled", TensorProto.DOUBLE, ["batch"]),
-         helper.make_tensor_value_info("inverted", TensorProto.BOOL, ["batch", 3])],
-        [numpy_helper.from_array(np.array([1], np.int64), "axes"),
-         numpy_helper.from_array(np.array(2.0, np.float64), "two")],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2]),
+            helper.make_tensor_value_info("weights", TensorProto.DOUBLE, ["batch"]),
+            helper.make_tensor_value_info("flags", TensorProto.BOOL, ["batch", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("id_sum", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("doubled", TensorProto.DOUBLE, ["batch"]),
+            helper.make_tensor_value_info("inverted", TensorProto.BOOL, ["batch", 3]),
+        ],
+        [
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+            numpy_helper.from_array(np.array(2.0, np.float64), "two"),
+        ],
     )
     return helper.make_model(graph, opset_imports=OPSET)
 

@@ -118,8 +118,10 @@ def _find_bindir() -> Path | None:
         candidate = Path(out.stdout.strip())
         if (candidate / "initdb").exists():
             return candidate
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -145,22 +147,40 @@ def _start_cluster(bindir: Path) -> PostgresServer:
     port = _free_port()
 
     def pg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(bindir / args[0]), *args[1:]], user=user, capture_output=True,
-                              text=True, check=check, timeout=120)
+        return subprocess.run(
+            [str(bindir / args[0]), *args[1:]],
+            user=user,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     try:
         pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-        pg("pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "-o",
-           f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-           "-c max_connections=200", "start")
+        pg(
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c max_connections=200",
+            "start",
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         shutil.rmtree(root, ignore_errors=True)
         output = getattr(exc, "stderr", "") or ""
         raise NoPostgres(f"could not start a throwaway cluster: {output.strip()}. {HINT}") from None
     server = PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/postgres", f"throwaway {root}")
     server._stop.append(lambda: shutil.rmtree(root, ignore_errors=True))
-    server._stop.append(lambda: pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop",
-                                   check=False))
+    server._stop.append(
+        lambda: pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop", check=False)
+    )
     return server
 
 

@@ -75,9 +75,9 @@ def test_tabular_probabilities(client: httpx.Client) -> None:
     data = load_breast_cancer()
     rows = data.data[:8].astype(np.float32)
     body = _infer_body(rows.reshape(-1).tolist(), [8, 30], name="input")
-    outputs = {o["name"]: o for o in client.post("/v2/models/tabular/infer", json=body).json()[
-        "outputs"
-    ]}
+    outputs = {
+        o["name"]: o for o in client.post("/v2/models/tabular/infer", json=body).json()["outputs"]
+    }
     assert outputs["label"]["datatype"] == "INT64"
     assert outputs["label"]["data"] == data.target[:8].tolist()
     probabilities = np.array(outputs["probabilities"]["data"]).reshape(8, 2)
@@ -89,15 +89,23 @@ def test_all_json_datatypes_round_trip(client: httpx.Client) -> None:
         "inputs": [
             {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": [[1, 2], [3, 4]]},
             {"name": "weights", "shape": [2], "datatype": "FP64", "data": [0.25, 1.5]},
-            {"name": "flags", "shape": [2, 3], "datatype": "BOOL",
-             "data": [True, False, True, False, False, True]},
+            {
+                "name": "flags",
+                "shape": [2, 3],
+                "datatype": "BOOL",
+                "data": [True, False, True, False, False, True],
+            },
         ]
     }
     response = client.post("/v2/models/mixed/infer", json=body)
     assert response.status_code == 200, response.text
     outputs = {o["name"]: o for o in response.json()["outputs"]}
-    assert outputs["id_sum"] == {"name": "id_sum", "datatype": "INT64", "shape": [2],
-                                 "data": [3, 7]}
+    assert outputs["id_sum"] == {
+        "name": "id_sum",
+        "datatype": "INT64",
+        "shape": [2],
+        "data": [3, 7],
+    }
     assert outputs["doubled"]["data"] == [0.5, 3.0]
     assert outputs["inverted"]["datatype"] == "BOOL"
     assert outputs["inverted"]["data"] == [False, True, False, True, True, False]
@@ -134,6 +142,8 @@ def test_openapi_documents_the_endpoints(client: httpx.Client) -> None:
 
 
 VALID = _infer_body([1, 2, 3, 4], [1, 4])
+# One case per line: the list reads as a table.
+# fmt: off
 BAD_REQUESTS = [
     ("malformed json", "/v2/models/affine/infer", b"{not json", JSON, 400, "malformed JSON"),
     ("not an object", "/v2/models/affine/infer", b"[1, 2]", JSON, 400, "JSON object"),
@@ -193,6 +203,7 @@ BAD_REQUESTS = [
      "unknown model"),
     ("unknown route", "/v3/nothing", VALID, JSON, 404, "Not Found"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(

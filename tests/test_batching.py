@@ -65,9 +65,7 @@ def test_text_batched_equals_unbatched(repository: ModelRepository) -> None:
         "the asyncio event loop never runs the model",
         "ünïcödé and emoji 🚀 survive the tokenizer",
     ] * 6
-    requests = [
-        {"text": np.array(sentences[i : i + 1 + i % 2], dtype=object)} for i in range(20)
-    ]
+    requests = [{"text": np.array(sentences[i : i + 1 + i % 2], dtype=object)} for i in range(20)]
     outcomes, records = asyncio.run(_run_concurrently(model, requests))
     assert max(len(r.requests) for r in records) > 1, "requests were never batched"
     for request, outcome in zip(requests, outcomes, strict=True):
@@ -188,9 +186,11 @@ def test_waits_for_more_rows_only_while_the_pool_is_busy(model_repo: Path) -> No
         await asyncio.sleep(0.01)  # thread 1 busy with the heavy batch
         small = []
         for _ in range(3):
-            small.append(asyncio.ensure_future(
-                batcher.submit(*model.validate({"x": np.ones((1, 256), np.float32)}))
-            ))
+            small.append(
+                asyncio.ensure_future(
+                    batcher.submit(*model.validate({"x": np.ones((1, 256), np.float32)}))
+                )
+            )
             await asyncio.sleep(0.01)
         await asyncio.gather(heavy, *small)
         await batcher.stop()

@@ -20,7 +20,10 @@ PODSERVE = [sys.executable, "-m", "podserve.cli"]
 def test_build_demo_writes_a_servable_repository(tmp_path: Path) -> None:
     out = subprocess.run(
         [*PODSERVE, "models", "build-demo", str(tmp_path / "repo")],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     assert "tabular" in out.stdout and "text" in out.stdout
     assert (tmp_path / "repo" / "tabular" / "1" / "model.onnx").exists()
@@ -28,11 +31,17 @@ def test_build_demo_writes_a_servable_repository(tmp_path: Path) -> None:
 
 
 def _serve_expecting_failure(repo: Path) -> str:
-    env = {"PODSERVE_MODEL_REPOSITORY": str(repo), "PODSERVE_PORT": str(free_port()),
-           "PODSERVE_WORKERS": "1"}
+    env = {
+        "PODSERVE_MODEL_REPOSITORY": str(repo),
+        "PODSERVE_PORT": str(free_port()),
+        "PODSERVE_WORKERS": "1",
+    }
     proc = subprocess.run(
-        [*PODSERVE, "serve"], env={**os.environ, **env},
-        capture_output=True, text=True, timeout=60,
+        [*PODSERVE, "serve"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     return proc.stdout + proc.stderr
@@ -76,8 +85,12 @@ def test_dev_server_serves(tmp_path: Path, flag: str) -> None:
     save(affine_model(), tmp_path, "affine")
     port = free_port()
     env = {**os.environ, "PODSERVE_MODEL_REPOSITORY": str(tmp_path)}
-    proc = subprocess.Popen([*PODSERVE, "serve", flag, "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*PODSERVE, "serve", flag, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             try:

@@ -24,21 +24,27 @@ PATHS = [
 ]
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
 )
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=30,
 )
 shapes = st.lists(st.integers(-2, 40), max_size=4) | json_values
 tensors = st.fixed_dictionaries(
-    {"name": st.sampled_from(["x", "input", "text", "ids", "weights", "flags", "?"]),
-     "datatype": st.sampled_from(DATATYPES),
-     "shape": shapes,
-     "data": json_values | st.lists(st.floats(allow_nan=False), max_size=64)},
+    {
+        "name": st.sampled_from(["x", "input", "text", "ids", "weights", "flags", "?"]),
+        "datatype": st.sampled_from(DATATYPES),
+        "shape": shapes,
+        "data": json_values | st.lists(st.floats(allow_nan=False), max_size=64),
+    },
     optional={"parameters": json_values},
 )
 requests = st.fixed_dictionaries(
@@ -56,8 +62,9 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(PATHS), body=requests)
 def test_v2_never_answers_5xx(http: httpx.Client, path: str, body: dict) -> None:
-    response = http.post(path, content=json.dumps(body), headers={"content-type":
-                                                                     "application/json"})
+    response = http.post(
+        path, content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     assert response.status_code < 500, (body, response.text)
     if response.status_code >= 400:
         assert response.json()["error"]
@@ -65,18 +72,21 @@ def test_v2_never_answers_5xx(http: httpx.Client, path: str, body: dict) -> None
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    path=st.sampled_from(["/v1/models/affine:predict", "/v1/models/mixed:predict",
-                          "/v1/models/text:predict"]),
+    path=st.sampled_from(
+        ["/v1/models/affine:predict", "/v1/models/mixed:predict", "/v1/models/text:predict"]
+    ),
     body=st.fixed_dictionaries({"instances": json_values}) | json_values,
 )
 def test_v1_never_answers_5xx(http: httpx.Client, path: str, body: object) -> None:
-    response = http.post(path, content=json.dumps(body), headers={"content-type":
-                                                                     "application/json"})
+    response = http.post(
+        path, content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     assert response.status_code < 500, (body, response.text)
 
 
-HEADER_VALUES = st.integers(-5, 300).map(str) | st.text(alphabet="0123456789-+.ax", min_size=1,
-                                                           max_size=4)
+HEADER_VALUES = st.integers(-5, 300).map(str) | st.text(
+    alphabet="0123456789-+.ax", min_size=1, max_size=4
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -85,8 +95,10 @@ def test_binary_extension_garbage_never_5xx(http: httpx.Client, raw: bytes, head
     response = http.post(
         "/v2/models/affine/infer",
         content=raw,
-        headers={"inference-header-content-length": header,
-                 "content-type": "application/octet-stream"},
+        headers={
+            "inference-header-content-length": header,
+            "content-type": "application/octet-stream",
+        },
     )
     assert response.status_code < 500, (raw, header, response.text)
 

@@ -18,8 +18,16 @@ from server_process import ServerProcess
 
 def _slow_body(rows: int) -> bytes:
     return orjson.dumps(
-        {"inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32",
-                     "data": [0.01] * (rows * 256)}]}
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [rows, 256],
+                    "datatype": "FP32",
+                    "data": [0.01] * (rows * 256),
+                }
+            ]
+        }
     )
 
 
@@ -40,8 +48,11 @@ def test_full_queue_sheds_503_with_retry_after_and_recovers(model_repo: Path) ->
         assert result.statuses[200] > 0, "nothing was served"
         assert result.retry_after == {"2"}
         # Load gone: the next request is served at once.
-        response = httpx.post(f"{server.url}/v2/models/slow/infer", content=_slow_body(4),
-                              headers={"content-type": "application/json"})
+        response = httpx.post(
+            f"{server.url}/v2/models/slow/infer",
+            content=_slow_body(4),
+            headers={"content-type": "application/json"},
+        )
         assert response.status_code == 200
 
 
@@ -95,9 +106,13 @@ def test_sigterm_drains_in_flight_requests(model_repo: Path, workers: int) -> No
     async def scenario() -> tuple[list[int], int | None]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             requests = [
-                asyncio.create_task(client.post(
-                    "/v2/models/slow/infer", content=_slow_body(8),
-                    headers={"content-type": "application/json"}))
+                asyncio.create_task(
+                    client.post(
+                        "/v2/models/slow/infer",
+                        content=_slow_body(8),
+                        headers={"content-type": "application/json"},
+                    )
+                )
                 for _ in range(24)
             ]
             await asyncio.sleep(0.3)  # all sent and accepted; most still queued
@@ -126,12 +141,18 @@ def test_deadline_header_gives_504_instead_of_late_work(server: ServerProcess) -
     async def scenario() -> tuple[int, int, str]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             headers = {"content-type": "application/json"}
-            busy = [asyncio.create_task(client.post("/v2/models/slow/infer",
-                                                    content=_slow_body(64), headers=headers))
-                    for _ in range(4)]
+            busy = [
+                asyncio.create_task(
+                    client.post("/v2/models/slow/infer", content=_slow_body(64), headers=headers)
+                )
+                for _ in range(4)
+            ]
             await asyncio.sleep(0.05)
-            late = await client.post("/v2/models/slow/infer", content=_slow_body(1),
-                                     headers={**headers, "x-podserve-timeout-ms": "1"})
+            late = await client.post(
+                "/v2/models/slow/infer",
+                content=_slow_body(1),
+                headers={**headers, "x-podserve-timeout-ms": "1"},
+            )
             done = await asyncio.gather(*busy)
             return late.status_code, min(r.status_code for r in done), late.json()["error"]
 

@@ -42,9 +42,9 @@ class DeadlineSweep:
         )
 
 
-_sweeps: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[float, DeadlineSweep]
-] = weakref.WeakKeyDictionary()
+_sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, DeadlineSweep]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def sweep_for(loop: asyncio.AbstractEventLoop, timeout_s: float) -> DeadlineSweep:

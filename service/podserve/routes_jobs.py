@@ -51,8 +51,12 @@ async def _submit(request: Request, model_name: str, model_version: str | None) 
         runner.wake.set()  # this worker may run it at once
     location = f"/v2/jobs/{job_id}"
     return json_response(
-        {"id": str(job_id), "status": "queued", "model_name": model.name,
-         "model_version": model.version},
+        {
+            "id": str(job_id),
+            "status": "queued",
+            "model_name": model.name,
+            "model_version": model.version,
+        },
         status_code=202,
         headers={"Location": location},
     )

@@ -49,4 +49,3 @@ def db_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save(affine_model(3.0, 0.0), repo, "affine", 2)
     save(slow_model(), repo, "slow", 1, {"max_batch_size": 8})
     return repo
-

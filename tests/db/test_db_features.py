@@ -37,9 +37,21 @@ def _vector(i: int) -> list[float]:
 
 def _load(path: Path, feature_set: str, url: str, *extra: str) -> str:
     result = subprocess.run(
-        [*PODSERVE, "features", "load", str(path), "--set", feature_set, "--database-url", url,
-         *extra],
-        capture_output=True, text=True, check=False, timeout=60,
+        [
+            *PODSERVE,
+            "features",
+            "load",
+            str(path),
+            "--set",
+            feature_set,
+            "--database-url",
+            url,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -55,8 +67,12 @@ def loaded(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     csv_path.write_text("\n".join(lines) + "\n")
     assert f"loaded {ENTITIES} rows" in _load(csv_path, "affine", db_url)
     # Parquet, integer ids, a different set: the entity's vector is 10x.
-    table = pa.table({"user": list(range(50)),
-                      **{f"f{j}": [10 * _vector(i)[j] for i in range(50)] for j in range(4)}})
+    table = pa.table(
+        {
+            "user": list(range(50)),
+            **{f"f{j}": [10 * _vector(i)[j] for i in range(50)] for j in range(4)},
+        }
+    )
     pq.write_table(table, files / "alt.parquet")
     assert "loaded 50 rows" in _load(files / "alt.parquet", "alt", db_url, "--id-column", "user")
     wide = files / "wide.csv"
@@ -66,10 +82,12 @@ def loaded(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(loaded: str, proxied_url: str, db_models: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    loaded: str, proxied_url: str, db_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     env = postgres.server_env(
-        proxied_url, tmp_path_factory.mktemp("spool"),
+        proxied_url,
+        tmp_path_factory.mktemp("spool"),
         PODSERVE_FEATURES_TIMEOUT_S=str(FEATURES_TIMEOUT_S),
         PODSERVE_DB_BREAKER_RESET_S="1",
     )
@@ -88,20 +106,21 @@ def _by_ids(ids: list, **params: object) -> dict:
 
 
 def _raw(rows: list[list[float]]) -> dict:
-    return {"inputs": [{"name": "x", "shape": [len(rows), 4], "datatype": "FP32",
-                        "data": rows}]}
+    return {"inputs": [{"name": "x", "shape": [len(rows), 4], "datatype": "FP32", "data": rows}]}
 
 
 def test_entity_ids_give_the_same_answer_as_the_tensors(client: httpx.Client) -> None:
     ids = ["e1", "e7", "e1", "e150"]
-    expected = client.post("/v2/models/affine/infer", json=_raw([_vector(1), _vector(7),
-                                                                 _vector(1), _vector(150)]))
+    expected = client.post(
+        "/v2/models/affine/infer", json=_raw([_vector(1), _vector(7), _vector(1), _vector(150)])
+    )
     response = client.post("/v2/models/affine/infer", json=_by_ids(ids))
     assert response.status_code == 200, response.text
     assert response.json()["outputs"] == expected.json()["outputs"]
-    np.testing.assert_allclose(np.array(response.json()["outputs"][0]["data"]).reshape(4, 4),
-                               3 * np.array([_vector(1), _vector(7), _vector(1), _vector(150)],
-                                            np.float32))
+    np.testing.assert_allclose(
+        np.array(response.json()["outputs"][0]["data"]).reshape(4, 4),
+        3 * np.array([_vector(1), _vector(7), _vector(1), _vector(150)], np.float32),
+    )
     assert "features" in parse_server_timing(response.headers["server-timing"])
 
     v1 = client.post("/v2/models/affine/versions/1/infer", json=_by_ids(["e2"]))
@@ -109,8 +128,9 @@ def test_entity_ids_give_the_same_answer_as_the_tensors(client: httpx.Client) ->
 
     kserve_v1 = client.post("/v1/models/affine:predict", json={"entity_ids": ["e3", "e4"]})
     assert kserve_v1.status_code == 200, kserve_v1.text
-    assert kserve_v1.json() == {"predictions": [[3 * v for v in _vector(3)],
-                                                [3 * v for v in _vector(4)]]}
+    assert kserve_v1.json() == {
+        "predictions": [[3 * v for v in _vector(3)], [3 * v for v in _vector(4)]]
+    }
 
 
 def test_feature_set_from_parquet_with_integer_ids(client: httpx.Client) -> None:
@@ -139,11 +159,19 @@ def test_unknown_ids_are_a_404_that_lists_them(client: httpx.Client) -> None:
         ("/v2/models/affine/infer", _by_ids([]), 400, "non-empty list"),
         ("/v2/models/affine/infer", _by_ids([1.5]), 400, "strings or integers"),
         ("/v2/models/affine/infer", _by_ids(["e1"], feature_set=""), 400, "feature_set"),
-        ("/v2/models/affine/infer", _by_ids(["w1"], feature_set="wide"), 400,
-         "width 5; input 'x' expects 4"),
+        (
+            "/v2/models/affine/infer",
+            _by_ids(["w1"], feature_set="wide"),
+            400,
+            "width 5; input 'x' expects 4",
+        ),
         ("/v2/models/affine/infer", _by_ids(["e1"] * 1025), 413, "exceed the limit"),
-        ("/v2/models/slow/infer", _by_ids(["e1"], feature_set="affine"), 400,
-         "width 4; input 'x' expects 256"),
+        (
+            "/v2/models/slow/infer",
+            _by_ids(["e1"], feature_set="affine"),
+            400,
+            "width 4; input 'x' expects 256",
+        ),
         ("/v1/models/affine:predict", {"entity_ids": "e1"}, 400, "non-empty list"),
     ],
     ids=["both", "empty", "float id", "empty set", "width", "too many", "model width", "v1 str"],
@@ -207,8 +235,9 @@ def test_database_down_is_a_fast_503_while_raw_requests_keep_working(
             getattr(proxy, outage)()
             try:
                 # 40 lookups from 4 clients at once: none may wait beyond the timeout.
-                lookups = list(pool.map(lambda i: _timed_post(clients[i % 4], _by_ids(["e1"])),
-                                        range(40)))
+                lookups = list(
+                    pool.map(lambda i: _timed_post(clients[i % 4], _by_ids(["e1"])), range(40))
+                )
                 during = list(pool.map(lambda i: _timed_post(clients[i % 4], raw), range(200)))
             finally:
                 proxy.restore()
@@ -218,8 +247,7 @@ def test_database_down_is_a_fast_503_while_raw_requests_keep_working(
         assert set(statuses) <= {503, 504}, lookups[:5]
         waited = sum(t > 0.1 for _, t, _ in lookups)
         assert waited <= 12, lookups  # at most a first wave per worker, then probes
-        assert all("database unavailable" in text for status, _, text in lookups
-                   if status == 503)
+        assert all("database unavailable" in text for status, _, text in lookups if status == 503)
         if outage == "cut":
             assert set(statuses) == {503}
         slowest = max(t for _, t, _ in lookups)
@@ -229,9 +257,11 @@ def test_database_down_is_a_fast_503_while_raw_requests_keep_working(
         assert {status for status, _, _ in before + during} == {200}
         p50_before = statistics.median(t for _, t, _ in before)
         p50_during = statistics.median(t for _, t, _ in during)
-        print(f"\nDB {outage}: slowest answer {slowest * 1000:.1f} ms, median "
-              f"{fail_fast * 1000:.1f} ms; raw p50 {p50_before * 1000:.2f} ms before, "
-              f"{p50_during * 1000:.2f} ms during")
+        print(
+            f"\nDB {outage}: slowest answer {slowest * 1000:.1f} ms, median "
+            f"{fail_fast * 1000:.1f} ms; raw p50 {p50_before * 1000:.2f} ms before, "
+            f"{p50_during * 1000:.2f} ms during"
+        )
         assert p50_during < max(2 * p50_before, p50_before + 0.005)
 
         deadline = time.monotonic() + 10  # breaker reset (1 s) + reconnect
@@ -247,8 +277,9 @@ def test_database_down_is_a_fast_503_while_raw_requests_keep_working(
 
 
 def test_in_process_cache_saves_round_trips(loaded: str) -> None:
-    settings = Settings(database_url=loaded, features_cache_size=3, features_cache_ttl_s=60,
-                        db_pool_min=0)
+    settings = Settings(
+        database_url=loaded, features_cache_size=3, features_cache_ttl_s=60, db_pool_min=0
+    )
 
     async def scenario() -> tuple[int, int, int]:
         db = Database(settings)
@@ -283,15 +314,23 @@ def test_ttl_cache_expires_entries() -> None:
 def test_loader_rejects_bad_files(db_url: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("entity_id,a,b\nx,1,oops\n")
-    result = subprocess.run([*PODSERVE, "features", "load", str(bad), "--set", "s",
-                             "--database-url", db_url], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [*PODSERVE, "features", "load", str(bad), "--set", "s", "--database-url", db_url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and "bad.csv:2" in result.stderr
     other = tmp_path / "f.json"
     other.write_text("{}")
-    result = subprocess.run([*PODSERVE, "features", "load", str(other), "--set", "s",
-                             "--database-url", db_url], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [*PODSERVE, "features", "load", str(other), "--set", "s", "--database-url", db_url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and "unsupported file type" in result.stderr
-    assert postgres.scalar(db_url, "SELECT count(*) FROM podserve_features "
-                                   "WHERE feature_set = 's'") == 0
+    assert (
+        postgres.scalar(db_url, "SELECT count(*) FROM podserve_features WHERE feature_set = 's'")
+        == 0
+    )

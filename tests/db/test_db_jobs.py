@@ -24,22 +24,25 @@ JOBS = 200
 
 
 def _affine(rows: list[list[float]]) -> dict:
-    return {"inputs": [{"name": "x", "shape": [len(rows), 4], "datatype": "FP32",
-                        "data": rows}]}
+    return {"inputs": [{"name": "x", "shape": [len(rows), 4], "datatype": "FP32", "data": rows}]}
 
 
 def _slow(i: int, rows: int = 2) -> dict:
     """`rows` rows of the slow model: ~12 ms of CPU each, so a kill lands while jobs run."""
     data = [((i * 7 + j) % 13) / 13 for j in range(rows * 256)]
-    return {"id": f"job-{i}",
-            "inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32", "data": data}]}
+    return {
+        "id": f"job-{i}",
+        "inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32", "data": data}],
+    }
 
 
 @pytest.fixture(scope="module")
-def server(db_url: str, db_models: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    db_url: str, db_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     env = postgres.server_env(
-        db_url, tmp_path_factory.mktemp("spool"),
+        db_url,
+        tmp_path_factory.mktemp("spool"),
         PODSERVE_JOBS_LEASE_S=str(LEASE_S),
         PODSERVE_JOBS_POLL_MS="100",
         PODSERVE_JOBS_RESULT_TTL_S="3600",
@@ -77,8 +80,12 @@ def test_submit_poll_and_fetch_the_result(client: httpx.Client, db_url: str) -> 
     assert job["attempts"] == 1 and job["model_version"] == "2"
     assert job["finished_at"] >= job["started_at"] >= job["created_at"]
     # Logged once, atomically with the result, under the job id.
-    rows = postgres.query(db_url, "SELECT model_version, client_request_id FROM "
-                                  "podserve_prediction_log WHERE request_id = $1::uuid", job_id)
+    rows = postgres.query(
+        db_url,
+        "SELECT model_version, client_request_id FROM "
+        "podserve_prediction_log WHERE request_id = $1::uuid",
+        job_id,
+    )
     assert [tuple(r) for r in rows] == [("2", "mine")]
 
     pinned = client.post("/v2/models/affine/versions/1/jobs", json=_affine([[1, 1, 1, 1]]))
@@ -118,8 +125,11 @@ def test_unknown_and_expired_jobs_are_404(client: httpx.Client, db_url: str) -> 
     response = client.post("/v2/models/affine/jobs", json=_affine([[1, 2, 3, 4]]))
     location = response.headers["location"]
     assert _wait_done(client, location)["status"] == "succeeded"
-    postgres.query(db_url, "UPDATE podserve_jobs SET expires_at = now() - interval '1 second' "
-                           "WHERE id = $1::uuid", response.json()["id"])
+    postgres.query(
+        db_url,
+        "UPDATE podserve_jobs SET expires_at = now() - interval '1 second' WHERE id = $1::uuid",
+        response.json()["id"],
+    )
     assert client.get(location).status_code == 404  # past its TTL
 
     async def purge() -> int:
@@ -132,14 +142,19 @@ def test_unknown_and_expired_jobs_are_404(client: httpx.Client, db_url: str) -> 
             await db.close()
 
     assert postgres.run(purge()) >= 1
-    assert postgres.scalar(db_url, "SELECT count(*) FROM podserve_jobs WHERE id = $1::uuid",
-                           response.json()["id"]) == 0
+    assert (
+        postgres.scalar(
+            db_url, "SELECT count(*) FROM podserve_jobs WHERE id = $1::uuid", response.json()["id"]
+        )
+        == 0
+    )
 
 
 def test_a_job_that_cannot_run_fails_with_a_reason(client: httpx.Client, db_url: str) -> None:
     # Entity ids that are not in the feature store: valid at submission, 404 when run.
-    response = client.post("/v2/models/affine/jobs",
-                           json={"parameters": {"entity_ids": ["nobody"]}})
+    response = client.post(
+        "/v2/models/affine/jobs", json={"parameters": {"entity_ids": ["nobody"]}}
+    )
     assert response.status_code == 202, response.text
     job = _wait_done(client, response.headers["location"])
     assert job["status"] == "failed" and "'nobody'" in job["error"]
@@ -158,29 +173,37 @@ def test_200_jobs_complete_once_despite_a_sigkilled_worker(
     """An API-only server takes the 200 jobs; a 2-worker server runs them and loses a worker."""
     with postgres.fresh_database(pg_server.admin_url) as url:
         postgres.migrate(url)
-        env = postgres.server_env(url, tmp_path, PODSERVE_JOBS_LEASE_S=str(LEASE_S),
-                                  PODSERVE_JOBS_POLL_MS="100")
+        env = postgres.server_env(
+            url, tmp_path, PODSERVE_JOBS_LEASE_S=str(LEASE_S), PODSERVE_JOBS_POLL_MS="100"
+        )
         bodies = [_slow(i) for i in range(JOBS)]
         api_only = env | {"PODSERVE_JOBS_CONCURRENCY": "0"}
-        with ServerProcess(db_models, workers=1, env=api_only) as api, httpx.Client(
-            base_url=api.url, timeout=30
-        ) as http:
+        with (
+            ServerProcess(db_models, workers=1, env=api_only) as api,
+            httpx.Client(base_url=api.url, timeout=30) as http,
+        ):
             responses = [http.post("/v2/models/slow/jobs", json=body) for body in bodies]
         assert {r.status_code for r in responses} == {202}
         ids = [r.json()["id"] for r in responses]
-        assert postgres.scalar(url, "SELECT count(*) FROM podserve_jobs "
-                                    "WHERE status = 'queued'") == JOBS
+        assert (
+            postgres.scalar(url, "SELECT count(*) FROM podserve_jobs WHERE status = 'queued'")
+            == JOBS
+        )
         with ServerProcess(db_models, workers=2, env=env) as runners:
             _kill_a_worker_mid_job_and_check(runners, url, ids, bodies, db_models)
 
 
 def _count_done(url: str, ids: list[str]) -> int:
-    return postgres.scalar(url, "SELECT count(*) FROM podserve_jobs "
-                                "WHERE status = 'succeeded' AND id = ANY($1::uuid[])", ids)
+    return postgres.scalar(
+        url,
+        "SELECT count(*) FROM podserve_jobs WHERE status = 'succeeded' AND id = ANY($1::uuid[])",
+        ids,
+    )
 
 
-def _freeze_a_worker_holding_a_job(server: ServerProcess, url: str,
-                                   ids: list[str]) -> tuple[int, list[str]]:
+def _freeze_a_worker_holding_a_job(
+    server: ServerProcess, url: str, ids: list[str]
+) -> tuple[int, list[str]]:
     """SIGSTOP a worker; keep it frozen if it holds a running job (it cannot finish it now)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -189,10 +212,16 @@ def _freeze_a_worker_holding_a_job(server: ServerProcess, url: str,
             continue
         for pid in server.worker_pids():
             os.kill(pid, signal.SIGSTOP)
-            held = [r["id"] for r in postgres.query(
-                url, "SELECT id::text FROM podserve_jobs WHERE status = 'running' "
-                     "AND split_part(lease_owner, ':', 2) = $1 AND id = ANY($2::uuid[])",
-                str(pid), ids)]
+            held = [
+                r["id"]
+                for r in postgres.query(
+                    url,
+                    "SELECT id::text FROM podserve_jobs WHERE status = 'running' "
+                    "AND split_part(lease_owner, ':', 2) = $1 AND id = ANY($2::uuid[])",
+                    str(pid),
+                    ids,
+                )
+            ]
             if held:
                 return pid, held
             os.kill(pid, signal.SIGCONT)
@@ -200,8 +229,9 @@ def _freeze_a_worker_holding_a_job(server: ServerProcess, url: str,
     raise AssertionError("no worker was seen holding a job")
 
 
-def _kill_a_worker_mid_job_and_check(server: ServerProcess, url: str, ids: list[str],
-                                     bodies: list[dict], models: Path) -> None:
+def _kill_a_worker_mid_job_and_check(
+    server: ServerProcess, url: str, ids: list[str], bodies: list[dict], models: Path
+) -> None:
     victim, orphans = _freeze_a_worker_holding_a_job(server, url, ids)
     done_before = _count_done(url, ids)
     killed_at = time.monotonic()
@@ -209,8 +239,11 @@ def _kill_a_worker_mid_job_and_check(server: ServerProcess, url: str, ids: list[
 
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        statuses = postgres.query(url, "SELECT status, count(*) FROM podserve_jobs "
-                                       "WHERE id = ANY($1::uuid[]) GROUP BY status", ids)
+        statuses = postgres.query(
+            url,
+            "SELECT status, count(*) FROM podserve_jobs WHERE id = ANY($1::uuid[]) GROUP BY status",
+            ids,
+        )
         counts = {r["status"]: r["count"] for r in statuses}
         if counts.get("succeeded", 0) + counts.get("failed", 0) == JOBS:
             break
@@ -219,8 +252,9 @@ def _kill_a_worker_mid_job_and_check(server: ServerProcess, url: str, ids: list[
     assert counts == {"succeeded": JOBS}, counts
     assert done_before < JOBS, "the kill should land mid-way"
 
-    rows = postgres.query(url, "SELECT id::text, attempts FROM podserve_jobs "
-                               "WHERE id = ANY($1::uuid[])", ids)
+    rows = postgres.query(
+        url, "SELECT id::text, attempts FROM podserve_jobs WHERE id = ANY($1::uuid[])", ids
+    )
     attempts = {r["id"]: r["attempts"] for r in rows}
     # The killed worker's job was run again once its lease ran out.
     assert [attempts[job] for job in orphans] == [2] * len(orphans), (orphans, attempts)
@@ -229,16 +263,26 @@ def _kill_a_worker_mid_job_and_check(server: ServerProcess, url: str, ids: list[
         for index, job_id in enumerate(ids):
             result = http.get(f"/v2/jobs/{job_id}").json()["result"]
             assert result["id"] == f"job-{index}"
-            np.testing.assert_allclose(np.array(result["outputs"][0]["data"]).reshape(-1),
-                                       expected[index], rtol=1e-4, atol=1e-5)
-    logged = postgres.query(url, "SELECT request_id::text, count(*) FROM "
-                                 "podserve_prediction_log WHERE request_id = ANY($1::uuid[]) "
-                                 "GROUP BY request_id", ids)
+            np.testing.assert_allclose(
+                np.array(result["outputs"][0]["data"]).reshape(-1),
+                expected[index],
+                rtol=1e-4,
+                atol=1e-5,
+            )
+    logged = postgres.query(
+        url,
+        "SELECT request_id::text, count(*) FROM "
+        "podserve_prediction_log WHERE request_id = ANY($1::uuid[]) "
+        "GROUP BY request_id",
+        ids,
+    )
     assert len(logged) == JOBS and {r["count"] for r in logged} == {1}  # each result once
     retried = sum(a > 1 for a in attempts.values())
-    print(f"\njobs: {JOBS} queued, {done_before} done when worker {victim} was SIGKILLed "
-          f"holding {len(orphans)}; all {JOBS} succeeded {all_done_s:.1f} s later; "
-          f"{retried} ran more than once")
+    print(
+        f"\njobs: {JOBS} queued, {done_before} done when worker {victim} was SIGKILLed "
+        f"holding {len(orphans)}; all {JOBS} succeeded {all_done_s:.1f} s later; "
+        f"{retried} ran more than once"
+    )
     server.wait_ready(60)  # Gunicorn replaced the killed worker
 
 
@@ -248,13 +292,15 @@ def test_sigterm_hands_running_jobs_back_at_once(
     """A draining worker requeues its job (no lease wait, no attempt spent); the next runs it."""
     with postgres.fresh_database(pg_server.admin_url) as url:
         postgres.migrate(url)
-        env = postgres.server_env(url, tmp_path, PODSERVE_JOBS_POLL_MS="100",
-                                  PODSERVE_JOBS_LEASE_S="60")  # a lease that would outlast us
+        env = postgres.server_env(
+            url, tmp_path, PODSERVE_JOBS_POLL_MS="100", PODSERVE_JOBS_LEASE_S="60"
+        )  # a lease that would outlast us
         bodies = [_slow(i, rows=192) for i in range(4)]  # > 1 s each: longer than the grace
         api_only = env | {"PODSERVE_JOBS_CONCURRENCY": "0"}
-        with ServerProcess(db_models, workers=1, env=api_only) as api, httpx.Client(
-            base_url=api.url, timeout=30
-        ) as http:
+        with (
+            ServerProcess(db_models, workers=1, env=api_only) as api,
+            httpx.Client(base_url=api.url, timeout=30) as http,
+        ):
             ids = [http.post("/v2/models/slow/jobs", json=body).json()["id"] for body in bodies]
         first = ServerProcess(db_models, workers=1, env=env).start()
         try:
@@ -275,6 +321,7 @@ def test_sigterm_hands_running_jobs_back_at_once(
             while _count_done(url, ids) < len(ids) and time.monotonic() < deadline:
                 time.sleep(0.1)
         assert _count_done(url, ids) == len(ids)
-        attempts = postgres.query(url, "SELECT attempts, count(*) FROM podserve_jobs "
-                                       "GROUP BY attempts")
+        attempts = postgres.query(
+            url, "SELECT attempts, count(*) FROM podserve_jobs GROUP BY attempts"
+        )
         assert {r["attempts"]: r["count"] for r in attempts} == {1: len(ids)}

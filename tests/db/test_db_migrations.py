@@ -22,26 +22,33 @@ TABLES = {
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*PODSERVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [*PODSERVE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_two_processes_migrate_concurrently_schema_applied_once(empty_db: str) -> None:
-    assert subprocess.run([*PODSERVE, "db", "status", "--database-url", empty_db],
-                          capture_output=True, check=False).returncode == 1  # not migrated
+    assert (
+        subprocess.run(
+            [*PODSERVE, "db", "status", "--database-url", empty_db],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 1
+    )  # not migrated
     procs = [_cli("db", "migrate", "--database-url", empty_db) for _ in range(2)]
     results = [(p.wait(timeout=60), *p.communicate()) for p in procs]
     assert [rc for rc, _, _ in results] == [0, 0], results
     outputs = sorted(out.strip() for _, out, _ in results)
     # The advisory lock serializes them: exactly one applied the schema, the other found it done.
-    assert outputs == [f"migrations applied: {list(range(1, latest_version() + 1))}",
-                       "schema up to date"], results
+    assert outputs == [
+        f"migrations applied: {list(range(1, latest_version() + 1))}",
+        "schema up to date",
+    ], results
 
     versions = postgres.query(empty_db, "SELECT version FROM podserve_schema_migrations")
     assert sorted(r["version"] for r in versions) == [m.version for m in packaged_migrations()]
-    tables = postgres.query(
-        empty_db, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-    )
+    tables = postgres.query(empty_db, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     assert {r["tablename"] for r in tables} == TABLES
     columns = postgres.query(
         empty_db,
@@ -50,29 +57,48 @@ def test_two_processes_migrate_concurrently_schema_applied_once(empty_db: str) -
     )
     assert {r["column_name"]: r["data_type"] for r in columns}["values"] == "ARRAY"
 
-    again = subprocess.run([*PODSERVE, "db", "migrate", "--database-url", empty_db],
-                           capture_output=True, text=True, check=True)
+    again = subprocess.run(
+        [*PODSERVE, "db", "migrate", "--database-url", empty_db],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert again.stdout.strip() == "schema up to date"
-    assert subprocess.run([*PODSERVE, "db", "status", "--database-url", empty_db],
-                          capture_output=True, check=False).returncode == 0
+    assert (
+        subprocess.run(
+            [*PODSERVE, "db", "status", "--database-url", empty_db],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def test_an_edited_applied_migration_is_refused(empty_db: str) -> None:
     postgres.migrate(empty_db)
-    postgres.query(empty_db, "UPDATE podserve_schema_migrations SET checksum = 'x' "
-                             "WHERE version = 1")
+    postgres.query(
+        empty_db, "UPDATE podserve_schema_migrations SET checksum = 'x' WHERE version = 1"
+    )
     try:
         with pytest.raises(MigrationError, match="changed after it was applied"):
             postgres.run(migrate_url(empty_db))
     finally:
         checksum = packaged_migrations()[0].checksum
-        postgres.query(empty_db, "UPDATE podserve_schema_migrations SET checksum = $1 "
-                                 "WHERE version = 1", checksum)
+        postgres.query(
+            empty_db,
+            "UPDATE podserve_schema_migrations SET checksum = $1 WHERE version = 1",
+            checksum,
+        )
 
 
 def test_migrate_needs_a_database_url() -> None:
-    result = subprocess.run([*PODSERVE, "db", "migrate"], capture_output=True, text=True,
-                            check=False, env={"PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [*PODSERVE, "db", "migrate"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
     assert "PODSERVE_DATABASE_URL" in result.stderr
 
@@ -81,8 +107,13 @@ def test_unreachable_database_fails_loudly() -> None:
     nowhere = "postgresql://postgres@127.0.0.1:1/none"
     with pytest.raises((OSError, asyncpg.PostgresError)):
         postgres.run(migrate_url(nowhere, connect_timeout_s=2))
-    result = subprocess.run([*PODSERVE, "db", "migrate", "--database-url", nowhere, "--wait",
-                             "1.5"], capture_output=True, text=True, check=False, timeout=30)
+    result = subprocess.run(
+        [*PODSERVE, "db", "migrate", "--database-url", nowhere, "--wait", "1.5"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ConnectionRefusedError")
     assert "Traceback" not in result.stderr

@@ -32,6 +32,7 @@ def test_throwaway_cluster_starts_migrates_and_goes_away() -> None:
 def test_urls_are_rewritten_for_the_proxy() -> None:
     url = "postgresql://app:s3cret@db.example:5432/test?sslmode=disable"
     assert postgres.with_port(url, 6000) == (
-        "postgresql://app:s3cret@127.0.0.1:6000/test?sslmode=disable")
+        "postgresql://app:s3cret@127.0.0.1:6000/test?sslmode=disable"
+    )
     assert postgres.with_database(url, "other").endswith("@db.example:5432/other?sslmode=disable")
     assert postgres.host_port("postgresql://postgres@127.0.0.1/x") == ("127.0.0.1", 5432)

@@ -29,7 +29,8 @@ BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1
 
 def _count(url: str, prefix: str) -> int:
     return postgres.scalar(
-        url, "SELECT count(*) FROM podserve_prediction_log WHERE client_request_id LIKE $1",
+        url,
+        "SELECT count(*) FROM podserve_prediction_log WHERE client_request_id LIKE $1",
         f"{prefix}%",
     )
 
@@ -41,8 +42,9 @@ def _wait_for_rows(url: str, prefix: str, expected: int, timeout: float = 30) ->
     return count
 
 
-def _send(server: ServerProcess, prefix: str, count: int,
-          during: Callable[[int], None] | None = None) -> list[tuple[int, float]]:
+def _send(
+    server: ServerProcess, prefix: str, count: int, during: Callable[[int], None] | None = None
+) -> list[tuple[int, float]]:
     """`count` requests from CONCURRENCY clients; `during(i)` runs before request i is sent."""
     clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(CONCURRENCY)]
 
@@ -72,7 +74,8 @@ def spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(proxied_url: str, db_models: Path, spool_dir: Path) -> Iterator[ServerProcess]:
     # A small buffer so that an outage of a second or two overflows it into the spool.
     env = postgres.server_env(
-        proxied_url, spool_dir,
+        proxied_url,
+        spool_dir,
         PODSERVE_PREDICTION_LOG_BUFFER_ROWS="60",
         PODSERVE_PREDICTION_LOG_BATCH_ROWS="25",
         PODSERVE_PREDICTION_LOG_FLUSH_MS="50",
@@ -107,8 +110,11 @@ def test_rows_match_answers_through_an_outage(
     time.sleep(0.5)  # anything still in flight would show up as an extra row now
     assert _count(db_url, f"{run}-b-") == answered
     duplicates = postgres.scalar(
-        db_url, "SELECT count(*) - count(DISTINCT client_request_id) FROM podserve_prediction_log "
-                "WHERE client_request_id LIKE $1", f"{run}-%")
+        db_url,
+        "SELECT count(*) - count(DISTINCT client_request_id) FROM podserve_prediction_log "
+        "WHERE client_request_id LIKE $1",
+        f"{run}-%",
+    )
     assert duplicates == 0
     assert spooled and spooled[0] > 0, "the outage should have overflowed the buffer to disk"
     assert not list(spool_dir.glob("*.seg")), "every spooled segment is replayed and removed"
@@ -117,24 +123,31 @@ def test_rows_match_answers_through_an_outage(
     p50_base = statistics.median(t for _, t in baseline)
     p50_outage = statistics.median(latencies[total // 4 : 3 * total // 4])
     p50_after = statistics.median(latencies[3 * total // 4 :])
-    print(f"\nprediction log: {answered} answered -> {answered} rows; {spooled[0]} segments "
-          f"spooled; raw p50 {p50_base * 1000:.2f} ms baseline, {p50_outage * 1000:.2f} ms "
-          f"during the outage, {p50_after * 1000:.2f} ms after")
+    print(
+        f"\nprediction log: {answered} answered -> {answered} rows; {spooled[0]} segments "
+        f"spooled; raw p50 {p50_base * 1000:.2f} ms baseline, {p50_outage * 1000:.2f} ms "
+        f"during the outage, {p50_after * 1000:.2f} ms after"
+    )
     assert p50_outage < max(2 * p50_base, p50_base + 0.005)
 
 
 def test_row_content(server: ServerProcess, db_url: str) -> None:
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     with httpx.Client(base_url=server.url) as http:
-        response = http.post("/v2/models/affine/versions/1/infer", json=BODY, headers={
-            "x-request-id": "content-1", "traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+        response = http.post(
+            "/v2/models/affine/versions/1/infer",
+            json=BODY,
+            headers={"x-request-id": "content-1", "traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+        )
     assert response.status_code == 200
     assert _wait_for_rows(db_url, "content-1", 1) == 1
-    row = postgres.query(db_url, "SELECT * FROM podserve_prediction_log "
-                                 "WHERE client_request_id = 'content-1'")[0]
+    row = postgres.query(
+        db_url, "SELECT * FROM podserve_prediction_log WHERE client_request_id = 'content-1'"
+    )[0]
     assert (row["model"], row["model_version"], row["trace_id"]) == ("affine", "1", trace)
-    assert orjson.loads(row["inputs"]) == {"x": {"datatype": "FP32", "shape": [1, 4],
-                                                 "data": [1.0, 2.0, 3.0, 4.0]}}
+    assert orjson.loads(row["inputs"]) == {
+        "x": {"datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 4.0]}
+    }
     assert orjson.loads(row["outputs"])["y"]["data"] == [3.0, 5.0, 7.0, 9.0]
     assert {"parse", "queue", "infer"} <= set(orjson.loads(row["timings_ms"]))
     assert abs(row["logged_at"].timestamp() - time.time()) < 60
@@ -142,8 +155,13 @@ def test_row_content(server: ServerProcess, db_url: str) -> None:
 
 def _start(models: Path, url: str, spool: Path, **env: str) -> ServerProcess:
     # Nothing is written before shutdown: only the SIGTERM flush can save these rows.
-    settings = postgres.server_env(url, spool, PODSERVE_PREDICTION_LOG_FLUSH_MS="600000",
-                                   PODSERVE_PREDICTION_LOG_BATCH_ROWS="100000", **env)
+    settings = postgres.server_env(
+        url,
+        spool,
+        PODSERVE_PREDICTION_LOG_FLUSH_MS="600000",
+        PODSERVE_PREDICTION_LOG_BATCH_ROWS="100000",
+        **env,
+    )
     return ServerProcess(models, workers=2, env=settings).start()
 
 
@@ -198,8 +216,20 @@ def _rows(prefix: str, count: int) -> list[list]:
     import numpy as np
 
     tensor = {"x": np.ones((1, 4), np.float32)}
-    return [make_row(str(uuid.uuid4()), f"{prefix}{i}", "affine", "1", tensor, tensor,
-                     {"infer": 0.001}, None, "digest") for i in range(count)]
+    return [
+        make_row(
+            str(uuid.uuid4()),
+            f"{prefix}{i}",
+            "affine",
+            "1",
+            tensor,
+            tensor,
+            {"infer": 0.001},
+            None,
+            "digest",
+        )
+        for i in range(count)
+    ]
 
 
 def test_resent_batches_are_ignored(db_url: str, tmp_path: Path) -> None:
@@ -222,10 +252,16 @@ def test_resent_batches_are_ignored(db_url: str, tmp_path: Path) -> None:
 
 
 def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path) -> None:
-    knobs = {"spool_dir": tmp_path, "db_pool_min": 0, "prediction_log_buffer_rows": 20,
-             "prediction_log_batch_rows": 10, "prediction_log_flush_ms": 20,
-             "prediction_log_max_backoff_s": 0.2, "db_connect_timeout_s": 0.5,
-             "db_command_timeout_s": 0.5}
+    knobs = {
+        "spool_dir": tmp_path,
+        "db_pool_min": 0,
+        "prediction_log_buffer_rows": 20,
+        "prediction_log_batch_rows": 10,
+        "prediction_log_flush_ms": 20,
+        "prediction_log_max_backoff_s": 0.2,
+        "db_connect_timeout_s": 0.5,
+        "db_command_timeout_s": 0.5,
+    }
 
     async def scenario(proxy: TcpProxy) -> dict[str, int]:
         import asyncio
@@ -249,9 +285,15 @@ def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path
             await asyncio.sleep(0.05)
         await plog.close()
         await db.close()
-        return {"spooled": spooled, "segments": segments, "written": plog.rows_written,
-                "replayed": plog.rows_replayed, "errors": plog.write_errors,
-                "depth": plog.buffer_depth, "spool_bytes": plog.spool_bytes}
+        return {
+            "spooled": spooled,
+            "segments": segments,
+            "written": plog.rows_written,
+            "replayed": plog.rows_replayed,
+            "errors": plog.write_errors,
+            "depth": plog.buffer_depth,
+            "spool_bytes": plog.spool_bytes,
+        }
 
     with TcpProxy(*postgres.host_port(db_url)) as proxy:
         stats = postgres.run(scenario(proxy))

@@ -113,5 +113,6 @@ class RecordedLoad:
     def answered_ids(self) -> set[str]:
         return {s.request_id for s in self.samples if s.status == 200 and s.request_id}
 
+
 # The `report` fixture (conftest.py): report(scenario, **figures).
 Report = Callable[..., None]

@@ -17,8 +17,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "migrate", help="apply the packaged SQL migrations (idempotent, advisory-locked)"
     )
     _url_argument(migrate)
-    migrate.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                         help="keep trying to connect this long (a database still starting)")
+    migrate.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep trying to connect this long (a database still starting)",
+    )
     migrate.set_defaults(func=_migrate)
     status = db_cmds.add_parser("status", help="applied vs packaged schema version")
     _url_argument(status)
@@ -109,6 +114,8 @@ def _load(args: argparse.Namespace) -> int:
     except FeatureFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"loaded {rows} rows into feature set '{args.feature_set}' "
-          f"in {time.perf_counter() - started:.2f} s")
+    print(
+        f"loaded {rows} rows into feature set '{args.feature_set}' "
+        f"in {time.perf_counter() - started:.2f} s"
+    )
     return 0

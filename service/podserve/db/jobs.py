@@ -125,16 +125,19 @@ class JobStore:
     async def claim(self, owner: str, limit: int = 1) -> list[ClaimedJob]:
         async with self.db.background(self.timeout_s) as conn:
             rows = await conn.fetch(_CLAIM, limit, owner, self.lease_s)
-        return [ClaimedJob(r["id"], r["model"], r["model_version"], r["body"],
-                           r["json_length"], r["attempts"]) for r in rows]
+        return [
+            ClaimedJob(
+                r["id"], r["model"], r["model_version"], r["body"], r["json_length"], r["attempts"]
+            )
+            for r in rows
+        ]
 
     async def succeed(
         self, job: ClaimedJob, owner: str, result: bytes, log_row: list[Any] | None
     ) -> bool:
         """Store the result if we still hold the lease (and its log row, atomically)."""
         async with self.db.background(self.timeout_s) as conn, conn.transaction():
-            status = await conn.execute(_SUCCEED, job.id, owner, job.attempts, result,
-                                        self.ttl_s)
+            status = await conn.execute(_SUCCEED, job.id, owner, job.attempts, result, self.ttl_s)
             stored = status.endswith(" 1")
             if stored and log_row is not None:
                 await conn.execute(INSERT_ONE, *to_record(log_row))
@@ -205,8 +208,9 @@ class JobRunner:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.executions:
             await asyncio.wait(self.executions, timeout=grace_s)
-        requeues = [self.store.requeue(job, self.owner, 0.0, refund=True)
-                    for job in self.running.values()]
+        requeues = [
+            self.store.requeue(job, self.owner, 0.0, refund=True) for job in self.running.values()
+        ]
         if requeues:  # bounded: with the database gone, the leases expire instead
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -308,8 +312,17 @@ class JobRunner:
         )
         log_row = None
         if self.log_inputs is not None:
-            log_row = make_row(str(job.id), parsed.id, model.name, model.version, inputs,
-                               batch.outputs[0], timings, None, self.log_inputs)
+            log_row = make_row(
+                str(job.id),
+                parsed.id,
+                model.name,
+                model.version,
+                inputs,
+                batch.outputs[0],
+                timings,
+                None,
+                self.log_inputs,
+            )
         return content, log_row
 
     # --- leases and expiry --------------------------------------------------------------

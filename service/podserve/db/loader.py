@@ -126,8 +126,9 @@ def _open_parquet(path: Path, id_column: str | None, batch_rows: int) -> Feature
     return FeatureFile(columns, batches())
 
 
-async def load_features(conn: asyncpg.Connection, feature_set: str, file: FeatureFile,
-                        replace: bool = False) -> int:
+async def load_features(
+    conn: asyncpg.Connection, feature_set: str, file: FeatureFile, replace: bool = False
+) -> int:
     """Load every row in one transaction; returns the number of rows read."""
     total = 0
     async with conn.transaction():
@@ -138,8 +139,7 @@ async def load_features(conn: asyncpg.Connection, feature_set: str, file: Featur
             )
             total += len(batch)
         if replace:
-            await conn.execute("DELETE FROM podserve_features WHERE feature_set = $1",
-                               feature_set)
+            await conn.execute("DELETE FROM podserve_features WHERE feature_set = $1", feature_set)
         await conn.execute(_UPSERT, feature_set)
         await conn.execute(_SET, feature_set, file.columns)
     return total

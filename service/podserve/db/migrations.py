@@ -94,8 +94,10 @@ async def migrate(conn: asyncpg.Connection, lock_timeout_s: float = 300.0) -> li
                     migration.name,
                     migration.checksum,
                 )
-            log.info("migration applied", extra={"version": migration.version,
-                                                 "migration": migration.name})
+            log.info(
+                "migration applied",
+                extra={"version": migration.version, "migration": migration.name},
+            )
             done.append(migration.version)
         return done
     finally:

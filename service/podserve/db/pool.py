@@ -90,8 +90,9 @@ class Database:
             self.pool = await self._create_pool(self.settings.db_pool_min)
             return True
         except (*CONNECTION_ERRORS, TimeoutError) as exc:
-            log.warning("database unreachable at start-up; connecting on demand",
-                        extra={"error": repr(exc)})
+            log.warning(
+                "database unreachable at start-up; connecting on demand", extra={"error": repr(exc)}
+            )
             self.pool = await self._create_pool(0)
             return False
 

@@ -55,9 +55,7 @@ COLUMNS = (
     "logged_at",
 )
 _LOGGED_AT = COLUMNS.index("logged_at")
-_CREATE_STAGE = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {TABLE}) ON COMMIT DELETE ROWS"
-)
+_CREATE_STAGE = f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {TABLE}) ON COMMIT DELETE ROWS"
 _MOVE_STAGE = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM {STAGE} "
     "ON CONFLICT (request_id) DO NOTHING"
@@ -109,16 +107,16 @@ def _tensors_json(tensors: Tensors) -> dict[str, Any]:
     for name, array in tensors.items():
         flat = np.ascontiguousarray(array).reshape(-1)
         if flat.dtype.kind == "O":
-            data: Any = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                         for v in flat]
+            data: Any = [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat
+            ]
         elif flat.dtype == np.float16:
             data = flat.astype(np.float32)
         elif not flat.dtype.isnative:
             data = flat.astype(flat.dtype.newbyteorder("="))
         else:
             data = flat
-        out[name] = {"datatype": numpy_to_v2(array.dtype), "shape": list(array.shape),
-                     "data": data}
+        out[name] = {"datatype": numpy_to_v2(array.dtype), "shape": list(array.shape), "data": data}
     return out
 
 
@@ -221,8 +219,9 @@ class PredictionLog:
             forget(path, fd)
             recovered += len(rows)
         if recovered:
-            log.warning("prediction rows recovered from a dead worker's journal",
-                        extra={"rows": recovered})
+            log.warning(
+                "prediction rows recovered from a dead worker's journal", extra={"rows": recovered}
+            )
         return recovered
 
     async def start(self) -> None:
@@ -272,8 +271,10 @@ class PredictionLog:
         try:
             await asyncio.to_thread(self.spool.write, rows)
         except (OSError, TypeError, ValueError):
-            log.exception("prediction-log rows not spooled at shutdown; kept in the journal",
-                          extra={"rows": len(rows)})
+            log.exception(
+                "prediction-log rows not spooled at shutdown; kept in the journal",
+                extra={"rows": len(rows)},
+            )
             return
         self._mark_durable(rows)
         self.rows_spooled += len(rows)
@@ -293,9 +294,14 @@ class PredictionLog:
                 self.failures += 1
                 self.write_errors += 1
                 if self.failures == 1 or self.failures % 20 == 0:
-                    log.warning("prediction log write failed; retrying with backoff",
-                                extra={"error": repr(exc), "failures": self.failures,
-                                       "buffered": len(self.buffer)})
+                    log.warning(
+                        "prediction log write failed; retrying with backoff",
+                        extra={
+                            "error": repr(exc),
+                            "failures": self.failures,
+                            "buffered": len(self.buffer),
+                        },
+                    )
             else:
                 if self.failures:
                     log.info("prediction log writing again", extra={"after": self.failures})
@@ -359,8 +365,9 @@ class PredictionLog:
                 await self.write(chunk)
             await asyncio.to_thread(claimed.remove)
             self.rows_replayed += len(rows)
-            log.info("spooled prediction rows replayed",
-                     extra={"rows": len(rows), "segment": path.name})
+            log.info(
+                "spooled prediction rows replayed", extra={"rows": len(rows), "segment": path.name}
+            )
         finally:
             await asyncio.to_thread(claimed.close)
 
@@ -386,8 +393,10 @@ class PredictionLog:
         self._mark_durable(rows)
         self.rows_spooled += len(rows)
         self._spool_pending = True
-        log.warning("prediction log buffer full: rows spooled to disk",
-                    extra={"rows": len(rows), "spool_bytes": self.spool.bytes})
+        log.warning(
+            "prediction log buffer full: rows spooled to disk",
+            extra={"rows": len(rows), "spool_bytes": self.spool.bytes},
+        )
         return True
 
 

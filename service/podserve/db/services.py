@@ -55,8 +55,9 @@ class DatabaseServices:
             self.jobs = JobStore(self.database, settings)
             if settings.jobs_concurrency > 0:  # 0: this pod accepts jobs, others run them
                 log_inputs = settings.prediction_log_inputs if settings.prediction_log else None
-                self.job_runner = JobRunner(self.jobs, self.runtime, self.features, settings,
-                                            log_inputs)
+                self.job_runner = JobRunner(
+                    self.jobs, self.runtime, self.features, settings, log_inputs
+                )
                 self.job_runner.start()
 
     async def stop_background(self) -> None:

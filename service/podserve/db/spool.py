@@ -48,9 +48,7 @@ class Spool:
     def segments(self) -> list[Path]:
         """Complete segments, oldest first."""
         try:
-            names = sorted(
-                e.name for e in os.scandir(self.directory) if e.name.endswith(SUFFIX)
-            )
+            names = sorted(e.name for e in os.scandir(self.directory) if e.name.endswith(SUFFIX))
         except FileNotFoundError:
             return []
         return [self.directory / name for name in names]
