@@ -1,7 +1,7 @@
 """A/B: podserve under the same load with different settings, rounds interleaved.
 
 Every variant is a podserve server (Gunicorn, `--workers`, the MiniLM model behind the 5 ms
-awaited I/O step, or the tabular model) started once with its own `PODSERVE_*` overrides;
+awaited I/O step with batching on or off, or the tabular model) started once with its own `PODSERVE_*` overrides;
 the rounds alternate between them, each after its own warm-up, so drift on a shared machine
 hits all variants alike. Per round and as medians it prints req/s, client p50/p99, the I/O
 phase p50/p99, server CPU per request and the event loops' share of it. The loop and load
@@ -54,7 +54,8 @@ def _row(name: str, sample: Sample) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", required=True, type=parse_variant)
-    parser.add_argument("--model", choices=["minilm", "tabular"], default="minilm")
+    models = ["minilm", "minilm_nobatch", "tabular"]  # minilm_nobatch: batching off in config
+    parser.add_argument("--model", choices=models, default="minilm")
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
@@ -67,7 +68,7 @@ def main() -> int:
     header = f"{'variant':<14} " + " ".join(f"{label:>10}" for label, _, _ in COLUMNS)
     samples: dict[str, list[Sample]] = {name: [] for name, _ in args.variant}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        repos = build_repos(args.model_dir, Path(tmp)) if args.model == "minilm" else None
+        repos = build_repos(args.model_dir, Path(tmp)) if args.model != "tabular" else None
         if repos is None:
             from podserve.demo_models import build_tabular
 
@@ -76,10 +77,9 @@ def main() -> int:
             build_tabular(repo)
         servers = {}
         for name, env in args.variant:
-            if args.model == "minilm":
-                assert repos is not None
+            if repos is not None:  # MiniLM, batching on or off: the repository's config says
                 system = podserve_system(
-                    name, "ab", repos["minilm"], args.workers, "/v2/models/minilm/infer",
+                    name, "ab", repos[args.model], args.workers, "/v2/models/minilm/infer",
                     text_body(), {"PODSERVE_SIMULATED_IO_MS": str(args.io_ms), **env},
                 )  # fmt: skip
             else:
