@@ -165,8 +165,12 @@ def test_database_faults_under_load(
     assert all(counts[i] == 1 for i in answered), "duplicate prediction-log rows"
 
 
-def _restart_and_replay(server: ServerProcess, spool: Path, timeout: float = 30) -> str:
-    """Start a fresh server on the same spool until it is replayed; its log, for failures."""
+def _restart_and_replay(server: ServerProcess, spool: Path, timeout: float = 65) -> str:
+    """Start a fresh server on the same spool until it is replayed; its log, for failures.
+
+    Replay normally ends within a second. The bound covers two of the writer's rescans
+    (prediction_log.RESCAN_S): a segment whose claim failed at start waits for the next one.
+    """
     env = {k: v for k, v in server.env.items() if k.startswith("PODSERVE_")}
     env.pop("PODSERVE_PORT")
     with ServerProcess(Path(env["PODSERVE_MODEL_REPOSITORY"]), workers=1, env=env) as replayer:
