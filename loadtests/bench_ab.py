@@ -1,11 +1,12 @@
 """A/B: podserve under the same load with different settings, rounds interleaved.
 
 Every variant is a podserve server (Gunicorn, `--workers`, the MiniLM model behind the 5 ms
-awaited I/O step with batching on or off, or the tabular model) started once with its own `PODSERVE_*` overrides;
-the rounds alternate between them, each after its own warm-up, so drift on a shared machine
-hits all variants alike. Per round and as medians it prints req/s, client p50/p99, the I/O
-phase p50/p99, server CPU per request and the event loops' share of it. The loop and load
-generator are loadtests.bench's own (bench_measure.measure_once).
+awaited I/O step with batching on or off, or the tabular model) started once with its own
+`PODSERVE_*` overrides; the rounds alternate between them, each after its own warm-up, so
+drift on a shared machine hits all variants alike. Per round and as medians it prints
+req/s, client p50/p99, the I/O phase p50/p99, server CPU per request and the event loops'
+share of it. The load generator and the measurement are loadtests.bench's own
+(bench_measure.measure_once).
 
     .venv/bin/python -m loadtests.bench_ab --model minilm --concurrency 32 --rounds 4 \\
         --variant base: --variant yield:PODSERVE_SOME_KNOB=1
