@@ -116,8 +116,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from podserve.demo_models import build_tabular
 
-    results: dict[str, list[float]] = {"podserve": [], "constant": []}
-    loops: dict[str, list[float]] = {"podserve": [], "constant": []}
+    results: dict[str, list[tuple[float, float]]] = {"podserve": [], "constant": []}
     with tempfile.TemporaryDirectory() as tmp:
         models, prom = Path(tmp, "models"), Path(tmp, "prometheus")
         models.mkdir()
@@ -138,12 +137,13 @@ def _compare(args: argparse.Namespace) -> int:
                     print(out.stdout, out.stderr, file=sys.stderr)
                     return 1
                 cpu, loop_cpu = (float(v) for v in out.stdout.split()[:2])
-                results[kind].append(cpu)
-                loops[kind].append(loop_cpu)
+                results[kind].append((cpu, loop_cpu))
                 print(f"{kind:<9} {cpu:7.1f} us CPU per request, {loop_cpu:7.1f} us of it in "
                       "the event loop", flush=True)  # fmt: skip
-    pod, const = (statistics.median(results[k]) for k in ("podserve", "constant"))
-    pod_loop, const_loop = (statistics.median(loops[k]) for k in ("podserve", "constant"))
+    (pod, pod_loop), (const, const_loop) = (
+        tuple(statistics.median(column) for column in zip(*results[k], strict=True))
+        for k in ("podserve", "constant")
+    )
     print(f"median: podserve {pod:.1f} us (loop {pod_loop:.1f}), bare FastAPI constant "
           f"{const:.1f} us (loop {const_loop:.1f}), ratio {pod / const:.2f}x")  # fmt: skip
     return 0

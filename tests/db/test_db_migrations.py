@@ -27,15 +27,15 @@ def _cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def _status(url: str) -> int:
+    """`podserve db status`'s exit code: 0 up to date, 1 migrations pending."""
+    return subprocess.run(
+        [*PODSERVE, "db", "status", "--database-url", url], capture_output=True, check=False
+    ).returncode
+
+
 def test_two_processes_migrate_concurrently_schema_applied_once(empty_db: str) -> None:
-    assert (
-        subprocess.run(
-            [*PODSERVE, "db", "status", "--database-url", empty_db],
-            capture_output=True,
-            check=False,
-        ).returncode
-        == 1
-    )  # not migrated
+    assert _status(empty_db) == 1  # not migrated
     procs = [_cli("db", "migrate", "--database-url", empty_db) for _ in range(2)]
     results = [(p.wait(timeout=60), *p.communicate()) for p in procs]
     assert [rc for rc, _, _ in results] == [0, 0], results
@@ -64,14 +64,7 @@ def test_two_processes_migrate_concurrently_schema_applied_once(empty_db: str) -
         check=True,
     )
     assert again.stdout.strip() == "schema up to date"
-    assert (
-        subprocess.run(
-            [*PODSERVE, "db", "status", "--database-url", empty_db],
-            capture_output=True,
-            check=False,
-        ).returncode
-        == 0
-    )
+    assert _status(empty_db) == 0
 
 
 def test_an_edited_applied_migration_is_refused(empty_db: str) -> None:

@@ -17,7 +17,10 @@ def test_throwaway_cluster_starts_migrates_and_goes_away() -> None:
         in_use = os.environ.get(postgres.ENV_URL) or postgres.DEFAULT_URL
         if postgres.reachable(in_use) is not None:
             pytest.fail(f"no PostgreSQL server binaries and no server: {postgres.HINT}")
-        pytest.skip(f"no PostgreSQL server binaries (initdb) here; the suite uses {in_use}")
+        pytest.skip(
+            "the throwaway-cluster fallback needs PostgreSQL server binaries (initdb), which "
+            f"are not installed; unused here: the suite runs against the server at {in_use}"
+        )
     server = postgres._start_cluster(bindir)
     try:
         assert postgres.reachable(server.admin_url) is None
