@@ -201,6 +201,10 @@ def _count_done(url: str, ids: list[str]) -> int:
     )
 
 
+def _count_running(url: str) -> int:
+    return postgres.scalar(url, "SELECT count(*) FROM podserve_jobs WHERE status = 'running'")
+
+
 def _freeze_a_worker_holding_a_job(
     server: ServerProcess, url: str, ids: list[str]
 ) -> tuple[int, list[str]]:
@@ -293,9 +297,15 @@ def test_sigterm_hands_running_jobs_back_at_once(
     with postgres.fresh_database(pg_server.admin_url) as url:
         postgres.migrate(url)
         env = postgres.server_env(
-            url, tmp_path, PODSERVE_JOBS_POLL_MS="100", PODSERVE_JOBS_LEASE_S="60"
-        )  # a lease that would outlast us
-        bodies = [_slow(i, rows=192) for i in range(4)]  # > 1 s each: longer than the grace
+            url,
+            tmp_path,
+            PODSERVE_JOBS_POLL_MS="100",
+            PODSERVE_JOBS_LEASE_S="60",  # a lease that would outlast us
+            PODSERVE_MAX_QUEUE_ROWS="1024",  # room for the long jobs below
+        )
+        # ~2-5 s each (machines differ 2.6x): well past the 0.5 s drain grace, however late
+        # in a job the SIGTERM lands (192 rows took 0.8 s on a fast machine, and it finished).
+        bodies = [_slow(i, rows=448) for i in range(4)]
         api_only = env | {"PODSERVE_JOBS_CONCURRENCY": "0"}
         with (
             ServerProcess(db_models, workers=1, env=api_only) as api,
@@ -304,8 +314,11 @@ def test_sigterm_hands_running_jobs_back_at_once(
             ids = [http.post("/v2/models/slow/jobs", json=body).json()["id"] for body in bodies]
         first = ServerProcess(db_models, workers=1, env=env).start()
         try:
+            # One job done and the next one claimed: SIGTERM between the two would find
+            # nothing running (CI once stopped the worker in that gap).
             deadline = time.monotonic() + 30
-            while _count_done(url, ids) < 1 and time.monotonic() < deadline:
+            while not (_count_done(url, ids) >= 1 and _count_running(url) == 1):
+                assert time.monotonic() < deadline, "the first worker never ran a second job"
                 time.sleep(0.02)
         finally:
             first.stop()
@@ -317,7 +330,7 @@ def test_sigterm_hands_running_jobs_back_at_once(
         done_by_first = _count_done(url, ids)
         assert done_by_first < len(ids)
         with ServerProcess(db_models, workers=1, env=env):
-            deadline = time.monotonic() + 30  # far less than the 60 s lease
+            deadline = time.monotonic() + 50  # less than the 60 s lease
             while _count_done(url, ids) < len(ids) and time.monotonic() < deadline:
                 time.sleep(0.1)
         assert _count_done(url, ids) == len(ids)
