@@ -17,6 +17,7 @@ from podserve import __version__, routes_health, routes_jobs, routes_v1, routes_
 from podserve.auth import api_keys, install_auth
 from podserve.direct_routes import DirectRoutes
 from podserve.errors import PodserveError
+from podserve.gc_tuning import tune_collector
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
 from podserve.observability import Observability, note_error
@@ -91,7 +92,7 @@ def inference_routes() -> list[APIRoute]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.access_log)
     keys = api_keys(settings)  # first: a broken key file stops the boot before threads start
     runtime = ServingRuntime(settings)
     observability = Observability(settings, runtime)  # in the worker: after Gunicorn's fork
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         await observability.start()
+        tune_collector(settings.gc_gen0_threshold, settings.gc_freeze)  # all loaded now
         try:
             yield
         finally:

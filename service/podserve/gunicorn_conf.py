@@ -33,7 +33,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "max_requests_jitter": settings.max_requests // 10,
         "backlog": 2048,
         "accesslog": "-" if settings.access_log else None,
-        "logconfig_dict": gunicorn_logconfig_dict(settings.log_level),
+        "logconfig_dict": gunicorn_logconfig_dict(settings.log_level, settings.access_log),
         "proc_name": "podserve",
         "forwarded_allow_ips": "*",
         **_optional_settings(),

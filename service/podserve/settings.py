@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int | None = Field(None, ge=1, description="default: quota split")
     ort_inter_op_threads: int = Field(1, ge=1)
     ort_allow_spinning: bool = False
+    gc_freeze: bool = Field(True, description="freeze the start-up heap (see gc_tuning.py)")
+    gc_gen0_threshold: int = Field(10_000, ge=0, description="0 = Python's default (700)")
     max_batch_size: int = Field(32, ge=1, description="default for models without config")
     max_batch_delay_ms: float = Field(2.0, ge=0)
     max_queue_rows: int = Field(256, ge=1, description="per-worker bound on queued rows")
@@ -87,6 +89,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     auth_exempt_health: bool = True
     auth_exempt_metrics: bool = True
+
+    # --- Benchmark aid (simulated_io.py) ------------------------------------------
+    simulated_io_ms: float = Field(0.0, ge=0, le=10_000, description="0 = off")
 
 
 @lru_cache(maxsize=1)

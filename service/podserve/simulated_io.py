@@ -12,21 +12,13 @@ from __future__ import annotations
 import asyncio
 from functools import lru_cache
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from podserve.phases import PhaseTimings
-
-
-class SimulatedIoSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PODSERVE_", extra="ignore")
-
-    simulated_io_ms: float = Field(0.0, ge=0, le=10_000, description="0 = off")
+from podserve.settings import get_settings
 
 
 @lru_cache(maxsize=1)
 def simulated_io_s() -> float:
-    return SimulatedIoSettings().simulated_io_ms / 1000
+    return get_settings().simulated_io_ms / 1000
 
 
 async def simulated_features(timings: PhaseTimings) -> None:

@@ -47,9 +47,6 @@ class PodserveWorker(UvicornWorker):
         self.config.http = guarded_protocol(
             settings.header_read_timeout_s, settings.max_header_bytes
         )
-        # uvicorn formats the access-log arguments (client address, path) for every response
-        # before the logger's level check; skip that work unless access logs are wanted.
-        self.config.access_log = settings.access_log
 
     def load_wsgi(self) -> None:
         # create_app failed (e.g. an unreadable API key file): Gunicorn's sys.exit would hang
