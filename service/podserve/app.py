@@ -23,6 +23,7 @@ from podserve.logs import configure_logging
 from podserve.observability import Observability, note_error
 from podserve.runtime import RUNTIME_SCOPE_KEY, ServingRuntime
 from podserve.settings import Settings, get_settings
+from podserve.time_slice import shorten_slice
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await runtime.start()
         await observability.start()
         tune_collector(settings.gc_gen0_threshold, settings.gc_freeze)  # all loaded now
+        shorten_slice(settings.thread_slice_us, "event loop")  # lifespan runs on the loop
         try:
             yield
         finally:

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from podserve.time_slice import shorten_slice
+
 T = TypeVar("T")
 
 ONLINE = 0
@@ -63,8 +65,9 @@ def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
-def _serve_work(work: queue.SimpleQueue, niceness: int, idle_policy: bool) -> None:
+def _serve_work(work: queue.SimpleQueue, niceness: int, idle_policy: bool, slice_us: float) -> None:
     _lower_thread_priority(niceness, idle_policy)
+    shorten_slice(slice_us, "inference")  # after nice: sched_setattr keeps the nice it reads
     while (item := work.get()) is not _STOP:
         fn, args, future, loop = item
         result, error = None, None
@@ -78,10 +81,12 @@ def _serve_work(work: queue.SimpleQueue, niceness: int, idle_policy: bool) -> No
 
 
 class InferencePool:
-    def __init__(self, threads: int, niceness: int = 0, idle_policy: bool = False) -> None:
+    def __init__(
+        self, threads: int, niceness: int = 0, idle_policy: bool = False, slice_us: float = 0
+    ) -> None:
         self.capacity = threads
         self.busy = 0
-        self._niceness, self._idle_policy = niceness, idle_policy
+        self._niceness, self._idle_policy, self._slice_us = niceness, idle_policy, slice_us
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []  # started on first use
         self._closed = False
@@ -125,7 +130,7 @@ class InferencePool:
         for index in range(self.capacity):
             thread = threading.Thread(
                 target=_serve_work,
-                args=(self._work, self._niceness, self._idle_policy),
+                args=(self._work, self._niceness, self._idle_policy, self._slice_us),
                 name=f"podserve-infer_{index}",
                 daemon=True,  # shutdown() joins them; never hold up the interpreter's exit
             )

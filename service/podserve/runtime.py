@@ -50,7 +50,10 @@ class ServingRuntime:
         self.settings = settings
         self.repository: ModelRepository | None = None
         self.pool = InferencePool(
-            settings.pool_threads, settings.inference_thread_nice, settings.inference_thread_idle
+            settings.pool_threads,
+            settings.inference_thread_nice,
+            settings.inference_thread_idle,
+            settings.thread_slice_us,
         )
         self.budget = QueueBudget(settings.max_queue_rows, settings.retry_after_s)
         self.batchers: dict[tuple[str, str], Batcher] = {}

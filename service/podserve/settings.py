@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     pool_threads: int = Field(1, ge=1, description="inference threads per worker")
     inference_thread_nice: int = Field(10, ge=0, le=19, description="loop first on busy CPUs")
     inference_thread_idle: bool = Field(False, description="SCHED_IDLE: the loop preempts")
+    thread_slice_us: float = Field(
+        100, ge=0, le=100_000, description="threads' sched slice (Linux 6.12+); 0 = default"
+    )
     gil_switch_interval_ms: float = Field(
         0.5, gt=0, le=100, description="how long the loop waits for the GIL at most (py: 5)"
     )
