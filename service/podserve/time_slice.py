@@ -88,9 +88,9 @@ def shorten_slice(requested_us: float, thread: str) -> None:
     if requested_us <= 0:
         return
     if set_thread_slice(requested_us):
-        log.debug("time slice set", extra={"thread": thread, "slice_us": slice_us()})
+        log.debug("time slice set", extra={"scheduled": thread, "slice_us": slice_us()})
     else:
         log.info(
             "time slice left at the kernel's default (needs Linux >= 6.12 sched_setattr)",
-            extra={"thread": thread},
+            extra={"scheduled": thread},
         )
