@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from podserve.time_slice import shorten_slice
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 ONLINE = 0
 BACKGROUND = 10
@@ -66,8 +68,11 @@ def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | No
 
 
 def _serve_work(work: queue.SimpleQueue, niceness: int, idle_policy: bool, slice_us: float) -> None:
-    _lower_thread_priority(niceness, idle_policy)
-    shorten_slice(slice_us, "inference")  # after nice: sched_setattr keeps the nice it reads
+    try:  # scheduling hints only: a failure here must not kill the thread (inference would hang)
+        _lower_thread_priority(niceness, idle_policy)
+        shorten_slice(slice_us, "inference")  # after nice: sched_setattr keeps the nice it reads
+    except Exception:
+        log.exception("inference thread runs with the default scheduling")
     while (item := work.get()) is not _STOP:
         fn, args, future, loop = item
         result, error = None, None
