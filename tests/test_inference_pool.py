@@ -43,21 +43,6 @@ def test_inference_threads_can_run_under_sched_idle() -> None:
     assert thread_policy == os.SCHED_IDLE
 
 
-def test_a_short_slice_keeps_the_lowered_priority() -> None:
-    from podserve.time_slice import slice_us
-
-    async def scenario() -> tuple[int, tuple[int, float | None]]:
-        pool = InferencePool(1, niceness=10, slice_us=250)
-        try:
-            return _own_niceness(), await pool.run(lambda: (_own_niceness(), slice_us()))
-        finally:
-            pool.shutdown()
-
-    loop_nice, (thread_nice, thread_slice) = asyncio.run(scenario())
-    assert thread_nice == min(19, loop_nice + 10)  # sched_setattr kept the nice it read
-    assert thread_slice in (250, None)  # None: a kernel without per-thread slices (< 6.12)
-
-
 def test_a_failing_scheduling_hint_does_not_stop_the_thread(monkeypatch) -> None:
     # A kernel or sandbox that makes the hint raise cannot be produced here, so the hint does.
     def refuse(*_: object) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import platform
+import re
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +15,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
+from podserve.inference_pool import InferencePool
 from podserve.time_slice import set_thread_slice, slice_us
 from server_process import ServerProcess
 
@@ -27,10 +32,17 @@ def _in_new_thread(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernel_with_slices() -> None:
-    if not _in_new_thread(lambda: set_thread_slice(250)):
-        pytest.skip("this kernel has no per-thread time slice (Linux < 6.12, or refused)")
+def _kernel_version() -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+# Not an install step: per-thread slices are a kernel feature. Where the kernel has it, the
+# tests run and fail if podserve cannot set the slice.
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or _kernel_version() < (6, 12),
+    reason=f"per-thread time slices need Linux >= 6.12 (this is {platform.platform()})",
+)
 
 
 def test_a_thread_gets_the_slice_it_asks_for_clamped_to_the_kernels_bounds() -> None:
@@ -41,6 +53,23 @@ def test_a_thread_gets_the_slice_it_asks_for_clamped_to_the_kernels_bounds() -> 
     assert _in_new_thread(lambda: ask(10)) == (True, 100)  # below the kernel's 0.1 ms
     default = _in_new_thread(slice_us)
     assert default is not None and default > 250  # a new thread starts at the default
+
+
+def _own_niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_an_inference_thread_gets_the_slice_and_keeps_its_lowered_priority() -> None:
+    async def scenario() -> tuple[int, tuple[int, float | None]]:
+        pool = InferencePool(1, niceness=10, slice_us=250)
+        try:
+            return _own_niceness(), await pool.run(lambda: (_own_niceness(), slice_us()))
+        finally:
+            pool.shutdown()
+
+    loop_nice, (thread_nice, thread_slice) = asyncio.run(scenario())
+    assert thread_nice == min(19, loop_nice + 10)  # sched_setattr kept the nice it read
+    assert thread_slice == 250
 
 
 def test_threads_under_another_policy_are_left_alone() -> None:

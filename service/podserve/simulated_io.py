@@ -10,20 +10,14 @@ so its p99 over its idle value measures event-loop blocking.
 from __future__ import annotations
 
 import asyncio
-from functools import lru_cache
 
 from podserve.phases import PhaseTimings
 from podserve.settings import get_settings
 
 
-@lru_cache(maxsize=1)
-def simulated_io_s() -> float:
-    return get_settings().simulated_io_ms / 1000
-
-
 async def simulated_features(timings: PhaseTimings) -> None:
     """The hook in inference_flow.predict: a no-op unless PODSERVE_SIMULATED_IO_MS > 0."""
-    delay = simulated_io_s()
+    delay = get_settings().simulated_io_ms / 1000  # get_settings is cached
     if delay > 0:
         with timings.measure("features"):
             await asyncio.sleep(delay)

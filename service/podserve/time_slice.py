@@ -12,7 +12,7 @@ who runs first on a wake-up changes. MiniLM, c=32, interleaved A/B (loadtests/be
 6.03 ms with the loop and the inference thread at 0.1 ms, at the same throughput.
 
 Elsewhere (older kernels, other systems, a seccomp profile that refuses the call) this is
-a no-op, logged once.
+a no-op, logged at info by each thread that asked.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
+from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class _SchedAttr(ctypes.Structure):
     ]
 
 
+@lru_cache(maxsize=1)
 def _libc_syscall() -> tuple[ctypes.CDLL, int, int] | None:
     numbers = _SYSCALLS.get(platform.machine())
     if platform.system() != "Linux" or numbers is None:
@@ -50,8 +52,8 @@ def _libc_syscall() -> tuple[ctypes.CDLL, int, int] | None:
     return ctypes.CDLL(None, use_errno=True), *numbers
 
 
-def slice_us(tid: int = 0) -> float | None:
-    """A thread's slice (0: the calling thread), or None where the kernel reports none."""
+def _sched_attr(tid: int) -> _SchedAttr | None:
+    """sched_getattr of a thread (0: the calling one), or None where it is not available."""
     found = _libc_syscall()
     if found is None:
         return None
@@ -59,23 +61,25 @@ def slice_us(tid: int = 0) -> float | None:
     attr = _SchedAttr()
     if libc.syscall(getattr_nr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
         return None
-    return attr.sched_runtime / 1000 or None  # 0 before Linux 6.12: no slice of its own
+    return attr
+
+
+def slice_us(tid: int = 0) -> float | None:
+    """A thread's slice (0: the calling thread), or None where the kernel reports none."""
+    attr = _sched_attr(tid)
+    if attr is None or attr.sched_runtime == 0:  # 0 before Linux 6.12: no slice of its own
+        return None
+    return attr.sched_runtime / 1000
 
 
 def set_thread_slice(requested_us: float) -> bool:
     """Ask for a time slice for the calling thread, keeping its policy and nice; True once
     the kernel reports it (clamped to 0.1-100 ms)."""
-    found = _libc_syscall()
-    if found is None:
-        return False
-    libc, setattr_nr, getattr_nr = found
-    attr = _SchedAttr()
-    if libc.syscall(getattr_nr, 0, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
-        return False
-    if attr.sched_policy != SCHED_OTHER:
-        return False  # SCHED_IDLE / BATCH / real-time threads: leave them alone
-    attr.size = ctypes.sizeof(_SchedAttr)
-    attr.sched_flags = 0
+    found, attr = _libc_syscall(), _sched_attr(0)
+    if found is None or attr is None or attr.sched_policy != SCHED_OTHER:
+        return False  # no sched_setattr, or SCHED_IDLE / BATCH / real-time: leave it alone
+    libc, setattr_nr, _ = found
+    attr.size, attr.sched_flags = ctypes.sizeof(_SchedAttr), 0
     attr.sched_runtime = int(requested_us * 1000)
     if libc.syscall(setattr_nr, 0, ctypes.byref(attr), 0) != 0:
         return False
@@ -88,7 +92,7 @@ def shorten_slice(requested_us: float, thread: str) -> None:
     if requested_us <= 0:
         return
     if set_thread_slice(requested_us):
-        log.debug("time slice set", extra={"scheduled": thread, "slice_us": slice_us()})
+        log.debug("time slice set", extra={"scheduled": thread, "slice_us": requested_us})
     else:
         log.info(
             "time slice left at the kernel's default (needs Linux >= 6.12 sched_setattr)",

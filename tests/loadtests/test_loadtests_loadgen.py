@@ -11,7 +11,7 @@ from loadtests.loadgen import closed_loop, encode_request, percentile
 
 from podserve.phases import PhaseTimings, parse_server_timing
 from podserve.settings import get_settings
-from podserve.simulated_io import simulated_features, simulated_io_s
+from podserve.simulated_io import simulated_features
 
 TABULAR = orjson.dumps(
     {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]}
@@ -60,21 +60,16 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 0.5) != percentile([], 0.5)  # NaN
 
 
-def _reread_settings() -> None:
-    get_settings.cache_clear()
-    simulated_io_s.cache_clear()
-
-
 def test_simulated_io_is_off_by_default_and_recorded_as_features(monkeypatch) -> None:
-    _reread_settings()
+    get_settings.cache_clear()
     monkeypatch.delenv("PODSERVE_SIMULATED_IO_MS", raising=False)
     timings = PhaseTimings()
     asyncio.run(simulated_features(timings))
     assert "features" not in timings.durations
     monkeypatch.setenv("PODSERVE_SIMULATED_IO_MS", "5")
-    _reread_settings()
+    get_settings.cache_clear()
     try:
         asyncio.run(simulated_features(timings))
     finally:
-        _reread_settings()
+        get_settings.cache_clear()
     assert 0.005 <= timings.durations["features"] < 0.5
