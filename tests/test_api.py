@@ -152,6 +152,11 @@ BAD_REQUESTS = [
      {"content-type": "application/x-www-form-urlencoded"}, 415, "content type"),
     ("unknown model", "/v2/models/nope/infer", VALID, JSON, 404, "unknown model 'nope'"),
     ("unknown version", "/v2/models/affine/versions/9/infer", VALID, JSON, 404, "no version '9'"),
+    ("unknown model, bad body", "/v2/models/nope/infer", b"{not json", JSON, 404,
+     "unknown model 'nope'"),
+    ("unknown model, empty body", "/v2/models/nope/infer", b"", JSON, 404, "unknown model"),
+    ("unknown model, form body", "/v2/models/nope/infer", b"x=1",
+     {"content-type": "application/x-www-form-urlencoded"}, 404, "unknown model"),
     ("unknown input", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [1, 4], name="z"),
      JSON, 400, "unknown input(s) ['z']"),
     ("missing input", "/v2/models/mixed/infer", _infer_body([1, 2], [1, 2], "ids", "INT64"),
@@ -201,6 +206,8 @@ BAD_REQUESTS = [
      "ragged"),
     ("v1 unknown model", "/v1/models/nope:predict", {"instances": [[1]]}, JSON, 404,
      "unknown model"),
+    ("v1 unknown model, form body", "/v1/models/nope:predict", b"x=1",
+     {"content-type": "application/x-www-form-urlencoded"}, 404, "unknown model"),
     ("unknown route", "/v3/nothing", VALID, JSON, 404, "Not Found"),
 ]
 # fmt: on

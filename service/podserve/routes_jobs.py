@@ -34,12 +34,12 @@ async def _submit(request: Request, model_name: str, model_version: str | None) 
     runtime = runtime_of(request)
     settings = runtime.settings
     store = _store(request)
+    model = runtime.model(model_name, model_version)  # an unknown model is a 404, whatever the body
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     json_length = binary_header_length(request)
     # Validate now: a malformed job is the client's 400, not a job that fails later.
     parsed = parse_infer_request(body, json_length)
-    model = runtime.model(model_name, model_version)
     check_requested_outputs(parsed, model.output_names)
     if entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs)) is not None:
         feature_input(model)

@@ -33,9 +33,9 @@ async def model_predict(request: Request, model_name: str) -> Response:
     runtime = runtime_of(request)
     settings = runtime.settings
     with ctx.timings.measure("parse"):
+        model = runtime.model(model_name)  # first: an unknown model is a 404, whatever the body
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-        model = runtime.model(model_name)
         doc = loads_json(body)
         lookup = entity_lookup(doc, has_inputs=isinstance(doc, dict) and "instances" in doc)
         inputs = {} if lookup else parse_predict_doc(doc, model.inputs)

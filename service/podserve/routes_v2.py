@@ -63,10 +63,10 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
     runtime = runtime_of(request)
     settings = runtime.settings
     with ctx.timings.measure("parse"):
+        model = runtime.model(model_name, model_version)  # first: an unknown model is a 404
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         parsed = parse_infer_request(body, binary_header_length(request))
-        model = runtime.model(model_name, model_version)
         check_requested_outputs(parsed, model.output_names)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL

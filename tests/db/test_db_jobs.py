@@ -107,8 +107,9 @@ def test_binary_outputs_are_stored_as_json(client: httpx.Client) -> None:
         ("/v2/models/affine/versions/7/jobs", _affine([[1, 2, 3, 4]]), 404, "no version"),
         ("/v2/models/affine/jobs", _affine([[1, 2, 3]]), 400, "data has 3"),
         ("/v2/models/affine/jobs", {}, 400, "'inputs'"),
+        ("/v2/models/nope/jobs", {}, 404, "unknown model"),
     ],
-    ids=["model", "version", "shape", "no inputs"],
+    ids=["model", "version", "shape", "no inputs", "model before body"],
 )
 def test_invalid_jobs_are_refused_at_submission(
     client: httpx.Client, path: str, body: dict, status: int, message: str
