@@ -1,4 +1,4 @@
-"""The test-database fallback chain of DEVELOPERS.md: its last resort, a throwaway cluster."""
+"""The test-database fallback chain (README, "PostgreSQL"): its last resort, a throwaway cluster."""
 
 from __future__ import annotations
 
