@@ -10,6 +10,10 @@ share of it. The load generator and the measurement are loadtests.bench's own
 
     .venv/bin/python -m loadtests.bench_ab --model minilm --concurrency 32 --rounds 4 \\
         --variant base: --variant yield:PODSERVE_SOME_KNOB=1
+
+Overload: `--concurrency 1024` (more clients than the queues hold) shows what clients that
+retry a 503 at once do to goodput; add `--honor-retry-after` for clients that wait as told.
+The `fail` column counts the 503s.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--io-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--honor-retry-after",
+        action="store_true",
+        help="clients answered 503 wait Retry-After before their next request (default: at once)",
+    )
     args = parser.parse_args()
 
     header = f"{'variant':<14} " + " ".join(f"{label:>10}" for label, _, _ in COLUMNS)
@@ -93,7 +102,10 @@ def main() -> int:
         for round_no in range(args.rounds):
             order = list(servers) if round_no % 2 == 0 else list(reversed(servers))
             for name in order:
-                sample = measure_once(servers[name], args.concurrency, args.duration, args.warmup)
+                sample = measure_once(
+                    servers[name], args.concurrency, args.duration, args.warmup,
+                    args.honor_retry_after,
+                )  # fmt: skip
                 samples[name].append(sample)
                 print(_row(name, sample), flush=True)
     print("\nmedians over the rounds")

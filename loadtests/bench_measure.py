@@ -71,7 +71,9 @@ def rows_per_batch(
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def one_run(server: Server, concurrency: int, duration_s: float) -> tuple[RunResult, float]:
+def one_run(
+    server: Server, concurrency: int, duration_s: float, honor_retry_after: bool = False
+) -> tuple[RunResult, float]:
     system = server.system
     request = encode_request(
         "POST", "127.0.0.1", system.port, system.path, system.body, "application/json"
@@ -79,7 +81,13 @@ def one_run(server: Server, concurrency: int, duration_s: float) -> tuple[RunRes
     cpu_before = server.cpu_seconds()
     result = _run_loop(
         lambda: closed_loop(
-            "127.0.0.1", system.port, request, concurrency, duration_s, MAX_REQUESTS_PER_RUN
+            "127.0.0.1",
+            system.port,
+            request,
+            concurrency,
+            duration_s,
+            MAX_REQUESTS_PER_RUN,
+            honor_retry_after=honor_retry_after,
         )
     )
     return result, server.cpu_seconds() - cpu_before
@@ -128,14 +136,20 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def measure_once(server: Server, concurrency: int, duration_s: float, warmup_s: float) -> Sample:
+def measure_once(
+    server: Server,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    honor_retry_after: bool = False,
+) -> Sample:
     """Warm up (caches, connections, batch sizes), then one measured run."""
-    one_run(server, concurrency, warmup_s)
+    one_run(server, concurrency, warmup_s, honor_retry_after)
     if server.is_podserve:
         time.sleep(METRICS_FLUSH_S)  # every worker has written the warm-up's tallies
     batches_before = server.batch_totals()
     loop_before = server.loop_thread_seconds()
-    result, cpu_s = one_run(server, concurrency, duration_s)
+    result, cpu_s = one_run(server, concurrency, duration_s, honor_retry_after)
     loop_s = server.loop_thread_seconds() - loop_before
     time.sleep(0.2)  # let the last replies drain
     sample = summarize(result, cpu_s, server.system.io_phase)

@@ -65,6 +65,7 @@ class _Connection(asyncio.Protocol):
         self.length = 0
         self.status = 0
         self.timing = ""
+        self.retry_after: float | None = None  # seconds, from the last answer's Retry-After
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,7 +100,7 @@ class _Connection(asyncio.Protocol):
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         self.status = int(lines[0].split(b" ", 2)[1])
-        self.length, self.timing = 0, ""
+        self.length, self.timing, self.retry_after = 0, "", None
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             key = name.strip().lower()
@@ -107,6 +108,8 @@ class _Connection(asyncio.Protocol):
                 self.length = int(value)
             elif key == b"server-timing":
                 self.timing = value.strip().decode()
+            elif key == b"retry-after" and value.strip().isdigit():  # delay-seconds only
+                self.retry_after = float(value)
 
 
 async def _open(host: str, port: int) -> _Connection:
@@ -123,8 +126,14 @@ async def closed_loop(
     duration_s: float,
     max_requests: int = 1_000_000,
     timeout_s: float = 30.0,
+    honor_retry_after: bool = False,
 ) -> RunResult:
-    """`concurrency` connections, each sending its next request when the reply arrives."""
+    """`concurrency` connections, each sending its next request when the reply arrives.
+
+    With `honor_retry_after`, a connection answered 503 or 429 with `Retry-After` waits that
+    long first (within the run's duration), as a well-behaved client does; without it, it
+    retries at once, as a client that ignores the header would.
+    """
     if host not in LOOPBACK:
         raise ValueError(f"load is only ever sent to loopback addresses, not {host!r}")
     result = RunResult(concurrency=concurrency)
@@ -148,6 +157,8 @@ async def closed_loop(
             result.statuses[status] += 1
             if status == 200:
                 result.server_timings.append(timing)
+            elif honor_retry_after and status in (429, 503) and conn.retry_after:
+                await asyncio.sleep(min(conn.retry_after, deadline - time.perf_counter()))
 
     await asyncio.gather(*(user(conn) for conn in connections))
     result.elapsed_s = time.perf_counter() - start

@@ -11,6 +11,12 @@ a weight of 0 leaves the class out; entity and jobs need podserve's PostgreSQL):
   EntityUser      V2 infer by entity id: the server fetches the features from PostgreSQL
   JobUser         background job: submit (202 + Location), then poll until done
 
+Back-off: a user answered 503 or 429 with `Retry-After` waits that long before its next task,
+as a well-behaved client does (LOCUST_HONOR_RETRY_AFTER=0 turns it off, to see what clients
+that retry at once do to the server; LOCUST_RETRY_AFTER_MAX_S caps the wait, default 30).
+Without it, users beyond what the queue holds turn into a storm of immediate retries that
+keeps the event loops busy answering 503s (docs/performance.md, "late night: overload").
+
 Every response's `Server-Timing` header is aggregated per request name and phase; with
 LOCUST_PHASES_FILE set, Locust's final per-request figures and the per-phase p50/p95/p99 are
 written there as JSON when the run ends (in distributed runs the workers report their samples
@@ -24,6 +30,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from locust import between, events, task
@@ -45,6 +52,9 @@ SENTENCES = [
 # PODSERVE_DATABASE_URL they answer 503, so the defaults run against any podserve.
 DEFAULT_WEIGHTS = {"tabular": 4, "v1": 1, "text": 2, "entity": 0, "jobs": 0}
 SAMPLES_PER_KEY = 20_000  # bounded memory per (request name, phase)
+HONOR_RETRY_AFTER = os.environ.get("LOCUST_HONOR_RETRY_AFTER", "1") != "0"
+RETRY_AFTER_MAX_S = float(os.environ.get("LOCUST_RETRY_AFTER_MAX_S", "30"))
+BACK_OFF_STATUSES = (429, 503)
 
 
 def weights() -> dict[str, int]:
@@ -66,7 +76,23 @@ def v2_tensor(name: str, shape: list[int], datatype: str, data: list) -> dict[st
     return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
 
 
-def check(response: Any, expected: int = 200, field: str | None = "outputs") -> None:
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` in seconds: delay-seconds or an HTTP-date (RFC 9110); None if absent or
+    unreadable. Capped at LOCUST_RETRY_AFTER_MAX_S so a bounded run stays bounded."""
+    if not value:
+        return None
+    value, now = value.strip(), time.time() if now is None else now
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return min(max(0.0, seconds), RETRY_AFTER_MAX_S)
+
+
+def check_answer(response: Any, expected: int = 200, field: str | None = "outputs") -> None:
     """Mark anything but the expected status (or a body without `field`) as a failure."""
     if response.status_code != expected:
         response.failure(f"HTTP {response.status_code}: {response.text[:200]!r}")
@@ -166,9 +192,21 @@ def _write_summary(environment: Any, **_: Any) -> None:
 # --- users ---------------------------------------------------------------------------------
 class PodserveUser(FastHttpUser):
     abstract = True
-    wait_time = between(0.0, 0.01)  # near closed loop; the user count sets concurrency
+    think_time = between(0.0, 0.01)  # near closed loop; the user count sets concurrency
     connection_timeout = 10.0
     network_timeout = 30.0
+    resume_at = 0.0  # time.monotonic() before which a told-to-back-off user sends nothing
+
+    def wait_time(self) -> float:
+        return max(self.think_time(), self.resume_at - time.monotonic())
+
+    def check(self, response: Any, expected: int = 200, field: str | None = "outputs") -> None:
+        """check_answer() plus back-off: a 503/429 with Retry-After delays the next request."""
+        check_answer(response, expected, field)
+        if HONOR_RETRY_AFTER and response.status_code in BACK_OFF_STATUSES:
+            delay = retry_after_s(response.headers.get("Retry-After"))
+            if delay:
+                self.resume_at = max(self.resume_at, time.monotonic() + delay)
 
 
 class TabularV2User(PodserveUser):
@@ -177,7 +215,7 @@ class TabularV2User(PodserveUser):
         body = v2_tensor("input", [1, FEATURES], "FP32", tabular_row())
         with self.client.post(f"/v2/models/{TABULAR_MODEL}/infer", json=body,
                               name="v2 infer tabular", catch_response=True) as r:  # fmt: skip
-            check(r)
+            self.check(r)
 
 
 class V1PredictUser(PodserveUser):
@@ -186,7 +224,7 @@ class V1PredictUser(PodserveUser):
         body = {"instances": [tabular_row()]}
         with self.client.post(f"/v1/models/{TABULAR_MODEL}:predict", json=body,
                               name="v1 predict tabular", catch_response=True) as r:  # fmt: skip
-            check(r, field="predictions")
+            self.check(r, field="predictions")
 
 
 class TextUser(PodserveUser):
@@ -195,7 +233,7 @@ class TextUser(PodserveUser):
         body = v2_tensor("text", [1], "BYTES", [random.choice(SENTENCES)])
         with self.client.post(f"/v2/models/{TEXT_MODEL}/infer", json=body,
                               name=f"v2 infer {TEXT_MODEL}", catch_response=True) as r:  # fmt: skip
-            check(r)
+            self.check(r)
 
 
 class EntityUser(PodserveUser):
@@ -205,18 +243,18 @@ class EntityUser(PodserveUser):
         body = {"parameters": {"entity_ids": [entity]}}  # no inputs: the server fetches them
         with self.client.post(f"/v2/models/{TABULAR_MODEL}/infer", json=body,
                               name="v2 infer by entity id", catch_response=True) as r:  # fmt: skip
-            check(r)
+            self.check(r)
 
 
 class JobUser(PodserveUser):
-    wait_time = between(0.05, 0.2)  # jobs are background work: a lower offered rate
+    think_time = between(0.05, 0.2)  # jobs are background work: a lower offered rate
 
     @task
     def submit_and_poll(self) -> None:
         body = v2_tensor("input", [1, FEATURES], "FP32", tabular_row())
         with self.client.post(f"/v2/models/{TABULAR_MODEL}/jobs", json=body,
                               name="job submit", catch_response=True) as r:  # fmt: skip
-            check(r, expected=202, field="id")
+            self.check(r, expected=202, field="id")
             location = r.headers.get("Location") if r.status_code == 202 else None
         if location:
             self.poll(location)
@@ -224,7 +262,7 @@ class JobUser(PodserveUser):
     def poll(self, location: str) -> None:
         for _ in range(JOB_POLLS):
             with self.client.get(location, name="job poll", catch_response=True) as r:
-                check(r, field="status")
+                self.check(r, field="status")
                 status = r.json().get("status") if r.status_code == 200 else "error"
             if status in ("succeeded", "failed", "error"):
                 if status != "succeeded":

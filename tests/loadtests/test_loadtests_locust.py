@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server_process import ServerProcess, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,21 +39,61 @@ def test_server_timing_parser_matches_podserve() -> None:
     assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
+def test_retry_after_parses_seconds_and_dates_and_is_capped() -> None:
+    code = (
+        "import loadtests.locustfile as l; from email.utils import formatdate; "
+        "print(l.retry_after_s('2'), l.retry_after_s(' 0 '), l.retry_after_s(None), "
+        "l.retry_after_s('soon'), l.retry_after_s('-3'), l.retry_after_s('999'), "
+        "round(l.retry_after_s(formatdate(1000.0 + 7, usegmt=True), now=1000.0)), "
+        "l.retry_after_s(formatdate(1000.0 - 7, usegmt=True), now=1000.0))"
+    )
+    done = _in_subprocess(code, {"LOCUST_RETRY_AFTER_MAX_S": "30"})
+    assert done.stdout.split() == ["2.0", "0.0", "None", "None", "None", "30.0", "7", "0.0"], (
+        done.stderr[-2000:]
+    )
+
+
+def _run_locust(url: str, tmp_path: Path, env: dict[str, str], users: int = 4,
+                seconds: int = 3) -> dict[str, dict[str, str]]:  # fmt: skip
+    """A headless run; its per-request rows from the stats CSV."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
+           "--headless", "--host", url, "--users", str(users), "--spawn-rate", str(users),
+           "--run-time", f"{seconds}s", "--stop-timeout", "2", "--csv", str(tmp_path / "run"),
+           "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=90, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with (tmp_path / "run_stats.csv").open() as handle:
+        return {row["Name"]: row for row in csv.DictReader(handle)}
+
+
+def test_users_back_off_as_retry_after_says(model_repo: Path, tmp_path: Path) -> None:
+    """A podserve whose database is down answers every entity request 503 + Retry-After: 1.
+    Honouring it, a user sends at most one request per second; ignoring it (opt-out), users
+    retry at once and send many times that, which is what the bound below must tell apart."""
+    dead_db = f"postgresql://podserve@127.0.0.1:{free_port()}/none"  # nothing listens there
+    env = {"PODSERVE_DATABASE_URL": dead_db, "PODSERVE_DB_BREAKER_RESET_S": "1"}
+    users, seconds = 4, 3
+    bound = users * (seconds + 1)  # one request per user per second, plus the first one
+    weights = {"LOCUST_WEIGHTS": "tabular=0,v1=0,text=0,entity=1,jobs=0"}
+    with ServerProcess(model_repo, workers=1, env=env) as server:
+        polite = _run_locust(server.url, tmp_path, weights, users, seconds)
+        rude = _run_locust(server.url, tmp_path, {**weights, "LOCUST_HONOR_RETRY_AFTER": "0"},
+                           users, seconds)  # fmt: skip
+    name = "v2 infer by entity id"
+    for rows in (polite, rude):  # every answer was the 503 (a failure in Locust's terms)
+        assert rows[name]["Failure Count"] == rows[name]["Request Count"], rows[name]
+    assert 0 < int(polite[name]["Request Count"]) <= bound, polite[name]
+    assert int(rude[name]["Request Count"]) > 4 * bound, rude[name]
+
+
 def test_headless_run_against_podserve(server, tmp_path: Path) -> None:
     env = {
-        **os.environ,
         "LOCUST_WEIGHTS": "tabular=2,v1=1,text=1,entity=0,jobs=0",
         "LOCUST_TEXT_MODEL": "text",
         "LOCUST_PHASES_FILE": str(tmp_path / "phases.json"),
     }
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
-           "--headless", "--host", server.url, "--users", "4", "--spawn-rate", "4",
-           "--run-time", "3s", "--stop-timeout", "2", "--csv", str(tmp_path / "run"),
-           "--only-summary", "--loglevel", "WARNING"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    with (tmp_path / "run_stats.csv").open() as handle:
-        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    rows = _run_locust(server.url, tmp_path, env)
     for name in ("v2 infer tabular", "v1 predict tabular", "v2 infer text"):
         assert int(rows[name]["Request Count"]) > 0, rows.keys()
         assert int(rows[name]["Failure Count"]) == 0, rows[name]
