@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import orjson
 import pytest
@@ -13,7 +12,6 @@ from loadtests.loadgen import closed_loop, encode_request, percentile
 from podserve.phases import PhaseTimings, parse_server_timing
 from podserve.settings import get_settings
 from podserve.simulated_io import simulated_features
-from server_process import ServerProcess, free_port
 
 TABULAR = orjson.dumps(
     {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]}
@@ -50,27 +48,22 @@ def test_closed_loop_counts_error_statuses(server) -> None:
     assert result.failures == sum(result.statuses.values())
 
 
-def test_closed_loop_can_honor_retry_after(model_repo: Path) -> None:
-    """With its database down, podserve answers every entity request 503 + Retry-After: 1.
-    Clients that honour it send one request per second each; by default they retry at once
-    (what an overload storm looks like), many times that."""
-    env = {
-        "PODSERVE_DATABASE_URL": f"postgresql://podserve@127.0.0.1:{free_port()}/none",
-        "PODSERVE_DB_BREAKER_RESET_S": "1",
-    }
+def test_closed_loop_can_honor_retry_after(shedding_server) -> None:
+    """Every entity request is answered 503 + Retry-After: 1. Clients that honour it send one
+    request per second each; by default they retry at once (what an overload storm looks
+    like), many times that."""
     body = orjson.dumps({"parameters": {"entity_ids": ["patient-0001"]}})
     clients, seconds = 4, 2.0
-    with ServerProcess(model_repo, workers=1, env=env) as server:
-        port = _port(server.url)
-        request = encode_request(
-            "POST", "127.0.0.1", port, "/v2/models/tabular/infer", body, "application/json"
-        )
-        started = time.monotonic()
-        polite = asyncio.run(closed_loop("127.0.0.1", port, request, clients, seconds,
-                                         max_requests=5000, honor_retry_after=True))  # fmt: skip
-        polite_s = time.monotonic() - started
-        rude = asyncio.run(closed_loop("127.0.0.1", port, request, clients, seconds,
-                                       max_requests=5000))  # fmt: skip
+    port = _port(shedding_server.url)
+    request = encode_request(
+        "POST", "127.0.0.1", port, "/v2/models/tabular/infer", body, "application/json"
+    )
+    started = time.monotonic()
+    polite = asyncio.run(closed_loop("127.0.0.1", port, request, clients, seconds,
+                                     max_requests=5000, honor_retry_after=True))  # fmt: skip
+    polite_s = time.monotonic() - started
+    rude = asyncio.run(closed_loop("127.0.0.1", port, request, clients, seconds,
+                                   max_requests=5000))  # fmt: skip
     assert set(polite.statuses) == {503} and set(rude.statuses) == {503}, (polite, rude)
     bound = clients * (seconds + 1)  # one per second each, plus the first
     assert 0 < polite.statuses[503] <= bound, polite.statuses

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server_process import ServerProcess, free_port
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -67,19 +65,16 @@ def _run_locust(url: str, tmp_path: Path, env: dict[str, str], users: int = 4,
         return {row["Name"]: row for row in csv.DictReader(handle)}
 
 
-def test_users_back_off_as_retry_after_says(model_repo: Path, tmp_path: Path) -> None:
-    """A podserve whose database is down answers every entity request 503 + Retry-After: 1.
-    Honouring it, a user sends at most one request per second; ignoring it (opt-out), users
-    retry at once and send many times that, which is what the bound below must tell apart."""
-    dead_db = f"postgresql://podserve@127.0.0.1:{free_port()}/none"  # nothing listens there
-    env = {"PODSERVE_DATABASE_URL": dead_db, "PODSERVE_DB_BREAKER_RESET_S": "1"}
+def test_users_back_off_as_retry_after_says(shedding_server, tmp_path: Path) -> None:
+    """Every entity request is answered 503 + Retry-After: 1. Honouring it, a user sends at
+    most one request per second; ignoring it (opt-out), users retry at once and send many
+    times that, which is what the bound below must tell apart."""
     users, seconds = 4, 3
     bound = users * (seconds + 1)  # one request per user per second, plus the first one
     weights = {"LOCUST_WEIGHTS": "tabular=0,v1=0,text=0,entity=1,jobs=0"}
-    with ServerProcess(model_repo, workers=1, env=env) as server:
-        polite = _run_locust(server.url, tmp_path, weights, users, seconds)
-        rude = _run_locust(server.url, tmp_path, {**weights, "LOCUST_HONOR_RETRY_AFTER": "0"},
-                           users, seconds)  # fmt: skip
+    url = shedding_server.url
+    polite = _run_locust(url, tmp_path, weights, users, seconds)
+    rude = _run_locust(url, tmp_path, {**weights, "LOCUST_HONOR_RETRY_AFTER": "0"}, users, seconds)
     name = "v2 infer by entity id"
     for rows in (polite, rude):  # every answer was the 503 (a failure in Locust's terms)
         assert rows[name]["Failure Count"] == rows[name]["Request Count"], rows[name]
