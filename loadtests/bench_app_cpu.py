@@ -6,11 +6,12 @@ loop and inference thread together) is divided by the request count, and so is t
 loop's own (the main thread's) CPU time. This isolates what podserve's own code costs per
 request (routing, parsing, validation, the thread hop to the inference pool, encoding,
 metrics) from what every uvicorn server pays, and it is far less noisy than an HTTP
-benchmark on a shared machine. To compare two versions of the code, run it twice with
-`PYTHONPATH=<checkout>/service`.
+benchmark on a shared machine. To compare two versions of the code, `--against` measures
+podserve from another checkout's `service/` directory too, in alternating fresh processes.
 
     .venv/bin/python -m loadtests.bench_app_cpu                 # tabular demo model
     .venv/bin/python -m loadtests.bench_app_cpu --requests 50000 --rounds 5
+    .venv/bin/python -m loadtests.bench_app_cpu --rounds 8 --against /tmp/old/service
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--against", type=Path, help="another checkout's service/ dir: its podserve is measured too"
+    )
     parser.add_argument("--kind", choices=["podserve", "constant"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.kind:  # one measurement, in a fresh process (see below)
@@ -116,7 +120,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     from podserve.demo_models import build_tabular
 
-    results: dict[str, list[tuple[float, float]]] = {"podserve": [], "constant": []}
+    # label -> (kind, PYTHONPATH prefix for that process)
+    systems = {"podserve": ("podserve", ""), "constant": ("constant", "")}
+    if args.against:
+        systems["against"] = ("podserve", str(args.against.resolve()))
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label in systems}
     with tempfile.TemporaryDirectory() as tmp:
         models, prom = Path(tmp, "models"), Path(tmp, "prometheus")
         models.mkdir()
@@ -127,18 +135,20 @@ def _compare(args: argparse.Namespace) -> int:
                "PODSERVE_SPOOL_DIR": f"{tmp}/spool",
                "PROMETHEUS_MULTIPROC_DIR": str(prom)}  # fmt: skip
         for _ in range(args.rounds):
-            for kind in results:
+            for label, (kind, path) in systems.items():
+                paths = [path, os.getcwd(), os.environ.get("PYTHONPATH", "")]
                 out = subprocess.run(
                     [sys.executable, "-m", "loadtests.bench_app_cpu", "--kind", kind,
                      "--requests", str(args.requests), "--concurrency", str(args.concurrency)],
-                    env=env, capture_output=True, text=True, timeout=600, check=False,
+                    env={**env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)},
+                    capture_output=True, text=True, timeout=600, check=False,
                 )  # fmt: skip
                 if out.returncode != 0:
                     print(out.stdout, out.stderr, file=sys.stderr)
                     return 1
                 cpu, loop_cpu = (float(v) for v in out.stdout.split()[:2])
-                results[kind].append((cpu, loop_cpu))
-                print(f"{kind:<9} {cpu:7.1f} us CPU per request, {loop_cpu:7.1f} us of it in "
+                results[label].append((cpu, loop_cpu))
+                print(f"{label:<9} {cpu:7.1f} us CPU per request, {loop_cpu:7.1f} us of it in "
                       "the event loop", flush=True)  # fmt: skip
     (pod, pod_loop), (const, const_loop) = (
         tuple(statistics.median(column) for column in zip(*results[k], strict=True))
@@ -146,6 +156,11 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(f"median: podserve {pod:.1f} us (loop {pod_loop:.1f}), bare FastAPI constant "
           f"{const:.1f} us (loop {const_loop:.1f}), ratio {pod / const:.2f}x")  # fmt: skip
+    if args.against:
+        against = results["against"]
+        old, old_loop = (statistics.median(column) for column in zip(*against, strict=True))
+        print(f"median: podserve from {args.against}: {old:.1f} us (loop {old_loop:.1f}); "
+              f"this checkout {pod:.1f} us = {pod / old:.3f}x")  # fmt: skip
     return 0
 
 

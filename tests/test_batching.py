@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from podserve.batcher import Batcher, BatchRecord, QueueBudget
-from podserve.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from podserve.errors import BadRequest, DeadlineExceeded, Overloaded, PayloadTooLarge
 from podserve.inference_pool import InferencePool
 from podserve.model_repository import ModelRepository, load_repository
 from podserve.onnx_model import OnnxModel, ThreadBudget
@@ -168,6 +168,63 @@ def test_failing_request_does_not_fail_its_batch_mates(repository: ModelReposito
     good = results[:3] + results[4:]
     for i, outcome in enumerate(good):
         np.testing.assert_array_equal(outcome.outputs["y"], np.full((1, 4), i * 2 + 1))
+
+
+def test_nonfinite_values_fail_only_their_requests_and_the_rest_run_as_one_batch(
+    repository: ModelRepository,
+) -> None:
+    """Online requests leave the NaN/Inf scan to the inference thread (one scan per batch):
+    a batch with bad values runs no session; the bad requests get their 400, the others run
+    together once, not each alone."""
+    model = repository.get("affine", "1")
+    goods = [{"x": np.full((1, 4), i, np.float32)} for i in range(6)]
+    bads = [
+        {"x": np.array([[1, np.nan, 2, 3]], np.float32)},
+        {"x": np.full((2, 4), np.inf, np.float32)},
+    ]
+    requests = goods[:1] + bads[:1] + goods[1:4] + bads[1:] + goods[4:]
+
+    async def scenario() -> tuple[list, list[BatchRecord]]:
+        records: list[BatchRecord] = []
+        batcher = Batcher(model, InferencePool(1), QueueBudget(100, 1), [records.append])
+        batcher.start()
+        validated = [model.validate(r, values=False) for r in requests]  # as the online path
+        results = await asyncio.gather(
+            *(batcher.submit(*v) for v in validated), return_exceptions=True
+        )
+        await batcher.stop()
+        return results, records
+
+    results, records = asyncio.run(scenario())
+    for request, result in zip(requests, results, strict=True):
+        if any(request is bad for bad in bads):
+            assert isinstance(result, BadRequest), result
+            assert "input 'x': NaN or Inf values are not allowed" in str(result)
+        else:
+            np.testing.assert_array_equal(result.outputs["y"], request["x"] * 2 + 1)
+    ran = [item.inputs["x"] for record in records for item in record.requests]
+    assert len(ran) == len(goods), "a good request ran twice, or a bad one ran"
+    assert all(np.isfinite(x).all() for x in ran)
+    assert max(len(record.requests) for record in records) > 1, "the good ones ran alone"
+
+
+def test_value_checks_run_at_validation_or_in_the_session_run(
+    repository: ModelRepository,
+) -> None:
+    model = repository.get("affine", "1")
+    bad = {"x": np.array([[0, 0, np.inf, 0]], np.float32)}
+    with pytest.raises(BadRequest, match="NaN or Inf"):
+        model.validate(bad)  # jobs: checked before they are stored
+    inputs, rows = model.validate(bad, values=False)
+    with pytest.raises(BadRequest, match="input 'x': NaN or Inf values are not allowed"):
+        model.run_batch([inputs], [rows])  # a batch of one raises the client's error itself
+
+
+def test_allow_nonfinite_lets_nan_through(model_repo: Path) -> None:
+    model = load_repository(model_repo, Settings(allow_nonfinite=True), THREADS).get("affine", "1")
+    inputs, rows = model.validate({"x": np.array([[np.nan, 1, np.inf, 2]], np.float32)})
+    y = model.run_batch([inputs, inputs], [rows, rows]).outputs[1]["y"]
+    assert np.isnan(y[0, 0]) and np.isinf(y[0, 2]) and y[0, 1] == 3
 
 
 def test_waits_for_more_rows_only_while_the_pool_is_busy(model_repo: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from podserve.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
 from podserve.inference_pool import ONLINE, InferencePool
-from podserve.onnx_model import BatchResult, OnnxModel
+from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
 from podserve.processors import Tensors
 
 
@@ -212,13 +212,17 @@ class Batcher:
     async def _run(self, batch: list[PendingRequest]) -> None:
         started = time.perf_counter()
         start_ns = time.time_ns()
-        rows = [item.rows for item in batch]
         result: BatchResult | None = None
         error: BaseException | None = None
         try:
-            result = await self.pool.run_in_slot(
-                self.model.run_batch, [item.inputs for item in batch], rows
-            )
+            try:
+                result = await self._run_session(batch)
+            except RejectedRequests as rejected:  # answer those; the others run as a batch
+                batch = self._answer_rejected(batch, rejected, started)
+                if not batch:
+                    self.pool.release()
+                    return
+                result = await self._run_session(batch)
         except Exception as exc:
             error = exc
         if error is not None and len(batch) > 1:
@@ -233,6 +237,19 @@ class Batcher:
         record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
         for observer in self.observers:
             observer(record)
+
+    async def _run_session(self, batch: list[PendingRequest]) -> BatchResult:
+        return await self.pool.run_in_slot(
+            self.model.run_batch, [item.inputs for item in batch], [item.rows for item in batch]
+        )
+
+    def _answer_rejected(
+        self, batch: list[PendingRequest], rejected: RejectedRequests, started: float
+    ) -> list[PendingRequest]:
+        """Fail the requests whose values the model refused; return the others."""
+        for index, error in rejected.errors.items():
+            self._resolve([batch[index]], None, error, started)
+        return [item for index, item in enumerate(batch) if index not in rejected.errors]
 
     async def _run_alone(self, batch: list[PendingRequest], started: float) -> None:
         for item in batch:

@@ -47,7 +47,7 @@ async def predict(
     runtime = runtime_of(request)
     await simulated_features(ctx.timings)  # benchmark aid, off unless PODSERVE_SIMULATED_IO_MS
     with ctx.timings.measure("parse"):
-        inputs, rows = model.validate(inputs, datatypes)
+        inputs, rows = model.validate(inputs, datatypes, values=False)  # values: in run_batch
         timeout = request_headers(request.scope).get(TIMEOUT_HEADER)
         deadline = runtime.deadline(ctx.started, timeout)
     ctx.model, ctx.rows, ctx.queue_rows = model, rows, runtime.queued_rows

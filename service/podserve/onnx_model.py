@@ -40,6 +40,18 @@ class BatchResult:
     postprocess_s: float
 
 
+class RejectedRequests(Exception):
+    """Some requests of a batch hold values the model must not see (NaN, Inf); nothing ran.
+
+    `errors` maps each such request's index in the batch to its client error; the batcher
+    answers those and runs the others as one batch. A batch of one raises the error itself.
+    """
+
+    def __init__(self, errors: dict[int, BadRequest]) -> None:
+        super().__init__(f"{len(errors)} request(s) of the batch rejected")
+        self.errors = errors
+
+
 def _dim(value: object) -> int:
     """ORT reports dynamic dims as None or a symbolic name: both become -1."""
     return value if isinstance(value, int) and value >= 0 else -1
@@ -97,6 +109,11 @@ class OnnxModel:
         self.allow_nonfinite = default_allow_nonfinite if nonfinite is None else nonfinite
         self.max_rows_per_request = max_rows_per_request
         self._input_by_name = {spec.name: spec for spec in self.inputs}
+        self._finite_inputs = [
+            spec.name
+            for spec in self.inputs
+            if spec.datatype in FLOAT_TYPES and not self.allow_nonfinite
+        ]
         self._output_names = {spec.name for spec in self.outputs}
 
     # --- construction helpers ------------------------------------------------------
@@ -129,15 +146,22 @@ class OnnxModel:
 
     # --- per-request checks (event loop; cheap) ------------------------------------
     def validate(
-        self, inputs: Tensors, datatypes: dict[str, str] | None = None
+        self, inputs: Tensors, datatypes: dict[str, str] | None = None, values: bool = True
     ) -> tuple[Tensors, int]:
-        """Check names, datatypes, shapes and values; return the inputs and their row count."""
+        """Check names, datatypes, shapes and (unless `values` is false) values; return the
+        inputs and their row count.
+
+        Online requests pass `values=False`: scanning every element is CPU work that grows
+        with the payload, so the inference thread does it once per batch (run_batch).
+        """
         self._check_names(inputs)
         rows: set[int] = set()
         for name, array in inputs.items():
             spec = self._input_by_name[name]
             self._check_datatype(spec, (datatypes or {}).get(name))
             rows.add(self._check_tensor(spec, array))
+        if values:
+            self._check_values(inputs)
         if len(rows) != 1:
             raise BadRequest(f"inputs disagree on the batch dimension: {sorted(rows)}")
         count = rows.pop()
@@ -184,10 +208,12 @@ class OnnxModel:
                     f"input '{spec.name}': dim {axis} is {got}, model expects {want} "
                     f"(model shape {spec.shape})"
                 )
-        finite_only = spec.datatype in FLOAT_TYPES and not self.allow_nonfinite
-        if finite_only and not np.isfinite(array).all():
-            raise BadRequest(f"input '{spec.name}': NaN or Inf values are not allowed")
         return int(array.shape[0]) if array.ndim else 1
+
+    def _check_values(self, inputs: Tensors) -> None:
+        for name in self._finite_inputs:
+            if not np.isfinite(inputs[name]).all():
+                raise BadRequest(f"input '{name}': NaN or Inf values are not allowed")
 
     def batch_key(self, inputs: Tensors) -> tuple:
         """Requests can share a batch only if all non-batch dims agree (tokens pad anyway)."""
@@ -216,11 +242,31 @@ class OnnxModel:
         return [spec.name for spec in self.model_outputs]
 
     def _feed(self, batch: Sequence[Tensors]) -> Tensors:
+        """The session's inputs for the batch, after the value checks `validate` left out."""
         if self.preprocessor:
+            self._reject_bad_values(batch)  # before the processor sees them
             return self.preprocessor(batch)
         if len(batch) == 1:
-            return dict(batch[0])
-        return {name: np.concatenate([r[name] for r in batch]) for name in batch[0]}
+            feed = dict(batch[0])
+        else:
+            feed = {name: np.concatenate([r[name] for r in batch]) for name in batch[0]}
+        if not all(np.isfinite(feed[name]).all() for name in self._finite_inputs):
+            self._reject_bad_values(batch)  # one scan per input found a bad value: whose?
+        return feed
+
+    def _reject_bad_values(self, batch: Sequence[Tensors]) -> None:
+        if not self._finite_inputs:
+            return
+        errors: dict[int, BadRequest] = {}
+        for index, inputs in enumerate(batch):
+            try:
+                self._check_values(inputs)
+            except BadRequest as exc:
+                errors[index] = exc
+        if errors and len(batch) == 1:
+            raise errors[0]
+        if errors:
+            raise RejectedRequests(errors)
 
     def _split(self, outputs: Tensors, rows: Sequence[int]) -> list[Tensors]:
         if len(rows) == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,20 @@ def test_ab_bench_alternates_the_variants_and_reports_medians() -> None:
     assert float(rows["base"][1]) > 0 and rows["base"][-1] == "0", done.stdout  # req/s, no fail
     # One queued row per worker: 16 clients get 503s, so the variant's setting reached it.
     assert float(rows["tight"][-1]) > 0, done.stdout
+
+
+def test_app_cpu_bench_measures_the_other_checkout_too(tmp_path: Path) -> None:
+    """`--against DIR` runs podserve imported from DIR (a copy that leaves a mark when imported)."""
+    other = tmp_path / "service"
+    shutil.copytree(ROOT / "service" / "podserve", other / "podserve")
+    mark = tmp_path / "imported-from-the-copy"
+    with (other / "podserve" / "__init__.py").open("a") as init:
+        init.write(f"\nfrom pathlib import Path as _P\n_P({str(mark)!r}).touch()\n")
+    cmd = [sys.executable, "-m", "loadtests.bench_app_cpu", "--requests", "400", "--rounds", "1",
+           "--against", str(other)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    labels = [line.split()[0] for line in done.stdout.splitlines() if "us CPU per request" in line]
+    assert labels == ["podserve", "constant", "against"], done.stdout
+    assert mark.exists(), "the --against process did not import podserve from the copy"
+    assert f"median: podserve from {other}:" in done.stdout, done.stdout
