@@ -215,16 +215,12 @@ class Batcher:
         result: BatchResult | None = None
         error: BaseException | None = None
         try:
-            try:
-                result = await self._run_session(batch)
-            except RejectedRequests as rejected:  # answer those; the others run as a batch
-                batch = self._answer_rejected(batch, rejected, started)
-                if not batch:
-                    self.pool.release()
-                    return
-                result = await self._run_session(batch)
+            result = await self._run_valid(batch, started)
         except Exception as exc:
             error = exc
+        if not batch:  # every request was rejected for its values: no session ran
+            self.pool.release()
+            return
         if error is not None and len(batch) > 1:
             # One bad request must not fail its batch-mates: rerun each alone.
             try:
@@ -238,25 +234,26 @@ class Batcher:
         for observer in self.observers:
             observer(record)
 
+    async def _run_valid(self, batch: list[PendingRequest], started: float) -> BatchResult | None:
+        """One session run for the batch. Requests whose values the model refuses (NaN, Inf)
+        are answered with their error and removed from `batch`; the others run as one."""
+        try:
+            return await self._run_session(batch)
+        except RejectedRequests as rejected:
+            for index, error in rejected.errors.items():
+                self._resolve([batch[index]], None, error, started)
+            batch[:] = [item for index, item in enumerate(batch) if index not in rejected.errors]
+            return await self._run_session(batch) if batch else None
+
     async def _run_session(self, batch: list[PendingRequest]) -> BatchResult:
         return await self.pool.run_in_slot(
             self.model.run_batch, [item.inputs for item in batch], [item.rows for item in batch]
         )
 
-    def _answer_rejected(
-        self, batch: list[PendingRequest], rejected: RejectedRequests, started: float
-    ) -> list[PendingRequest]:
-        """Fail the requests whose values the model refused; return the others."""
-        for index, error in rejected.errors.items():
-            self._resolve([batch[index]], None, error, started)
-        return [item for index, item in enumerate(batch) if index not in rejected.errors]
-
     async def _run_alone(self, batch: list[PendingRequest], started: float) -> None:
         for item in batch:
             try:
-                result = await self.pool.run_in_slot(
-                    self.model.run_batch, [item.inputs], [item.rows]
-                )
+                result = await self._run_session([item])
             except Exception as exc:
                 self._resolve([item], None, exc, started)
             else:
