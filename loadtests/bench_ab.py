@@ -14,13 +14,20 @@ share of it. The load generator and the measurement are loadtests.bench's own
 Overload: `--concurrency 1024` (more clients than the queues hold) shows what clients that
 retry a 503 at once do to goodput; add `--honor-retry-after` for clients that wait as told.
 The `fail` column counts the 503s.
+
+Medians alone mislead on a noisy machine (a few ms of one p99 move between rounds), so each
+variant is also compared with the first one round by round: in how many rounds it was
+better, the two-sided sign-test p-value of that count, and the median of the per-round
+ratios. "better in 6 of 6 rounds, p 0.03" is a finding; "4 of 6, p 0.69" is noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -46,6 +53,42 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, assignments = text.partition(":")
     env = dict(item.split("=", 1) for item in assignments.split(",") if item)
     return name, env
+
+
+# Paired comparisons: (label, Sample field, True when higher is better).
+PAIRED = (
+    ("req/s", "throughput", True),
+    ("p99", "p99", False),
+    ("io p99", "io_p99", False),
+    ("cpu ms/req", "cpu_ms_per_request", False),
+)
+
+
+def sign_test_p(wins: int, rounds: int) -> float:
+    """Two-sided sign test: how likely `wins` or a count as far from rounds/2 is by chance."""
+    if rounds == 0:
+        return 1.0
+    extreme = min(wins, rounds - wins)
+    tail = sum(math.comb(rounds, k) for k in range(extreme + 1)) / 2**rounds
+    return min(1.0, 2 * tail)
+
+
+def paired_summary(base: Sequence[Sample], other: Sequence[Sample]) -> str:
+    """`other` against `base`, round by round (round i of one with round i of the other)."""
+    cells = []
+    for label, key, higher_is_better in PAIRED:
+        pairs = [
+            (getattr(b, key), getattr(o, key))
+            for b, o in zip(base, other, strict=True)
+            if getattr(b, key) is not None and getattr(o, key) is not None and getattr(b, key) > 0
+        ]
+        if not pairs:
+            continue
+        wins = sum((o > b) if higher_is_better else (o < b) for b, o in pairs)
+        ratio = statistics.median(o / b for b, o in pairs)
+        p = sign_test_p(wins, len(pairs))
+        cells.append(f"{label} x{ratio:.3f}, better in {wins}/{len(pairs)} (p {p:.2f})")
+    return "; ".join(cells)
 
 
 def _row(name: str, sample: Sample) -> str:
@@ -118,6 +161,11 @@ def main() -> int:
             if key not in ("phase_means", "statuses")
         }, phase_means={}, statuses={})  # fmt: skip
         print(_row(name, median))
+    names = list(samples)
+    if len(names) > 1:
+        print(f"\nround by round against {names[0]} (median ratio; rounds better; sign test)")
+        for name in names[1:]:
+            print(f"{name:<14} {paired_summary(samples[names[0]], samples[name])}")
     return 0
 
 

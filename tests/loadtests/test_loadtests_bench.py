@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtests import bench_report
+from loadtests import bench_ab, bench_measure, bench_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +101,8 @@ def test_ab_bench_alternates_the_variants_and_reports_medians() -> None:
            "--variant", "base:", "--variant", "tight:PODSERVE_MAX_QUEUE_ROWS=1"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rounds, _, medians = done.stdout.partition("medians over the rounds")
+    rounds, _, rest = done.stdout.partition("medians over the rounds")
+    medians, _, paired = rest.partition("round by round against base")
     order = [line.split()[0] for line in rounds.splitlines()[1:] if line.strip()]
     assert order == ["base", "tight", "tight", "base"], done.stdout  # interleaved
     rows = {line.split()[0]: line.split() for line in medians.splitlines()[2:] if line.strip()}
@@ -109,6 +110,38 @@ def test_ab_bench_alternates_the_variants_and_reports_medians() -> None:
     assert float(rows["base"][1]) > 0 and rows["base"][-1] == "0", done.stdout  # req/s, no fail
     # One queued row per worker: 16 clients get 503s, so the variant's setting reached it.
     assert float(rows["tight"][-1]) > 0, done.stdout
+    # Round by round, the variant that shed most requests was slower in both rounds.
+    assert paired.splitlines()[1].startswith("tight          req/s x0."), done.stdout
+    assert "better in 0/2 (p 0.50)" in paired, done.stdout
+
+
+def test_sign_test_p_values() -> None:
+    assert bench_ab.sign_test_p(6, 6) == bench_ab.sign_test_p(0, 6) == 2 / 64
+    assert bench_ab.sign_test_p(5, 6) == 2 * 7 / 64
+    assert bench_ab.sign_test_p(3, 6) == 1.0
+    assert bench_ab.sign_test_p(0, 0) == 1.0
+
+
+def _sample(throughput: float, io_p99: float | None) -> bench_measure.Sample:
+    return bench_measure.Sample(
+        throughput=throughput, p50=1.0, p95=1.0, p99=10.0, io_p50=None, io_p99=io_p99,
+        infer_p50=None, infer_p99=None, phase_means={}, latency_mean=1.0, server_cpu=100.0,
+        client_cpu=1.0, cpu_ms_per_request=1.0, failures=0, requests=100, load1=0.0,
+    )  # fmt: skip
+
+
+def test_paired_summary_counts_rounds_where_the_variant_was_better() -> None:
+    base = [_sample(100, 8.0), _sample(200, 8.0), _sample(100, 8.0), _sample(100, 8.0)]
+    # Faster in 3 of 4 rounds (one slower round), I/O p99 lower in every round.
+    other = [_sample(110, 6.0), _sample(180, 7.0), _sample(120, 4.0), _sample(130, 6.0)]
+    summary = bench_ab.paired_summary(base, other)
+    cells = dict(cell.split(" x", 1) for cell in summary.split("; "))
+    assert cells["req/s"] == "1.150, better in 3/4 (p 0.62)", summary  # ratios .9 1.1 1.2 1.3
+    assert cells["io p99"] == "0.750, better in 4/4 (p 0.12)", summary  # .75 .875 .5 .75
+    assert cells["p99"] == "1.000, better in 0/4 (p 0.12)", summary  # ties are not wins
+    # A field no round has (the tabular model has no I/O phase) is left out, not divided by.
+    no_io = bench_ab.paired_summary([_sample(100, None)], [_sample(100, None)])
+    assert "io p99" not in no_io and no_io.startswith("req/s x1.000, better in 0/1"), no_io
 
 
 def test_app_cpu_bench_measures_the_other_checkout_too(tmp_path: Path) -> None:
