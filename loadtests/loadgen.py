@@ -28,6 +28,7 @@ class RunResult:
     statuses: Counter = field(default_factory=Counter)
     server_timings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    reconnects: int = 0  # answers with `Connection: close`, followed by a new connection
 
     @property
     def ok(self) -> int:
@@ -66,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.timing = ""
         self.retry_after: float | None = None  # seconds, from the last answer's Retry-After
+        self.close_after = False  # the last answer said `Connection: close`
         self.lost: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,7 +102,7 @@ class _Connection(asyncio.Protocol):
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         self.status = int(lines[0].split(b" ", 2)[1])
-        self.length, self.timing, self.retry_after = 0, "", None
+        self.length, self.timing, self.retry_after, self.close_after = 0, "", None, False
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             key = name.strip().lower()
@@ -110,6 +112,8 @@ class _Connection(asyncio.Protocol):
                 self.timing = value.strip().decode()
             elif key == b"retry-after" and value.strip().isdigit():  # delay-seconds only
                 self.retry_after = float(value)
+            elif key == b"connection" and b"close" in value.lower():
+                self.close_after = True  # the server closes once answered: reconnect
 
 
 async def _open(host: str, port: int) -> _Connection:
@@ -142,25 +146,29 @@ async def closed_loop(
     cpu_start, start = time.process_time(), time.perf_counter()
     deadline = start + duration_s
 
-    async def user(conn: _Connection) -> None:
+    async def user(slot: int) -> None:
         nonlocal sent
         while sent < max_requests and time.perf_counter() < deadline:
             sent += 1
+            conn = connections[slot]
             begin = time.perf_counter()
             try:
                 status, timing = await asyncio.wait_for(conn.send(request), timeout_s)
             except (OSError, TimeoutError) as exc:
                 result.errors.append(repr(exc))
-                conn = await _reopen(conn, host, port, result)
+                connections[slot] = await _reopen(conn, host, port, result)
                 continue
             result.latencies.append(time.perf_counter() - begin)
             result.statuses[status] += 1
             if status == 200:
                 result.server_timings.append(timing)
-            elif honor_retry_after and status in (429, 503) and conn.retry_after:
+            if conn.close_after:  # as any HTTP/1.1 client does; not an error
+                result.reconnects += 1
+                connections[slot] = await _reopen(conn, host, port, result)
+            if honor_retry_after and status in (429, 503) and conn.retry_after:
                 await asyncio.sleep(min(conn.retry_after, deadline - time.perf_counter()))
 
-    await asyncio.gather(*(user(conn) for conn in connections))
+    await asyncio.gather(*(user(slot) for slot in range(concurrency)))
     result.elapsed_s = time.perf_counter() - start
     result.client_cpu_s = time.process_time() - cpu_start
     for conn in connections:

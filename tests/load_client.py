@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ async def closed_loop(
             result.workers[worker] += 1
             stream = response.extensions.get("network_stream")
             if stream is not None:
-                result.connections.add((worker, stream.get_extra_info("client_addr")[1]))
+                with contextlib.suppress(OSError):  # closed on `Connection: close` already
+                    result.connections.add((worker, stream.get_extra_info("client_addr")[1]))
             if "retry-after" in response.headers:
                 result.retry_after.add(response.headers["retry-after"])
             if response.status_code == 200:

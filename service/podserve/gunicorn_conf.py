@@ -6,7 +6,9 @@ Usable directly: `gunicorn -c python:podserve.gunicorn_conf 'podserve.app:create
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 from podserve.logs import gunicorn_logconfig_dict
@@ -37,8 +39,44 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "proc_name": "podserve",
         "forwarded_allow_ips": "*",
         **_optional_settings(),
-        **_metrics_hooks(settings),
+        **chain_hooks(_metrics_hooks(settings), _balance_hooks(settings)),
     }
+
+
+def chain_hooks(*hook_sets: dict[str, Any]) -> dict[str, Any]:
+    """One Gunicorn hook per name, calling each set's hook of that name in order."""
+    grouped: dict[str, list[Callable[..., None]]] = {}
+    for hooks in hook_sets:
+        for name, hook in hooks.items():
+            grouped.setdefault(name, []).append(hook)
+    return {
+        name: calls[0] if len(calls) == 1 else _chained(calls) for name, calls in grouped.items()
+    }
+
+
+def _chained(calls: list[Callable[..., None]]) -> Callable[..., None]:
+    """Gunicorn checks a hook's arity (server) or (server, worker): no *args wrapper."""
+    if len(inspect.signature(calls[0]).parameters) == 1:
+
+        def on_server(server: Any) -> None:
+            for call in calls:
+                call(server)
+
+        return on_server
+
+    def on_worker(server: Any, worker: Any) -> None:
+        for call in calls:
+            call(server, worker)
+
+    return on_worker
+
+
+def _balance_hooks(settings: Settings) -> dict[str, Any]:
+    """pre_fork / child_exit: the shared table of per-worker connection counts (counted
+    for the metrics even with PODSERVE_BALANCE_CONNECTIONS=false)."""
+    from podserve.connection_balance import gunicorn_hooks
+
+    return gunicorn_hooks(resolve_workers(settings))
 
 
 def _metrics_hooks(settings: Settings) -> dict[str, Any]:

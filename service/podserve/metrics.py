@@ -38,6 +38,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from podserve import connection_balance
 from podserve.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,14 @@ class Metrics:
         self.log_write_errors = Counter(
             "podserve_prediction_log_write_errors", "Failed prediction-log writes", registry=r
         )
+        self.open_connections = gauge(
+            "podserve_open_connections", "Client connections open (HTTP keep-alive included)"
+        )
+        self.connections_rebalanced = Counter(
+            "podserve_connections_rebalanced",
+            "Connections a worker above its share closed after a response, to even out workers",
+            registry=r,
+        )
         self._histograms = {
             id(self.request_duration): ("podserve_request_duration_seconds", REQUEST_BUCKETS),
             id(self.phase_duration): ("podserve_phase_duration_seconds", PHASE_BUCKETS),
@@ -389,7 +398,15 @@ class Metrics:
         self.pool_busy.set(runtime.pool.busy)
         self.pool_threads.set(runtime.pool.capacity)
         self._refresh_database(runtime)
+        self._refresh_connections()
         self.workers.set(1)  # last: a worker counts once its other gauges are written
+
+    def _refresh_connections(self) -> None:
+        balancer = connection_balance.active_balancer()  # None outside Gunicorn
+        if balancer is None:
+            return
+        self.open_connections.set(balancer.open)
+        self._advance("rebalanced", self.connections_rebalanced, balancer.closed_for_balance)
 
     def _refresh_database(self, runtime: Any) -> None:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.

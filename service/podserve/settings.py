@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     keepalive_s: float = Field(75.0, gt=0, description="> typical LB idle timeout (60 s)")
     max_requests: int = Field(0, ge=0, description="recycle a worker after N requests; 0 = never")
     expose_worker_id: bool = False
+    balance_connections: bool = Field(
+        True, description="close surplus keep-alive connections of a worker above its share"
+    )
     docs_enabled: bool = True
     log_level: str = "info"
     access_log: bool = False

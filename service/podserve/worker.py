@@ -3,14 +3,16 @@
 Load spreading: with one shared listening socket, keep-alive connections pile onto
 whichever worker accepts first (measured: 99.9% / 0.1% CPU split at concurrency 8).
 Gunicorn >= 23 with `reuse_port` gives each worker its own SO_REUSEPORT socket, created
-after fork, so the kernel spreads new connections evenly; gunicorn_conf turns it on and
-tests/test_load_spread.py checks the split.
+after fork, so the kernel spreads new connections by a hash; gunicorn_conf turns it on.
+The hash splits a few keep-alive connections unevenly; connection_balance.py evens them
+out. tests/test_under_load.py checks the split.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from types import FrameType
 from typing import Any
@@ -19,14 +21,20 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from podserve import lifecycle
+from podserve import connection_balance, lifecycle
 from podserve.header_guard import guarded_protocol
 from podserve.settings import get_settings
 
 
 class DrainingServer(Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:  # models loaded, sockets served: take a share of connections
+            connection_balance.set_serving(True)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         lifecycle.begin_draining()  # readiness says no at once
+        connection_balance.set_serving(False)
         super().handle_exit(sig, frame)
 
 
@@ -60,6 +68,7 @@ class PodserveWorker(UvicornWorker):
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
+        self._balance_connections()
         server = DrainingServer(config=self.config)
         self._install_sigquit_handler()
         try:
@@ -72,6 +81,15 @@ class PodserveWorker(UvicornWorker):
             # thread pools abort the process there, and Gunicorn would read SIGABRT as a
             # crash and reboot the worker forever instead of halting with the boot error.
             _exit_boot_error()
+
+    def _balance_connections(self) -> None:
+        """After fork: count this worker's connections in its slot, close surplus ones if on."""
+        slot, base = getattr(self, "podserve_slot", None), self.config.http
+        if slot is None or not hasattr(base, "on_headers_complete"):  # h11: no per-request hook
+            return
+        balanced = connection_balance.install(base, slot, get_settings().balance_connections)
+        if balanced is not None:
+            self.config.http = balanced
 
 
 def _exit_boot_error() -> None:

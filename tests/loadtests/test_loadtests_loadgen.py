@@ -96,3 +96,30 @@ def test_simulated_io_is_off_by_default_and_recorded_as_features(monkeypatch) ->
     finally:
         get_settings.cache_clear()
     assert 0.005 <= timings.durations["features"] < 0.5
+
+
+def test_closed_loop_reconnects_after_connection_close() -> None:
+    """A server that answers `Connection: close` and hangs up (as podserve does to even out
+    its workers' connections): every answer counts, each is followed by a new connection,
+    and none is an error."""
+    accepted = 0
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> object:
+        server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        request = encode_request("GET", "127.0.0.1", port, "/")
+        async with server:
+            return await closed_loop("127.0.0.1", port, request, 3, 5.0, max_requests=30)
+
+    result = asyncio.run(run())
+    assert result.errors == [] and result.statuses == {200: 30}, result
+    assert result.reconnects == 30
+    assert accepted >= 30  # a new connection for every request after the first three

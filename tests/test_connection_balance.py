@@ -1,0 +1,231 @@
+"""Keep-alive connections evened out across workers (connection_balance.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import orjson
+import psutil
+import pytest
+from gunicorn.config import Config
+
+from podserve.connection_balance import (
+    FREE,
+    NOT_SERVING,
+    ConnectionBalancer,
+    ConnectionTable,
+    gunicorn_hooks,
+)
+from podserve.gunicorn_conf import chain_hooks
+from server_process import ServerProcess
+
+AFFINE = orjson.dumps(
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+)
+
+
+def test_fair_share_counts_live_workers_only() -> None:
+    table = ConnectionTable(6)
+    assert table.fair_share() is None  # no worker
+    a, b, c = table.claim(), table.claim(), table.claim()
+    assert len({a, b, c}) == 3
+    table.publish(a, 21)
+    table.publish(b, 11)
+    table.release(c)  # a dead worker's slot does not count
+    assert table.fair_share() == 16
+    table.publish(b, 12)
+    assert table.fair_share() == 17  # ceil(33 / 2)
+    table.release(b)
+    assert table.fair_share() is None  # one worker: nothing to balance
+
+
+def test_a_full_table_says_so() -> None:
+    table = ConnectionTable(2)
+    table.claim(), table.claim()
+    with pytest.raises(RuntimeError, match="no free"):
+        table.claim()
+
+
+def test_balancer_closes_only_its_surplus_and_counts_closing_ones_out() -> None:
+    table = ConnectionTable(4)
+    busy = ConnectionBalancer(table, table.claim())
+    idle = ConnectionBalancer(table, table.claim())
+    busy.set_serving(True), idle.set_serving(True)
+    for _ in range(21):
+        busy.opened()
+    for _ in range(11):
+        idle.opened()
+    decisions = [busy.should_close() for _ in range(21)]
+    # 21 vs 11: the share is 16 (closed connections come back, so they still count in the
+    # total); the busy worker closes its 5 surplus ones and then keeps the rest.
+    assert decisions[:5] == [True] * 5 and not any(decisions[5:]), decisions
+    assert busy.staying == 16 and busy.open == 21 and busy.closed_for_balance == 5
+    assert not any(idle.should_close() for _ in range(11))  # under its share: never
+    for _ in range(5):
+        busy.lost(was_closing=True)  # the told connections go...
+    for _ in range(3):
+        idle.opened()  # ...and come back: 3 of them to the other worker
+    busy.opened(), busy.opened()
+    assert (busy.open, busy.staying, idle.open) == (18, 18, 14)
+    assert [busy.should_close() for _ in range(3)] == [True, True, False]  # share 16 again
+    assert not idle.should_close()
+
+
+def test_a_disabled_balancer_counts_but_never_closes() -> None:
+    table = ConnectionTable(4)
+    busy = ConnectionBalancer(table, table.claim(), enabled=False)
+    other = ConnectionBalancer(table, table.claim())
+    busy.set_serving(True), other.set_serving(True), other.opened()
+    for _ in range(9):
+        busy.opened()
+    assert not any(busy.should_close() for _ in range(9))
+    assert table.fair_share() == 5 and busy.closed_for_balance == 0
+
+
+def test_starting_and_draining_workers_are_out_of_the_share() -> None:
+    """A worker loading its models must not draw connections (they would wait for it), and
+    one that drains must not make the others close theirs."""
+    table = ConnectionTable(4)
+    busy = ConnectionBalancer(table, table.claim())
+    starting = ConnectionBalancer(table, table.claim())
+    busy.set_serving(True)
+    for _ in range(8):
+        busy.opened()
+    assert table.fair_share() is None and not busy.should_close()  # alone in the share
+    starting.opened()  # a probe reaches it before its start-up is done: still out
+    assert table.fair_share() is None and not starting.should_close()
+    starting.set_serving(True)
+    assert table.fair_share() == 5 and busy.should_close()  # ceil(9 / 2): 8 is 3 over
+    starting.set_serving(False)  # draining
+    assert table.fair_share() is None and not busy.should_close()
+    starting.lost(was_closing=False)
+    assert table._counts[starting.slot] == NOT_SERVING  # its closing connections stay out
+
+
+def test_table_is_shared_with_forked_workers() -> None:
+    table = ConnectionTable(4)
+    parent, child = table.claim(), table.claim()
+    table.publish(parent, 3)
+    pid = os.fork()
+    if pid == 0:  # the worker: publish into its slot, then leave without cleanup
+        table.publish(child, 9)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert table.fair_share() == 6  # ceil((3 + 9) / 2): the child's store is visible here
+
+
+def test_hooks_hand_out_and_take_back_slots() -> None:
+    import podserve.connection_balance as balance
+
+    hooks = gunicorn_hooks(workers=2)
+    hooks["on_starting"](None)
+    table = balance._table
+    assert table is not None
+
+    class Worker:
+        pass
+
+    first, second = Worker(), Worker()
+    hooks["pre_fork"](None, first)
+    hooks["pre_fork"](None, second)
+    assert {first.podserve_slot, second.podserve_slot} == {0, 1}
+    hooks["child_exit"](None, first)
+    assert table._counts[first.podserve_slot] == FREE
+    hooks["pre_fork"](None, Worker())  # a replacement reuses the freed slot
+    assert table._counts[first.podserve_slot] == NOT_SERVING  # until its start-up is done
+
+
+def test_chained_hooks_call_each_in_order_with_gunicorns_arity() -> None:
+    calls: list[str] = []
+    chained = chain_hooks(
+        {"on_starting": lambda s: calls.append("a"), "child_exit": lambda s, w: calls.append("a")},
+        {"child_exit": lambda s, w: calls.append("b")},
+    )
+    chained["on_starting"](None)
+    chained["child_exit"](None, None)
+    assert calls == ["a", "a", "b"]
+    config = Config()
+    config.set("child_exit", chained["child_exit"])  # Gunicorn validates the arity
+    config.set("on_starting", chained["on_starting"])
+    assert len(inspect.signature(chained["child_exit"]).parameters) == 2
+
+
+def _connections_per_worker(server: ServerProcess) -> list[int]:
+    assert server.proc is not None
+    counts = []
+    for worker in psutil.Process(server.proc.pid).children():
+        established = [
+            conn
+            for conn in worker.net_connections("tcp")
+            if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == server.port
+        ]
+        counts.append(len(established))
+    return sorted(counts)
+
+
+async def _load(server: ServerProcess, connections: int, requests_each: int) -> dict:
+    """`connections` users, one keep-alive connection each; httpx reconnects on close."""
+    seen: dict = {"statuses": Counter(), "closes": 0}
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30)
+            )
+            for _ in range(connections)
+        ]
+
+        async def user(client: httpx.AsyncClient) -> None:
+            for _ in range(requests_each):
+                response = await client.post(
+                    "/v2/models/affine/infer",
+                    content=AFFINE,
+                    headers={"content-type": "application/json"},
+                )
+                seen["statuses"][response.status_code] += 1
+                seen["closes"] += response.headers.get("connection") == "close"
+                assert response.json()["outputs"][0]["data"], response.text  # answered whole
+            for _ in range(5):  # hold a connection again, as a pool does
+                if response.headers.get("connection") != "close":
+                    break
+                response = await client.get("/v2/health/live")
+
+        await asyncio.gather(*(user(client) for client in clients))
+        seen["split"] = _connections_per_worker(server)  # every user's connection, still open
+        await asyncio.sleep(1.5)  # each worker writes its connection gauges once a second
+        scrape = await clients[0].get("/metrics")
+        seen["metrics"] = {
+            name: float(line.split()[-1])
+            for line in scrape.text.splitlines()
+            for name in ("podserve_open_connections", "podserve_connections_rebalanced_total")
+            if line.startswith(name + " ")
+        }
+    return seen
+
+
+def test_keepalive_connections_even_out_across_workers(model_repo: Path) -> None:
+    # Unbalanced, the kernel's hash gives 32 connections a 16/16 split 14% of the time.
+    with ServerProcess(model_repo, workers=2) as server:
+        seen = asyncio.run(_load(server, 32, 60))
+    assert set(seen["statuses"]) == {200}, seen
+    assert sum(seen["split"]) == 32 and seen["split"][1] - seen["split"][0] <= 1, seen
+    assert seen["closes"] < 32, seen  # only surplus connections were closed, not all
+    assert seen["metrics"]["podserve_connections_rebalanced_total"] == seen["closes"], seen
+    assert 32 <= seen["metrics"]["podserve_open_connections"] <= 33, seen  # +1: a probe's
+
+
+def test_balancing_off_never_closes_a_connection(model_repo: Path) -> None:
+    env = {"PODSERVE_BALANCE_CONNECTIONS": "false"}
+    with ServerProcess(model_repo, workers=2, env=env) as server:
+        seen = asyncio.run(_load(server, 32, 30))
+    assert set(seen["statuses"]) == {200} and seen["closes"] == 0, seen
+    assert sum(seen["split"]) == 32, seen
+    assert seen["metrics"]["podserve_connections_rebalanced_total"] == 0, seen
+    assert 32 <= seen["metrics"]["podserve_open_connections"] <= 33, seen  # still counted
