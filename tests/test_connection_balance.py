@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import inspect
 import os
+import socket
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -229,3 +231,30 @@ def test_balancing_off_never_closes_a_connection(model_repo: Path) -> None:
     assert sum(seen["split"]) == 32, seen
     assert seen["metrics"]["podserve_connections_rebalanced_total"] == 0, seen
     assert 32 <= seen["metrics"]["podserve_open_connections"] <= 33, seen  # still counted
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {
+        line.split()[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("podserve_open_connections ")
+    }
+
+
+def test_websocket_upgrades_are_answered_as_before_and_not_left_counted(model_repo: Path) -> None:
+    """An upgrade request makes no HTTP cycle and hands the connection to uvicorn's
+    WebSocket protocol: the balancer must neither break it nor keep counting it."""
+    upgrade = (
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    with ServerProcess(model_repo, workers=2) as server:
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(upgrade)
+                answer = sock.recv(200)
+            assert answer.startswith(b"HTTP/1.1 403"), answer  # no WebSocket route: refused
+        time.sleep(1.5)  # the workers write their connection gauges once a second
+        assert _scrape(server.url)["podserve_open_connections"] <= 1  # a scrape's own

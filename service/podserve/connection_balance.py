@@ -115,19 +115,31 @@ def balanced_protocol(base: type[asyncio.Protocol], balancer: ConnectionBalancer
     class BalancedProtocol(parent):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._balance_closing = False
+            self._balance_counted = True
             balancer.opened()
             super().connection_made(transport)
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             cycle = self.cycle  # this request's (pipelined ones too: the newest cycle)
+            if cycle is None or cycle.response_complete:  # an upgrade: no cycle was made
+                return
             if not self._balance_closing and cycle.keep_alive and balancer.should_close():
                 self._balance_closing = True
                 cycle.keep_alive = False  # uvicorn: `connection: close`, close once answered
 
+        def handle_websocket_upgrade(self) -> None:
+            super().handle_websocket_upgrade()
+            self._balance_leave()  # the WebSocket protocol owns the connection now
+
         def connection_lost(self, exc: Exception | None) -> None:
-            balancer.lost(self._balance_closing)
+            self._balance_leave()
             super().connection_lost(exc)
+
+        def _balance_leave(self) -> None:
+            if self._balance_counted:
+                self._balance_counted = False
+                balancer.lost(self._balance_closing)
 
     return BalancedProtocol
 
