@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import orjson
 import psutil
-import pytest
 from gunicorn.config import Config
 
 from podserve.connection_balance import (
@@ -47,11 +46,17 @@ def test_fair_share_counts_live_workers_only() -> None:
     assert table.fair_share() is None  # one worker: nothing to balance
 
 
-def test_a_full_table_says_so() -> None:
-    table = ConnectionTable(2)
-    table.claim(), table.claim()
-    with pytest.raises(RuntimeError, match="no free"):
-        table.claim()
+def test_a_worker_beyond_a_full_table_serves_without_a_slot() -> None:
+    import podserve.connection_balance as balance
+
+    hooks = gunicorn_hooks(workers=1)  # 4 x 1 + 4 = 8 slots
+    hooks["on_starting"](None)
+    workers = [type("Worker", (), {})() for _ in range(9)]
+    for worker in workers:
+        hooks["pre_fork"](None, worker)
+    assert [w.podserve_slot for w in workers] == [*range(8), None]
+    hooks["child_exit"](None, workers[-1])  # nothing to give back
+    assert balance._table is not None and balance._table.claim() is None
 
 
 def test_balancer_closes_only_its_surplus_and_counts_closing_ones_out() -> None:

@@ -20,9 +20,12 @@ split converges within a few requests per connection and then nothing more is cl
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import mmap
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FREE = -1  # a slot no worker owns
 NOT_SERVING = -2  # a worker still starting (loading models) or draining: not in the share
@@ -41,13 +44,13 @@ class ConnectionTable:
         for slot in range(slots):
             self._counts[slot] = FREE
 
-    def claim(self) -> int:
-        """Master side: a free slot for the worker about to be forked."""
+    def claim(self) -> int | None:
+        """Master side: a free slot for the worker about to be forked (None: table full)."""
         for slot, count in enumerate(self._counts):
             if count == FREE:
                 self._counts[slot] = NOT_SERVING
                 return slot
-        raise RuntimeError("no free connection-table slot")  # more workers than 4 x + 4
+        return None
 
     def release(self, slot: int) -> None:
         self._counts[slot] = FREE
@@ -172,7 +175,8 @@ def active_balancer() -> ConnectionBalancer | None:
 def gunicorn_hooks(workers: int) -> dict[str, Any]:
     """pre_fork hands each worker a slot (worker.podserve_slot); child_exit takes it back.
 
-    Room for 4x the workers: a reload (HUP) starts the new workers before the old ones exit.
+    Room for 4x the workers + 4: a reload (HUP) starts the new workers before the old ones
+    exit, and TTIN adds workers one by one; a worker beyond that serves without balancing.
     """
 
     def on_starting(_server: Any) -> None:
@@ -180,8 +184,11 @@ def gunicorn_hooks(workers: int) -> dict[str, Any]:
         _table = ConnectionTable(4 * workers + 4)
 
     def pre_fork(_server: Any, worker: Any) -> None:
-        if _table is not None:
-            worker.podserve_slot = _table.claim()
+        if _table is None:
+            return
+        worker.podserve_slot = _table.claim()
+        if worker.podserve_slot is None:  # far more workers than at start (TTIN signals)
+            log.warning("connection table full: a worker serves without balancing")
 
     def child_exit(_server: Any, worker: Any) -> None:
         slot = getattr(worker, "podserve_slot", None)
