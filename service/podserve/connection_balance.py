@@ -3,8 +3,9 @@
 Each worker has its own SO_REUSEPORT socket, and the kernel picks the socket of a *new*
 connection by a hash of its addresses. A few dozen long-lived keep-alive connections (a load
 balancer's pool, a Locust run) therefore split binomially, not evenly: 32 connections on 2
-workers, 10 runs measured, were never 16/16 and twice 11/21, and the busier worker's requests
-wait longer for their batch (client p99 73-89 ms at 15/17, 100-116 ms at 11/21).
+workers, 10 runs measured, were never 16/16 and twice 11/21. The busier worker's clients wait
+longer, and with few connections one worker can idle beside a busy one (MiniLM, 8 clients:
+the worst unbalanced rounds ran at ~305 req/s, balanced ones at 355-444; docs/performance.md).
 
 Each worker publishes how many connections it holds in its slot of a small table in shared
 memory, which the Gunicorn master maps before it forks the workers and hands out slot by
