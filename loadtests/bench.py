@@ -38,6 +38,7 @@ from loadtests.bench_systems import (
     Server,
     System,
     entity_body,
+    exit_on_sigterm,
     free_port,
     gunicorn_argv,
     tabular_body,
@@ -337,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     args = parse_args(argv)
     if not (args.model_dir / "1" / "model.onnx").exists():
         print(f"no model at {args.model_dir}: run `make bench-model` first", file=sys.stderr)

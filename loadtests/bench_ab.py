@@ -33,7 +33,7 @@ from pathlib import Path
 
 from loadtests.bench import DEFAULT_MODEL, build_repos, podserve_system
 from loadtests.bench_measure import Sample, measure_once
-from loadtests.bench_systems import Server, tabular_body, text_body
+from loadtests.bench_systems import Server, exit_on_sigterm, tabular_body, text_body
 
 COLUMNS = (
     ("req/s", "throughput", "8.1f"),
@@ -100,6 +100,7 @@ def _row(name: str, sample: Sample) -> str:
 
 
 def main() -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", required=True, type=parse_variant)
     models = ["minilm", "minilm_nobatch", "tabular"]  # minilm_nobatch: batching off in config

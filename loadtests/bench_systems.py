@@ -32,6 +32,17 @@ TABULAR_ROW = [
 ]  # fmt: skip
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, a CI job's timeout) ends a run as Ctrl-C does, so the context managers
+    and `finally` blocks stop its servers: they run in their own process groups and would
+    otherwise outlive it, holding ports and cores."""
+    signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def _exit_for_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def text_body(sentence: str = SENTENCE) -> bytes:
     return orjson.dumps(
         {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentence]}]}

@@ -34,6 +34,7 @@ from pathlib import Path
 import orjson
 import psutil
 
+from loadtests.bench_systems import exit_on_sigterm
 from loadtests.loadgen import closed_loop, encode_request, percentile
 
 PY = sys.executable
@@ -216,6 +217,7 @@ def report(samples: dict[str, dict[str, list[Sample]]]) -> str:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3)

@@ -20,7 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests.bench_systems import ROOT, Server, System, free_port, tabular_body
+from loadtests.bench_systems import (
+    ROOT,
+    Server,
+    System,
+    exit_on_sigterm,
+    free_port,
+    tabular_body,
+)
 
 MINILM = ROOT / "loadtests" / "models" / "minilm"
 
@@ -110,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     args = parse_args(argv)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = args.out or ROOT / "loadtests" / "results" / f"locust-{stamp}"

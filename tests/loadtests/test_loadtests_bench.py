@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from loadtests import bench_ab, bench_measure, bench_report
 
@@ -159,3 +163,30 @@ def test_app_cpu_bench_measures_the_other_checkout_too(tmp_path: Path) -> None:
     assert labels == ["podserve", "constant", "against"], done.stdout
     assert mark.exists(), "the --against process did not import podserve from the copy"
     assert f"median: podserve from {other}:" in done.stdout, done.stdout
+
+
+def test_ab_bench_stops_its_servers_on_sigterm() -> None:
+    """The servers run in their own process groups; a SIGTERM to the benchmark (a CI timeout,
+    `kill`) must stop them too, not leave them holding ports and cores."""
+    cmd = [sys.executable, "-u", "-m", "loadtests.bench_ab", "--model", "tabular", "--rounds",
+           "1", "--duration", "60", "--warmup", "0.2", "--concurrency", "2",
+           "--variant", "only:"]  # fmt: skip
+    bench = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    servers: list[psutil.Process] = []
+    try:
+        assert bench.stdout is not None
+        header = bench.stdout.readline()  # printed once every server answers
+        assert header.startswith("variant"), header
+        servers = psutil.Process(bench.pid).children(recursive=True)
+        assert servers, "no server process under the benchmark"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, alive
+    finally:
+        for process in servers:  # a failed test leaves no server behind either
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if bench.poll() is None:
+            bench.kill()
+        bench.wait(timeout=30)
