@@ -16,6 +16,7 @@ import orjson
 import psutil
 from gunicorn.config import Config
 
+from metrics_support import scrape
 from podserve.connection_balance import (
     FREE,
     NOT_SERVING,
@@ -207,13 +208,7 @@ async def _load(server: ServerProcess, connections: int, requests_each: int) -> 
         await asyncio.gather(*(user(client) for client in clients))
         seen["split"] = _connections_per_worker(server)  # every user's connection, still open
         await asyncio.sleep(1.5)  # each worker writes its connection gauges once a second
-        scrape = await clients[0].get("/metrics")
-        seen["metrics"] = {
-            name: float(line.split()[-1])
-            for line in scrape.text.splitlines()
-            for name in ("podserve_open_connections", "podserve_connections_rebalanced_total")
-            if line.startswith(name + " ")
-        }
+        seen["metrics"] = await asyncio.to_thread(scrape, server.url)  # one more connection
     return seen
 
 
@@ -224,8 +219,9 @@ def test_keepalive_connections_even_out_across_workers(model_repo: Path) -> None
     assert set(seen["statuses"]) == {200}, seen
     assert sum(seen["split"]) == 32 and seen["split"][1] - seen["split"][0] <= 1, seen
     assert seen["closes"] < 32, seen  # only surplus connections were closed, not all
-    assert seen["metrics"]["podserve_connections_rebalanced_total"] == seen["closes"], seen
-    assert 32 <= seen["metrics"]["podserve_open_connections"] <= 33, seen  # +1: a probe's
+    metrics = seen["metrics"]
+    assert metrics.value("podserve_connections_rebalanced_total") == seen["closes"], seen
+    assert 32 <= metrics.value("podserve_open_connections") <= 33, seen  # +1: the scrape's
 
 
 def test_balancing_off_never_closes_a_connection(model_repo: Path) -> None:
@@ -234,17 +230,10 @@ def test_balancing_off_never_closes_a_connection(model_repo: Path) -> None:
         seen = asyncio.run(_load(server, 32, 30))
     assert set(seen["statuses"]) == {200} and seen["closes"] == 0, seen
     assert sum(seen["split"]) == 32, seen
-    assert seen["metrics"]["podserve_connections_rebalanced_total"] == 0, seen
-    assert 32 <= seen["metrics"]["podserve_open_connections"] <= 33, seen  # still counted
-
-
-def _scrape(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
-    return {
-        line.split()[0]: float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("podserve_open_connections ")
-    }
+    metrics = seen["metrics"]
+    assert "podserve_connections_rebalanced_total" in metrics.names, seen
+    assert metrics.value("podserve_connections_rebalanced_total") == 0, seen
+    assert 32 <= metrics.value("podserve_open_connections") <= 33, seen  # still counted
 
 
 def test_websocket_upgrades_are_answered_as_before_and_not_left_counted(model_repo: Path) -> None:
@@ -262,4 +251,4 @@ def test_websocket_upgrades_are_answered_as_before_and_not_left_counted(model_re
                 answer = sock.recv(200)
             assert answer.startswith(b"HTTP/1.1 403"), answer  # no WebSocket route: refused
         time.sleep(1.5)  # the workers write their connection gauges once a second
-        assert _scrape(server.url)["podserve_open_connections"] <= 1  # a scrape's own
+        assert scrape(server.url).value("podserve_open_connections") <= 1  # the scrape's own
