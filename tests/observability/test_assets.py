@@ -14,8 +14,8 @@ import httpx
 import promql_parser
 import pytest
 import yaml
-from metrics_support import scrape
 
+from metrics_support import scrape
 from server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]

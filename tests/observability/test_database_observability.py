@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from metrics_support import Scrape, scrape
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
 import postgres
+from metrics_support import Scrape, scrape
 from server_process import ServerProcess
 
 AFFINE = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from metrics_support import Scrape, scrape
 
 from load_client import closed_loop
+from metrics_support import Scrape, scrape
 from podserve.metrics import REFRESH_S
 from server_process import ServerProcess
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from metrics_support import scrape
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
+from metrics_support import scrape
 from server_process import ServerProcess
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
