@@ -22,6 +22,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_to_exit(repo: Path, env: dict[str, str], timeout: float = 60.0) -> tuple[int, str]:
+    """Exit status and output of a `podserve serve` that must stop by itself (a start-up error).
+
+    It runs in its own session: one that does not stop is killed with its workers, and the
+    test fails, instead of leaving orphaned workers behind.
+    """
+    proc = subprocess.Popen(
+        [*PODSERVE, "serve"],
+        env={
+            **os.environ,
+            "PODSERVE_MODEL_REPOSITORY": str(repo),
+            "PODSERVE_PORT": str(free_port()),
+            "PODSERVE_WORKERS": "1",
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"podserve serve did not stop by itself:\n{output[-3000:]}") from None
+    return proc.returncode, output
+
+
 class ServerProcess:
     def __init__(self, repo: Path, workers: int = 2, env: dict[str, str] | None = None) -> None:
         self.port = free_port()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,9 +11,7 @@ import httpx
 import pytest
 
 from model_builders import affine_model, save
-from server_process import ServerProcess, free_port
-
-PODSERVE = [sys.executable, "-m", "podserve.cli"]
+from server_process import PODSERVE, ServerProcess, free_port, serve_to_exit
 
 
 def test_build_demo_writes_a_servable_repository(tmp_path: Path) -> None:
@@ -31,20 +28,9 @@ def test_build_demo_writes_a_servable_repository(tmp_path: Path) -> None:
 
 
 def _serve_expecting_failure(repo: Path) -> str:
-    env = {
-        "PODSERVE_MODEL_REPOSITORY": str(repo),
-        "PODSERVE_PORT": str(free_port()),
-        "PODSERVE_WORKERS": "1",
-    }
-    proc = subprocess.run(
-        [*PODSERVE, "serve"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    return proc.stdout + proc.stderr
+    status, output = serve_to_exit(repo, {})
+    assert status != 0
+    return output
 
 
 def test_corrupt_model_fails_startup_naming_the_file(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import orjson
@@ -144,9 +145,15 @@ def test_hooks_hand_out_and_take_back_slots() -> None:
     hooks["pre_fork"](None, first)
     hooks["pre_fork"](None, second)
     assert {first.podserve_slot, second.podserve_slot} == {0, 1}
-    hooks["child_exit"](None, first)
-    assert table._counts[first.podserve_slot] == FREE
-    hooks["pre_fork"](None, Worker())  # a replacement reuses the freed slot
+    arbiter = SimpleNamespace(WORKERS={1: first}, num_workers=1)  # TTOU: one fewer
+    hooks["child_exit"](arbiter, second)
+    assert table._counts[second.podserve_slot] == FREE
+    arbiter.WORKERS = {}  # the first exits too: Gunicorn forks a replacement next
+    hooks["child_exit"](arbiter, first)
+    assert table._counts[first.podserve_slot] == NOT_SERVING
+    replacement = Worker()
+    hooks["pre_fork"](None, replacement)  # takes the held slot
+    assert replacement.podserve_slot == first.podserve_slot
     assert table._counts[first.podserve_slot] == NOT_SERVING  # until its start-up is done
 
 

@@ -81,8 +81,11 @@ def test_gunicorn_config_follows_settings(monkeypatch: pytest.MonkeyPatch) -> No
     assert config["workers"] == 3
     assert config["bind"] == ["[::]:9001"]
     assert config["graceful_timeout"] == 13
+    # The worker's own drain ends 2 s before Gunicorn's SIGKILL.
+    assert Settings(graceful_timeout_s=12.5).worker_drain_s == 13 - 2
     assert config["worker_class"] == "podserve.worker.PodserveWorker"
-    assert config["reuse_port"] is True
+    assert config["reuse_port"] is True  # a socket per worker: an even spread
+    assert config_dict(Settings(workers=1))["reuse_port"] is False  # the master's, kept alive
     assert config["keepalive"] > 60  # outlives typical load-balancer idle timeouts
 
 

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from podserve import bind_check
 from podserve.logs import gunicorn_logconfig_dict
 from podserve.runtime import resolve_workers
 from podserve.settings import Settings, get_settings
@@ -26,7 +27,10 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "bind": [bind_address(settings)],
         "workers": resolve_workers(settings),
         "worker_class": "podserve.worker.PodserveWorker",
-        "reuse_port": True,  # one SO_REUSEPORT socket per worker: even load spread
+        # One SO_REUSEPORT socket per worker spreads connections evenly. A lone worker gets
+        # none: it serves the master's socket, which outlives it, so while a recycled worker
+        # is replaced connections wait in the queue instead of being refused.
+        "reuse_port": resolve_workers(settings) > 1,
         "preload_app": False,  # ORT sessions and threads must be created after fork
         "graceful_timeout": math.ceil(settings.graceful_timeout_s),
         "timeout": math.ceil(settings.worker_timeout_s),
@@ -39,7 +43,12 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "proc_name": "podserve",
         "forwarded_allow_ips": "*",
         **_optional_settings(),
-        **chain_hooks(_metrics_hooks(settings), _balance_hooks(settings)),
+        # The bind check first: a busy port stops the master before anything is set up.
+        **chain_hooks(
+            bind_check.gunicorn_hooks(),
+            _metrics_hooks(settings),
+            _balance_hooks(settings),
+        ),
     }
 
 
@@ -72,8 +81,8 @@ def _chained(calls: list[Callable[..., None]]) -> Callable[..., None]:
 
 
 def _balance_hooks(settings: Settings) -> dict[str, Any]:
-    """pre_fork / child_exit: the shared table of per-worker connection counts (counted
-    for the metrics even with PODSERVE_BALANCE_CONNECTIONS=false)."""
+    """pre_fork / child_exit / nworkers_changed: the shared table of per-worker connection
+    counts and states (counted for the metrics even with PODSERVE_BALANCE_CONNECTIONS=false)."""
     from podserve.connection_balance import gunicorn_hooks
 
     return gunicorn_hooks(resolve_workers(settings))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,9 +19,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     workers: int | None = Field(None, ge=1, description="Gunicorn workers; default: CPU quota")
     graceful_timeout_s: float = Field(25.0, gt=0)
+    drain_idle_grace_s: float = Field(
+        0.5, ge=0, le=10, description="a draining worker's idle connections: time for a request"
+    )
     worker_timeout_s: float = Field(60.0, gt=0)
     keepalive_s: float = Field(75.0, gt=0, description="> typical LB idle timeout (60 s)")
     max_requests: int = Field(0, ge=0, description="recycle a worker after N requests; 0 = never")
+    recycle_max_wait_s: float = Field(
+        120.0, ge=1, description="a worker at its limit waits this long for the others to serve"
+    )
     expose_worker_id: bool = False
     balance_connections: bool = Field(
         True, description="close surplus keep-alive connections of a worker above its share"
@@ -98,6 +105,24 @@ class Settings(BaseSettings):
 
     # --- Benchmark aid (simulated_io.py) ------------------------------------------
     simulated_io_ms: float = Field(0.0, ge=0, le=10_000, description="0 = off")
+
+    @property
+    def worker_drain_s(self) -> int:
+        """How long a draining worker waits for its requests (uvicorn's graceful shutdown):
+        2 s less than Gunicorn's graceful timeout, so it ends, flushing its logs, before the
+        arbiter's SIGKILL."""
+        return max(1, math.ceil(self.graceful_timeout_s) - 2)
+
+    @model_validator(mode="after")
+    def _grace_within_the_drain(self) -> Settings:
+        # A grace as long as the drain would keep idle connections until their requests
+        # are cut off.
+        if self.drain_idle_grace_s >= self.worker_drain_s:
+            raise ValueError(
+                f"drain_idle_grace_s ({self.drain_idle_grace_s}) must be shorter than the "
+                f"drain: graceful_timeout_s ({self.graceful_timeout_s}) - 2 s"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -3,9 +3,9 @@
 Load spreading: with one shared listening socket, keep-alive connections pile onto
 whichever worker accepts first (measured: 99.9% / 0.1% CPU split at concurrency 8).
 Gunicorn >= 23 with `reuse_port` gives each worker its own SO_REUSEPORT socket, created
-after fork, so the kernel spreads new connections by a hash; gunicorn_conf turns it on.
-The hash splits a few keep-alive connections unevenly; connection_balance.py evens them
-out. tests/test_under_load.py checks the split.
+after fork, so the kernel spreads new connections by a hash; gunicorn_conf turns it on for
+2 or more workers. The hash splits a few keep-alive connections unevenly;
+connection_balance.py evens them out. tests/test_under_load.py checks the split.
 """
 
 from __future__ import annotations
@@ -14,23 +14,62 @@ import logging
 import os
 import socket
 import sys
+import time
 from types import FrameType
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
+from uvicorn.config import Config
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from podserve import connection_balance, lifecycle
+from podserve import connection_balance, drain_grace, lifecycle
 from podserve.header_guard import guarded_protocol
 from podserve.settings import get_settings
 
+logger = logging.getLogger(__name__)
+
 
 class DrainingServer(Server):
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        # The request limit (PODSERVE_MAX_REQUESTS, jittered by Gunicorn) is checked here, not
+        # by uvicorn, so that workers recycle one at a time (connection_balance).
+        self.recycle_after: int | None = config.limit_max_requests
+        config.limit_max_requests = None
+        self.recycle_deferred_since: float | None = None
+        # A worker stuck starting must not keep a leaking one alive for ever.
+        self.recycle_max_wait_s = get_settings().recycle_max_wait_s
+
+    async def on_tick(self, counter: int) -> bool:
+        return await super().on_tick(counter) or self._recycle_now()
+
+    def _recycle_now(self) -> bool:
+        if self.recycle_after is None or self.server_state.total_requests < self.recycle_after:
+            return False
+        now = time.monotonic()
+        if connection_balance.leave_for_recycle():
+            reason = "recycling"
+        elif self.recycle_deferred_since is None:
+            self.recycle_deferred_since = now
+            logger.info("request limit reached; recycling waits for the other workers to serve")
+            return False
+        elif now - self.recycle_deferred_since > self.recycle_max_wait_s:
+            connection_balance.set_serving(False)
+            reason = f"recycling after waiting {self.recycle_max_wait_s:.0f} s for other workers"
+        else:
+            return False
+        logger.info("Maximum request limit of %d exceeded: %s", self.recycle_after, reason)
+        return True
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if not self.should_exit:  # models loaded, sockets served: take a share of connections
             connection_balance.set_serving(True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain_grace.begin_worker_drain()
+        await super().shutdown(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         lifecycle.begin_draining()  # readiness says no at once
@@ -43,18 +82,19 @@ class PodserveWorker(UvicornWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        settings = get_settings()
         # Finish in-flight requests and run lifespan shutdown (log flush) before the
         # arbiter's SIGKILL at graceful_timeout.
-        self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 2)
+        self.config.timeout_graceful_shutdown = settings.worker_drain_s
         # Bound the reading of request headers (uvicorn has no setting for it).
-        settings = get_settings()
         # The inference thread runs Python between ORT calls (tokenizer, pooling, splits);
         # the loop thread waits up to the switch interval for the GIL (CPython: 5 ms), which
         # would show up in every awaited I/O call. A short interval bounds that wait.
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-        self.config.http = guarded_protocol(
-            settings.header_read_timeout_s, settings.max_header_bytes
-        )
+        http = guarded_protocol(settings.header_read_timeout_s, settings.max_header_bytes)
+        if _has_request_hook(http):
+            http = drain_grace.drain_grace_protocol(http, settings.drain_idle_grace_s)
+        self.config.http = http
 
     def load_wsgi(self) -> None:
         # create_app failed (e.g. an unreadable API key file): Gunicorn's sys.exit would hang
@@ -85,11 +125,16 @@ class PodserveWorker(UvicornWorker):
     def _balance_connections(self) -> None:
         """After fork: count this worker's connections in its slot, close surplus ones if on."""
         slot, base = getattr(self, "podserve_slot", None), self.config.http
-        if slot is None or not hasattr(base, "on_headers_complete"):  # h11: no per-request hook
+        if slot is None or not _has_request_hook(base):
             return
         balanced = connection_balance.install(base, slot, get_settings().balance_connections)
         if balanced is not None:
             self.config.http = balanced
+
+
+def _has_request_hook(protocol: type) -> bool:
+    """httptools' protocol class calls on_headers_complete per request; h11's has no such hook."""
+    return hasattr(protocol, "on_headers_complete")
 
 
 def _exit_boot_error() -> None:

@@ -32,6 +32,7 @@ VALUE_SETS: dict[str, Path | None] = {
     "keda": CI_VALUES / "keda-values.yaml",
     "tracing": CI_VALUES / "tracing-values.yaml",
     "database": CI_VALUES / "database-values.yaml",
+    "recycling": CI_VALUES / "recycling-values.yaml",
     "ingress-netpol": CI_VALUES / "ingress-netpol-values.yaml",
     "locust": CI_VALUES / "locust-values.yaml",
 }

@@ -134,6 +134,25 @@ def test_defaults_render_core_objects(helm: str) -> None:
     assert "PODSERVE_DATABASE_URL" not in env
 
 
+def test_recycling_settings_reach_the_pod(helm: str) -> None:
+    """The drain grace is passed on; the accept-queue sysctl is set only when asked for."""
+    objs = helm_template(helm)
+    config = one(objs, "ConfigMap", "podserve")["data"]
+    assert config["PODSERVE_DRAIN_IDLE_GRACE_S"] == "0.5"
+    assert config["PODSERVE_MAX_REQUESTS"] == "0"
+    assert config["PODSERVE_RECYCLE_MAX_WAIT_S"] == "120"
+    pod = one(objs, "Deployment", "podserve")["spec"]["template"]["spec"]
+    assert "sysctls" not in pod["securityContext"]  # an unsafe sysctl: the kubelet must allow it
+    objs = helm_template(helm, VALUE_SETS["recycling"])
+    config = one(objs, "ConfigMap", "podserve")["data"]
+    recycling = ["PODSERVE_MAX_REQUESTS", "PODSERVE_DRAIN_IDLE_GRACE_S"]
+    recycling.append("PODSERVE_RECYCLE_MAX_WAIT_S")
+    assert [config[name] for name in recycling] == ["20000", "1", "300"]
+    pod = one(objs, "Deployment", "podserve")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["sysctls"] == [{"name": "net.ipv4.tcp_migrate_req", "value": "1"}]
+    assert pod["securityContext"]["runAsNonRoot"] is True  # the rest of it unchanged
+
+
 def test_probes_use_health_endpoints(helm: str) -> None:
     server = server_container(helm_template(helm))
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -337,6 +356,8 @@ def test_notes_render(helm: str, tmp_path: Path) -> None:
         (("database.enabled=true",), "database.existingSecret"),
         (("autoscaling.cpu.enabled=false",), "autoscaling.cpu.enabled or"),
         (("autoscaling.minReplicas=5", "autoscaling.maxReplicas=3"), "must not exceed"),
+        (("server.gracefulTimeoutSeconds=6", "server.drainIdleGraceSeconds=4"), "shorter than"),
+        (("server.gracefulTimeoutSeconds=2", "server.drainIdleGraceSeconds=1"), "shorter than"),
     ],
 )
 def test_cross_field_checks(helm: str, sets: tuple[str, ...], message: str) -> None:

@@ -160,7 +160,7 @@ def test_gauges_are_summed_over_live_workers(server: ServerProcess) -> None:
 def test_in_flight_requests_are_visible_to_a_scrape_of_either_worker(
     server: ServerProcess,
 ) -> None:
-    async def scenario() -> float:
+    async def scenario() -> tuple[float, int]:
         load = asyncio.create_task(
             closed_loop(server.url, "/v2/models/slow/infer", SLOW, 6, 2.0, 400)
         )
@@ -170,11 +170,15 @@ def test_in_flight_requests_are_visible_to_a_scrape_of_either_worker(
             result = await asyncio.to_thread(scrape, server.url)
             peak = max(peak, result.value("podserve_inflight_requests"))
             await asyncio.sleep(0.05)
-        await load
-        return peak
+        return peak, len((await load).connections)
 
-    peak = asyncio.run(scenario())
-    assert 2 <= peak <= 6, peak
+    peak, connections = asyncio.run(scenario())
+    # Each worker's count is sampled about once a second, so a request on a connection that
+    # moved to the other worker within that window (connection balancing closes surplus
+    # keep-alive connections) can be in both samples: the sum never exceeds the connections
+    # used, which is 6 when none moved. A leaked count would pass it within a few requests.
+    assert connections >= 6
+    assert 2 <= peak <= connections, (peak, connections)
 
 
 def test_a_dead_workers_gauges_go_and_its_counts_stay(

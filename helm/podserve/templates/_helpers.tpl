@@ -166,4 +166,8 @@ seccompProfile:
 {{- if and .Values.autoscaling.customMetric.enabled (not .Values.metrics.enabled) }}
 {{- fail "autoscaling.customMetric.enabled needs metrics.enabled" }}
 {{- end }}
+{{- /* the worker's drain: ceil(gracefulTimeoutSeconds) - 2, at least 1 (settings.worker_drain_s) */}}
+{{- if ge (float64 .Values.server.drainIdleGraceSeconds) (maxf 1 (subf (ceil .Values.server.gracefulTimeoutSeconds) 2)) }}
+{{- fail "server.drainIdleGraceSeconds must be shorter than the drain: server.gracefulTimeoutSeconds - 2" }}
+{{- end }}
 {{- end }}
