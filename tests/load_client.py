@@ -38,10 +38,16 @@ async def closed_loop(
     result = LoadResult()
     deadline = time.monotonic() + duration_s
     sent = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # One client of one connection per user: a shared pool hands each request its first idle
+    # connection, so requests pile onto whichever connections (and workers) answered first.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     headers = {"content-type": "application/json"}
 
-    async def user(client: httpx.AsyncClient) -> None:
+    async def user() -> None:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+            await requests(client)
+
+    async def requests(client: httpx.AsyncClient) -> None:
         nonlocal sent
         while time.monotonic() < deadline and sent < max_requests:
             sent += 1
@@ -64,8 +70,7 @@ async def closed_loop(
             if response.status_code == 200:
                 result.server_timings.append(response.headers.get("server-timing", ""))
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+    await asyncio.gather(*(user() for _ in range(concurrency)))
     return result
 
 
