@@ -1,8 +1,9 @@
 """Scenario 2: SIGKILL one Gunicorn worker under load.
 
 Gunicorn replaces the worker; the pod stays ready (the other worker answers the readiness
-probe); the only failed requests are those the killed worker held (one per client connection
-bound to it at most: the request in flight, or one sent into its closing socket); and every
+probe); the only failed requests are those of clients whose connection the killed worker
+held: the request in flight (or one sent into its closing socket), plus at most one reconnect
+the kernel had queued on the dying worker's listener; and every
 answered request has its prediction-log row.
 """
 
@@ -13,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +139,10 @@ def test_sigkill_one_worker_under_load(
             )
             for s in failed
         },
+        failed_by_user={
+            user: [s.status or s.error for s in failed if s.user == user]
+            for user in sorted({s.user for s in failed})
+        },
         connections_on_killed_worker=len(bound),
         respawn_s=round(respawn_s, 2),
         new_worker_serving_after_s=round(serving_s, 2),
@@ -148,9 +154,14 @@ def test_sigkill_one_worker_under_load(
         rows_lost_answered_by_killed_worker=len(lost_by_victim),
     )
     assert len(load.samples) > 200
-    # Errors: only requests the killed worker held, at most one per connection bound to it,
-    # and only around the kill.
-    assert len(failed) <= len(bound), (len(failed), bound)
+    # Errors: only users whose connection the killed worker held, and only around the kill.
+    # Each loses at most its request in flight plus one more: its reconnect can land in the
+    # dying worker's own SO_REUSEPORT accept queue in the instant before the kernel closes that
+    # listener, which resets what it queued (net.ipv4.tcp_migrate_req=1, the chart's
+    # server.migrateAcceptQueue, hands such connections to a live worker instead).
+    failed_per_user = Counter(s.user for s in failed)
+    assert set(failed_per_user) <= bound, (failed_per_user, bound)
+    assert max(failed_per_user.values(), default=0) <= 2, failed_per_user
     assert all(killed_at - 1 <= s.started <= killed_at + 2 for s in failed), failed
     assert all(s.status is None for s in failed), failed  # no 5xx from the surviving worker
     # The pod stayed ready: no probe said 503 and none failed twice in a row (a kubelet
