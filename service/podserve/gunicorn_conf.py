@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from podserve import bind_check
+from podserve import bind_check, deferred_listen
 from podserve.logs import gunicorn_logconfig_dict
 from podserve.runtime import resolve_workers
 from podserve.settings import Settings, get_settings
@@ -46,6 +46,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         # The bind check first: a busy port stops the master before anything is set up.
         **chain_hooks(
             bind_check.gunicorn_hooks(),
+            deferred_listen.gunicorn_hooks(),
             _metrics_hooks(settings),
             _balance_hooks(settings),
         ),
