@@ -46,7 +46,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         # The bind check first: a busy port stops the master before anything is set up.
         **chain_hooks(
             bind_check.gunicorn_hooks(),
-            deferred_listen.gunicorn_hooks(),
+            deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
             _balance_hooks(settings),
         ),

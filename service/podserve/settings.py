@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     balance_connections: bool = Field(
         True, description="close surplus keep-alive connections of a worker above its share"
     )
+    defer_listen: bool = Field(
+        True, description="a worker's own socket listens only once its models are loaded"
+    )
     docs_enabled: bool = True
     log_level: str = "info"
     access_log: bool = False
