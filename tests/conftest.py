@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import postgres
 from model_builders import build_test_repository
 from server_process import ServerProcess
+
+
+@pytest.fixture()
+def ipv6_loopback() -> None:
+    """Skips a test of IPv6 binding on a host whose kernel or network has no ::1."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
 
 
 @pytest.fixture(scope="session")

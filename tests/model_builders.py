@@ -71,6 +71,13 @@ def slow_model(size: int = 256, layers: int = 24) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def save_slow_start_models(repo: Path, count: int = 120) -> Path:
+    """`count` slow models: loading and warming them up takes a worker about a second."""
+    for index in range(count):
+        save(slow_model(), repo, f"slow{index}")
+    return repo
+
+
 def mixed_types_model() -> onnx.ModelProto:
     """ids INT64 [batch, 2], weights FP64 [batch], flags BOOL [batch, 3] -> three outputs."""
     nodes = [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from model_builders import save, slow_model  # as a script: its own directory leads sys.path
+from model_builders import save_slow_start_models  # as a script: its own directory leads sys.path
 from server_process import ServerProcess
 
 
@@ -53,9 +53,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        repo = Path(folder)
-        for index in range(args.models):
-            save(slow_model(), repo, f"slow{index}")
+        repo = save_slow_start_models(Path(folder), args.models)
         results: dict[str, list[dict[str, object]]] = {"defer_listen": [], "listen_at_fork": []}
         for _ in range(args.trials):
             results["defer_listen"].append(_trial(repo, True, args.seconds))

@@ -82,13 +82,10 @@ def test_unix_sockets_and_inherited_fds_are_not_probed(tmp_path: Path) -> None:
     assert bind_check.busy_addresses([str(tmp_path / "podserve.sock"), 3]) == []
 
 
+@pytest.mark.usefixtures("ipv6_loopback")
 def test_ipv6_address_is_probed_and_shown_in_brackets() -> None:
-    try:
-        sock = socket.socket(socket.AF_INET6)
+    with socket.socket(socket.AF_INET6) as sock:
         sock.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
-    with sock:
         sock.listen()
         port = sock.getsockname()[1]
         assert bind_check.busy_addresses([("::1", port)]) == [f"[::1]:{port}"]

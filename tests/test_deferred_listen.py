@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from model_builders import save, slow_model
+from model_builders import save_slow_start_models
 from podserve import deferred_listen
 from server_process import ServerProcess
 
@@ -44,15 +44,6 @@ def _conf(reuse_port: bool) -> SimpleNamespace:
     )
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 def _listens(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
@@ -64,9 +55,11 @@ def test_this_gunicorn_has_the_check_that_is_patched() -> None:
 
 @pytest.mark.usefixtures("restore_gunicorn")
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_with_reuse_port_a_worker_tcp_socket_is_bound_but_not_listening(host: str) -> None:
-    if host == "::1" and not _ipv6_loopback():
-        pytest.skip("no IPv6 loopback on this machine")
+def test_with_reuse_port_a_worker_tcp_socket_is_bound_but_not_listening(
+    host: str, request: pytest.FixtureRequest
+) -> None:
+    if host == "::1":
+        request.getfixturevalue("ipv6_loopback")
     deferred_listen.install(_arbiter(reuse_port=True))
     kind = gunicorn.sock.TCP6Socket if ":" in host else gunicorn.sock.TCPSocket
     listener = kind((host, 0), _conf(True), logging.getLogger())
@@ -110,11 +103,7 @@ def test_without_reuse_port_the_master_socket_listens_at_once() -> None:
 
 @pytest.fixture(scope="module")
 def slow_start_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """120 models to load and warm up: a worker's start-up takes about a second."""
-    repo = tmp_path_factory.mktemp("slow-start")
-    for index in range(120):
-        save(slow_model(), repo, f"slow{index}")
-    return repo
+    return save_slow_start_models(tmp_path_factory.mktemp("slow-start"))
 
 
 def _process_listens(pid: int, port: int) -> bool:

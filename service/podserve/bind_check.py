@@ -36,7 +36,7 @@ def busy_addresses(addresses: Iterable[Any]) -> list[str]:
             continue
         host, port = address[0], address[1]
         if _in_use(host, port):
-            busy.append(_display(host, port))
+            busy.append(host_port(host, port))
     return busy
 
 
@@ -53,7 +53,8 @@ def _in_use(host: str, port: int) -> bool:
     return False
 
 
-def _display(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets (as Gunicorn's bind setting takes it)."""
     return f"[{host}]:{port}" if is_ipv6(host) else f"{host}:{port}"
 
 
@@ -77,7 +78,7 @@ def when_ready(server: Any) -> None:
     """Gunicorn logs its master's listeners, which are none with reuse_port: say where."""
     if not server.cfg.reuse_port:
         return
-    urls = [f"http://{_display(*a[:2])}" for a in server.cfg.address if isinstance(a, tuple)]
+    urls = [f"http://{host_port(*a[:2])}" for a in server.cfg.address if isinstance(a, tuple)]
     server.log.info("Listening at: %s (a SO_REUSEPORT socket in each worker)", ", ".join(urls))
 
 

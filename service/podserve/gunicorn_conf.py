@@ -18,19 +18,19 @@ from podserve.settings import Settings, get_settings
 
 
 def bind_address(settings: Settings) -> str:
-    host = settings.host
-    return f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+    return bind_check.host_port(settings.host, settings.port)
 
 
 def config_dict(settings: Settings) -> dict[str, Any]:
+    workers = resolve_workers(settings)  # reads the cgroup quota: once
     return {
         "bind": [bind_address(settings)],
-        "workers": resolve_workers(settings),
+        "workers": workers,
         "worker_class": "podserve.worker.PodserveWorker",
         # One SO_REUSEPORT socket per worker spreads connections evenly. A lone worker gets
         # none: it serves the master's socket, which outlives it, so while a recycled worker
         # is replaced connections wait in the queue instead of being refused.
-        "reuse_port": resolve_workers(settings) > 1,
+        "reuse_port": workers > 1,
         "preload_app": False,  # ORT sessions and threads must be created after fork
         "graceful_timeout": math.ceil(settings.graceful_timeout_s),
         "timeout": math.ceil(settings.worker_timeout_s),
@@ -48,7 +48,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             bind_check.gunicorn_hooks(),
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
-            _balance_hooks(settings),
+            _balance_hooks(workers),
         ),
     }
 
@@ -81,12 +81,12 @@ def _chained(calls: list[Callable[..., None]]) -> Callable[..., None]:
     return on_worker
 
 
-def _balance_hooks(settings: Settings) -> dict[str, Any]:
+def _balance_hooks(workers: int) -> dict[str, Any]:
     """pre_fork / child_exit / nworkers_changed: the shared table of per-worker connection
     counts and states (counted for the metrics even with PODSERVE_BALANCE_CONNECTIONS=false)."""
     from podserve.connection_balance import gunicorn_hooks
 
-    return gunicorn_hooks(resolve_workers(settings))
+    return gunicorn_hooks(workers)
 
 
 def _metrics_hooks(settings: Settings) -> dict[str, Any]:
