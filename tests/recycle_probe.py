@@ -2,7 +2,8 @@
 
 Run in-process by tests/test_worker_recycle.py, or as a script inside a fresh network
 namespace (`unshare -n`), where it may set net.ipv4.tcp_migrate_req without touching the
-host's: `python tests/recycle_probe.py REPO --max-requests N --seconds S [--migrate-req]`.
+host's: `python tests/recycle_probe.py REPO --max-requests N --seconds S [--migrate-req]`
+(`--workers 1`: a lone worker).
 Prints a JSON object: outcome -> count, and how many workers were booted.
 """
 
@@ -65,12 +66,13 @@ def main() -> None:
     parser.add_argument("repo", type=Path)
     parser.add_argument("--max-requests", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--migrate-req", action="store_true", help="in a fresh netns only")
     args = parser.parse_args()
     if args.migrate_req:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         Path("/proc/sys/net/ipv4/tcp_migrate_req").write_text("1")
-    print(json.dumps(probe(args.repo, args.max_requests, args.seconds)))
+    print(json.dumps(probe(args.repo, args.max_requests, args.seconds, args.workers)))
 
 
 if __name__ == "__main__":
