@@ -54,6 +54,7 @@ k8s-sync: tools
 
 test: install-test tools
 	$(BIN)/ruff check service tests loadtests
+	$(BIN)/ruff format --check service tests loadtests
 	PATH=$(abspath $(TOOLS)):$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install-test
