@@ -17,14 +17,10 @@ from podserve.runtime import resolve_workers
 from podserve.settings import Settings, get_settings
 
 
-def bind_address(settings: Settings) -> str:
-    return bind_check.host_port(settings.host, settings.port)
-
-
 def config_dict(settings: Settings) -> dict[str, Any]:
     workers = resolve_workers(settings)  # reads the cgroup quota: once
     return {
-        "bind": [bind_address(settings)],
+        "bind": [bind_check.host_port(settings.host, settings.port)],
         "workers": workers,
         "worker_class": "podserve.worker.PodserveWorker",
         # One SO_REUSEPORT socket per worker spreads connections evenly. A lone worker gets
