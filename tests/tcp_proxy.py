@@ -7,6 +7,12 @@ Never stop the machine's shared PostgreSQL. Two ways to lose it:
   (a dead network: clients only learn from their timeouts).
 `restore()` lets new connections through again (blackholed ones are closed first: they have
 lost bytes mid-protocol).
+
+One more fault, on a single connection: `sever_at(marker)`. The next connection to send
+`marker` loses its path at that moment: that chunk and every later byte are dropped both
+ways, and no FIN or RST reaches the server when the client gives up (a conntrack entry
+dropped, a node gone). The server keeps that session, and any transaction open in it, until
+its own timeouts end it; the proxy closes it only when it closes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ class TcpProxy:
         self.connections_refused = 0
         self.mode = "pass"  # pass | cut | blackhole (subclasses may add modes)
         self.delay_s = 0.0  # hold every chunk this long before forwarding it
+        self.sever_marker: bytes | None = None
+        self.severed = 0  # connections whose path was severed
+        self._severed: set[socket.socket] = set()
         self._closed = False
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -42,6 +51,9 @@ class TcpProxy:
 
     def blackhole(self) -> None:
         self.mode = "blackhole"
+
+    def sever_at(self, marker: bytes) -> None:
+        self.sever_marker = marker
 
     def restore(self) -> None:
         if self.mode == "blackhole":
@@ -102,15 +114,31 @@ class TcpProxy:
                     break
                 if self.delay_s:
                     time.sleep(self.delay_s)
-                if self.mode not in self.DROPPING_MODES:
+                if self.sever_marker is not None and self.sever_marker in data:
+                    self._sever(src, dst)
+                if self.mode not in self.DROPPING_MODES and src not in self._severed:
                     dst.sendall(data)
         except OSError:
             pass
         finally:
-            with self._lock:
-                self._sockets.discard(src)
+            self._end(src, dst)
+
+    def _sever(self, src: socket.socket, dst: socket.socket) -> None:
+        with self._lock:
+            self.sever_marker = None
+            self.severed += 1
+            self._severed.update((src, dst))
+
+    def _end(self, src: socket.socket, dst: socket.socket) -> None:
+        """One direction ended: close the pair, unless its path was severed (then the far
+        end must not learn: only `src` closes, `dst` stays open until the proxy closes)."""
+        with self._lock:
+            severed = src in self._severed
+            self._sockets.discard(src)
+            if not severed:
                 self._sockets.discard(dst)
-            _close(src)
+        _close(src)
+        if not severed:
             _close(dst)
 
 

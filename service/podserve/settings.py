@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     db_statement_cache_size: int = Field(256, ge=0)
     db_command_timeout_s: float = Field(2.0, gt=0)
     db_connect_timeout_s: float = Field(2.0, gt=0)
+    # A transaction whose client went silent (its network path died) keeps its row locks
+    # until PostgreSQL ends it; without a bound that is TCP keepalive, hours by default.
+    db_idle_in_transaction_timeout_s: float = Field(5.0, gt=0)
     db_max_waiting: int = Field(32, ge=1, description="requests waiting for a connection, then 503")
     db_breaker_failures: int = Field(3, ge=1, description="failures that open the breaker")
     db_breaker_reset_s: float = Field(2.0, gt=0, description="fail fast this long, then probe")

@@ -251,6 +251,79 @@ def test_resent_batches_are_ignored(db_url: str, tmp_path: Path) -> None:
     assert _count(db_url, "resend-") == 35
 
 
+def test_a_lost_commit_does_not_hold_the_resent_rows(db_url: str, tmp_path: Path) -> None:
+    """The path to PostgreSQL dies between a batch's INSERT and its COMMIT: the write times
+    out, and PostgreSQL, which never learns, keeps that session idle in transaction, holding
+    the batch's request-id locks. The writer re-sends the same rows on a new connection;
+    they must land once the transaction's idle_in_transaction_session_timeout ends the orphan,
+    not wait on its locks until TCP keepalive gives up (hours)."""
+    import asyncio
+
+    async def scenario(proxy: TcpProxy) -> dict[str, object]:
+        settings = Settings(
+            database_url=postgres.with_port(db_url, proxy.port),
+            spool_dir=tmp_path,
+            db_pool_min=0,
+            db_command_timeout_s=0.5,
+            db_connect_timeout_s=0.5,
+            db_idle_in_transaction_timeout_s=2.0,
+        )
+        db = Database(settings)
+        await db.open()
+        plog = PredictionLog(db, Spool(tmp_path), settings)
+        rows = _rows("orphan-", 10)
+        proxy.sever_at(b"COMMIT;")  # not "ON COMMIT DELETE ROWS"
+        try:
+            first = repr(await plog.write(rows))
+        except TimeoutError:
+            first = "timeout"
+        orphans = await _idle_in_transaction(db_url)
+        started = time.monotonic()
+        attempts = 0
+        while time.monotonic() - started < 15:
+            attempts += 1
+            try:
+                inserted = await plog.write(rows)
+                break
+            except TimeoutError:  # blocked on the orphan's locks for one write timeout
+                await asyncio.sleep(0.1)
+        else:
+            inserted = -1
+        await db.close()
+        return {
+            "first": first,
+            "orphans": orphans,
+            "severed": proxy.severed,
+            "inserted": inserted,
+            "attempts": attempts,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+
+    with TcpProxy(*postgres.host_port(db_url)) as proxy:
+        stats = postgres.run(scenario(proxy))
+    # The fault happened as intended: the COMMIT was lost and the session left behind.
+    assert stats["first"] == "timeout" and stats["severed"] == 1, stats
+    assert stats["orphans"] == 1, stats
+    # The re-sent rows landed, once, within a few write timeouts of the orphan's end.
+    assert stats["inserted"] == 10 and stats["seconds"] < 5, stats
+    assert _count(db_url, "orphan-") == 10
+
+
+async def _idle_in_transaction(url: str) -> int:
+    """Sessions of this process idle inside a transaction (seen from a direct connection)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE state = 'idle in transaction' AND application_name LIKE $1",
+            f"podserve-%-{os.getpid()}",
+        )
+    finally:
+        await conn.close()
+
+
 def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path) -> None:
     knobs = {
         "spool_dir": tmp_path,

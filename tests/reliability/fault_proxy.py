@@ -20,9 +20,17 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 def _abort(sock: socket.socket) -> None:
-    """Close with RST instead of FIN."""
+    """Close with RST instead of FIN.
+
+    SHUT_RD first: a pump thread blocked in recv() holds the socket open past close(), so
+    without it neither end would learn (PostgreSQL kept such sessions, and their open
+    transactions' locks, for as long as the proxy ran). It sends nothing; the RST goes out
+    when the last holder lets go.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 

@@ -137,6 +137,7 @@ class JobStore:
     ) -> bool:
         """Store the result if we still hold the lease (and its log row, atomically)."""
         async with self.db.background(self.timeout_s) as conn, conn.transaction():
+            await conn.execute(self.db.bound_transaction_sql)
             status = await conn.execute(_SUCCEED, job.id, owner, job.attempts, result, self.ttl_s)
             stored = status.endswith(" 1")
             if stored and log_row is not None:

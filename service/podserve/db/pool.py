@@ -80,6 +80,12 @@ class Database:
         self.settings = settings
         self.dsn = settings.database_url.get_secret_value()
         self.breaker = CircuitBreaker(settings.db_breaker_failures, settings.db_breaker_reset_s)
+        # First statement of every write transaction. If this client goes silent inside one
+        # (its COMMIT lost on a dead path), PostgreSQL ends the session instead of holding
+        # its row locks, which block the re-sent rows, until TCP keepalive gives up (hours).
+        # SET LOCAL, not a connection parameter: PgBouncer refuses unknown startup parameters.
+        bound_ms = round(settings.db_idle_in_transaction_timeout_s * 1000)
+        self.bound_transaction_sql = f"SET LOCAL idle_in_transaction_session_timeout = {bound_ms}"
         self.max_waiting = settings.db_max_waiting
         self.waiting = 0
         self.pool: asyncpg.Pool | None = None

@@ -151,6 +151,7 @@ class PredictionLog:
         self.flush_s = settings.prediction_log_flush_ms / 1000
         self.max_backoff_s = settings.prediction_log_max_backoff_s
         self.write_timeout_s = settings.db_command_timeout_s + settings.db_connect_timeout_s
+        self._begin_sql = f"{db.bound_transaction_sql}; {_CREATE_STAGE}"  # one round trip
         self.inputs_mode = settings.prediction_log_inputs
         self.buffer: deque[Row] = deque()
         # Crash safety: each buffered row is also in the journal until it is durable.
@@ -334,7 +335,7 @@ class PredictionLog:
         """One batch, idempotently; returns the rows that were new to the database."""
         async with asyncio.timeout(self.write_timeout_s):
             async with self.db.background(self.write_timeout_s) as conn, conn.transaction():
-                await conn.execute(_CREATE_STAGE)
+                await conn.execute(self._begin_sql)
                 await conn.copy_records_to_table(
                     STAGE, records=map(to_record, rows), columns=COLUMNS
                 )
