@@ -14,10 +14,11 @@ import onnxruntime as ort
 import pytest
 
 import postgres
-from podserve.db.jobs import JobStore
+from podserve.db.jobs import ClaimedJob, JobStore
 from podserve.db.pool import Database
 from podserve.settings import Settings
 from server_process import ServerProcess
+from tcp_proxy import TcpProxy
 
 LEASE_S = 2.0
 JOBS = 200
@@ -149,6 +150,67 @@ def test_unknown_and_expired_jobs_are_404(client: httpx.Client, db_url: str) -> 
         )
         == 0
     )
+
+
+def test_a_lost_commit_does_not_hold_the_job(db_url: str) -> None:
+    """The path to PostgreSQL dies between a job's result UPDATE and its COMMIT: PostgreSQL
+    keeps that session idle in transaction, holding the job's row lock (other workers' claims
+    skip it, the retry waits on it). The transaction's idle_in_transaction_session_timeout
+    must end the orphan, so the retried store succeeds within seconds."""
+    import asyncio
+
+    owner = "lost-commit-test"
+
+    async def scenario(proxy: TcpProxy) -> dict[str, object]:
+        settings = Settings(
+            database_url=postgres.with_port(db_url, proxy.port),
+            db_pool_min=0,
+            db_command_timeout_s=0.5,
+            db_connect_timeout_s=0.5,
+            db_idle_in_transaction_timeout_s=2.0,
+        )
+        db = Database(settings)
+        await db.open()
+        store = JobStore(db, settings)
+        job_id = await store.submit("affine", "1", b"{}", 2)
+        await asyncio.to_thread(  # held by this test, with a lease no one else takes over
+            postgres.query,
+            db_url,
+            "UPDATE podserve_jobs SET status = 'running', attempts = 1, lease_owner = $2, "
+            "lease_expires_at = now() + interval '1 hour' WHERE id = $1",
+            job_id,
+            owner,
+        )
+        job = ClaimedJob(job_id, "affine", "1", b"{}", 2, 1)
+        proxy.sever_at(b"COMMIT;")
+        try:
+            first = repr(await store.succeed(job, owner, b"[1]", None))
+        except TimeoutError:
+            first = "timeout"
+        started = time.monotonic()
+        stored = None
+        while stored is None and time.monotonic() - started < 15:
+            try:
+                stored = await store.succeed(job, owner, b"[1]", None)
+            except TimeoutError:  # waited one timeout on the orphan's row lock
+                await asyncio.sleep(0.1)
+        await db.close()
+        status = await asyncio.to_thread(
+            postgres.scalar, db_url, "SELECT status FROM podserve_jobs WHERE id = $1", job_id
+        )
+        return {
+            "first": first,
+            "severed": proxy.severed,
+            "stored": stored,
+            "seconds": round(time.monotonic() - started, 2),
+            "status": status,
+        }
+
+    with TcpProxy(*postgres.host_port(db_url)) as proxy:
+        stats = postgres.run(scenario(proxy))
+    assert stats["first"] == "timeout" and stats["severed"] == 1, stats
+    assert stats["stored"] is True and stats["seconds"] < 5, stats
+    assert stats["status"] == "succeeded", stats
 
 
 def test_a_job_that_cannot_run_fails_with_a_reason(client: httpx.Client, db_url: str) -> None:
