@@ -16,8 +16,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,3 +237,31 @@ def server_env(url: str, spool_dir: Path, **overrides: str) -> dict[str, str]:
         "PODSERVE_PREDICTION_LOG_MAX_BACKOFF_S": "0.5",
         **overrides,
     }
+
+
+# --- the lost-COMMIT tests (tests/db): a write whose path dies before its COMMIT ----------
+def lost_commit_settings(url: str, proxy_port: int, **knobs: Any) -> Any:
+    """Settings through the proxy: a write gives up after 1 s, and PostgreSQL ends a session
+    idle inside a write transaction after 2 s (so the orphan outlives the first timeout)."""
+    from podserve.settings import Settings
+
+    return Settings(
+        database_url=with_port(url, proxy_port),
+        db_pool_min=0,
+        db_command_timeout_s=0.5,
+        db_connect_timeout_s=0.5,
+        db_idle_in_transaction_timeout_s=2.0,
+        **knobs,
+    )
+
+
+async def retry_past_orphan(write: Callable[[], Awaitable[Any]], bound_s: float = 15) -> Any:
+    """Retry `write` while it times out (waiting on an orphaned transaction's locks), for up
+    to bound_s; (its result or None, seconds taken)."""
+    started = time.monotonic()
+    while time.monotonic() - started < bound_s:
+        try:
+            return await write(), round(time.monotonic() - started, 2)
+        except TimeoutError:
+            await asyncio.sleep(0.1)
+    return None, round(time.monotonic() - started, 2)

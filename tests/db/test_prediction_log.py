@@ -257,17 +257,9 @@ def test_a_lost_commit_does_not_hold_the_resent_rows(db_url: str, tmp_path: Path
     the batch's request-id locks. The writer re-sends the same rows on a new connection;
     they must land once the transaction's idle_in_transaction_session_timeout ends the orphan,
     not wait on its locks until TCP keepalive gives up (hours)."""
-    import asyncio
 
     async def scenario(proxy: TcpProxy) -> dict[str, object]:
-        settings = Settings(
-            database_url=postgres.with_port(db_url, proxy.port),
-            spool_dir=tmp_path,
-            db_pool_min=0,
-            db_command_timeout_s=0.5,
-            db_connect_timeout_s=0.5,
-            db_idle_in_transaction_timeout_s=2.0,
-        )
+        settings = postgres.lost_commit_settings(db_url, proxy.port, spool_dir=tmp_path)
         db = Database(settings)
         await db.open()
         plog = PredictionLog(db, Spool(tmp_path), settings)
@@ -278,25 +270,14 @@ def test_a_lost_commit_does_not_hold_the_resent_rows(db_url: str, tmp_path: Path
         except TimeoutError:
             first = "timeout"
         orphans = await _idle_in_transaction(db_url)
-        started = time.monotonic()
-        attempts = 0
-        while time.monotonic() - started < 15:
-            attempts += 1
-            try:
-                inserted = await plog.write(rows)
-                break
-            except TimeoutError:  # blocked on the orphan's locks for one write timeout
-                await asyncio.sleep(0.1)
-        else:
-            inserted = -1
+        inserted, seconds = await postgres.retry_past_orphan(lambda: plog.write(rows))
         await db.close()
         return {
             "first": first,
             "orphans": orphans,
             "severed": proxy.severed,
             "inserted": inserted,
-            "attempts": attempts,
-            "seconds": round(time.monotonic() - started, 2),
+            "seconds": seconds,
         }
 
     with TcpProxy(*postgres.host_port(db_url)) as proxy:
