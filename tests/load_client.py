@@ -17,6 +17,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     workers: Counter = field(default_factory=Counter)
     connections: set[tuple[str, int]] = field(default_factory=set)  # (worker, client port)
+    closed_by_server: int = 0  # responses with `Connection: close` (the client reconnects)
     retry_after: set[str] = field(default_factory=set)
     server_timings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -61,6 +62,8 @@ async def closed_loop(
             result.statuses[response.status_code] += 1
             worker = response.headers.get("x-podserve-worker")
             result.workers[worker] += 1
+            if response.headers.get("connection", "").lower() == "close":
+                result.closed_by_server += 1  # its port may be unreadable below: count it here
             stream = response.extensions.get("network_stream")
             if stream is not None:
                 with contextlib.suppress(OSError):  # closed on `Connection: close` already

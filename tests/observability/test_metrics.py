@@ -160,7 +160,7 @@ def test_gauges_are_summed_over_live_workers(server: ServerProcess) -> None:
 def test_in_flight_requests_are_visible_to_a_scrape_of_either_worker(
     server: ServerProcess,
 ) -> None:
-    async def scenario() -> tuple[float, int]:
+    async def scenario() -> tuple[float, int, int]:
         load = asyncio.create_task(
             closed_loop(server.url, "/v2/models/slow/infer", SLOW, 6, 2.0, 400)
         )
@@ -170,15 +170,18 @@ def test_in_flight_requests_are_visible_to_a_scrape_of_either_worker(
             result = await asyncio.to_thread(scrape, server.url)
             peak = max(peak, result.value("podserve_inflight_requests"))
             await asyncio.sleep(0.05)
-        return peak, len((await load).connections)
+        done = await load
+        return peak, len(done.connections), done.closed_by_server
 
-    peak, connections = asyncio.run(scenario())
+    peak, connections, moved = asyncio.run(scenario())
     # Each worker's count is sampled about once a second, so a request on a connection that
     # moved to the other worker within that window (connection balancing closes surplus
-    # keep-alive connections) can be in both samples: the sum never exceeds the connections
-    # used, which is 6 when none moved. A leaked count would pass it within a few requests.
+    # keep-alive connections with `Connection: close`) can be in both samples: the sum never
+    # exceeds the 6 clients plus the moves. (Counting client ports instead missed a move whose
+    # closed socket no longer told its port: peak 7 against 6 "connections" in one CI run.)
+    # A leaked count would pass the bound within a few requests.
     assert connections >= 6
-    assert 2 <= peak <= connections, (peak, connections)
+    assert 2 <= peak <= 6 + moved, (peak, connections, moved)
 
 
 def test_a_dead_workers_gauges_go_and_its_counts_stay(
