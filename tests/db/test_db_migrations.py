@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import asyncpg
 import pytest
 
 import postgres
-from podserve.db.migrations import MigrationError, latest_version, migrate_url, packaged_migrations
+from podserve.db.migrations import (
+    MigrationError,
+    latest_version,
+    migrate,
+    migrate_url,
+    packaged_migrations,
+    take_migration_lock,
+)
+from tcp_proxy import TcpProxy
 
 PODSERVE = [sys.executable, "-m", "podserve.cli"]
 TABLES = {
@@ -110,3 +119,50 @@ def test_unreachable_database_fails_loudly() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: ConnectionRefusedError")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("in_transaction", [False, True], ids=["idle", "idle-in-transaction"])
+def test_a_migrator_lost_mid_run_does_not_hold_the_lock(
+    pg_server: postgres.PostgresServer, in_transaction: bool
+) -> None:
+    """A migrator's network path dies while it holds the lock, between migrations or inside
+    one's transaction: PostgreSQL is never told, so only the session's own idle bound ends
+    it. The next migrate gets the lock within that bound (without it: keepalive, hours)."""
+
+    async def scenario(url: str, proxy: TcpProxy) -> dict[str, object]:
+        lost = await asyncpg.connect(postgres.with_port(url, proxy.port))
+        await take_migration_lock(lost, lock_timeout_s=5, orphan_timeout_s=1.5)
+        if in_transaction:
+            await lost.execute("BEGIN")
+        proxy.sever_at(b"SELECT 'lost'")
+        with pytest.raises(TimeoutError):
+            await lost.execute("SELECT 'lost'", timeout=0.5)
+        orphan = lost.get_server_pid()
+        direct = await asyncpg.connect(url)
+        try:
+            state = "SELECT state FROM pg_stat_activity WHERE pid = $1"
+            orphan_state = await direct.fetchval(state, orphan)
+            started = time.monotonic()
+            applied = await migrate(direct, lock_timeout_s=15)
+            seconds = time.monotonic() - started
+            orphan_after = await direct.fetchval(state, orphan)
+        finally:
+            await direct.close()
+            lost.terminate()
+        return {
+            "severed": proxy.severed,
+            "orphan_state": orphan_state,
+            "orphan_after": orphan_after,
+            "applied": applied,
+            "seconds": round(seconds, 2),
+        }
+
+    with (
+        postgres.fresh_database(pg_server.admin_url) as url,
+        TcpProxy(*postgres.host_port(url)) as proxy,
+    ):
+        stats = postgres.run(scenario(url, proxy))
+    held_as = "idle in transaction" if in_transaction else "idle"
+    assert stats["severed"] == 1 and stats["orphan_state"] == held_as, stats
+    assert stats["applied"] == [m.version for m in packaged_migrations()], stats
+    assert stats["orphan_after"] is None and stats["seconds"] < 10, stats

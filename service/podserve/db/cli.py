@@ -72,8 +72,10 @@ def _run(coro: Any) -> Any:
 
 def _migrate(args: argparse.Namespace) -> int:
     from podserve.db.migrations import migrate_url
+    from podserve.settings import get_settings
 
-    applied = _run(migrate_url(_database_url(args), wait_s=args.wait))
+    bound_s = get_settings().db_idle_in_transaction_timeout_s
+    applied = _run(migrate_url(_database_url(args), wait_s=args.wait, orphan_timeout_s=bound_s))
     print(f"migrations applied: {applied}" if applied else "schema up to date")
     return 0
 

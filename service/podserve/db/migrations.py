@@ -3,6 +3,12 @@
 `podserve db migrate` applies the missing ones in order, each in its own transaction,
 under a session advisory lock: many pods starting at once (a Helm hook, init containers)
 serialize on the lock, and all but the first find nothing left to do.
+
+The lock lives as long as the session. A migrator whose network path dies (a node lost, a
+conntrack entry dropped) leaves PostgreSQL a session that looks merely idle, so the lock would
+be held until TCP keepalive gives up (hours by default) and every later migrate would wait
+for it, then fail. The migrating session therefore asks PostgreSQL to end it once it sits idle
+for `orphan_timeout_s`, inside a transaction or not; a live migrator is never idle that long.
 """
 
 from __future__ import annotations
@@ -74,9 +80,11 @@ async def applied_versions(conn: asyncpg.Connection) -> dict[int, str]:
     return {row["version"]: row["checksum"] for row in rows}
 
 
-async def migrate(conn: asyncpg.Connection, lock_timeout_s: float = 300.0) -> list[int]:
+async def migrate(
+    conn: asyncpg.Connection, lock_timeout_s: float = 300.0, orphan_timeout_s: float = 5.0
+) -> list[int]:
     """Apply the missing migrations; return the versions applied by this call."""
-    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY, timeout=lock_timeout_s)
+    await take_migration_lock(conn, lock_timeout_s, orphan_timeout_s)
     try:
         await conn.execute(_CREATE_TABLE)
         applied = await applied_versions(conn)
@@ -104,6 +112,22 @@ async def migrate(conn: asyncpg.Connection, lock_timeout_s: float = 300.0) -> li
         await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
 
 
+async def take_migration_lock(
+    conn: asyncpg.Connection, lock_timeout_s: float, orphan_timeout_s: float
+) -> None:
+    """Bound how long an orphan of this session can outlive its client, then take the lock."""
+    bound_ms = max(1, round(orphan_timeout_s * 1000))
+    await conn.execute(f"SET idle_in_transaction_session_timeout = {bound_ms}")
+    if conn.get_server_version().major >= 14:  # idle_session_timeout is new in PostgreSQL 14
+        await conn.execute(f"SET idle_session_timeout = {bound_ms}")
+    else:
+        log.warning(
+            "PostgreSQL < 14 cannot end an idle session: a migrator lost mid-run holds the "
+            "migration lock until TCP keepalive ends its session"
+        )
+    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY, timeout=lock_timeout_s)
+
+
 def _check_unchanged(migration: Migration, checksum: str) -> None:
     """An applied migration edited afterwards means the schema is not what the code expects."""
     if checksum != migration.checksum:
@@ -113,11 +137,13 @@ def _check_unchanged(migration: Migration, checksum: str) -> None:
         )
 
 
-async def migrate_url(dsn: str, connect_timeout_s: float = 10.0, wait_s: float = 0.0) -> list[int]:
+async def migrate_url(
+    dsn: str, connect_timeout_s: float = 10.0, wait_s: float = 0.0, orphan_timeout_s: float = 5.0
+) -> list[int]:
     """Connect (retrying for up to wait_s while the server is not up yet) and migrate."""
     conn = await _connect(dsn, connect_timeout_s, time.monotonic() + wait_s)
     try:
-        return await migrate(conn)
+        return await migrate(conn, orphan_timeout_s=orphan_timeout_s)
     finally:
         await conn.close()
 
