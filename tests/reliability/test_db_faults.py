@@ -173,7 +173,8 @@ def _restart_and_replay(server: ServerProcess, spool: Path, timeout: float = 65)
     """
     env = {k: v for k, v in server.env.items() if k.startswith("PODSERVE_")}
     env.pop("PODSERVE_PORT")
-    with ServerProcess(Path(env["PODSERVE_MODEL_REPOSITORY"]), workers=1, env=env) as replayer:
+    repo = Path(env["PODSERVE_MODEL_REPOSITORY"])
+    with ServerProcess(repo, workers=server.workers, env=env) as replayer:  # as in production
         deadline = time.monotonic() + timeout
         while list(spool.glob("*.seg")) and time.monotonic() < deadline:
             time.sleep(0.1)
