@@ -132,6 +132,43 @@ def test_kserve_v1(client: httpx.Client) -> None:
     assert multi.json()["predictions"][0]["id_sum"] == 3
 
 
+def test_what_is_served_is_listed(client: httpx.Client) -> None:
+    """KServe V1's model list and Triton's repository index agree with the metadata."""
+    names = client.get("/v1/models").json()["models"]
+    assert {"affine", "tabular", "text"} <= set(names) and names == sorted(names)
+    index = client.post("/v2/repository/index")
+    assert index.status_code == 200, index.text
+    for body in ({"ready": True}, {"ready": False}, {}):  # every served version is ready
+        assert client.post("/v2/repository/index", json=body).json() == index.json()
+    versions: dict[str, list[str]] = {}
+    for entry in index.json():
+        assert entry["state"] == "READY", entry
+        versions.setdefault(entry["name"], []).append(entry["version"])
+    assert sorted(versions) == names
+    for name, listed in versions.items():
+        assert listed == client.get(f"/v2/models/{name}").json()["versions"], name
+    assert versions["affine"] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v2/repository/models/tabular/load", None, 400, "does not load models at run time"),
+        ("/v2/repository/models/tabular/unload", None, 400, "does not unload models"),
+        ("/v2/repository/models/nope/load", None, 404, "unknown model 'nope'"),
+        ("/v2/repository/index", b"[1", 400, "malformed JSON"),
+        ("/v2/repository/index", b"[]", 400, "must be a JSON object"),
+        ("/v2/repository/index", b'{"ready": "yes"}', 400, "'ready' must be true or false"),
+    ],
+)
+def test_repository_calls_podserve_does_not_serve_say_why(
+    client: httpx.Client, path: str, body: bytes | None, status: int, message: str
+) -> None:
+    response = client.post(path, content=body, headers=JSON)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
 def test_openapi_documents_the_endpoints(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in spec["paths"]

@@ -25,6 +25,17 @@ def test_health_and_metadata(triton_client: triton.InferenceServerClient) -> Non
     assert meta["inputs"][0]["name"] == "input"
 
 
+def test_repository_index_and_model_control(triton_client: triton.InferenceServerClient) -> None:
+    index = triton_client.get_model_repository_index()
+    assert {"name": "affine", "version": "2", "state": "READY"} in index
+    assert {entry["name"] for entry in index} >= {"affine", "tabular", "text"}
+    with pytest.raises(InferenceServerException, match="roll out a new revision") as refused:
+        triton_client.load_model("tabular")
+    assert refused.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="does not unload models"):
+        triton_client.unload_model("tabular")
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_tabular_round_trip(triton_client: triton.InferenceServerClient, binary: bool) -> None:
     from sklearn.datasets import load_breast_cancer

@@ -13,7 +13,14 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from podserve import __version__, routes_health, routes_jobs, routes_v1, routes_v2
+from podserve import (
+    __version__,
+    routes_health,
+    routes_jobs,
+    routes_repository,
+    routes_v1,
+    routes_v2,
+)
 from podserve.auth import api_keys, install_auth
 from podserve.direct_routes import DirectRoutes
 from podserve.errors import PodserveError
@@ -124,8 +131,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     _install_error_handlers(app)
-    for router in (routes_health.router, routes_v2.router, routes_v1.router, routes_jobs.router):
-        app.include_router(router)
+    routers = (routes_health, routes_v2, routes_v1, routes_repository, routes_jobs)
+    for module in routers:
+        app.include_router(module.router)
     # Innermost: the inference endpoints skip FastAPI's router (see direct_routes.py).
     app.add_middleware(DirectRoutes, fastapi_app=app, routes=inference_routes())
     install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
