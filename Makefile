@@ -44,9 +44,11 @@ $(CHECKOV_VENV)/.installed:
 	mkdir -p $(TOOLS) && ln -sf ../checkov/bin/checkov $(TOOLS)/checkov
 	touch $@
 
-# A real helm binary, installed by the project's own script (no cluster needed), and checkov.
+# A real helm binary and promtool, installed by the project's own scripts (no cluster
+# needed), and checkov.
 tools: $(VENV)/.installed-test $(CHECKOV_VENV)/.installed
 	PATH=$(BIN):$$PATH sh helm/tools/install-helm $(TOOLS)
+	sh helm/tools/install-promtool $(TOOLS)
 
 # Regenerate the kustomize base (k8s/base/podserve.yaml) from the chart's defaults.
 k8s-sync: tools

@@ -154,6 +154,7 @@ def _schema_filename(obj: Obj) -> str:
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): HERE / "schemas" / "keda-scaledobject.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): HERE / "schemas" / "servicemonitor.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): HERE / "schemas" / "prometheusrule.json",
 }
 
 

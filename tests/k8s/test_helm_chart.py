@@ -98,6 +98,13 @@ def test_crd_schemas_reject_bad_objects(helm: str) -> None:
     bad = copy.deepcopy(monitor)
     bad["spec"]["endpoints"][0]["intervall"] = "15s"
     assert schema_errors(bad)
+    rule = one(helm_template(helm, VALUE_SETS["custom-metric-hpa"]), "PrometheusRule", "podserve")
+    bad = copy.deepcopy(rule)
+    bad["spec"]["groups"][0]["rules"][0]["for"] = 300  # a duration string, not seconds
+    assert schema_errors(bad)
+    bad = copy.deepcopy(rule)
+    del bad["spec"]["groups"][0]["rules"][0]["alert"]  # neither alert nor record
+    assert schema_errors(bad)
 
 
 def test_defaults_render_core_objects(helm: str) -> None:
