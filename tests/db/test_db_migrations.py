@@ -146,6 +146,10 @@ def test_a_migrator_lost_mid_run_does_not_hold_the_lock(
             applied = await migrate(direct, lock_timeout_s=15)
             seconds = time.monotonic() - started
             orphan_after = await direct.fetchval(state, orphan)
+            restored = [
+                await direct.fetchval(f"SHOW {name}")
+                for name in ("idle_session_timeout", "idle_in_transaction_session_timeout")
+            ]
         finally:
             await direct.close()
             lost.terminate()
@@ -155,6 +159,7 @@ def test_a_migrator_lost_mid_run_does_not_hold_the_lock(
             "orphan_after": orphan_after,
             "applied": applied,
             "seconds": round(seconds, 2),
+            "restored": restored,
         }
 
     with (
@@ -166,3 +171,4 @@ def test_a_migrator_lost_mid_run_does_not_hold_the_lock(
     assert stats["severed"] == 1 and stats["orphan_state"] == held_as, stats
     assert stats["applied"] == [m.version for m in packaged_migrations()], stats
     assert stats["orphan_after"] is None and stats["seconds"] < 10, stats
+    assert stats["restored"] == ["0", "0"], stats  # the caller's session is its own again

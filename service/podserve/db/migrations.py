@@ -84,8 +84,8 @@ async def migrate(
     conn: asyncpg.Connection, lock_timeout_s: float = 300.0, orphan_timeout_s: float = 5.0
 ) -> list[int]:
     """Apply the missing migrations; return the versions applied by this call."""
-    await take_migration_lock(conn, lock_timeout_s, orphan_timeout_s)
     try:
+        await take_migration_lock(conn, lock_timeout_s, orphan_timeout_s)
         await conn.execute(_CREATE_TABLE)
         applied = await applied_versions(conn)
         done: list[int] = []
@@ -109,7 +109,18 @@ async def migrate(
             done.append(migration.version)
         return done
     finally:
+        # Not held if taking it timed out: then this is a no-op (false, and a notice).
         await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+        for name in _idle_bounds(conn):  # the caller's connection is its own again
+            await conn.execute(f"RESET {name}")
+
+
+def _idle_bounds(conn: asyncpg.Connection) -> list[str]:
+    """The settings that end an idle session, of those this server knows."""
+    names = ["idle_in_transaction_session_timeout"]
+    if conn.get_server_version().major >= 14:  # idle_session_timeout is new in PostgreSQL 14
+        names.append("idle_session_timeout")
+    return names
 
 
 async def take_migration_lock(
@@ -117,10 +128,10 @@ async def take_migration_lock(
 ) -> None:
     """Bound how long an orphan of this session can outlive its client, then take the lock."""
     bound_ms = max(1, round(orphan_timeout_s * 1000))
-    await conn.execute(f"SET idle_in_transaction_session_timeout = {bound_ms}")
-    if conn.get_server_version().major >= 14:  # idle_session_timeout is new in PostgreSQL 14
-        await conn.execute(f"SET idle_session_timeout = {bound_ms}")
-    else:
+    names = _idle_bounds(conn)
+    for name in names:
+        await conn.execute(f"SET {name} = {bound_ms}")
+    if "idle_session_timeout" not in names:
         log.warning(
             "PostgreSQL < 14 cannot end an idle session: a migrator lost mid-run holds the "
             "migration lock until TCP keepalive ends its session"
