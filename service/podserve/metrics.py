@@ -56,6 +56,8 @@ REQUEST_BUCKETS = (
     5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# How late a 0.1 s tick runs: ~1 ms idle (timer resolution), tens of ms is trouble.
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # Exception class -> podserve_rejections_total{reason}; the first match wins.
 REJECTION_REASONS: tuple[tuple[type[Exception], str], ...] = (
@@ -314,6 +316,16 @@ class Metrics:
         self.open_connections = gauge(
             "podserve_open_connections", "Client connections open (HTTP keep-alive included)"
         )
+        self.loop_lag = Histogram(
+            "podserve_event_loop_lag_seconds",
+            "How late the event loop ran a tick due every 0.1 s (busy, or not scheduled)",
+            buckets=LOOP_LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.loop_stalls = Counter(
+            "podserve_event_loop_stalls",
+            "Event-loop stalls of PODSERVE_LOOP_STALL_S or more (logged with the loop's stack)",
+            registry=r,
+        )
         self.connections_rebalanced = Counter(
             "podserve_connections_rebalanced",
             "Connections a worker above its share closed after a response, to even out workers",
@@ -371,6 +383,16 @@ class Metrics:
             self.pending.observe(child, rows)
         else:
             child.observe(rows)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        if self.pending is not None:
+            self.pending.observe(self.loop_lag, seconds)
+        else:
+            self.loop_lag.observe(seconds)
+
+    def count_loop_stall(self) -> None:
+        """From the watchdog thread: straight to the value (prometheus_client locks it)."""
+        self.loop_stalls.inc()
 
     def count_rejection(self, reason: str) -> None:
         self._count(self._child(self.rejections, (reason,)))

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from podserve.inference_flow import CONTEXT_SCOPE_KEY, RequestContext
+from podserve.loop_watch import LoopWatch
 from podserve.metrics import Metrics, rejection_reason
 from podserve.tracing import Tracing, response_headers
 
@@ -47,6 +48,12 @@ class Observability:
         self.metrics = Metrics() if settings.metrics_enabled else None
         self.tracing = Tracing.from_settings(settings)
         self._refresher: asyncio.Task[None] | None = None
+        metrics = self.metrics
+        self.loop_watch = LoopWatch(
+            settings.loop_stall_s,
+            on_lag=metrics.observe_loop_lag if metrics is not None else None,
+            on_stall=metrics.count_loop_stall if metrics is not None else None,
+        )
 
     def install(self, app: FastAPI) -> None:
         if self.tracing is not None:
@@ -59,7 +66,8 @@ class Observability:
             app.add_middleware(ObservabilityMiddleware, observability=self)
 
     async def start(self) -> None:
-        """After the models are loaded (lifespan startup)."""
+        """After the models are loaded (lifespan startup): loading may hold the loop."""
+        self.loop_watch.start(asyncio.get_running_loop())
         if self.metrics is None:
             return
         if self.runtime.repository is not None:
@@ -70,6 +78,7 @@ class Observability:
         )
 
     async def stop(self) -> None:
+        self.loop_watch.stop()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
         0.5, ge=0, le=10, description="a draining worker's idle connections: time for a request"
     )
     worker_timeout_s: float = Field(60.0, gt=0)
+    loop_stall_s: float = Field(
+        2.0, ge=0, description="log the event loop's stack when it stalls this long; 0 = off"
+    )
     keepalive_s: float = Field(75.0, gt=0, description="> typical LB idle timeout (60 s)")
     max_requests: int = Field(0, ge=0, description="recycle a worker after N requests; 0 = never")
     recycle_max_wait_s: float = Field(

@@ -157,6 +157,24 @@ def test_gauges_are_summed_over_live_workers(server: ServerProcess) -> None:
     assert result.value("podserve_pool_busy_threads") == 0
 
 
+def test_event_loop_lag_is_measured_and_no_stall_counted(server: ServerProcess) -> None:
+    """Each worker's loop ticks every 0.1 s (loop_watch.py); the lag histogram grows with
+    the ticks, and an idle server's loops run them on time."""
+    count = "podserve_event_loop_lag_seconds_count"
+    first = _wait_for(server.url, lambda s: s.value(count) > 0)
+    time.sleep(2.5)
+    later = scrape(server.url)
+    ticks = later.value(count) - first.value(count)
+    lag = later.value("podserve_event_loop_lag_seconds_sum") - first.value(
+        "podserve_event_loop_lag_seconds_sum"
+    )
+    assert ticks >= 10, (first, later)  # ~20/s for two workers, written once a second
+    assert lag / ticks < 0.05, lag / ticks
+    assert later.value("podserve_event_loop_lag_seconds_bucket", le="+Inf") == later.value(count)
+    assert later.find("podserve_event_loop_stalls_total"), "the stall counter is exported at 0"
+    assert later.value("podserve_event_loop_stalls_total") == 0
+
+
 def test_in_flight_requests_are_visible_to_a_scrape_of_either_worker(
     server: ServerProcess,
 ) -> None:
