@@ -82,11 +82,14 @@ def _settled_scrapes(url: str) -> list[Scrape]:
 
 
 def _counters(result: Scrape) -> dict[tuple, float]:
-    """Counter and histogram samples, without the scrapes' own (they grow with each scrape)."""
+    """Counter and histogram samples, without the scrapes' own (they grow with each scrape)
+    and the event-loop lag ticks (they grow ten times a second on their own)."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for s in result.samples
-        if s.name.endswith(("_total", "_bucket", "_count")) and s.labels.get("route") != "/metrics"
+        if s.name.endswith(("_total", "_bucket", "_count"))
+        and s.labels.get("route") != "/metrics"
+        and not s.name.startswith("podserve_event_loop_lag")
     }
 
 
