@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from podserve.errors import BadRequest, ModelNotReady
+from podserve.errors import BadRequest
 from podserve.http_body import check_content_type, read_body
 from podserve.inference_flow import runtime_of
 from podserve.json_response import json_response
@@ -28,10 +28,7 @@ FIXED_SET = (
 
 
 def _repository(request: Request) -> ModelRepository:
-    repository = runtime_of(request).repository
-    if repository is None:
-        raise ModelNotReady("models are still loading")
-    return repository
+    return runtime_of(request).served()
 
 
 @router.get("/v1/models", summary="List models (KServe V1)")

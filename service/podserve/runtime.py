@@ -95,10 +95,14 @@ class ServingRuntime:
     def ready(self) -> bool:
         return self.loaded and not lifecycle.is_draining()
 
-    def model(self, name: str, version: str | None = None) -> OnnxModel:
+    def served(self) -> ModelRepository:
+        """The loaded repository; 503 while the models are still loading."""
         if self.repository is None:
             raise ModelNotReady("models are still loading")
-        return self.repository.get(name, version)
+        return self.repository
+
+    def model(self, name: str, version: str | None = None) -> OnnxModel:
+        return self.served().get(name, version)
 
     def deadline(self, started: float, header: str | None) -> float | None:
         """Absolute perf_counter deadline from the request header or the default setting."""
