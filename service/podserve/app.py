@@ -18,6 +18,7 @@ from podserve import (
     routes_health,
     routes_jobs,
     routes_repository,
+    routes_statistics,
     routes_v1,
     routes_v2,
 )
@@ -130,8 +131,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = runtime
+    app.state.observability = observability
     _install_error_handlers(app)
-    routers = (routes_health, routes_v2, routes_v1, routes_repository, routes_jobs)
+    # routes_statistics before routes_v2: /v2/models/stats is not a model named "stats".
+    routers = (
+        routes_health, routes_statistics, routes_v2, routes_v1, routes_repository, routes_jobs,
+    )  # fmt: skip
     for module in routers:
         app.include_router(module.router)
     # Innermost: the inference endpoints skip FastAPI's router (see direct_routes.py).

@@ -254,6 +254,7 @@ class Metrics:
         # Multiprocess mode: per-request samples are tallied and flushed (see module doc).
         self.pending = PendingSamples() if self.path is not None else None
         self.inflight_requests = 0  # written to the in-flight gauge with the flush
+        self._last_inference: dict[str, float] = {}  # model -> Unix time, not yet written
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -275,6 +276,11 @@ class Metrics:
         self.batch_size = Histogram(
             "podserve_batch_size", "Rows per inference session run", ["model"],
             buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.last_inference = Gauge(
+            "podserve_last_inference_timestamp_seconds",
+            "When the model's last inference session run ended (Unix time)",
+            ["model"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.rejections = Counter(
             "podserve_rejections", "Requests refused by admission control or deadlines",
@@ -377,7 +383,8 @@ class Metrics:
             labels = dict(zip(names, values, strict=True))
             self.exemplars.record(name, bounds, labels, value, trace_id)
 
-    def observe_batch(self, model: str, rows: int) -> None:
+    def observe_batch(self, model: str, rows: int, ended_s: float) -> None:
+        self._last_inference[model] = ended_s  # a gauge write per flush, not per run
         child = self._child(self.batch_size, (model,))
         if self.pending is not None:
             self.pending.observe(child, rows)
@@ -409,6 +416,9 @@ class Metrics:
     def flush(self) -> None:
         """Write this worker's pending samples and in-flight count to its files."""
         self.inflight.set(self.inflight_requests)
+        last, self._last_inference = self._last_inference, {}
+        for model, ended_s in last.items():
+            self._child(self.last_inference, (model,)).set(ended_s)
         if self.pending is not None:
             self.pending.flush()
 

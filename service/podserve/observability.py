@@ -99,7 +99,8 @@ class Observability:
 
     def _observe_batch(self, record: BatchRecord) -> None:
         assert self.metrics is not None
-        self.metrics.observe_batch(record.model.name, sum(item.rows for item in record.requests))
+        rows = sum(item.rows for item in record.requests)
+        self.metrics.observe_batch(record.model.name, rows, record.end_ns / 1e9)
 
     def model_label(self, scope: Scope, ctx: RequestContext | None) -> str:
         """The model's name, only for served models (a 404's path must not create series)."""

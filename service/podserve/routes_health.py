@@ -7,15 +7,17 @@ from fastapi import APIRouter, Request, Response
 from podserve import __version__
 from podserve.inference_flow import runtime_of
 from podserve.json_response import json_response
+from podserve.routes_statistics import metrics_of
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/v2", summary="Server metadata")
-async def server_metadata() -> Response:
-    return json_response(
-        {"name": "podserve", "version": __version__, "extensions": ["binary_tensor_data"]}
-    )
+async def server_metadata(request: Request) -> Response:
+    extensions = ["binary_tensor_data"]
+    if metrics_of(request) is not None:
+        extensions.append("statistics")
+    return json_response({"name": "podserve", "version": __version__, "extensions": extensions})
 
 
 @router.get("/v2/health/live", summary="Liveness: the process answers")

@@ -1,0 +1,152 @@
+"""Triton's statistics extension, computed from the pod's Prometheus series.
+
+`GET /v2/models[/{name}[/versions/{version}]]/stats` answers what tritonclient's
+`get_inference_statistics()` (and tools built on it) read, from the same merged metric files
+a scrape reads, so the two never disagree and the hot path records nothing twice:
+
+- success / fail: requests answered on the inference routes (V2 infer, V1 predict) with
+  200 / with an error status, and their total time (`podserve_request_duration_seconds`);
+- queue, compute_input, compute_infer, compute_output: the `queue`, `preprocess`, `infer` and
+  `postprocess` phases (`podserve_phase_duration_seconds`); like Triton's, a batch's run
+  counts once for each request in it; a phase a model does not have (no pre-processor: no
+  `preprocess`) keeps a count of 0;
+- inference_count / execution_count: rows inferred / inference session runs
+  (`podserve_batch_size`), background jobs included;
+- last_inference: the end of the model's last session run, in ms since the epoch.
+
+Counts are cumulative since the pod started (a recycled worker's counts stay). The answering
+worker's own samples are exact; the other workers' reach the files within a second
+(metrics.py). The metrics are labelled by model, not by version: a model that serves one
+version reports it; one that serves several reports its totals without a version.
+`batch_stats` is empty (run times are not kept per batch size; `podserve_batch_size` has the
+distribution of sizes) and there is no response cache, so `cache_hit` stays 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+INFERENCE_ROUTES = frozenset({
+    "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    "/v1/models/{model_name}:predict",
+})  # fmt: skip
+PHASE_STATS = {
+    "queue": "queue",
+    "preprocess": "compute_input",
+    "infer": "compute_infer",
+    "postprocess": "compute_output",
+}
+
+
+@dataclass
+class Duration:
+    count: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, sample: Sample) -> None:
+        if sample.name.endswith("_count"):
+            self.count += sample.value
+        elif sample.name.endswith("_sum"):
+            self.seconds += sample.value
+
+    def as_json(self) -> dict[str, int]:
+        return {"count": round(self.count), "ns": round(self.seconds * 1e9)}
+
+
+@dataclass
+class ModelTotals:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    phases: dict[str, Duration] = field(
+        default_factory=lambda: {stat: Duration() for stat in PHASE_STATS.values()}
+    )
+    runs: float = 0.0  # inference session runs
+    rows: float = 0.0
+    last_inference_s: float = 0.0
+
+
+Totals = defaultdict[str, ModelTotals]
+
+
+def _requests(totals: Totals, sample: Sample) -> None:
+    labels = sample.labels
+    model, status = labels.get("model"), labels.get("status", "")
+    if not model or labels.get("route") not in INFERENCE_ROUTES or not status.isdigit():
+        return
+    if status == "200":
+        totals[model].success.add(sample)
+    elif int(status) >= 400:
+        totals[model].fail.add(sample)
+
+
+def _phases(totals: Totals, sample: Sample) -> None:
+    stat = PHASE_STATS.get(sample.labels.get("phase", ""))
+    model = sample.labels.get("model")
+    if stat is not None and model:
+        totals[model].phases[stat].add(sample)
+
+
+def _batches(totals: Totals, sample: Sample) -> None:
+    model = sample.labels.get("model")
+    if not model:
+        return
+    if sample.name.endswith("_count"):
+        totals[model].runs += sample.value
+    elif sample.name.endswith("_sum"):
+        totals[model].rows += sample.value
+
+
+def _last_inference(totals: Totals, sample: Sample) -> None:
+    model = sample.labels.get("model")
+    if model:
+        totals[model].last_inference_s = max(totals[model].last_inference_s, sample.value)
+
+
+READERS: dict[str, Callable[[Totals, Sample], None]] = {
+    "podserve_request_duration_seconds": _requests,
+    "podserve_phase_duration_seconds": _phases,
+    "podserve_batch_size": _batches,
+    "podserve_last_inference_timestamp_seconds": _last_inference,
+}
+
+
+def read_totals(collector: Collector) -> dict[str, ModelTotals]:
+    """Per model, from every worker's samples (file I/O: call it off the event loop)."""
+    totals: Totals = defaultdict(ModelTotals)
+    for family in collector.collect():
+        reader = READERS.get(family.name)
+        if reader is not None:
+            for sample in family.samples:
+                reader(totals, sample)
+    return dict(totals)
+
+
+def model_stat(name: str, versions: Iterable[str], totals: ModelTotals | None) -> dict[str, Any]:
+    """One $model_stat object of the extension."""
+    t = totals or ModelTotals()
+    served = list(versions)
+    stat: dict[str, Any] = {"name": name}
+    if len(served) == 1:
+        stat["version"] = served[0]
+    zero = Duration().as_json()
+    stat |= {
+        "last_inference": round(t.last_inference_s * 1000),
+        "inference_count": round(t.rows),
+        "execution_count": round(t.runs),
+        "inference_stats": {
+            "success": t.success.as_json(),
+            "fail": t.fail.as_json(),
+            **{key: duration.as_json() for key, duration in t.phases.items()},
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [],
+    }
+    return stat

@@ -1,0 +1,164 @@
+"""Triton's statistics extension, read with the real tritonclient from a 2-worker server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from server_process import ServerProcess
+
+ROWS = np.random.default_rng(7).normal(size=(2, 30)).astype(np.float32)
+PHASES_RUN = ("queue", "compute_infer", "compute_output")  # tabular: no pre-processor
+
+
+@pytest.fixture(scope="module")
+def stats_server(model_repo: Path) -> Iterator[ServerProcess]:
+    """Its own server: the counts below are exact, no other test's requests in them."""
+    with ServerProcess(model_repo, workers=2) as proc:
+        yield proc
+
+
+@pytest.fixture()
+def triton_client(stats_server: ServerProcess) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(f"127.0.0.1:{stats_server.port}")
+
+
+def _tabular(client: triton.InferenceServerClient) -> dict:
+    (stat,) = client.get_inference_statistics("tabular")["model_stats"]
+    return stat
+
+
+def _infer_on_fresh_connections(server: ServerProcess, count: int) -> set[str]:
+    """Each request on a new connection: the kernel spreads them over both workers."""
+    body = {"inputs": [{"name": "input", "shape": [2, 30], "datatype": "FP32",
+                        "data": ROWS.ravel().tolist()}]}  # fmt: skip
+    workers = set()
+    for _ in range(count):
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            response = http.post("/v2/models/tabular/infer", json=body)
+        assert response.status_code == 200, response.text
+        workers.add(response.headers["x-podserve-worker"])
+    return workers
+
+
+def _wait_for(client: triton.InferenceServerClient, success: int) -> dict:
+    """Other workers' samples reach the metric files within a second (metrics.py)."""
+    deadline = time.monotonic() + 10
+    while True:
+        stat = _tabular(client)
+        if stat["inference_stats"]["success"]["count"] >= success or time.monotonic() > deadline:
+            return stat
+        time.sleep(0.2)
+
+
+def _delta(after: dict, before: dict, key: str) -> dict[str, int]:
+    a, b = after["inference_stats"][key], before["inference_stats"][key]
+    return {"count": a["count"] - b["count"], "ns": a["ns"] - b["ns"]}
+
+
+def test_every_request_of_every_worker_is_counted(
+    stats_server: ServerProcess, triton_client: triton.InferenceServerClient
+) -> None:
+    before = _wait_for(triton_client, 0)  # start-up warm-up runs, if any, are in `before`
+    started_ms = time.time() * 1000
+    workers = _infer_on_fresh_connections(stats_server, 30)
+    tensor = triton.InferInput("input", list(ROWS.shape), "FP32")
+    tensor.set_data_from_numpy(ROWS)
+    for _ in range(10):  # and over the binary extension, on one keep-alive connection
+        triton_client.infer("tabular", [tensor])
+    ended_ms = time.time() * 1000
+    assert len(workers) == 2, "30 new connections all went to one worker"
+
+    goal = before["inference_stats"]["success"]["count"] + 40
+    after = _wait_for(triton_client, goal)
+    success = _delta(after, before, "success")
+    assert success["count"] == 40
+    assert after["inference_count"] - before["inference_count"] == 80  # rows, 2 per request
+    assert 1 <= after["execution_count"] - before["execution_count"] <= 40  # batched or not
+    for key in PHASES_RUN:
+        phase = _delta(after, before, key)
+        assert phase["count"] == 40, key
+        assert 0 < phase["ns"] < success["ns"], key
+    assert _delta(after, before, "compute_input") == {"count": 0, "ns": 0}  # a phase it lacks
+    compute = sum(_delta(after, before, key)["ns"] for key in PHASES_RUN)
+    assert compute < success["ns"]  # the phases are parts of the requests' time
+    assert _delta(after, before, "fail")["count"] == 0
+    assert started_ms - 1000 <= after["last_inference"] <= ended_ms + 1000
+    assert after["version"] == "1"
+    assert after["batch_stats"] == []
+
+
+def test_a_model_with_a_preprocessor_reports_compute_input(
+    triton_client: triton.InferenceServerClient,
+) -> None:
+    texts = triton.InferInput("text", [3], "BYTES")
+    texts.set_data_from_numpy(np.array(["one", "two", "three"], dtype=object))
+    for _ in range(5):
+        triton_client.infer("text", [texts])
+    deadline = time.monotonic() + 10
+    while True:
+        (stat,) = triton_client.get_inference_statistics("text")["model_stats"]
+        stats = stat["inference_stats"]
+        if stats["success"]["count"] >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert stats["success"]["count"] == 5
+    assert stats["compute_input"]["count"] == 5 and stats["compute_input"]["ns"] > 0
+    assert stat["inference_count"] == 15
+
+
+def test_a_refused_request_counts_as_a_failure(
+    stats_server: ServerProcess, triton_client: triton.InferenceServerClient
+) -> None:
+    before = _tabular(triton_client)
+    bad = {"inputs": [{"name": "input", "shape": [1, 29], "datatype": "FP32", "data": [0] * 29}]}
+    response = httpx.post(f"{stats_server.url}/v2/models/tabular/infer", json=bad, timeout=10)
+    assert response.status_code == 400, response.text
+    deadline = time.monotonic() + 10
+    while (fail := _delta(_tabular(triton_client), before, "fail"))["count"] < 1:
+        assert time.monotonic() < deadline, "the 400 never reached the statistics"
+        time.sleep(0.2)
+    assert fail["count"] == 1 and fail["ns"] > 0
+    assert _delta(_tabular(triton_client), before, "success")["count"] == 0
+
+
+def test_every_served_model_and_version_rules(
+    stats_server: ServerProcess, triton_client: triton.InferenceServerClient
+) -> None:
+    everything = triton_client.get_inference_statistics()["model_stats"]
+    index = triton_client.get_model_repository_index()
+    assert [s["name"] for s in everything] == sorted({entry["name"] for entry in index})
+    by_name = {s["name"]: s for s in everything}
+    assert "version" not in by_name["affine"]  # two versions: kept per model, so no version
+    assert by_name["tabular"]["version"] == "1"
+    assert "statistics" in triton_client.get_server_metadata()["extensions"]
+
+    (one,) = triton_client.get_inference_statistics("tabular", "1")["model_stats"]
+    assert one["name"] == "tabular"
+    with pytest.raises(InferenceServerException, match="per model, not per version") as err:
+        triton_client.get_inference_statistics("affine", "1")
+    assert err.value.status() == "400"
+    for name, version in (("missing", ""), ("tabular", "9")):
+        with pytest.raises(InferenceServerException) as err:
+            triton_client.get_inference_statistics(name, version)
+        assert err.value.status() == "404", (name, version)
+
+
+def test_without_metrics_there_are_no_statistics(model_repo: Path) -> None:
+    env = {"PODSERVE_METRICS_ENABLED": "false"}
+    with ServerProcess(model_repo, workers=1, env=env) as server:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        assert "statistics" not in client.get_server_metadata()["extensions"]
+        with pytest.raises(InferenceServerException, match="PODSERVE_METRICS_ENABLED") as err:
+            client.get_inference_statistics("tabular")
+        assert err.value.status() == "400"
+        tensor = triton.InferInput("input", list(ROWS.shape), "FP32")
+        tensor.set_data_from_numpy(ROWS)
+        assert client.infer("tabular", [tensor]).as_numpy("label").shape == (2,)
