@@ -236,7 +236,7 @@ BAD_REQUESTS = [
      {"inference-header-content-length": "99"}, 400, "outside the body"),
     ("bad timeout header", "/v2/models/affine/infer", VALID,
      {**JSON, "x-podserve-timeout-ms": "soon"}, 400, "Timeout-Ms"),
-    ("gzip unsupported", "/v2/models/affine/infer", VALID,
+    ("unknown content encoding", "/v2/models/affine/infer", VALID,
      {**JSON, "content-encoding": "br"}, 415, "content encoding"),
     ("v1 not instances", "/v1/models/affine:predict", {"inputs": []}, JSON, 400, "instances"),
     ("v1 ragged", "/v1/models/affine:predict", {"instances": [[1, 2, 3, 4], [1]]}, JSON, 400,

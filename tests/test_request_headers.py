@@ -42,12 +42,17 @@ def test_json_types_accepted(content_type: str) -> None:
     check_content_type(Request(scope))
 
 
+@pytest.mark.parametrize("encoding", [b"identity", b" GZip ", b"x-gzip", b"deflate"])
+def test_compressed_bodies_accepted(encoding: bytes) -> None:
+    check_content_type(Request(_scope((b"content-encoding", encoding))))
+
+
 @pytest.mark.parametrize(
     ("headers", "message"),
     [
         ([(b"content-type", b"text/plain")], "content type 'text/plain'"),
         ([(b"content-type", b"application/x-www-form-urlencoded; a=b")], "urlencoded"),
-        ([(b"content-encoding", b" GZip ")], "content encoding 'gzip'"),
+        ([(b"content-encoding", b" BR ")], "content encoding 'br'"),
     ],
 )
 def test_other_types_and_encodings_refused(headers: list, message: str) -> None:

@@ -1,8 +1,16 @@
-"""Reading request bodies safely: size checked before reading, slow drips cut off."""
+"""Reading request bodies safely: size checked before reading, slow drips cut off.
+
+A body sent with `Content-Encoding: gzip` or `deflate` (tritonclient's
+`request_compression_algorithm`) is inflated here, and the inflated size is held to the same
+limit as a plain body, so a small compressed body cannot expand past it (a "zip bomb").
+Answers are sent uncompressed, which HTTP allows whatever `Accept-Encoding` says; tritonclient
+reads both.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 from starlette.requests import Request
 
@@ -11,6 +19,12 @@ from podserve.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unsuppo
 from podserve.request_headers import request_headers
 
 JSON_TYPES = ("application/json", "application/octet-stream")
+# Content-Encoding -> zlib wbits: gzip's header, or zlib's (RFC 9110 "deflate"; raw deflate
+# streams, which some clients send under that name, are tried when zlib's header is missing).
+ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+# Deflate expands at most ~1032:1, so a body this small inflates to ~1 MiB at the most (~1 ms
+# of CPU) and is inflated on the event loop; larger ones in a thread.
+INFLATE_ON_LOOP_MAX_BYTES = 1024
 
 
 def check_content_type(request: Request) -> None:
@@ -22,14 +36,19 @@ def check_content_type(request: Request) -> None:
         if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
             raise UnsupportedMediaType(f"content type {content_type!r} is not supported; send JSON")
     encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(f"content encoding {encoding!r} is not supported")
+    if encoding not in ("", "identity") and encoding not in ENCODINGS:
+        raise UnsupportedMediaType(
+            f"content encoding {encoding!r} is not supported; send gzip, deflate or identity"
+        )
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, or 413 past `max_bytes`, or 408 if it is not in within `timeout_s`
-    (checked by a sweep, not a timer per request: see deadline_sweep.py)."""
-    declared = request_headers(request.scope).get("content-length")
+    """The whole body (inflated if it came compressed), or 413 past `max_bytes`, or 408 if it
+    is not in within `timeout_s` (checked by a sweep, not a timer per request: see
+    deadline_sweep.py)."""
+    headers = request_headers(request.scope)
+    declared = headers.get("content-length")
+
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("Content-Length must be a non-negative integer")
@@ -67,7 +86,46 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         raise
     finally:
         sweep.disarm(task)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    encoding = headers.get("content-encoding")
+    if encoding is None:
+        return body
+    wbits = ENCODINGS.get(encoding.strip().lower())
+    if wbits is None:  # identity; an unknown coding was refused by check_content_type
+        return body
+    if len(body) <= INFLATE_ON_LOOP_MAX_BYTES:
+        return inflate(body, wbits, max_bytes)
+    return await asyncio.to_thread(inflate, body, wbits, max_bytes)  # CPU: off the loop
+
+
+def inflate(body: bytes, wbits: int, max_bytes: int) -> bytes:
+    """Decompress, never producing more than `max_bytes` (413), or 400 for corrupt data."""
+    try:
+        return _inflate_members(body, wbits, max_bytes)
+    except zlib.error as exc:
+        if wbits == ENCODINGS["deflate"]:  # no zlib header: try a raw deflate stream
+            try:
+                return _inflate_members(body, -15, max_bytes)
+            except zlib.error:
+                pass
+        raise BadRequest(f"request body is not valid compressed data ({exc})") from None
+
+
+def _inflate_members(body: bytes, wbits: int, max_bytes: int) -> bytes:
+    out = bytearray()
+    data = body
+    while True:  # gzip allows several members one after the other (RFC 1952 2.2)
+        inflater = zlib.decompressobj(wbits)
+        out += inflater.decompress(data, max_bytes + 1 - len(out))
+        if len(out) > max_bytes:
+            raise PayloadTooLarge(f"decompressed body exceeds the limit of {max_bytes} bytes")
+        if not inflater.eof:
+            raise BadRequest("request body is truncated compressed data")
+        data = inflater.unused_data
+        if not data:
+            return bytes(out)
+        if wbits != ENCODINGS["gzip"]:
+            raise BadRequest("request body has data after the end of its compressed stream")
 
 
 def binary_header_length(request: Request) -> int | None:
