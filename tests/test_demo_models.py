@@ -48,12 +48,15 @@ def test_layout(repo: Path) -> None:
     assert found == [
         "tabular/1/model.onnx",
         "tabular/config.yaml",
+        "tabular/labels.txt",
         "text/1/model.onnx",
         "text/config.yaml",
         "text/tokenizer.json",
     ]
     tabular = yaml.safe_load((repo / "tabular" / "config.yaml").read_text())
-    assert tabular == {"max_batch_size": 64, "max_batch_delay_ms": 2.0, "batching": True}
+    assert tabular == {"max_batch_size": 64, "max_batch_delay_ms": 2.0, "batching": True,
+                       "labels": {"probabilities": "labels.txt"}}  # fmt: skip
+    assert (repo / "tabular" / "labels.txt").read_text() == "malignant\nbenign\n"
     text = yaml.safe_load((repo / "text" / "config.yaml").read_text())
     assert text["max_batch_size"] == 32 and text["batching"] is True
     assert text["preprocessor"] == {

@@ -77,7 +77,8 @@ def build_tabular(dest: Path) -> str:
     from sklearn.datasets import load_breast_cancer
     from sklearn.ensemble import GradientBoostingClassifier
 
-    x, y = load_breast_cancer(return_X_y=True)
+    data = load_breast_cancer()
+    x, y = data.data, data.target
     x = x.astype(np.float32)  # train on what ORT will see, so thresholds match exactly
     clf = GradientBoostingClassifier(n_estimators=50, max_depth=3, random_state=0).fit(x, y)
     # zipmap off: plain `label` INT64 [N] and `probabilities` FP32 [N, 2] tensors.
@@ -91,7 +92,10 @@ def build_tabular(dest: Path) -> str:
     model.ir_version = IR_VERSION
     model_dir = dest / "tabular"
     _save_onnx(model, model_dir)
-    _write_config(model_dir, {"max_batch_size": 64, "max_batch_delay_ms": 2.0, "batching": True})
+    # Class labels for the classification extension, in a file as Triton's label_filename.
+    (model_dir / "labels.txt").write_text("".join(f"{name}\n" for name in data.target_names))
+    _write_config(model_dir, {"max_batch_size": 64, "max_batch_delay_ms": 2.0, "batching": True,
+                              "labels": {"probabilities": "labels.txt"}})  # fmt: skip
     return "tabular"
 
 

@@ -44,6 +44,8 @@ class ModelConfig(BaseModel):
     postprocessor: ProcessorSpec | None = None
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
+    # output -> class labels (a list, or a file in the model's directory, one per line)
+    labels: dict[str, list[str] | str] = Field(default_factory=dict)
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from podserve.classification import load_labels
 from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
 from podserve.errors import BadRequest, PayloadTooLarge
 from podserve.model_config import ModelConfig, TensorSpec
@@ -114,7 +115,9 @@ class OnnxModel:
             for spec in self.inputs
             if spec.datatype in FLOAT_TYPES and not self.allow_nonfinite
         ]
-        self._output_names = {spec.name for spec in self.outputs}
+        self.output_specs = {spec.name: spec for spec in self.outputs}
+        self._output_names = set(self.output_specs)
+        self.labels = load_labels(config.labels, path.parent.parent, self._output_names)
 
     # --- construction helpers ------------------------------------------------------
     def _make_preprocessor(self, config: ModelConfig, model_dir: Path) -> Preprocessor | None:

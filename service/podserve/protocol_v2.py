@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from podserve.classification import check_classifiable, class_count, top_classes
 from podserve.datatypes import INT_TYPES, V2_TO_NUMPY, numpy_to_v2
 from podserve.errors import BadRequest
+from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
 
 BINARY_HEADER = "inference-header-content-length"
@@ -26,6 +28,7 @@ MAX_DIMS = 32
 class RequestedOutput:
     name: str
     binary: bool
+    classification: int | None = None  # top classes instead of the tensor (classification.py)
 
 
 @dataclass
@@ -248,7 +251,8 @@ def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest("each requested output needs a string 'name'")
         params = _object(item.get("parameters"), f"{item['name']}.parameters")
-        outputs.append(RequestedOutput(item["name"], bool(params.get("binary_data", False))))
+        binary = bool(params.get("binary_data", False))
+        outputs.append(RequestedOutput(item["name"], binary, class_count(params, item["name"])))
     return outputs
 
 
@@ -281,17 +285,20 @@ def encode_infer_response(
     outputs: Tensors,
     order: list[str],
     extra_parameters: dict[str, Any] | None = None,
+    labels: dict[str, list[str]] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Return the body and the headers that the binary extension needs (if any)."""
     requested = (
-        [(wanted.name, wanted.binary) for wanted in request.outputs]
+        [(wanted.name, wanted.binary, wanted.classification) for wanted in request.outputs]
         if request.outputs
-        else [(name, request.binary_output) for name in order]
+        else [(name, request.binary_output, None) for name in order]
     )
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for name, binary in requested:
+    for name, binary, classes in requested:
         array = outputs[name]
+        if classes is not None:
+            array = top_classes(array, classes, (labels or {}).get(name))
         entry: dict[str, Any] = {
             "name": name,
             "datatype": numpy_to_v2(array.dtype),
@@ -316,7 +323,10 @@ def encode_infer_response(
     return header + b"".join(blobs), {"Inference-Header-Content-Length": str(len(header))}
 
 
-def check_requested_outputs(request: InferRequest, known: set[str]) -> None:
+def check_requested_outputs(request: InferRequest, known: dict[str, TensorSpec]) -> None:
     for wanted in request.outputs or []:
-        if wanted.name not in known:
+        spec = known.get(wanted.name)
+        if spec is None:
             raise BadRequest(f"unknown output '{wanted.name}'; model outputs are {sorted(known)}")
+        if wanted.classification is not None:
+            check_classifiable(spec)

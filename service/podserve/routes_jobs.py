@@ -40,7 +40,7 @@ async def _submit(request: Request, model_name: str, model_version: str | None) 
     json_length = binary_header_length(request)
     # Validate now: a malformed job is the client's 400, not a job that fails later.
     parsed = parse_infer_request(body, json_length)
-    check_requested_outputs(parsed, model.output_names)
+    check_requested_outputs(parsed, model.output_specs)
     if entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs)) is not None:
         feature_input(model)
     else:

@@ -67,15 +67,16 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         parsed = parse_infer_request(body, binary_header_length(request))
-        check_requested_outputs(parsed, model.output_names)
+        check_requested_outputs(parsed, model.output_specs)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
         parsed.inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, parsed.inputs, parsed.datatypes)
     with ctx.timings.measure("postprocess"):
         content, headers = encode_infer_response(
-            model.name, model.version, parsed, outcome.outputs, [s.name for s in model.outputs]
-        )
+            model.name, model.version, parsed, outcome.outputs, [s.name for s in model.outputs],
+            labels=model.labels,
+        )  # fmt: skip
     raw_headers = [timing_header(ctx), JSON_TYPE]
     if headers:  # the binary extension's header length: the body is JSON, then raw tensors
         raw_headers[1] = BINARY_TYPE

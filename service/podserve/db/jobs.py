@@ -309,8 +309,9 @@ class JobRunner:
             wanted.binary = False  # a stored result is JSON
         parsed.binary_output = False
         content, _ = encode_infer_response(
-            model.name, model.version, parsed, batch.outputs[0], [s.name for s in model.outputs]
-        )
+            model.name, model.version, parsed, batch.outputs[0], [s.name for s in model.outputs],
+            labels=model.labels,
+        )  # fmt: skip
         log_row = None
         if self.log_inputs is not None:
             log_row = make_row(
