@@ -25,6 +25,33 @@ def test_health_and_metadata(triton_client: triton.InferenceServerClient) -> Non
     assert meta["inputs"][0]["name"] == "input"
 
 
+def test_model_config_as_triton_reports_it(triton_client: triton.InferenceServerClient) -> None:
+    tabular = triton_client.get_model_config("tabular")
+    assert tabular["max_batch_size"] == 64  # batched: dims leave out the batch dimension
+    assert tabular["input"] == [
+        {"name": "input", "data_type": "TYPE_FP32", "dims": [30], "format": "FORMAT_NONE"}
+    ]
+    assert {o["name"]: (o["data_type"], o["dims"]) for o in tabular["output"]} == {
+        "label": ("TYPE_INT64", []), "probabilities": ("TYPE_FP32", [2])
+    }  # fmt: skip
+    assert tabular["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    assert tabular["platform"] == "onnxruntime_onnx"
+    text = triton_client.get_model_config("text")
+    assert text["input"][0]["data_type"] == "TYPE_STRING" and text["input"][0]["dims"] == []
+    assert triton_client.get_model_config("affine", "1")["max_batch_size"] == 16
+    mixed = triton_client.get_model_config("mixed")
+    assert [(i["data_type"], i["dims"]) for i in mixed["input"]] == [
+        ("TYPE_INT64", [2]), ("TYPE_FP64", []), ("TYPE_BOOL", [3])
+    ]  # fmt: skip
+    fixed = triton_client.get_model_config("fixed")  # no batch dimension: served unbatched
+    assert fixed["max_batch_size"] == 0 and fixed["input"][0]["dims"] == [1, 3]
+    assert "dynamic_batching" not in fixed
+    for name, version in (("missing", ""), ("affine", "7")):
+        with pytest.raises(InferenceServerException) as err:
+            triton_client.get_model_config(name, version)
+        assert err.value.status() == "404"
+
+
 def test_repository_index_and_model_control(triton_client: triton.InferenceServerClient) -> None:
     index = triton_client.get_model_repository_index()
     assert {"name": "affine", "version": "2", "state": "READY"} in index

@@ -16,6 +16,7 @@ from podserve.protocol_v2 import (
     encode_infer_response,
     parse_infer_request,
 )
+from podserve.triton_model_config import triton_config
 
 router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES)
 
@@ -44,6 +45,19 @@ async def model_metadata(request: Request, model_name: str) -> Response:
 @router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model metadata")
 async def model_version_metadata(request: Request, model_name: str, model_version: str) -> Response:
     return json_response(_metadata(request, runtime_of(request).model(model_name, model_version)))
+
+
+@router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)")
+async def model_config(request: Request, model_name: str) -> Response:
+    return json_response(triton_config(runtime_of(request).model(model_name)))
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/config",
+    summary="Model configuration of a version (Triton)",
+)
+async def model_version_config(request: Request, model_name: str, model_version: str) -> Response:
+    return json_response(triton_config(runtime_of(request).model(model_name, model_version)))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness")
