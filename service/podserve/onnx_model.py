@@ -116,8 +116,7 @@ class OnnxModel:
             if spec.datatype in FLOAT_TYPES and not self.allow_nonfinite
         ]
         self.output_specs = {spec.name: spec for spec in self.outputs}
-        self._output_names = set(self.output_specs)
-        self.labels = load_labels(config.labels, path.parent.parent, self._output_names)
+        self.labels = load_labels(config.labels, path.parent.parent, set(self.output_specs))
 
     # --- construction helpers ------------------------------------------------------
     def _make_preprocessor(self, config: ModelConfig, model_dir: Path) -> Preprocessor | None:
@@ -142,10 +141,6 @@ class OnnxModel:
         """Rows can be concatenated only if dim 0 of every model tensor is dynamic."""
         tensors = self.model_inputs + self.model_outputs
         return all(spec.shape and spec.shape[0] == -1 for spec in tensors)
-
-    @property
-    def output_names(self) -> set[str]:
-        return self._output_names
 
     # --- per-request checks (event loop; cheap) ------------------------------------
     def validate(
