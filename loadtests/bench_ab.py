@@ -1,7 +1,9 @@
 """A/B: podserve under the same load with different settings, rounds interleaved.
 
 Every variant is a podserve server (Gunicorn, `--workers`, the MiniLM model behind the 5 ms
-awaited I/O step with batching on or off, or the tabular model) started once with its own
+awaited I/O step with batching on or off, the tabular model, or the tabular model fed by
+the real `features` lookup in PostgreSQL with the prediction log on: `--model pg`, the
+benchmark's own database, see loadtests.bench.prepare_postgres) started once with its own
 `PODSERVE_*` overrides; the rounds alternate between them, each after its own warm-up, so
 drift on a shared machine hits all variants alike. Per round and as medians it prints
 req/s, client p50/p99, the I/O phase p50/p99, server CPU per request and the event loops'
@@ -31,9 +33,15 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from loadtests.bench import DEFAULT_MODEL, build_repos, podserve_system
+from loadtests.bench import DEFAULT_MODEL, PG_ENTITY, build_repos, podserve_system, prepare_postgres
 from loadtests.bench_measure import Sample, measure_once
-from loadtests.bench_systems import Server, exit_on_sigterm, tabular_body, text_body
+from loadtests.bench_systems import (
+    Server,
+    entity_body,
+    exit_on_sigterm,
+    tabular_body,
+    text_body,
+)
 
 COLUMNS = (
     ("req/s", "throughput", "8.1f"),
@@ -103,7 +111,8 @@ def main() -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", required=True, type=parse_variant)
-    models = ["minilm", "minilm_nobatch", "tabular"]  # minilm_nobatch: batching off in config
+    # minilm_nobatch: batching off in config; pg: tabular fed from PostgreSQL (`features`)
+    models = ["minilm", "minilm_nobatch", "tabular", "pg"]
     parser.add_argument("--model", choices=models, default="minilm")
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -122,19 +131,31 @@ def main() -> int:
     header = f"{'variant':<14} " + " ".join(f"{label:>10}" for label, _, _ in COLUMNS)
     samples: dict[str, list[Sample]] = {name: [] for name, _ in args.variant}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        repos = build_repos(args.model_dir, Path(tmp)) if args.model != "tabular" else None
+        minilm = args.model.startswith("minilm")
+        repos = build_repos(args.model_dir, Path(tmp)) if minilm else None
+        pg_env: dict[str, str] = {}
         if repos is None:
             from podserve.demo_models import build_tabular
 
             repo = Path(tmp, "tabular")
             repo.mkdir()
             build_tabular(repo)
+        if args.model == "pg":
+            dsn = prepare_postgres(Path(tmp))
+            if dsn is None:
+                return 1
+            pg_env = {"PODSERVE_DATABASE_URL": dsn}
         servers = {}
         for name, env in args.variant:
             if repos is not None:  # MiniLM, batching on or off: the repository's config says
                 system = podserve_system(
                     name, "ab", repos[args.model], args.workers, "/v2/models/minilm/infer",
                     text_body(), {"PODSERVE_SIMULATED_IO_MS": str(args.io_ms), **env},
+                )  # fmt: skip
+            elif pg_env:
+                system = podserve_system(
+                    name, "ab", repo, args.workers, "/v2/models/tabular/infer",
+                    entity_body(PG_ENTITY), {**pg_env, **env},
                 )  # fmt: skip
             else:
                 system = podserve_system(

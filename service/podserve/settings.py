@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(1, ge=0)
     db_pool_max: int = Field(4, ge=1)
     db_statement_cache_size: int = Field(256, ge=0)
+    db_reset_sessions: bool = False  # asyncpg's reset query on every release (see db/pool.py)
     db_command_timeout_s: float = Field(2.0, gt=0)
     db_connect_timeout_s: float = Field(2.0, gt=0)
     # A transaction whose client went silent (its network path died) keeps its row locks
