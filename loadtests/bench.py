@@ -37,6 +37,7 @@ from loadtests.bench_systems import (
     SENTENCE,
     Server,
     System,
+    entity_bodies,
     entity_body,
     exit_on_sigterm,
     free_port,
@@ -182,11 +183,12 @@ def catalogue(
                         {}, "tabular GBM, batching on", io_phase=None),
     ]  # fmt: skip
     if dsn is not None:
-        systems.append(
-            podserve_system("podserve-pg", "pg", repos["tabular"], n, tab_path,
-                            entity_body(PG_ENTITY), {"PODSERVE_DATABASE_URL": dsn},
-                            "entity id -> features from PostgreSQL, prediction log on")
-        )  # fmt: skip
+        pg = podserve_system("podserve-pg", "pg", repos["tabular"], n, tab_path,
+                             entity_body(PG_ENTITY), {"PODSERVE_DATABASE_URL": dsn},
+                             "each client's entity id -> features from PostgreSQL, "
+                             "prediction log on")  # fmt: skip
+        pg.bodies = entity_bodies()
+        systems.append(pg)
     if args.competitors:
         from loadtests import competitors
 

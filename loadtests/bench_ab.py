@@ -37,6 +37,7 @@ from loadtests.bench import DEFAULT_MODEL, PG_ENTITY, build_repos, podserve_syst
 from loadtests.bench_measure import Sample, measure_once
 from loadtests.bench_systems import (
     Server,
+    entity_bodies,
     entity_body,
     exit_on_sigterm,
     tabular_body,
@@ -157,6 +158,7 @@ def main() -> int:
                     name, "ab", repo, args.workers, "/v2/models/tabular/infer",
                     entity_body(PG_ENTITY), {**pg_env, **env},
                 )  # fmt: skip
+                system.bodies = entity_bodies()  # each client its own entity
             else:
                 system = podserve_system(
                     name, "ab", repo, args.workers, "/v2/models/tabular/infer",

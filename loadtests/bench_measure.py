@@ -75,9 +75,10 @@ def one_run(
     server: Server, concurrency: int, duration_s: float, honor_retry_after: bool = False
 ) -> tuple[RunResult, float]:
     system = server.system
-    request = encode_request(
-        "POST", "127.0.0.1", system.port, system.path, system.body, "application/json"
-    )
+    request = [
+        encode_request("POST", "127.0.0.1", system.port, system.path, body, "application/json")
+        for body in system.bodies or [system.body]
+    ]
     cpu_before = server.cpu_seconds()
     result = _run_loop(
         lambda: closed_loop(

@@ -59,6 +59,11 @@ def entity_body(entity: str) -> bytes:
     return orjson.dumps({"parameters": {"entity_ids": [entity]}})  # no inputs: fetched by id
 
 
+def entity_bodies(count: int = 64) -> list[bytes]:
+    """One entity per client (patient-0000 ...), as many clients looking up different rows."""
+    return [entity_body(f"patient-{i:04d}") for i in range(count)]
+
+
 @dataclass
 class System:
     """One server configuration and the request it is measured with."""
@@ -73,6 +78,7 @@ class System:
     io_phase: str | None = "features"  # the phase that holds the awaited I/O step
     port: int = 0
     extra_pids: list[int] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # one per connection (mod); else `body`
 
 
 _HANDED_OUT: set[int] = set()

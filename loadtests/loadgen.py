@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -125,7 +126,7 @@ async def _open(host: str, port: int) -> _Connection:
 async def closed_loop(
     host: str,
     port: int,
-    request: bytes,
+    request: bytes | Sequence[bytes],
     concurrency: int,
     duration_s: float,
     max_requests: int = 1_000_000,
@@ -134,12 +135,16 @@ async def closed_loop(
 ) -> RunResult:
     """`concurrency` connections, each sending its next request when the reply arrives.
 
+    With several requests, connection i sends request i mod their count, every time (e.g.
+    each client looks up its own entity).
+
     With `honor_retry_after`, a connection answered 503 or 429 with `Retry-After` waits that
     long first (within the run's duration), as a well-behaved client does; without it, it
     retries at once, as a client that ignores the header would.
     """
     if host not in LOOPBACK:
         raise ValueError(f"load is only ever sent to loopback addresses, not {host!r}")
+    requests = [request] if isinstance(request, bytes) else list(request)
     result = RunResult(concurrency=concurrency)
     sent = 0
     connections = [await _open(host, port) for _ in range(concurrency)]
@@ -148,12 +153,13 @@ async def closed_loop(
 
     async def user(slot: int) -> None:
         nonlocal sent
+        mine = requests[slot % len(requests)]
         while sent < max_requests and time.perf_counter() < deadline:
             sent += 1
             conn = connections[slot]
             begin = time.perf_counter()
             try:
-                status, timing = await asyncio.wait_for(conn.send(request), timeout_s)
+                status, timing = await asyncio.wait_for(conn.send(mine), timeout_s)
             except (OSError, TimeoutError) as exc:
                 result.errors.append(repr(exc))
                 connections[slot] = await _reopen(conn, host, port, result)

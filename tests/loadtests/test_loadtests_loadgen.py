@@ -48,6 +48,19 @@ def test_closed_loop_counts_error_statuses(server) -> None:
     assert result.failures == sum(result.statuses.values())
 
 
+def test_each_connection_sends_its_own_request(server) -> None:
+    """Connection i sends request i mod their count: here one good, one for no model."""
+    port = _port(server.url)
+    requests = [
+        encode_request("POST", "127.0.0.1", port, f"/v2/models/{name}/infer", TABULAR,
+                       "application/json")
+        for name in ("tabular", "nope")
+    ]  # fmt: skip
+    result = asyncio.run(closed_loop("127.0.0.1", port, requests, 2, 0.5, max_requests=200))
+    assert result.ok > 0 and result.statuses[404] > 0
+    assert set(result.statuses) == {200, 404}
+
+
 def test_closed_loop_can_honor_retry_after(shedding_server) -> None:
     """Every entity request is answered 503 + Retry-After: 1. Clients that honour it send one
     request per second each; by default they retry at once (what an overload storm looks
