@@ -101,6 +101,17 @@ def test_binary_outputs_are_stored_as_json(client: httpx.Client) -> None:
     assert job["result"]["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0]
 
 
+def test_a_job_can_ask_for_top_classes(client: httpx.Client) -> None:
+    body = _affine([[1, 2, 3, 4]]) | {
+        "outputs": [{"name": "y", "parameters": {"classification": 2}}]
+    }
+    response = client.post("/v2/models/affine/jobs", json=body)
+    job = _wait_done(client, response.headers["location"])
+    (output,) = job["result"]["outputs"]  # y = 3x = [3, 6, 9, 12]: the top two, by index
+    assert (output["datatype"], output["shape"], output["data"]) == ("BYTES", [1, 2],
+                                                                    ["12:3", "9:2"])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [
@@ -109,8 +120,15 @@ def test_binary_outputs_are_stored_as_json(client: httpx.Client) -> None:
         ("/v2/models/affine/jobs", _affine([[1, 2, 3]]), 400, "data has 3"),
         ("/v2/models/affine/jobs", {}, 400, "'inputs'"),
         ("/v2/models/nope/jobs", {}, 404, "unknown model"),
+        (
+            "/v2/models/affine/jobs",
+            _affine([[1, 2, 3, 4]])
+            | {"outputs": [{"name": "y", "parameters": {"classification": 0}}]},
+            400,
+            "positive integer",
+        ),
     ],
-    ids=["model", "version", "shape", "no inputs", "model before body"],
+    ids=["model", "version", "shape", "no inputs", "model before body", "classification"],
 )
 def test_invalid_jobs_are_refused_at_submission(
     client: httpx.Client, path: str, body: dict, status: int, message: str
