@@ -10,8 +10,9 @@ a scrape reads, so the two never disagree and the hot path records nothing twice
   `postprocess` phases (`podserve_phase_duration_seconds`); like Triton's, a batch's run
   counts once for each request in it; a phase a model does not have (no pre-processor: no
   `preprocess`) keeps a count of 0;
-- inference_count / execution_count: rows inferred / inference session runs
-  (`podserve_batch_size`), background jobs included;
+- inference_count / execution_count: rows inferred / inference session runs of online
+  requests (`podserve_batch_size`, the batcher's runs; background jobs run apart and are
+  not counted);
 - last_inference: the end of the model's last session run, in ms since the epoch.
 
 Counts are cumulative since the pod started (a recycled worker's counts stay). The answering
