@@ -16,7 +16,7 @@ from podserve.protocol_v2 import (
     encode_infer_response,
     parse_infer_request,
 )
-from podserve.triton_model_config import triton_config
+from podserve.triton_model_config import PLATFORM, triton_config
 
 router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES)
 
@@ -26,7 +26,7 @@ def _metadata(request: Request, model: OnnxModel) -> dict:
     return {
         "name": model.name,
         "versions": sorted(served.versions, key=int),
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORM,
         "inputs": [spec.model_dump() for spec in model.inputs],
         "outputs": [spec.model_dump() for spec in model.outputs],
         "parameters": {

@@ -16,6 +16,7 @@ from typing import Any
 from podserve.model_config import TensorSpec
 from podserve.onnx_model import OnnxModel
 
+PLATFORM = "onnxruntime_onnx"  # also the V2 model metadata's `platform`
 # Open Inference Protocol datatype -> Triton's model-config enum (BYTES is TYPE_STRING).
 TRITON_TYPES = {"BYTES": "TYPE_STRING"}
 
@@ -33,7 +34,7 @@ def triton_config(model: OnnxModel) -> dict[str, Any]:
 
     config: dict[str, Any] = {
         "name": model.name,
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORM,
         "backend": "onnxruntime",
         "version_policy": {"all": {}},  # every version in the repository is served
         "max_batch_size": model.max_batch_size if batched else 0,
