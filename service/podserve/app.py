@@ -15,8 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from podserve import (
     __version__,
+    log_control,
     routes_health,
     routes_jobs,
+    routes_logging,
     routes_repository,
     routes_statistics,
     routes_v1,
@@ -102,19 +104,23 @@ def inference_routes() -> list[APIRoute]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.access_log)
+    log_control.apply(log_control.from_settings(settings.log_level, settings.access_log))
     keys = api_keys(settings)  # first: a broken key file stops the boot before threads start
     runtime = ServingRuntime(settings)
     observability = Observability(settings, runtime)  # in the worker: after Gunicorn's fork
+    log_follower = log_control.Follower()  # first look at once: the pod's setting, if changed
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         await observability.start()
+        log_follower.start()
         tune_collector(settings.gc_gen0_threshold, settings.gc_freeze)  # all loaded now
         shorten_slice(settings.thread_slice_us, "event loop")  # lifespan runs on the loop
         try:
             yield
         finally:
+            await log_follower.stop()
             await runtime.stop()
             await observability.stop()  # after the last batch: its spans are flushed too
 
@@ -136,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # routes_statistics before routes_v2: /v2/models/stats is not a model named "stats".
     routers = (
         routes_health, routes_statistics, routes_v2, routes_v1, routes_repository, routes_jobs,
+        routes_logging,
     )  # fmt: skip
     for module in routers:
         app.include_router(module.router)

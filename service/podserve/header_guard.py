@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from podserve import log_control
 from podserve.deadline_sweep import sweep_for
 from podserve.write_coalescing import CoalescingTransport
 
@@ -54,6 +55,16 @@ def guarded_protocol(
     parent: Any = base or _auto_protocol()
 
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
+        # uvicorn decides once per connection whether to write access-log lines; podserve's
+        # switch (POST /v2/logging, log_control.py) holds for open connections too.
+        @property
+        def access_log(self) -> bool:
+            return log_control.access_log_enabled()
+
+        @access_log.setter
+        def access_log(self, _connection_default: bool) -> None:
+            pass
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self.transport = CoalescingTransport(transport, self)

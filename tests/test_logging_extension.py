@@ -1,0 +1,190 @@
+"""Triton's logging extension: the pod's log settings, read and changed at run time."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from podserve import log_control
+from podserve.errors import BadRequest
+from podserve.log_control import LogSettings
+from server_process import ServerProcess
+
+INFO = LogSettings(logging.INFO, access_log=False)
+DEFAULTS = INFO.as_triton()
+
+
+@pytest.mark.parametrize(
+    ("start", "request_body", "level"),
+    [
+        (logging.INFO, {"log_verbose_level": 2}, logging.DEBUG),
+        (logging.INFO, {"log_info": False}, logging.WARNING),
+        (logging.INFO, {"log_warning": False}, logging.ERROR),
+        (logging.INFO, {"log_error": False}, logging.CRITICAL),
+        (logging.ERROR, {"log_info": True}, logging.INFO),
+        (logging.DEBUG, {"log_warning": True}, logging.DEBUG),  # already shown: unchanged
+        (logging.DEBUG, {"log_verbose_level": 0}, logging.INFO),
+        (logging.INFO, {"log_verbose_level": 0, "log_info": True}, logging.INFO),
+        (logging.WARNING, {"log_file": "", "log_format": "json"}, logging.WARNING),
+    ],
+)
+def test_switches_move_the_threshold(start: int, request_body: dict, level: int) -> None:
+    updated = LogSettings(start, access_log=False).updated(request_body)
+    assert updated == LogSettings(level, access_log=False)
+    for name, value in request_body.items():  # what was asked for is what is reported
+        assert updated.as_triton()[name] == value or (name == "log_verbose_level" and value > 1)
+
+
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        ({"log_info": True, "log_warning": False}, "contradict each other"),
+        ({"log_verbose_level": 1, "log_error": False}, "contradict each other"),
+        ({"log_verbose_level": True}, "non-negative integer"),
+        ({"log_verbose_level": -1}, "non-negative integer"),
+        ({"log_verbose_level": "1"}, "non-negative integer"),
+        ({"log_info": 1}, "log_info must be true or false"),
+        ({"access_log": "yes"}, "access_log must be true or false"),
+        ({"log_file": "/var/log/podserve.log"}, "log_file must be empty"),
+        ({"log_format": "ISO8601"}, "log_format must be 'json'"),
+        ({"log_level": "debug"}, "unknown log settings ['log_level']"),
+        (["log_info"], "must be a JSON object"),
+    ],
+)
+def test_bad_settings_are_refused(request_body: object, message: str) -> None:
+    with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+        INFO.updated(request_body)
+
+
+def test_access_log_switch_keeps_the_level() -> None:
+    assert INFO.updated({"access_log": True}) == LogSettings(logging.INFO, access_log=True)
+    assert INFO.updated({}) == INFO
+
+
+def _write_in_child(state: log_control.SharedLogState) -> None:
+    state.write(LogSettings(logging.DEBUG, access_log=True))
+
+
+def test_shared_state_crosses_fork() -> None:
+    """What a forked worker writes, its siblings (here: the parent) read."""
+    state = log_control.SharedLogState()
+    assert state.read() == (0, LogSettings(0, False))
+    child = multiprocessing.get_context("fork").Process(target=_write_in_child, args=(state,))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    assert state.read() == (1, LogSettings(logging.DEBUG, access_log=True))
+
+
+def test_unknown_start_up_level_is_refused() -> None:
+    assert log_control.from_settings("warning", True) == LogSettings(logging.WARNING, True)
+    with pytest.raises(ValueError, match="unknown log level 'loud'"):
+        log_control.from_settings("loud", False)
+
+
+# --- a real 2-worker server ------------------------------------------------------------
+@pytest.fixture()
+def log_server(model_repo: Path) -> Iterator[ServerProcess]:
+    """Its own server per test: the tests change its log settings."""
+    with ServerProcess(model_repo, workers=2) as proc:
+        yield proc
+
+
+def _settings_per_worker(server: ServerProcess, want: int = 2) -> dict[str, dict]:
+    """GET /v2/logging on fresh connections until `want` workers have answered."""
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + 20
+    while len(seen) < want and time.monotonic() < deadline:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            response = http.get("/v2/logging")
+        assert response.status_code == 200, response.text
+        seen[response.headers["x-podserve-worker"]] = response.json()
+    assert len(seen) == want, seen
+    return seen
+
+
+def _wait_for_pod(server: ServerProcess, expected: dict) -> dict[str, dict]:
+    """Every worker follows a change within FOLLOW_INTERVAL_S; allow a few seconds."""
+    deadline = time.monotonic() + 5
+    while True:
+        seen = _settings_per_worker(server)
+        if all(s == expected for s in seen.values()) or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.1)
+
+
+def test_a_change_reaches_every_worker(log_server: ServerProcess) -> None:
+    client = triton.InferenceServerClient(f"127.0.0.1:{log_server.port}")
+    assert "logging" in client.get_server_metadata()["extensions"]
+    assert client.get_log_settings() == DEFAULTS
+    answer = client.update_log_settings({"log_verbose_level": 1, "access_log": True})
+    expected = {**DEFAULTS, "log_verbose_level": 1, "access_log": True}
+    assert answer == expected
+    seen = _wait_for_pod(log_server, expected)
+    assert all(s == expected for s in seen.values()), seen
+    with pytest.raises(InferenceServerException, match="contradict each other"):
+        client.update_log_settings({"log_info": False, "log_verbose_level": 1})
+    assert all(s == expected for s in _settings_per_worker(log_server).values())
+
+
+def test_access_log_on_an_open_connection(log_server: ServerProcess) -> None:
+    """The switch holds for keep-alive connections opened before it was turned on."""
+    with httpx.Client(base_url=log_server.url, timeout=10) as http:
+        assert http.get("/v2/models/tabular/ready?before=1").status_code == 200
+        with httpx.Client(base_url=log_server.url, timeout=10) as other:  # maybe another worker
+            assert other.post("/v2/logging", json={"access_log": True}).status_code == 200
+        _wait_for_pod(log_server, {**DEFAULTS, "access_log": True})
+        assert http.get("/v2/models/tabular/ready?during=1").status_code == 200
+        assert http.post("/v2/logging", json={"access_log": False}).status_code == 200
+        _wait_for_pod(log_server, DEFAULTS)  # the connection may have moved to another worker
+        assert http.get("/v2/models/tabular/ready?after=1").status_code == 200
+    time.sleep(0.3)  # the log file is written by the workers
+    logs = log_server.logs()
+    assert "/v2/models/tabular/ready?during=1" in logs
+    assert "/v2/models/tabular/ready?before=1" not in logs
+    assert "/v2/models/tabular/ready?after=1" not in logs
+
+
+def test_a_replacement_worker_takes_the_pods_setting(log_server: ServerProcess) -> None:
+    """A worker forked after the change starts with it, not with PODSERVE_LOG_LEVEL."""
+    with httpx.Client(base_url=log_server.url, timeout=10) as http:
+        assert http.post("/v2/logging", json={"log_info": False}).json()["log_info"] is False
+    expected = {**DEFAULTS, "log_info": False}
+    assert all(s == expected for s in _wait_for_pod(log_server, expected).values())
+    before = set(log_server.worker_pids())
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = set(log_server.worker_pids())
+        if victim not in pids and len(pids) == 2:
+            break
+        time.sleep(0.1)
+    log_server.wait_ready(60)
+    seen = _settings_per_worker(log_server)
+    assert str(victim) not in seen
+    assert all(s == expected for s in seen.values()), seen
+
+
+def test_bad_requests_leave_the_settings_alone(log_server: ServerProcess) -> None:
+    with httpx.Client(base_url=log_server.url, timeout=10) as http:
+        for body, message in (
+            (b"{nope", "malformed JSON"),
+            (b"[]", "must be a JSON object"),
+            (b'{"log_file": "/tmp/podserve.log"}', "log_file must be empty"),
+            (b'{"log_verbose_level": -3}', "non-negative integer"),
+        ):
+            response = http.post("/v2/logging", content=body)
+            assert response.status_code == 400, response.text
+            assert message in response.json()["error"]
+    assert all(s == DEFAULTS for s in _settings_per_worker(log_server).values())
