@@ -267,11 +267,18 @@ class OnnxModel:
             raise RejectedRequests(errors)
 
     def _split(self, outputs: Tensors, rows: Sequence[int]) -> list[Tensors]:
+        """Each request's rows of every output, as views (no copy). Plain slices: np.split
+        cost ~23 us for 8 requests of the tabular model against ~4 us (more than its run)."""
         if len(rows) == 1:
             return [outputs]
-        bounds = np.cumsum(rows)[:-1]
-        per_output = {name: np.split(value, bounds) for name, value in outputs.items()}
-        return [{name: parts[i] for name, parts in per_output.items()} for i in range(len(rows))]
+        items = list(outputs.items())
+        parts: list[Tensors] = []
+        start = 0
+        for count in rows:
+            end = start + count
+            parts.append({name: value[start:end] for name, value in items})
+            start = end
+        return parts
 
     def warm_up(self) -> None:
         """One inference with a dummy row, so the first real request pays no lazy init."""
