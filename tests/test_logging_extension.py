@@ -15,7 +15,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from podserve import log_control
+from podserve import log_control, pod_settings
 from podserve.errors import BadRequest
 from podserve.log_control import LogSettings
 from server_process import ServerProcess
@@ -71,19 +71,21 @@ def test_access_log_switch_keeps_the_level() -> None:
     assert INFO.updated({}) == INFO
 
 
-def _write_in_child(state: log_control.SharedLogState) -> None:
-    state.write(LogSettings(logging.DEBUG, access_log=True))
+def _write_in_child(words: pod_settings.SharedWords) -> None:
+    words.write((logging.DEBUG, 1))
 
 
-def test_shared_state_crosses_fork() -> None:
+def test_shared_words_cross_fork() -> None:
     """What a forked worker writes, its siblings (here: the parent) read."""
-    state = log_control.SharedLogState()
-    assert state.read() == (0, LogSettings(0, False))
-    child = multiprocessing.get_context("fork").Process(target=_write_in_child, args=(state,))
+    words = pod_settings.SharedWords("test", 2)
+    assert words.read() == (0, (0, 0))
+    child = multiprocessing.get_context("fork").Process(target=_write_in_child, args=(words,))
     child.start()
     child.join(10)
     assert child.exitcode == 0
-    assert state.read() == (1, LogSettings(logging.DEBUG, access_log=True))
+    assert words.read() == (1, (logging.DEBUG, 1))
+    with pytest.raises(ValueError, match="3 values for 2 fields"):
+        words.write((1, 2, 3))
 
 
 def test_unknown_start_up_level_is_refused() -> None:

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from podserve import (
     __version__,
     log_control,
+    pod_settings,
     routes_health,
     routes_jobs,
     routes_logging,
@@ -108,19 +109,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = api_keys(settings)  # first: a broken key file stops the boot before threads start
     runtime = ServingRuntime(settings)
     observability = Observability(settings, runtime)  # in the worker: after Gunicorn's fork
-    log_follower = log_control.Follower()  # first look at once: the pod's setting, if changed
+    pod_follower = pod_settings.Follower()  # log/trace settings changed on another worker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         await observability.start()
-        log_follower.start()
+        pod_follower.start()
         tune_collector(settings.gc_gen0_threshold, settings.gc_freeze)  # all loaded now
         shorten_slice(settings.thread_slice_us, "event loop")  # lifespan runs on the loop
         try:
             yield
         finally:
-            await log_follower.stop()
+            await pod_follower.stop()
             await runtime.stop()
             await observability.stop()  # after the last batch: its spans are flushed too
 

@@ -1,10 +1,7 @@
 """Log settings changed at run time, for the whole pod: Triton's logging extension.
 
-`POST /v2/logging` reaches one worker, but the setting is the pod's: the new level and
-access-log switch go into a few words of shared memory that the Gunicorn master maps before
-it forks (as the connection table), and every worker looks at them twice a second. A worker
-started later (a recycle, a crash) takes the pod's current setting, not the environment's.
-Without the master (the app run in-process) the state is the process's own.
+`POST /v2/logging` reaches one worker; the level and the access-log switch are the pod's
+(pod_settings.py shares them with every worker, including ones started later).
 
 podserve's levels are thresholds (Python logging), not Triton's independent switches: info
 on means warning and error on too. A request is applied field by field (true lowers the
@@ -16,18 +13,13 @@ open too (the protocol reads the switch per request: header_guard.py).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
 import logging
-import mmap
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from podserve import pod_settings
 from podserve.errors import BadRequest
 
-FOLLOW_INTERVAL_S = 0.5
 LOG_FORMAT = "json"  # the only one: JSON lines on stderr (logs.py)
 ACCESS_LOGGERS = ("uvicorn.access", "gunicorn.access")
 SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "gunicorn.error")
@@ -108,36 +100,7 @@ def _bool(request: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-class SharedLogState:
-    """[generation, level, access_log] in anonymous shared memory, inherited across fork.
-
-    Writers (a worker answering a POST) hold a record lock on a memory file, so two POSTs
-    in two workers never interleave; the generation is stored last, so a reader that sees
-    it move reads the fields written before it.
-    """
-
-    def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, 12)  # MAP_SHARED | MAP_ANONYMOUS
-        self._words = memoryview(self._memory).cast("i")
-        self._lock = os.memfd_create("podserve-log-settings-lock")
-
-    def read(self) -> tuple[int, LogSettings]:
-        generation = self._words[0]
-        return generation, LogSettings(self._words[1], bool(self._words[2]))
-
-    def write(self, settings: LogSettings) -> int:
-        fcntl.lockf(self._lock, fcntl.LOCK_EX)
-        try:
-            self._words[1], self._words[2] = settings.level, int(settings.access_log)
-            self._words[0] += 1
-            return self._words[0]
-        finally:
-            fcntl.lockf(self._lock, fcntl.LOCK_UN)
-
-
-_shared: SharedLogState | None = None  # the pod's (mapped by the master) or this process's
 _applied = LogSettings(logging.INFO, False)
-_applied_generation = 0
 
 
 def from_settings(level_name: str, access_log: bool) -> LogSettings:
@@ -146,13 +109,6 @@ def from_settings(level_name: str, access_log: bool) -> LogSettings:
     if level is None:
         raise ValueError(f"unknown log level {level_name!r}")
     return LogSettings(level, access_log)
-
-
-def shared_state() -> SharedLogState:
-    global _shared
-    if _shared is None:
-        _shared = SharedLogState()
-    return _shared
 
 
 def current() -> LogSettings:
@@ -164,9 +120,9 @@ def access_log_enabled() -> bool:
     return _applied.access_log
 
 
-def apply(settings: LogSettings, generation: int | None = None) -> None:
-    """Set this process's loggers; `generation` is the shared state's, once followed."""
-    global _applied, _applied_generation
+def apply(settings: LogSettings) -> None:
+    """Set this process's loggers."""
+    global _applied
     logging.getLogger().setLevel(settings.level)
     for name in SERVER_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET)  # the root's threshold decides
@@ -175,50 +131,17 @@ def apply(settings: LogSettings, generation: int | None = None) -> None:
         access.setLevel(logging.INFO if settings.access_log else logging.NOTSET)
         access.propagate = settings.access_log
     _applied = settings
-    if generation is not None:
-        _applied_generation = generation
+
+
+def _apply_shared(values: tuple[int, ...]) -> None:
+    apply(LogSettings(values[0], bool(values[1])))
+
+
+POD_SETTING = pod_settings.register("log-settings", 2, _apply_shared)
 
 
 def change(request: Any) -> LogSettings:
-    """A POST body: validate, publish to the pod, apply here at once."""
+    """A POST body: validate, apply here at once, publish to the pod's other workers."""
     settings = _applied.updated(request)
-    apply(settings, shared_state().write(settings))
+    POD_SETTING.publish((settings.level, int(settings.access_log)))
     return settings
-
-
-def follow() -> None:
-    """Adopt the pod's setting if another worker changed it (or changed it before we began)."""
-    generation, settings = shared_state().read()
-    if generation != _applied_generation:
-        apply(settings, generation)
-
-
-async def follow_forever() -> None:
-    while True:
-        follow()
-        await asyncio.sleep(FOLLOW_INTERVAL_S)
-
-
-class Follower:
-    """The worker's follow task, started and stopped with the app's lifespan."""
-
-    def __init__(self) -> None:
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(follow_forever(), name="log-settings")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
-def gunicorn_hooks() -> dict[str, Any]:
-    """on_starting: the master maps the shared state, so every worker it forks shares it."""
-
-    def on_starting(_server: Any) -> None:
-        shared_state()
-
-    return {"on_starting": on_starting}

@@ -1,0 +1,123 @@
+"""Settings changed at run time for the whole pod, not just the worker a request reached.
+
+`POST /v2/logging` or `/v2/trace/setting` lands on one worker. Each such setting keeps a few
+words in anonymous shared memory that the Gunicorn master maps before it forks (as the
+connection table), so every worker shares them; a worker applies a change at once and the
+others look twice a second. A worker started later (a recycle, a crash) takes the pod's
+current values, not the environment's. Without the master (the app run in-process) the
+words are the process's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import mmap
+import os
+from collections.abc import Callable
+from typing import Any
+
+FOLLOW_INTERVAL_S = 0.5
+
+
+class SharedWords:
+    """[generation, field...] as 32-bit ints, inherited across fork.
+
+    Writers hold a record lock on a memory file, so two changes in two workers never
+    interleave; the generation is stored last, so a reader that sees it move reads the
+    fields written before it.
+    """
+
+    def __init__(self, name: str, fields: int) -> None:
+        self._memory = mmap.mmap(-1, 4 * (fields + 1))  # MAP_SHARED | MAP_ANONYMOUS
+        self._words = memoryview(self._memory).cast("i")
+        self._lock = os.memfd_create(f"podserve-{name}-lock")
+
+    def read(self) -> tuple[int, tuple[int, ...]]:
+        return self._words[0], tuple(self._words[1:])
+
+    def write(self, values: tuple[int, ...]) -> int:
+        if len(values) != len(self._words) - 1:
+            raise ValueError(f"{len(values)} values for {len(self._words) - 1} fields")
+        fcntl.lockf(self._lock, fcntl.LOCK_EX)
+        try:
+            for index, value in enumerate(values, start=1):
+                self._words[index] = value
+            self._words[0] += 1
+            return self._words[0]
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+
+
+class PodSetting:
+    """One setting's shared words, and what this process last applied of them."""
+
+    def __init__(self, name: str, fields: int, apply: Callable[[tuple[int, ...]], None]) -> None:
+        self.name, self.fields, self._apply = name, fields, apply
+        self._shared: SharedWords | None = None
+        self.applied_generation = 0
+
+    @property
+    def shared(self) -> SharedWords:
+        if self._shared is None:
+            self._shared = SharedWords(self.name, self.fields)
+        return self._shared
+
+    def publish(self, values: tuple[int, ...]) -> None:
+        """Apply here at once, then the other workers follow."""
+        self._apply(values)
+        self.applied_generation = self.shared.write(values)
+
+    def follow(self) -> None:
+        generation, values = self.shared.read()
+        if generation != self.applied_generation:
+            self._apply(values)
+            self.applied_generation = generation
+
+
+_SETTINGS: list[PodSetting] = []
+
+
+def register(name: str, fields: int, apply: Callable[[tuple[int, ...]], None]) -> PodSetting:
+    setting = PodSetting(name, fields, apply)
+    _SETTINGS.append(setting)
+    return setting
+
+
+def follow_all() -> None:
+    for setting in _SETTINGS:
+        setting.follow()
+
+
+class Follower:
+    """The worker's follow task, started and stopped with the app's lifespan; its first look
+    is at once, so a new worker starts with the pod's values."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow_forever(), name="pod-settings")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @staticmethod
+    async def _follow_forever() -> None:
+        while True:
+            follow_all()
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+
+
+def gunicorn_hooks(*settings: PodSetting) -> dict[str, Any]:
+    """on_starting: the master maps the settings' words, so each worker it forks shares them."""
+
+    def on_starting(_server: Any) -> None:
+        for setting in settings:
+            _ = setting.shared
+
+    return {"on_starting": on_starting}
