@@ -19,7 +19,7 @@ from podserve import (
     pod_settings,
     routes_health,
     routes_jobs,
-    routes_logging,
+    routes_pod_settings,
     routes_repository,
     routes_statistics,
     routes_v1,
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # routes_statistics before routes_v2: /v2/models/stats is not a model named "stats".
     routers = (
         routes_health, routes_statistics, routes_v2, routes_v1, routes_repository, routes_jobs,
-        routes_logging,
+        routes_pod_settings,
     )  # fmt: skip
     for module in routers:
         app.include_router(module.router)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from podserve import bind_check, deferred_listen, log_control, pod_settings
+from podserve import bind_check, deferred_listen, log_control, pod_settings, trace_control
 from podserve.logs import gunicorn_logconfig_dict
 from podserve.runtime import resolve_workers
 from podserve.settings import Settings, get_settings
@@ -45,7 +45,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
             _balance_hooks(workers),
-            pod_settings.gunicorn_hooks(log_control.POD_SETTING),
+            pod_settings.gunicorn_hooks(log_control.POD_SETTING, trace_control.POD_SETTING),
         ),
     }
 

@@ -14,7 +14,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
-    extensions = ["binary_tensor_data", "classification", "logging"]
+    extensions = ["binary_tensor_data", "classification", "logging", "trace"]
     if metrics_of(request) is not None:
         extensions.append("statistics")
     return json_response({"name": "podserve", "version": __version__, "extensions": extensions})

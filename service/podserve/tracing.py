@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from podserve import __version__
+from podserve import __version__, trace_control
 from podserve.phases import PHASES
 from podserve.settings import Settings
 
@@ -114,6 +114,10 @@ class LinkedBatchSampler(Sampler):
 
     def __init__(self, base: Sampler) -> None:
         self._base = base
+
+    def set_base(self, base: Sampler) -> None:
+        """A new rate or level from POST /v2/trace/setting (trace_control.py)."""
+        self._base = base  # one reference: requests mid-decision see the old or the new
 
     def should_sample(
         self,
@@ -211,9 +215,11 @@ class Tracing:
 
     def __init__(self, settings: Settings, exporter: SpanExporter) -> None:
         global _active
+        sampler = sampler_from_env()
         self.provider = TracerProvider(
-            sampler=sampler_from_env(), resource=build_resource(settings), shutdown_on_exit=False
+            sampler=sampler, resource=build_resource(settings), shutdown_on_exit=False
         )
+        trace_control.attach(sampler)
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("podserve", __version__)
         if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
@@ -302,6 +308,7 @@ class Tracing:
         """Flush what is buffered (called at worker shutdown)."""
         global _active
         _active = False
+        trace_control.detach()
         self.provider.shutdown()
 
 

@@ -1,0 +1,149 @@
+"""Trace settings changed at run time for the whole pod: Triton's trace extension.
+
+`POST /v2/trace/setting` turns request tracing on or off and sets its rate for every worker
+of the pod (pod_settings.py), for instance to trace every request for a few minutes while
+a latency problem is looked at, then go back to one in a thousand. It maps onto podserve's
+OpenTelemetry tracing (tracing.py):
+
+- `trace_level` `["TIMESTAMPS"]`: requests are traced, with a span per phase (the phases'
+  timestamps); `["OFF"]`: no spans at all, whatever a caller's trace context asks.
+- `trace_rate` "N": one request in N starts a trace (TraceIdRatioBased 1/N); a request that
+  arrives in a sampled trace of its caller continues it (parent-based).
+- `trace_mode` is "opentelemetry", `trace_count` "-1" (no limit), `log_frequency` "0" and
+  `trace_file` "" (spans go to the OTLP exporter): other values are refused.
+
+Until a POST, the settings reported are those of OTEL_TRACES_SAMPLER/_ARG (a ratio r as
+"one in round(1/r)"). Tracing itself is set up at start-up only (an OTLP endpoint, not
+OTEL_SDK_DISABLED, PODSERVE_TRACING_ENABLED): without it the level is OFF and turning it on
+is refused with what to set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+
+from podserve import pod_settings
+from podserve.errors import BadRequest
+
+ON, OFF = "TIMESTAMPS", "OFF"
+TRACE_MODE = "opentelemetry"
+_FIXED = {"trace_count": "-1", "log_frequency": "0", "trace_file": "", "trace_mode": TRACE_MODE}
+KNOWN_FIELDS = ("trace_level", "trace_rate", *_FIXED)
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    on: bool
+    rate: int  # one request in `rate` starts a trace
+
+    def as_triton(self) -> dict[str, Any]:
+        return {"trace_level": [ON if self.on else OFF], "trace_rate": str(self.rate), **_FIXED}
+
+    def updated(self, request: Any) -> TraceSettings:
+        """The settings after a POST body, or BadRequest saying what is wrong with it."""
+        if not isinstance(request, dict):
+            raise BadRequest("trace settings must be a JSON object")
+        unknown = sorted(set(request) - set(KNOWN_FIELDS))
+        if unknown:
+            raise BadRequest(f"unknown trace settings {unknown}; known: {list(KNOWN_FIELDS)}")
+        for name, fixed in _FIXED.items():
+            if name in request and str(request[name]) != fixed:
+                raise BadRequest(f"{name} must be {fixed!r} in podserve: {_WHY[name]}")
+        on = _level(request["trace_level"]) if "trace_level" in request else self.on
+        rate = _rate(request["trace_rate"]) if "trace_rate" in request else self.rate
+        return TraceSettings(on, rate)
+
+    def sampler(self) -> Sampler:
+        return ParentBased(TraceIdRatioBased(1 / self.rate)) if self.on else ALWAYS_OFF
+
+
+_WHY = {
+    "trace_count": "traces are sampled without a count limit",
+    "log_frequency": "spans go to the OTLP exporter, not to files",
+    "trace_file": "spans go to the OTLP exporter, not to files",
+    "trace_mode": "traces are OpenTelemetry spans",
+}
+
+
+def _level(value: Any) -> bool:
+    levels = [value] if isinstance(value, str) else value
+    if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
+        raise BadRequest(f'trace_level must be a list such as ["{ON}"] or ["{OFF}"], not {value!r}')
+    unsupported = sorted(set(levels) - {ON, OFF})
+    if unsupported:
+        raise BadRequest(
+            f"trace_level {unsupported} is not supported: podserve traces phase timestamps "
+            f'(["{ON}"]) or nothing (["{OFF}"])'
+        )
+    if OFF in levels and len(set(levels)) > 1:
+        raise BadRequest(f"trace_level {levels} asks for {OFF} and for tracing at once")
+    return ON in levels
+
+
+def _rate(value: Any) -> int:
+    text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    if not text.isdigit() or int(text) < 1 or int(text) > 2**31 - 1:
+        raise BadRequest(f"trace_rate must be a positive integer (one request in N), not {value!r}")
+    return int(text)
+
+
+def from_env() -> TraceSettings:
+    """What OTEL_TRACES_SAMPLER / _ARG ask for, in Triton's terms (tracing.sampler_from_env)."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name.endswith("always_off"):
+        return TraceSettings(on=False, rate=1)
+    if not name.endswith("traceidratio"):
+        return TraceSettings(on=True, rate=1)
+    try:
+        ratio = min(max(float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")), 0.0), 1.0)
+    except ValueError:
+        ratio = 1.0
+    return TraceSettings(on=True, rate=round(1 / ratio)) if ratio > 0 else TraceSettings(False, 1)
+
+
+class _State:
+    sampler_holder: Any = None  # tracing.LinkedBatchSampler of this process, once tracing is on
+    applied = TraceSettings(on=False, rate=1)
+
+
+def attach(holder: Any) -> None:
+    """Called by tracing.Tracing: this process exports spans; POSTs set its sampler."""
+    _State.sampler_holder = holder
+    _State.applied = from_env()
+
+
+def detach() -> None:
+    _State.sampler_holder = None
+    _State.applied = TraceSettings(on=False, rate=1)
+
+
+def current() -> TraceSettings:
+    return _State.applied
+
+
+def _apply_shared(values: tuple[int, ...]) -> None:
+    if _State.sampler_holder is None:  # tracing is off in this process: nothing to set
+        return
+    settings = TraceSettings(on=bool(values[0]), rate=values[1])
+    _State.sampler_holder.set_base(settings.sampler())
+    _State.applied = settings
+
+
+POD_SETTING = pod_settings.register("trace-settings", 2, _apply_shared)
+
+
+def change(request: Any) -> TraceSettings:
+    """A POST body: validate, apply here at once, publish to the pod's other workers."""
+    settings = _State.applied.updated(request)
+    if _State.sampler_holder is None and settings != _State.applied:
+        raise BadRequest(
+            "tracing is not set up in this pod: start it with OTEL_EXPORTER_OTLP_ENDPOINT "
+            "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set and PODSERVE_TRACING_ENABLED=true"
+        )
+    if settings != _State.applied:
+        POD_SETTING.publish((int(settings.on), settings.rate))
+    return settings
