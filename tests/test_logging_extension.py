@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -190,3 +191,26 @@ def test_bad_requests_leave_the_settings_alone(log_server: ServerProcess) -> Non
             assert response.status_code == 400, response.text
             assert message in response.json()["error"]
     assert all(s == DEFAULTS for s in _settings_per_worker(log_server).values())
+
+
+def _request_lines(server: ServerProcess) -> list[dict]:
+    lines = (line for line in server.logs().splitlines() if line.startswith("{"))
+    return [entry for entry in map(json.loads, lines) if entry.get("msg") == "request"]
+
+
+def test_verbose_logs_each_requests_phases(log_server: ServerProcess) -> None:
+    body = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
+    with httpx.Client(base_url=log_server.url, timeout=10) as http:
+        assert http.post("/v2/models/tabular/infer", json=body).status_code == 200
+        time.sleep(0.3)
+        assert _request_lines(log_server) == []  # info: no per-request line
+        assert http.post("/v2/logging", json={"log_verbose_level": 1}).status_code == 200
+        _wait_for_pod(log_server, {**DEFAULTS, "log_verbose_level": 1})
+        response = http.post("/v2/models/tabular/infer", json=body)
+        assert response.status_code == 200
+    time.sleep(0.3)
+    (line,) = [e for e in _request_lines(log_server) if e["path"] == "/v2/models/tabular/infer"]
+    assert line["level"] == "debug" and line["status"] == 200 and line["model"] == "tabular"
+    assert line["rows"] == 1 and line["batch_rows"] >= 1
+    assert {"parse", "queue", "infer"} <= set(line["phases_ms"])
+    assert line["ms"] >= max(line["phases_ms"].values())
