@@ -16,6 +16,7 @@ from server_process import ServerProcess
 
 ROWS = np.random.default_rng(7).normal(size=(2, 30)).astype(np.float32)
 PHASES_RUN = ("queue", "compute_infer", "compute_output")  # tabular: no pre-processor
+STAGES = ("compute_input", "compute_infer", "compute_output")  # of a batch: every model has all
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,22 @@ def _wait_for(client: triton.InferenceServerClient, success: int) -> dict:
         time.sleep(0.2)
 
 
+def _batch_delta(after: dict, before: dict) -> dict[int, dict[str, dict[str, int]]]:
+    """batch size -> stage -> runs and ns added between the two reads."""
+    earlier = {entry["batch_size"]: entry for entry in before["batch_stats"]}
+    delta = {}
+    for entry in after["batch_stats"]:
+        old = earlier.get(entry["batch_size"], {})
+        zero = {"count": 0, "ns": 0}
+        stages = {
+            stage: {k: entry[stage][k] - old.get(stage, zero)[k] for k in ("count", "ns")}
+            for stage in STAGES
+        }
+        if any(d["count"] for d in stages.values()):
+            delta[entry["batch_size"]] = stages
+    return delta
+
+
 def _delta(after: dict, before: dict, key: str) -> dict[str, int]:
     a, b = after["inference_stats"][key], before["inference_stats"][key]
     return {"count": a["count"] - b["count"], "ns": a["ns"] - b["ns"]}
@@ -93,7 +110,13 @@ def test_every_request_of_every_worker_is_counted(
     assert _delta(after, before, "fail")["count"] == 0
     assert started_ms - 1000 <= after["last_inference"] <= ended_ms + 1000
     assert after["version"] == "1"
-    assert after["batch_stats"] == []
+    per_size = _batch_delta(after, before)
+    assert list(per_size) == [2], per_size  # every run held one request of 2 rows
+    assert {stage: d["count"] for stage, d in per_size[2].items()} == dict.fromkeys(STAGES, 40)
+    assert all(d["ns"] > 0 for d in per_size[2].values())
+    # The same session runs, seen per batch and per request: the same total run time.
+    infer_ns = _delta(after, before, "compute_infer")["ns"]
+    assert abs(per_size[2]["compute_infer"]["ns"] - infer_ns) < 1e4
 
 
 def test_a_model_with_a_preprocessor_reports_compute_input(
@@ -113,6 +136,11 @@ def test_a_model_with_a_preprocessor_reports_compute_input(
     assert stats["success"]["count"] == 5
     assert stats["compute_input"]["count"] == 5 and stats["compute_input"]["ns"] > 0
     assert stat["inference_count"] == 15
+    (size,) = stat["batch_stats"]  # one request of 3 sentences at a time: runs of 3 rows
+    assert size["batch_size"] == 3
+    assert size["compute_input"]["count"] == 5
+    # The tokenizer's time, per batch and per request alike (one request per batch).
+    assert abs(size["compute_input"]["ns"] - stats["compute_input"]["ns"]) < 1e4
 
 
 def test_a_refused_request_counts_as_a_failure(

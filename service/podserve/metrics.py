@@ -277,6 +277,16 @@ class Metrics:
             "podserve_batch_size", "Rows per inference session run", ["model"],
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.batch_runs = Counter(
+            "podserve_batch_runs", "Inference session runs, by the rows in the batch",
+            ["model", "batch_size"], registry=r,
+        )  # fmt: skip
+        self.batch_stage_seconds = Counter(
+            "podserve_batch_stage_seconds",
+            "Time of session runs by batch size and stage: input (feed or pre-processor), "
+            "infer (ONNX Runtime), output (post-processor, split per request)",
+            ["model", "batch_size", "stage"], registry=r,
+        )  # fmt: skip
         self.last_inference = Gauge(
             "podserve_last_inference_timestamp_seconds",
             "When the model's last inference session run ended (Unix time)",
@@ -383,13 +393,21 @@ class Metrics:
             labels = dict(zip(names, values, strict=True))
             self.exemplars.record(name, bounds, labels, value, trace_id)
 
-    def observe_batch(self, model: str, rows: int, ended_s: float) -> None:
+    def observe_batch(
+        self, model: str, rows: int, ended_s: float, stages: dict[str, float] | None = None
+    ) -> None:
+        """One session run; `stages` (input, infer, output: seconds) when it succeeded."""
         self._last_inference[model] = ended_s  # a gauge write per flush, not per run
         child = self._child(self.batch_size, (model,))
         if self.pending is not None:
             self.pending.observe(child, rows)
         else:
             child.observe(rows)
+        if stages is not None:
+            size = str(rows)
+            self._count(self._child(self.batch_runs, (model, size)))
+            for stage, seconds in stages.items():
+                self._count(self._child(self.batch_stage_seconds, (model, size, stage)), seconds)
 
     def observe_loop_lag(self, seconds: float) -> None:
         if self.pending is not None:
@@ -407,11 +425,11 @@ class Metrics:
     def count_inference_error(self, model: str) -> None:
         self._count(self._child(self.inference_errors, (model,)))
 
-    def _count(self, child: Any) -> None:
+    def _count(self, child: Any, amount: float = 1.0) -> None:
         if self.pending is not None:
-            self.pending.inc(child)
+            self.pending.inc(child, amount)
         else:
-            child.inc()
+            child.inc(amount)
 
     def flush(self) -> None:
         """Write this worker's pending samples and in-flight count to its files."""

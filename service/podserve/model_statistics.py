@@ -13,14 +13,18 @@ a scrape reads, so the two never disagree and the hot path records nothing twice
 - inference_count / execution_count: rows inferred / inference session runs of online
   requests (`podserve_batch_size`, the batcher's runs; background jobs run apart and are
   not counted);
-- last_inference: the end of the model's last session run, in ms since the epoch.
+- last_inference: the end of the model's last session run, in ms since the epoch;
+- batch_stats: per batch size (rows in the run), the runs and their time in each stage
+  (`podserve_batch_runs`, `podserve_batch_stage_seconds`): compute_input is building the
+  feed (concatenating the requests, value checks, the pre-processor), compute_infer the
+  ONNX Runtime run, compute_output the post-processor and the split per request; each
+  stage's count is the number of runs.
 
 Counts are cumulative since the pod started (a recycled worker's counts stay). The answering
 worker's own samples are exact; the other workers' reach the files within a second
 (metrics.py). The metrics are labelled by model, not by version: a model that serves one
-version reports it; one that serves several reports its totals without a version.
-`batch_stats` is empty (run times are not kept per batch size; `podserve_batch_size` has the
-distribution of sizes) and there is no response cache, so `cache_hit` stays 0.
+version reports it; one that serves several reports its totals without a version. There is
+no response cache, so `cache_hit` stays 0.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ INFERENCE_ROUTES = frozenset({
     "/v2/models/{model_name}/versions/{model_version}/infer",
     "/v1/models/{model_name}:predict",
 })  # fmt: skip
+BATCH_STAGES = {"input": "compute_input", "infer": "compute_infer", "output": "compute_output"}
 PHASE_STATS = {
     "queue": "queue",
     "preprocess": "compute_input",
@@ -71,6 +76,20 @@ class ModelTotals:
     runs: float = 0.0  # inference session runs
     rows: float = 0.0
     last_inference_s: float = 0.0
+    # batch size -> runs, and time per stage (compute_input, compute_infer, compute_output)
+    batch_runs: dict[int, float] = field(default_factory=dict)
+    batch_seconds: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def batch_stats(self) -> list[dict[str, Any]]:
+        """Triton's $batch_stats: per batch size, each stage's count (the runs) and time."""
+        stats = []
+        for size in sorted(self.batch_runs):
+            runs, seconds = self.batch_runs[size], self.batch_seconds.get(size, {})
+            entry: dict[str, Any] = {"batch_size": size}
+            for stage in BATCH_STAGES.values():
+                entry[stage] = Duration(runs, seconds.get(stage, 0.0)).as_json()
+            stats.append(entry)
+        return stats
 
 
 Totals = defaultdict[str, ModelTotals]
@@ -104,6 +123,25 @@ def _batches(totals: Totals, sample: Sample) -> None:
         totals[model].rows += sample.value
 
 
+def _batch_size(sample: Sample) -> tuple[str, int] | None:
+    model, size = sample.labels.get("model"), sample.labels.get("batch_size", "")
+    return (model, int(size)) if model and size.isdigit() else None
+
+
+def _batch_runs(totals: Totals, sample: Sample) -> None:
+    key = _batch_size(sample)
+    if key is not None and sample.name.endswith("_total"):
+        runs = totals[key[0]].batch_runs
+        runs[key[1]] = runs.get(key[1], 0.0) + sample.value
+
+
+def _batch_stages(totals: Totals, sample: Sample) -> None:
+    key, stage = _batch_size(sample), BATCH_STAGES.get(sample.labels.get("stage", ""))
+    if key is not None and stage is not None and sample.name.endswith("_total"):
+        per_stage = totals[key[0]].batch_seconds.setdefault(key[1], {})
+        per_stage[stage] = per_stage.get(stage, 0.0) + sample.value
+
+
 def _last_inference(totals: Totals, sample: Sample) -> None:
     model = sample.labels.get("model")
     if model:
@@ -114,6 +152,8 @@ READERS: dict[str, Callable[[Totals, Sample], None]] = {
     "podserve_request_duration_seconds": _requests,
     "podserve_phase_duration_seconds": _phases,
     "podserve_batch_size": _batches,
+    "podserve_batch_runs": _batch_runs,
+    "podserve_batch_stage_seconds": _batch_stages,
     "podserve_last_inference_timestamp_seconds": _last_inference,
 }
 
@@ -148,6 +188,6 @@ def model_stat(name: str, versions: Iterable[str], totals: ModelTotals | None) -
             "cache_hit": zero,
             "cache_miss": zero,
         },
-        "batch_stats": [],
+        "batch_stats": t.batch_stats(),
     }
     return stat

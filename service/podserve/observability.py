@@ -100,7 +100,12 @@ class Observability:
     def _observe_batch(self, record: BatchRecord) -> None:
         assert self.metrics is not None
         rows = sum(item.rows for item in record.requests)
-        self.metrics.observe_batch(record.model.name, rows, record.end_ns / 1e9)
+        result = record.result
+        stages = None
+        if result is not None and record.error is None:
+            stages = {"input": result.preprocess_s, "infer": result.infer_s,
+                      "output": result.postprocess_s}  # fmt: skip
+        self.metrics.observe_batch(record.model.name, rows, record.end_ns / 1e9, stages)
 
     def model_label(self, scope: Scope, ctx: RequestContext | None) -> str:
         """The model's name, only for served models (a 404's path must not create series)."""
