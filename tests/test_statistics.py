@@ -163,21 +163,47 @@ def test_every_served_model_and_version_rules(
 ) -> None:
     everything = triton_client.get_inference_statistics()["model_stats"]
     index = triton_client.get_model_repository_index()
-    assert [s["name"] for s in everything] == sorted({entry["name"] for entry in index})
-    by_name = {s["name"]: s for s in everything}
-    assert "version" not in by_name["affine"]  # two versions: kept per model, so no version
-    assert by_name["tabular"]["version"] == "1"
+    served = sorted((entry["name"], int(entry["version"])) for entry in index)
+    assert [(s["name"], int(s["version"])) for s in everything] == served  # one per version
     assert "statistics" in triton_client.get_server_metadata()["extensions"]
 
     (one,) = triton_client.get_inference_statistics("tabular", "1")["model_stats"]
-    assert one["name"] == "tabular"
-    with pytest.raises(InferenceServerException, match="per model, not per version") as err:
-        triton_client.get_inference_statistics("affine", "1")
-    assert err.value.status() == "400"
+    assert (one["name"], one["version"]) == ("tabular", "1")
+    both = triton_client.get_inference_statistics("affine")["model_stats"]
+    assert [(s["name"], s["version"]) for s in both] == [("affine", "1"), ("affine", "2")]
     for name, version in (("missing", ""), ("tabular", "9")):
         with pytest.raises(InferenceServerException) as err:
             triton_client.get_inference_statistics(name, version)
         assert err.value.status() == "404", (name, version)
+
+
+def test_each_version_counts_its_own_requests(
+    stats_server: ServerProcess, triton_client: triton.InferenceServerClient
+) -> None:
+    """A model serving two versions: one named in the path, the default (the highest)."""
+
+    def success(version: str) -> int:
+        (stat,) = triton_client.get_inference_statistics("affine", version)["model_stats"]
+        return stat["inference_stats"]["success"]["count"]
+
+    before = {version: success(version) for version in ("1", "2")}
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    with httpx.Client(base_url=stats_server.url, timeout=10) as http:
+        for path, times in (
+            ("/v2/models/affine/versions/1/infer", 3),
+            ("/v2/models/affine/infer", 2),
+        ):
+            for _ in range(times):
+                assert http.post(path, json=body).status_code == 200
+        refused = http.post("/v2/models/affine/versions/1/infer", json={"inputs": []})
+        assert refused.status_code == 400
+    deadline = time.monotonic() + 10
+    while success("1") - before["1"] < 3 or success("2") - before["2"] < 2:
+        assert time.monotonic() < deadline, "requests never reached the statistics"
+        time.sleep(0.2)
+    assert (success("1") - before["1"], success("2") - before["2"]) == (3, 2)
+    (v1,) = triton_client.get_inference_statistics("affine", "1")["model_stats"]
+    assert v1["inference_stats"]["fail"]["count"] >= 1  # the 400 named version 1
 
 
 def test_without_metrics_there_are_no_statistics(model_repo: Path) -> None:

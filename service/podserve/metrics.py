@@ -254,43 +254,45 @@ class Metrics:
         # Multiprocess mode: per-request samples are tallied and flushed (see module doc).
         self.pending = PendingSamples() if self.path is not None else None
         self.inflight_requests = 0  # written to the in-flight gauge with the flush
-        self._last_inference: dict[str, float] = {}  # model -> Unix time, not yet written
+        # (model, version) -> Unix time, not yet written
+        self._last_inference: dict[tuple[str, str], float] = {}
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, registry=r, multiprocess_mode="livesum")
 
         self.requests = Counter(
-            "podserve_requests", "HTTP requests answered, by model, route template and status",
-            ["model", "route", "status"], registry=r,
+            "podserve_requests",
+            "HTTP requests answered, by model, model version, route template and status",
+            ["model", "version", "route", "status"], registry=r,
         )  # fmt: skip
         self.request_duration = Histogram(
             "podserve_request_duration_seconds",
             "Time from the request reaching the app to the end of the response",
-            ["model", "route", "status"], buckets=REQUEST_BUCKETS, registry=r,
+            ["model", "version", "route", "status"], buckets=REQUEST_BUCKETS, registry=r,
         )  # fmt: skip
         self.phase_duration = Histogram(
             "podserve_phase_duration_seconds", "Time per request phase (parse, queue, infer, ...)",
-            ["model", "phase"], buckets=PHASE_BUCKETS, registry=r,
+            ["model", "version", "phase"], buckets=PHASE_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "podserve_batch_size", "Rows per inference session run", ["model"],
+            "podserve_batch_size", "Rows per inference session run", ["model", "version"],
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_runs = Counter(
             "podserve_batch_runs", "Inference session runs, by the rows in the batch",
-            ["model", "batch_size"], registry=r,
+            ["model", "version", "batch_size"], registry=r,
         )  # fmt: skip
         self.batch_stage_seconds = Counter(
             "podserve_batch_stage_seconds",
             "Time of session runs by batch size and stage: input (feed or pre-processor), "
             "infer (ONNX Runtime), output (post-processor, split per request)",
-            ["model", "batch_size", "stage"], registry=r,
+            ["model", "version", "batch_size", "stage"], registry=r,
         )  # fmt: skip
         self.last_inference = Gauge(
             "podserve_last_inference_timestamp_seconds",
             "When the model's last inference session run ended (Unix time)",
-            ["model"], registry=r, multiprocess_mode="max",
+            ["model", "version"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.rejections = Counter(
             "podserve_rejections", "Requests refused by admission control or deadlines",
@@ -356,17 +358,21 @@ class Metrics:
 
     # --- per request (event loop) ----------------------------------------------------------
     def observe_request(
-        self, model: str, route: str, status: int, seconds: float, trace_id: str | None
-    ) -> None:
-        values = (model, route, str(status))
+        self, model: tuple[str, str], route: str, status: int, seconds: float,
+        trace_id: str | None,
+    ) -> None:  # fmt: skip
+        """`model`: (name, version), or ("", "") for a request that named no served model."""
+        values = (*model, route, str(status))
         self._count(self._child(self.requests, values))
-        self._observe(self.request_duration, ("model", "route", "status"), values, seconds,
-                      trace_id)  # fmt: skip
+        self._observe(self.request_duration, ("model", "version", "route", "status"), values,
+                      seconds, trace_id)  # fmt: skip
 
-    def observe_phases(self, model: str, durations: dict[str, float], trace_id: str | None) -> None:
+    def observe_phases(
+        self, model: tuple[str, str], durations: dict[str, float], trace_id: str | None
+    ) -> None:
         for phase, seconds in durations.items():
-            self._observe(self.phase_duration, ("model", "phase"), (model, phase), seconds,
-                          trace_id)  # fmt: skip
+            self._observe(self.phase_duration, ("model", "version", "phase"), (*model, phase),
+                          seconds, trace_id)  # fmt: skip
 
     def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
         """metric.labels(*values), cached: labels() validates and locks on every call."""
@@ -394,20 +400,22 @@ class Metrics:
             self.exemplars.record(name, bounds, labels, value, trace_id)
 
     def observe_batch(
-        self, model: str, rows: int, ended_s: float, stages: dict[str, float] | None = None
-    ) -> None:
-        """One session run; `stages` (input, infer, output: seconds) when it succeeded."""
+        self, model: tuple[str, str], rows: int, ended_s: float,
+        stages: dict[str, float] | None = None,
+    ) -> None:  # fmt: skip
+        """One session run of (name, version); `stages` (input, infer, output: seconds) when
+        it succeeded."""
         self._last_inference[model] = ended_s  # a gauge write per flush, not per run
-        child = self._child(self.batch_size, (model,))
+        child = self._child(self.batch_size, model)
         if self.pending is not None:
             self.pending.observe(child, rows)
         else:
             child.observe(rows)
         if stages is not None:
             size = str(rows)
-            self._count(self._child(self.batch_runs, (model, size)))
+            self._count(self._child(self.batch_runs, (*model, size)))
             for stage, seconds in stages.items():
-                self._count(self._child(self.batch_stage_seconds, (model, size, stage)), seconds)
+                self._count(self._child(self.batch_stage_seconds, (*model, size, stage)), seconds)
 
     def observe_loop_lag(self, seconds: float) -> None:
         if self.pending is not None:
@@ -436,7 +444,7 @@ class Metrics:
         self.inflight.set(self.inflight_requests)
         last, self._last_inference = self._last_inference, {}
         for model, ended_s in last.items():
-            self._child(self.last_inference, (model,)).set(ended_s)
+            self._child(self.last_inference, model).set(ended_s)
         if self.pending is not None:
             self.pending.flush()
 

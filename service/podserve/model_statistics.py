@@ -22,15 +22,15 @@ a scrape reads, so the two never disagree and the hot path records nothing twice
 
 Counts are cumulative since the pod started (a recycled worker's counts stay). The answering
 worker's own samples are exact; the other workers' reach the files within a second
-(metrics.py). The metrics are labelled by model, not by version: a model that serves one
-version reports it; one that serves several reports its totals without a version. There is
-no response cache, so `cache_hit` stays 0.
+(metrics.py). Every metric carries the model's version, so each version of a model has its
+own statistics (a request that names no version counts for the default one, the highest).
+There is no response cache, so `cache_hit` stays 0.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,13 +92,19 @@ class ModelTotals:
         return stats
 
 
-Totals = defaultdict[str, ModelTotals]
+Totals = defaultdict[tuple[str, str], ModelTotals]  # by (model, version)
+
+
+def _model(sample: Sample) -> tuple[str, str] | None:
+    """The (model, version) a sample is about; None for requests that named no served one."""
+    model, version = sample.labels.get("model"), sample.labels.get("version")
+    return (model, version) if model and version else None
 
 
 def _requests(totals: Totals, sample: Sample) -> None:
-    labels = sample.labels
-    model, status = labels.get("model"), labels.get("status", "")
-    if not model or labels.get("route") not in INFERENCE_ROUTES or not status.isdigit():
+    labels, model = sample.labels, _model(sample)
+    status = labels.get("status", "")
+    if model is None or labels.get("route") not in INFERENCE_ROUTES or not status.isdigit():
         return
     if status == "200":
         totals[model].success.add(sample)
@@ -107,15 +113,14 @@ def _requests(totals: Totals, sample: Sample) -> None:
 
 
 def _phases(totals: Totals, sample: Sample) -> None:
-    stat = PHASE_STATS.get(sample.labels.get("phase", ""))
-    model = sample.labels.get("model")
-    if stat is not None and model:
+    stat, model = PHASE_STATS.get(sample.labels.get("phase", "")), _model(sample)
+    if stat is not None and model is not None:
         totals[model].phases[stat].add(sample)
 
 
 def _batches(totals: Totals, sample: Sample) -> None:
-    model = sample.labels.get("model")
-    if not model:
+    model = _model(sample)
+    if model is None:
         return
     if sample.name.endswith("_count"):
         totals[model].runs += sample.value
@@ -123,9 +128,9 @@ def _batches(totals: Totals, sample: Sample) -> None:
         totals[model].rows += sample.value
 
 
-def _batch_size(sample: Sample) -> tuple[str, int] | None:
-    model, size = sample.labels.get("model"), sample.labels.get("batch_size", "")
-    return (model, int(size)) if model and size.isdigit() else None
+def _batch_size(sample: Sample) -> tuple[tuple[str, str], int] | None:
+    model, size = _model(sample), sample.labels.get("batch_size", "")
+    return (model, int(size)) if model is not None and size.isdigit() else None
 
 
 def _batch_runs(totals: Totals, sample: Sample) -> None:
@@ -143,8 +148,8 @@ def _batch_stages(totals: Totals, sample: Sample) -> None:
 
 
 def _last_inference(totals: Totals, sample: Sample) -> None:
-    model = sample.labels.get("model")
-    if model:
+    model = _model(sample)
+    if model is not None:
         totals[model].last_inference_s = max(totals[model].last_inference_s, sample.value)
 
 
@@ -158,8 +163,8 @@ READERS: dict[str, Callable[[Totals, Sample], None]] = {
 }
 
 
-def read_totals(collector: Collector) -> dict[str, ModelTotals]:
-    """Per model, from every worker's samples (file I/O: call it off the event loop)."""
+def read_totals(collector: Collector) -> dict[tuple[str, str], ModelTotals]:
+    """Per (model, version), from every worker's samples (file I/O: off the event loop)."""
     totals: Totals = defaultdict(ModelTotals)
     for family in collector.collect():
         reader = READERS.get(family.name)
@@ -169,15 +174,13 @@ def read_totals(collector: Collector) -> dict[str, ModelTotals]:
     return dict(totals)
 
 
-def model_stat(name: str, versions: Iterable[str], totals: ModelTotals | None) -> dict[str, Any]:
-    """One $model_stat object of the extension."""
+def model_stat(name: str, version: str, totals: ModelTotals | None) -> dict[str, Any]:
+    """One $model_stat object of the extension: one version of a model."""
     t = totals or ModelTotals()
-    served = list(versions)
-    stat: dict[str, Any] = {"name": name}
-    if len(served) == 1:
-        stat["version"] = served[0]
     zero = Duration().as_json()
-    stat |= {
+    return {
+        "name": name,
+        "version": version,
         "last_inference": round(t.last_inference_s * 1000),
         "inference_count": round(t.rows),
         "execution_count": round(t.runs),
@@ -190,4 +193,3 @@ def model_stat(name: str, versions: Iterable[str], totals: ModelTotals | None) -
         },
         "batch_stats": t.batch_stats(),
     }
-    return stat

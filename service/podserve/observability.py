@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from podserve.errors import NotFound
 from podserve.inference_flow import CONTEXT_SCOPE_KEY, RequestContext
 from podserve.loop_watch import LoopWatch
 from podserve.metrics import Metrics, rejection_reason
@@ -105,15 +106,23 @@ class Observability:
         if result is not None and record.error is None:
             stages = {"input": result.preprocess_s, "infer": result.infer_s,
                       "output": result.postprocess_s}  # fmt: skip
-        self.metrics.observe_batch(record.model.name, rows, record.end_ns / 1e9, stages)
+        model = (record.model.name, record.model.version)
+        self.metrics.observe_batch(model, rows, record.end_ns / 1e9, stages)
 
-    def model_label(self, scope: Scope, ctx: RequestContext | None) -> str:
-        """The model's name, only for served models (a 404's path must not create series)."""
+    def model_label(self, scope: Scope, ctx: RequestContext | None) -> tuple[str, str]:
+        """The model's name and version, only for served ones (a 404's path must not create
+        series); a request refused before it was validated counts for the version it named,
+        or the model's default one."""
         if ctx is not None and ctx.model is not None:
-            return ctx.model.name
-        name = scope.get("path_params", {}).get("model_name")
-        repository = self.runtime.repository
-        return name if repository is not None and name in repository.models else ""
+            return ctx.model.name, ctx.model.version
+        params = scope.get("path_params", {})
+        name, repository = params.get("model_name"), self.runtime.repository
+        if repository is None or name not in repository.models:
+            return "", ""
+        try:
+            return name, repository.get(name, params.get("model_version")).version
+        except NotFound:  # a version the model does not have
+            return name, ""
 
 
 class ObservabilityMiddleware:
@@ -185,7 +194,7 @@ class ObservabilityMiddleware:
         if ctx is not None and ctx.model is not None:
             metrics.observe_phases(model, ctx.timings.durations, trace_id)
             if failed and ctx.outcome is None:  # an unhandled error out of inference
-                metrics.count_inference_error(model)
+                metrics.count_inference_error(model[0])
 
 
 def _log_request(
@@ -200,7 +209,7 @@ def _log_request(
     if ctx is not None:
         fields["phases_ms"] = {p: round(s * 1000, 3) for p, s in ctx.timings.durations.items()}
         if ctx.model is not None:
-            fields.update(model=ctx.model.name, rows=ctx.rows)
+            fields.update(model=ctx.model.name, version=ctx.model.version, rows=ctx.rows)
         if ctx.outcome is not None:
             fields["batch_rows"] = ctx.outcome.batch_rows
     trace_id = _sampled_trace_id(span)

@@ -16,6 +16,7 @@ from podserve.errors import BadRequest
 from podserve.inference_flow import runtime_of
 from podserve.json_response import json_response
 from podserve.metrics import Metrics
+from podserve.model_repository import ServedModel
 from podserve.model_statistics import model_stat, read_totals
 from podserve.openapi_schemas import ERROR_RESPONSES
 
@@ -28,13 +29,15 @@ def metrics_of(request: Request) -> Metrics | None:
 
 @router.get("/v2/models/stats", summary="Inference statistics of every model (Triton)")
 async def all_statistics(request: Request) -> Response:
-    return await _answer(request, None)
+    served = runtime_of(request).served().models
+    return await _answer(request, [(n, v) for n in sorted(served) for v in _versions(served[n])])
 
 
 @router.get("/v2/models/{model_name}/stats", summary="Inference statistics of a model (Triton)")
 async def model_statistics(request: Request, model_name: str) -> Response:
     runtime_of(request).model(model_name)  # an unknown model is a 404, as everywhere
-    return await _answer(request, model_name)
+    served = runtime_of(request).served().models[model_name]
+    return await _answer(request, [(model_name, v) for v in _versions(served)])
 
 
 @router.get(
@@ -44,26 +47,22 @@ async def model_statistics(request: Request, model_name: str) -> Response:
 async def model_version_statistics(
     request: Request, model_name: str, model_version: str
 ) -> Response:
-    runtime = runtime_of(request)
-    runtime.model(model_name, model_version)  # 404 for an unknown model or version
-    versions = runtime.served().models[model_name].versions
-    if len(versions) > 1:
-        raise BadRequest(
-            f"podserve keeps statistics per model, not per version; '{model_name}' serves "
-            f"versions {sorted(versions, key=int)}: ask /v2/models/{model_name}/stats"
-        )
-    return await _answer(request, model_name)
+    model = runtime_of(request).model(model_name, model_version)  # 404: unknown model, version
+    return await _answer(request, [(model.name, model.version)])
 
 
-async def _answer(request: Request, model_name: str | None) -> Response:
+def _versions(served: ServedModel) -> list[str]:
+    return sorted(served.versions, key=int)
+
+
+async def _answer(request: Request, models: list[tuple[str, str]]) -> Response:
+    """One $model_stat per (model, version), as Triton: every version of a model in turn."""
     metrics = metrics_of(request)
     if metrics is None:
         raise BadRequest(
             "statistics come from the metrics, which are off (PODSERVE_METRICS_ENABLED=false)"
         )
-    repository = runtime_of(request).served()
-    names = [model_name] if model_name is not None else sorted(repository.models)
     metrics.flush()  # this worker's own samples are exact in its answer
     totals = await asyncio.to_thread(read_totals, metrics.exposition)  # reads every worker's file
-    stats = [model_stat(n, repository.models[n].versions, totals.get(n)) for n in names]
+    stats = [model_stat(name, version, totals.get((name, version))) for name, version in models]
     return json_response({"model_stats": stats})
