@@ -214,3 +214,18 @@ def test_verbose_logs_each_requests_phases(log_server: ServerProcess) -> None:
     assert line["rows"] == 1 and line["batch_rows"] >= 1
     assert {"parse", "queue", "infer"} <= set(line["phases_ms"])
     assert line["ms"] >= max(line["phases_ms"].values())
+
+
+def test_changes_can_be_turned_off(model_repo: Path) -> None:
+    env = {"PODSERVE_ALLOW_SETTINGS_CHANGES": "false"}
+    with ServerProcess(model_repo, workers=1, env=env) as server:
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        assert client.get_log_settings() == DEFAULTS
+        for change in (
+            lambda: client.update_log_settings({"log_verbose_level": 1}),
+            lambda: client.update_trace_settings(settings={"trace_level": ["OFF"]}),
+        ):
+            with pytest.raises(InferenceServerException, match="turned off") as err:
+                change()
+            assert err.value.status() == "403"
+        assert client.get_log_settings() == DEFAULTS

@@ -36,6 +36,10 @@ class Unauthorized(PodserveError):
     status_code = 401
 
 
+class Forbidden(PodserveError):
+    status_code = 403
+
+
 class ServiceUnavailable(PodserveError):
     status_code = 503
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from podserve import log_control, trace_control
-from podserve.errors import BadRequest
+from podserve.errors import BadRequest, Forbidden
 from podserve.http_body import read_body
 from podserve.json_response import json_response
 from podserve.protocol_v2 import loads_json
@@ -17,8 +17,14 @@ from podserve.runtime import runtime_of
 router = APIRouter(tags=["pod settings"])
 
 
-async def _json_body(request: Request) -> Any:
+async def _change_request(request: Request) -> Any:
+    """The JSON body of a change, if changes are allowed in this pod."""
     settings = runtime_of(request).settings
+    if not settings.allow_settings_changes:
+        raise Forbidden(
+            "changing the pod's log and trace settings is turned off "
+            "(PODSERVE_ALLOW_SETTINGS_CHANGES=false)"
+        )
     return loads_json(
         await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     )
@@ -31,7 +37,7 @@ async def log_settings() -> Response:
 
 @router.post("/v2/logging", summary="Change the pod's log settings")
 async def change_log_settings(request: Request) -> Response:
-    return json_response(log_control.change(await _json_body(request)).as_triton())
+    return json_response(log_control.change(await _change_request(request)).as_triton())
 
 
 @router.get("/v2/trace/setting", summary="Trace settings (Triton's trace extension)")
@@ -41,7 +47,7 @@ async def trace_settings() -> Response:
 
 @router.post("/v2/trace/setting", summary="Change the pod's trace settings")
 async def change_trace_settings(request: Request) -> Response:
-    return json_response(trace_control.change(await _json_body(request)).as_triton())
+    return json_response(trace_control.change(await _change_request(request)).as_triton())
 
 
 @router.get("/v2/models/{model_name}/trace/setting", summary="Trace settings for a model")

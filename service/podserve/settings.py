@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     docs_enabled: bool = True
     log_level: str = "info"
     access_log: bool = False
+    allow_settings_changes: bool = Field(
+        True, description="POST /v2/logging and /v2/trace/setting may change the pod's settings"
+    )
 
     # --- Models and inference ------------------------------------------------------
     model_repository: Path = Path("./model_repository")
