@@ -256,6 +256,7 @@ class Metrics:
         self.inflight_requests = 0  # written to the in-flight gauge with the flush
         # (model, version) -> Unix time, not yet written
         self._last_inference: dict[tuple[str, str], float] = {}
+        self._batch_by_size: dict[tuple[tuple[str, str], int], tuple[Any, dict[str, Any]]] = {}
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -362,7 +363,7 @@ class Metrics:
         trace_id: str | None,
     ) -> None:  # fmt: skip
         """`model`: (name, version), or ("", "") for a request that named no served model."""
-        values = (*model, route, str(status))
+        values = (model[0], model[1], route, str(status))
         self._count(self._child(self.requests, values))
         self._observe(self.request_duration, ("model", "version", "route", "status"), values,
                       seconds, trace_id)  # fmt: skip
@@ -370,9 +371,10 @@ class Metrics:
     def observe_phases(
         self, model: tuple[str, str], durations: dict[str, float], trace_id: str | None
     ) -> None:
+        name, version = model
         for phase, seconds in durations.items():
-            self._observe(self.phase_duration, ("model", "version", "phase"), (*model, phase),
-                          seconds, trace_id)  # fmt: skip
+            self._observe(self.phase_duration, ("model", "version", "phase"),
+                          (name, version, phase), seconds, trace_id)  # fmt: skip
 
     def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
         """metric.labels(*values), cached: labels() validates and locks on every call."""
@@ -412,10 +414,23 @@ class Metrics:
         else:
             child.observe(rows)
         if stages is not None:
-            size = str(rows)
-            self._count(self._child(self.batch_runs, (*model, size)))
+            runs, per_stage = self._batch_children(model, rows)
+            self._count(runs)
             for stage, seconds in stages.items():
-                self._count(self._child(self.batch_stage_seconds, (*model, size, stage)), seconds)
+                self._count(per_stage[stage], seconds)
+
+    def _batch_children(self, model: tuple[str, str], rows: int) -> tuple[Any, dict[str, Any]]:
+        """The run counter's and the stage counters' children for one batch size, cached."""
+        key = (model, rows)
+        children = self._batch_by_size.get(key)
+        if children is None:
+            size = str(rows)
+            per_stage = {
+                stage: self.batch_stage_seconds.labels(*model, size, stage)
+                for stage in ("input", "infer", "output")
+            }
+            children = self._batch_by_size[key] = (self.batch_runs.labels(*model, size), per_stage)
+        return children
 
     def observe_loop_lag(self, seconds: float) -> None:
         if self.pending is not None:
