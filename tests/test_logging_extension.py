@@ -211,7 +211,7 @@ def test_verbose_logs_each_requests_phases(log_server: ServerProcess) -> None:
     time.sleep(0.3)
     (line,) = [e for e in _request_lines(log_server) if e["path"] == "/v2/models/tabular/infer"]
     assert line["level"] == "debug" and line["status"] == 200 and line["model"] == "tabular"
-    assert line["rows"] == 1 and line["batch_rows"] >= 1
+    assert line["rows"] == 1 and line["batch_rows"] == 1  # alone in its batch
     assert {"parse", "queue", "infer"} <= set(line["phases_ms"])
     assert line["ms"] >= max(line["phases_ms"].values())
 

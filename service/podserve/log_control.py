@@ -54,11 +54,7 @@ class LogSettings:
 
     def updated(self, request: Any) -> LogSettings:
         """The settings after a POST body, or BadRequest saying what is wrong with it."""
-        if not isinstance(request, dict):
-            raise BadRequest("log settings must be a JSON object")
-        unknown = sorted(set(request) - set(KNOWN_FIELDS))
-        if unknown:
-            raise BadRequest(f"unknown log settings {unknown}; known: {list(KNOWN_FIELDS)}")
+        request = pod_settings.request_fields(request, KNOWN_FIELDS, "log settings")
         _check_fixed(request)
         wanted = {name: _switch(request, name) for name, _ in _SWITCHES if name in request}
         level = self.level

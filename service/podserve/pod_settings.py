@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from podserve.errors import BadRequest
+
 FOLLOW_INTERVAL_S = 0.5
 
 
@@ -77,6 +79,16 @@ class PodSetting:
 
 
 _SETTINGS: list[PodSetting] = []
+
+
+def request_fields(request: Any, known: tuple[str, ...], what: str) -> dict[str, Any]:
+    """A change's JSON body as a dict of known fields, or BadRequest saying what is wrong."""
+    if not isinstance(request, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    unknown = sorted(set(request) - set(known))
+    if unknown:
+        raise BadRequest(f"unknown {what} {unknown}; known: {list(known)}")
+    return request
 
 
 def register(name: str, fields: int, apply: Callable[[tuple[int, ...]], None]) -> PodSetting:

@@ -45,11 +45,7 @@ class TraceSettings:
 
     def updated(self, request: Any) -> TraceSettings:
         """The settings after a POST body, or BadRequest saying what is wrong with it."""
-        if not isinstance(request, dict):
-            raise BadRequest("trace settings must be a JSON object")
-        unknown = sorted(set(request) - set(KNOWN_FIELDS))
-        if unknown:
-            raise BadRequest(f"unknown trace settings {unknown}; known: {list(KNOWN_FIELDS)}")
+        request = pod_settings.request_fields(request, KNOWN_FIELDS, "trace settings")
         for name, fixed in _FIXED.items():
             if name in request and str(request[name]) != fixed:
                 raise BadRequest(f"{name} must be {fixed!r} in podserve: {_WHY[name]}")
