@@ -42,6 +42,7 @@ from loadtests.bench_systems import (
     exit_on_sigterm,
     free_port,
     gunicorn_argv,
+    run_main,
     tabular_body,
     text_body,
 )
@@ -397,4 +398,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -40,6 +40,7 @@ from loadtests.bench_systems import (
     entity_bodies,
     entity_body,
     exit_on_sigterm,
+    run_main,
     tabular_body,
     text_body,
 )
@@ -194,4 +195,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -17,8 +17,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import orjson
 import psutil
@@ -39,8 +41,30 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit_for_signal)
 
 
+_received_signal: int | None = None
+
+
 def _exit_for_signal(signum: int, _frame: object) -> None:
+    global _received_signal
+    _received_signal = signum
     raise SystemExit(128 + signum)
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Exit with main()'s status, or 128 + the signal after SIGTERM.
+
+    The SystemExit is raised wherever the signal lands. If that is inside the event loop's
+    own set-up (uvloop installing its signal wake-up), closing the loop fails next, and the
+    process would exit 1 with a RuntimeError, although the `finally` blocks still stopped
+    the servers.
+    """
+    try:
+        code = main()
+    except BaseException:
+        if _received_signal is not None:
+            raise SystemExit(128 + _received_signal) from None
+        raise
+    raise SystemExit(code)
 
 
 def text_body(sentence: str = SENTENCE) -> bytes:

@@ -34,7 +34,7 @@ from pathlib import Path
 import orjson
 import psutil
 
-from loadtests.bench_systems import exit_on_sigterm
+from loadtests.bench_systems import exit_on_sigterm, run_main
 from loadtests.loadgen import closed_loop, encode_request, percentile
 
 PY = sys.executable
@@ -231,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,6 +26,7 @@ from loadtests.bench_systems import (
     System,
     exit_on_sigterm,
     free_port,
+    run_main,
     tabular_body,
 )
 
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

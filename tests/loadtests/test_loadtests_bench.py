@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
-from loadtests import bench_ab, bench_measure, bench_report
+from loadtests import bench_ab, bench_measure, bench_report, bench_systems
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,3 +191,33 @@ def test_ab_bench_stops_its_servers_on_sigterm() -> None:
         if bench.poll() is None:
             bench.kill()
         bench.wait(timeout=30)
+
+
+def test_a_signal_sets_the_exit_status_even_if_the_loop_breaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM landing inside uvloop's own set-up turns the SystemExit into a RuntimeError
+    when the loop closes (seen once in CI); the exit status must still say SIGTERM."""
+    monkeypatch.setattr(bench_systems, "_received_signal", None)
+
+    def main_hit_in_the_loop() -> int:
+        with contextlib.suppress(SystemExit):
+            bench_systems._exit_for_signal(signal.SIGTERM, None)
+        raise RuntimeError("Cannot close a running event loop")
+
+    with pytest.raises(SystemExit) as exited:
+        bench_systems.run_main(main_hit_in_the_loop)
+    assert exited.value.code == 128 + signal.SIGTERM
+
+
+def test_without_a_signal_run_main_keeps_the_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_systems, "_received_signal", None)
+    with pytest.raises(SystemExit) as exited:
+        bench_systems.run_main(lambda: 3)
+    assert exited.value.code == 3
+
+    def broken() -> int:
+        raise RuntimeError("a real bug")
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        bench_systems.run_main(broken)
