@@ -41,6 +41,8 @@ from prometheus_client.utils import floatToGoString
 from podserve import connection_balance
 from podserve.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServiceUnavailable
 
+BATCH_STAGES = ("input", "infer", "output")  # of a session run, as observe_batch takes them
+
 log = logging.getLogger(__name__)
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -256,7 +258,7 @@ class Metrics:
         self.inflight_requests = 0  # written to the in-flight gauge with the flush
         # (model, version) -> Unix time, not yet written
         self._last_inference: dict[tuple[str, str], float] = {}
-        self._batch_by_size: dict[tuple[tuple[str, str], int], tuple[Any, dict[str, Any]]] = {}
+        self._batch_by_size: dict[tuple[tuple[str, str], int], tuple[Any, list[Any]]] = {}
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -403,9 +405,9 @@ class Metrics:
 
     def observe_batch(
         self, model: tuple[str, str], rows: int, ended_s: float,
-        stages: dict[str, float] | None = None,
+        stages: tuple[float, float, float] | None = None,
     ) -> None:  # fmt: skip
-        """One session run of (name, version); `stages` (input, infer, output: seconds) when
+        """One session run of (name, version); `stages`: seconds of each of BATCH_STAGES, when
         it succeeded."""
         self._last_inference[model] = ended_s  # a gauge write per flush, not per run
         child = self._child(self.batch_size, model)
@@ -416,19 +418,16 @@ class Metrics:
         if stages is not None:
             runs, per_stage = self._batch_children(model, rows)
             self._count(runs)
-            for stage, seconds in stages.items():
-                self._count(per_stage[stage], seconds)
+            for child, seconds in zip(per_stage, stages, strict=True):
+                self._count(child, seconds)
 
-    def _batch_children(self, model: tuple[str, str], rows: int) -> tuple[Any, dict[str, Any]]:
+    def _batch_children(self, model: tuple[str, str], rows: int) -> tuple[Any, list[Any]]:
         """The run counter's and the stage counters' children for one batch size, cached."""
         key = (model, rows)
         children = self._batch_by_size.get(key)
         if children is None:
             size = str(rows)
-            per_stage = {
-                stage: self.batch_stage_seconds.labels(*model, size, stage)
-                for stage in ("input", "infer", "output")
-            }
+            per_stage = [self.batch_stage_seconds.labels(*model, size, s) for s in BATCH_STAGES]
             children = self._batch_by_size[key] = (self.batch_runs.labels(*model, size), per_stage)
         return children
 

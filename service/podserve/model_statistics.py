@@ -37,12 +37,17 @@ from typing import Any
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from podserve.metrics import BATCH_STAGES as METRIC_STAGES
+
 INFERENCE_ROUTES = frozenset({
     "/v2/models/{model_name}/infer",
     "/v2/models/{model_name}/versions/{model_version}/infer",
     "/v1/models/{model_name}:predict",
 })  # fmt: skip
-BATCH_STAGES = {"input": "compute_input", "infer": "compute_infer", "output": "compute_output"}
+# metrics.BATCH_STAGES -> Triton's names
+BATCH_STAGES = dict(
+    zip(METRIC_STAGES, ("compute_input", "compute_infer", "compute_output"), strict=True)
+)
 PHASE_STATS = {
     "queue": "queue",
     "preprocess": "compute_input",

@@ -102,10 +102,9 @@ class Observability:
         assert self.metrics is not None
         rows = sum(item.rows for item in record.requests)
         result = record.result
-        stages = None
+        stages = None  # in the order of metrics.BATCH_STAGES
         if result is not None and record.error is None:
-            stages = {"input": result.preprocess_s, "infer": result.infer_s,
-                      "output": result.postprocess_s}  # fmt: skip
+            stages = (result.preprocess_s, result.infer_s, result.postprocess_s)
         model = (record.model.name, record.model.version)
         self.metrics.observe_batch(model, rows, record.end_ns / 1e9, stages)
 

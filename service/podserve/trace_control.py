@@ -87,17 +87,23 @@ def _rate(value: Any) -> int:
     return int(text)
 
 
+def sampler_env() -> tuple[str, float]:
+    """OTEL_TRACES_SAMPLER (lower case) and OTEL_TRACES_SAMPLER_ARG (a ratio in [0, 1])."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    try:
+        ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+    except ValueError:
+        ratio = 1.0
+    return name, min(max(ratio, 0.0), 1.0)
+
+
 def from_env() -> TraceSettings:
     """What OTEL_TRACES_SAMPLER / _ARG ask for, in Triton's terms (tracing.sampler_from_env)."""
-    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    name, ratio = sampler_env()
     if name.endswith("always_off"):
         return TraceSettings(on=False, rate=1)
     if not name.endswith("traceidratio"):
         return TraceSettings(on=True, rate=1)
-    try:
-        ratio = min(max(float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")), 0.0), 1.0)
-    except ValueError:
-        ratio = 1.0
     return TraceSettings(on=True, rate=round(1 / ratio)) if ratio > 0 else TraceSettings(False, 1)
 
 

@@ -143,12 +143,7 @@ class LinkedBatchSampler(Sampler):
 
 def sampler_from_env() -> Sampler:
     """OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (the standard names; default parent-based)."""
-    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    try:
-        ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
-    except ValueError:
-        ratio = 1.0
-    ratio = min(max(ratio, 0.0), 1.0)
+    name, ratio = trace_control.sampler_env()
     choices = {
         "always_on": lambda: ALWAYS_ON,
         "always_off": lambda: ALWAYS_OFF,
