@@ -56,7 +56,7 @@ def test_second_podserve_on_a_busy_port_does_not_share_it(server: ServerProcess)
 
 def test_started_server_logs_where_it_listens(server: ServerProcess) -> None:
     expected = (
-        f"Listening at: http://127.0.0.1:{server.port} (a SO_REUSEPORT socket in each worker)"
+        f"Listening at: http://127.0.0.1:{server.port} (a SO_REUSEPORT socket per worker slot)"
     )
     assert expected in server.logs()
 

@@ -161,14 +161,20 @@ def test_chained_hooks_call_each_in_order_with_gunicorns_arity() -> None:
     calls: list[str] = []
     chained = chain_hooks(
         {"on_starting": lambda s: calls.append("a"), "child_exit": lambda s, w: calls.append("a")},
-        {"child_exit": lambda s, w: calls.append("b")},
+        {
+            "child_exit": lambda s, w: calls.append("b"),
+            "nworkers_changed": lambda s, new, old: calls.append(f"b{new}{old}"),
+        },
+        {"nworkers_changed": lambda s, new, old: calls.append(f"c{new}{old}")},
     )
     chained["on_starting"](None)
     chained["child_exit"](None, None)
-    assert calls == ["a", "a", "b"]
+    chained["nworkers_changed"](None, 3, 2)
+    assert calls == ["a", "a", "b", "b32", "c32"]
     config = Config()
     config.set("child_exit", chained["child_exit"])  # Gunicorn validates the arity
     config.set("on_starting", chained["on_starting"])
+    config.set("nworkers_changed", chained["nworkers_changed"])
     assert len(inspect.signature(chained["child_exit"]).parameters) == 2
 
 

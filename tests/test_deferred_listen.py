@@ -129,6 +129,8 @@ def _replace_a_worker(server: ServerProcess, deadline: float) -> tuple[set[int],
 
 
 def test_a_starting_worker_takes_no_connection_before_it_serves(slow_start_repo: Path) -> None:
+    """The replacement holds its slot's socket from the fork (slot_listeners.py: it listens
+    throughout, since the exited worker's), but the other worker serves it meanwhile."""
     env = {"PODSERVE_EXPOSE_WORKER_ID": "true"}
     with ServerProcess(slow_start_repo, workers=2, env=env) as server:
         deadline = time.monotonic() + 30
@@ -141,11 +143,10 @@ def test_a_starting_worker_takes_no_connection_before_it_serves(slow_start_repo:
                 break
             samples.append((listens, answer.headers["x-podserve-worker"]))
         assert len(samples) >= 5, samples  # its start-up was long enough to watch
-        assert not any(listens for listens, _ in samples), samples
+        assert all(listens for listens, _ in samples), samples  # the slot's socket, kept
+        # Half of them hashed to that socket: without the cover they would wait out the
+        # start-up and be answered by the replacement, or fewer samples would fit in it.
         assert {worker for _, worker in samples} == {str(max(before))}, samples
-        while not _process_listens(replacement, server.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _process_listens(replacement, server.port)  # and then it does
 
 
 def test_turned_off_a_starting_worker_listens_from_the_fork(slow_start_repo: Path) -> None:

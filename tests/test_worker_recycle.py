@@ -41,11 +41,11 @@ def test_workers_recycle_one_at_a_time_and_the_port_always_listens(model_repo: P
     result = probe(model_repo, max_requests=300, seconds=8)
     outcomes = result["outcomes"]
     assert result["boots"] >= 2 + 3, result["logs"]  # at least 3 recycles happened
-    assert outcomes.get("ConnectionRefusedError", 0) == 0, outcomes
     assert outcomes.get("200", 0) > 1000, outcomes
-    # Without tcp_migrate_req the kernel resets the connections still queued on a closing
-    # listener (the next test sets it); nothing else may fail, and nothing with a 5xx.
-    assert set(outcomes) <= {"200", "ConnectionResetError"}, outcomes
+    # Nothing refused, reset or left unanswered, without tcp_migrate_req: a recycled worker's
+    # slot socket stays open (slot_listeners.py). Before, the kernel reset the connections
+    # still queued on the closing listener: 9-20 in 15 s.
+    assert set(outcomes) == {"200"}, outcomes
 
 
 def test_a_lone_worker_recycles_without_losing_a_request(model_repo: Path) -> None:
@@ -68,7 +68,9 @@ def _netns_available() -> bool:
     "of its own (the host's setting must not change)",
 )
 def test_recycling_loses_no_request_with_tcp_migrate_req(model_repo: Path) -> None:
-    """With the accept queue migrated by the kernel, every request is answered."""
+    """With the accept queue migrated by the kernel, every request is answered. Before the
+    slot sockets outlived their workers, 1 request in ~20,000 here still failed (a CI run;
+    ~1 per 100 recycles in probe runs): a handshake completing while the listener closed."""
     args = ["--max-requests", "300", "--seconds", "8", "--migrate-req"]
     out = subprocess.run(
         ["unshare", "-n", sys.executable, str(PROBE), str(model_repo), *args],

@@ -79,7 +79,7 @@ def when_ready(server: Any) -> None:
     if not server.cfg.reuse_port:
         return
     urls = [f"http://{host_port(*a[:2])}" for a in server.cfg.address if isinstance(a, tuple)]
-    server.log.info("Listening at: %s (a SO_REUSEPORT socket in each worker)", ", ".join(urls))
+    server.log.info("Listening at: %s (a SO_REUSEPORT socket per worker slot)", ", ".join(urls))
 
 
 def gunicorn_hooks() -> dict[str, Any]:

@@ -94,6 +94,10 @@ class ConnectionTable:
         while len(self._held) > max(0, replacements):
             self.release(self._held.pop())
 
+    def count(self, slot: int) -> int:
+        """A slot's connections, or FREE / NOT_SERVING."""
+        return self._counts[slot]
+
     def publish(self, slot: int, count: int) -> None:
         self._counts[slot] = count
 
@@ -234,6 +238,11 @@ def set_serving(serving: bool) -> None:
 def leave_for_recycle() -> bool:
     """Worker at its request limit: may it recycle now? (Always outside Gunicorn.)"""
     return _balancer is None or _balancer.leave_for_recycle()
+
+
+def table() -> ConnectionTable | None:
+    """The pod's table (mapped by the master, inherited by workers); None outside Gunicorn."""
+    return _table
 
 
 def active_balancer() -> ConnectionBalancer | None:

@@ -11,7 +11,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from podserve import bind_check, deferred_listen, log_control, pod_settings, trace_control
+from podserve import (
+    bind_check,
+    deferred_listen,
+    log_control,
+    pod_settings,
+    slot_listeners,
+    trace_control,
+)
 from podserve.logs import gunicorn_logconfig_dict
 from podserve.runtime import resolve_workers
 from podserve.settings import Settings, get_settings
@@ -45,6 +52,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
             _balance_hooks(workers),
+            slot_listeners.gunicorn_hooks(workers),  # after the slots are claimed / released
             pod_settings.gunicorn_hooks(log_control.POD_SETTING, trace_control.POD_SETTING),
         ),
     }
@@ -62,14 +70,23 @@ def chain_hooks(*hook_sets: dict[str, Any]) -> dict[str, Any]:
 
 
 def _chained(calls: list[Callable[..., None]]) -> Callable[..., None]:
-    """Gunicorn checks a hook's arity (server) or (server, worker): no *args wrapper."""
-    if len(inspect.signature(calls[0]).parameters) == 1:
+    """Gunicorn checks a hook's arity (server), (server, worker) or (server, new, old):
+    no *args wrapper."""
+    arity = len(inspect.signature(calls[0]).parameters)
+    if arity == 1:
 
         def on_server(server: Any) -> None:
             for call in calls:
                 call(server)
 
         return on_server
+    if arity == 3:
+
+        def on_change(server: Any, new_value: Any, old_value: Any) -> None:
+            for call in calls:
+                call(server, new_value, old_value)
+
+        return on_change
 
     def on_worker(server: Any, worker: Any) -> None:
         for call in calls:

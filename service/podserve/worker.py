@@ -4,12 +4,15 @@ Load spreading: with one shared listening socket, keep-alive connections pile on
 whichever worker accepts first (measured: 99.9% / 0.1% CPU split at concurrency 8).
 Gunicorn >= 23 with `reuse_port` gives each worker its own SO_REUSEPORT socket, created
 after fork, so the kernel spreads new connections by a hash; gunicorn_conf turns it on for
-2 or more workers. The hash splits a few keep-alive connections unevenly;
-connection_balance.py evens them out. tests/test_under_load.py checks the split.
+2 or more workers, and slot_listeners.py has the master keep each worker slot's socket, so
+that no listener closes when a worker is replaced. The hash splits a few keep-alive
+connections unevenly; connection_balance.py evens them out. tests/test_under_load.py
+checks the split.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -23,7 +26,7 @@ from uvicorn.config import Config
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from podserve import connection_balance, drain_grace, lifecycle
+from podserve import connection_balance, drain_grace, lifecycle, slot_listeners
 from podserve.header_guard import guarded_protocol
 from podserve.settings import get_settings
 
@@ -40,8 +43,12 @@ class DrainingServer(Server):
         self.recycle_deferred_since: float | None = None
         # A worker stuck starting must not keep a leaking one alive for ever.
         self.recycle_max_wait_s = get_settings().recycle_max_wait_s
+        self.slot: int | None = None  # this worker's slot (connection_balance), if any
+        self.cover: slot_listeners.Cover | None = None
 
     async def on_tick(self, counter: int) -> bool:
+        if self.cover is not None:
+            await self.cover.tick()
         return await super().on_tick(counter) or self._recycle_now()
 
     def _recycle_now(self) -> bool:
@@ -66,8 +73,18 @@ class DrainingServer(Server):
         await super().startup(sockets=sockets)
         if not self.should_exit:  # models loaded, sockets served: take a share of connections
             connection_balance.set_serving(True)
+            self.cover = slot_listeners.cover(self.slot, self._new_protocol, self.config.backlog)
+
+    def _new_protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, as uvicorn makes them for its own listeners."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.cover is not None:
+            self.cover.close()  # the slots covered stay open: other workers serve them
+        slot_listeners.close_others(self.slot)
         drain_grace.begin_worker_drain()
         await super().shutdown(sockets=sockets)
 
@@ -110,6 +127,7 @@ class PodserveWorker(UvicornWorker):
         self.config.app = self.wsgi
         self._balance_connections()
         server = DrainingServer(config=self.config)
+        server.slot = getattr(self, "podserve_slot", None)
         self._install_sigquit_handler()
         try:
             await server.serve(sockets=self.sockets)

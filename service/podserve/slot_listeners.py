@@ -1,0 +1,179 @@
+"""Each worker slot's SO_REUSEPORT socket outlives the workers that serve it.
+
+Gunicorn's `reuse_port` gives every worker a listening socket of its own, which the worker
+closes when it exits (a recycle, a crash, a reload). Closing a listener that the kernel still
+hashes new connections to loses some of them, whatever podserve does in user space:
+- without `net.ipv4.tcp_migrate_req` (the default, also in Kubernetes pods), the connections
+  in its accept queue are reset: 9-20 in 15 s of 2 recycling workers;
+- with it, those are moved to another listener, but a handshake that completes on another
+  CPU during the close still fails: the new socket is cloned from the closing listener after
+  close() has marked it shut down, so the kernel sends a FIN at once (an empty reply), or it
+  finds the listener closed when it queues the socket and resets it. Traced with perf
+  (`tcp_rcv_state_process` -> `tcp_shutdown`, and `inet_csk_complete_hashdance` ->
+  `inet_child_forget`): ~1 connection per 100 recycles at ~1,400 new connections/s.
+
+So the Gunicorn master creates the socket of each worker slot (connection_balance.py hands
+out the slots) and keeps it open; a worker forked into a slot serves that socket, and its
+replacement serves the same one. A socket closes only when its slot is given up (a reload,
+TTOU) or the master stops. While a slot's worker is not serving (draining, exited, its
+replacement loading models) the other workers accept from the slot's socket too (`Cover`,
+every tick of 0.1 s), so its connections wait at most a tick instead of a whole start-up;
+the socket stays open throughout, and no connection is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import gunicorn.sock
+
+from podserve import connection_balance
+from podserve.connection_balance import FREE, NOT_SERVING
+
+_original_create_sockets = gunicorn.sock.create_sockets
+_sockets: dict[int, list[Any]] = {}  # slot -> Gunicorn socket wrappers (master; inherited)
+_master_pid: int | None = None
+_forking_slot: int | None = None  # set by pre_fork in the master: the child's slot
+
+
+def _slot_sockets(conf: Any, log: Any, fds: list[int] | None = None) -> list[Any]:
+    """gunicorn.sock.create_sockets, as Gunicorn calls it in a worker right after the fork:
+    the worker's slot's sockets instead of new ones."""
+    slot = _forking_slot
+    if fds is None and os.getpid() != _master_pid and slot in _sockets:
+        return list(_sockets[slot])
+    return _original_create_sockets(conf, log, fds)
+
+
+def _ensure(slot: int, server: Any) -> None:
+    if slot not in _sockets:
+        # Bound, and listening only if deferred_listen is off: the first worker of the slot
+        # listens when its start-up is done, as Gunicorn's own per-worker sockets do.
+        _sockets[slot] = _original_create_sockets(server.cfg, server.log)
+
+
+def _close(slot: int) -> None:
+    for wrapper in _sockets.pop(slot, []):
+        wrapper.close()
+
+
+def close_free_slots() -> None:
+    """Master and workers: drop the sockets of slots no worker will serve again."""
+    table = connection_balance.table()
+    if table is None:
+        return
+    for slot in [slot for slot in _sockets if table.count(slot) == FREE]:
+        _close(slot)
+
+
+def close_others(own_slot: int | None) -> None:
+    """Worker, when its drain begins: let go of the other slots' sockets it inherited. When
+    the pod stops, a socket must close once its workers and the master have let go of it:
+    new connections are then refused (and go to another pod) instead of waiting in a queue
+    that no one accepts from."""
+    for slot in [slot for slot in _sockets if slot != own_slot]:
+        _close(slot)
+
+
+def gunicorn_hooks(workers: int) -> dict[str, Any]:
+    """After connection_balance's hooks: its slots are claimed and released first."""
+
+    def on_starting(server: Any) -> None:
+        global _master_pid
+        if not server.cfg.reuse_port:
+            return
+        _master_pid = os.getpid()
+        gunicorn.sock.create_sockets = _slot_sockets
+        for slot in range(workers):  # the first workers inherit each other's sockets
+            _ensure(slot, server)
+        original_stop = server.stop
+
+        def stop(graceful: bool = True) -> None:
+            # Shutting down: the port must close as the workers drain, as without slots.
+            for slot in list(_sockets):
+                _close(slot)
+            original_stop(graceful)
+
+        server.stop = stop
+
+    def pre_fork(server: Any, worker: Any) -> None:
+        global _forking_slot
+        slot = getattr(worker, "podserve_slot", None)
+        if _master_pid is not None and slot is not None:
+            _ensure(slot, server)
+        _forking_slot = slot
+
+    def child_exit(_server: Any, _worker: Any) -> None:
+        close_free_slots()
+
+    def nworkers_changed(_server: Any, _new: int, _old: int | None) -> None:
+        close_free_slots()
+
+    return {
+        "on_starting": on_starting,
+        "pre_fork": pre_fork,
+        "child_exit": child_exit,
+        "nworkers_changed": nworkers_changed,
+    }
+
+
+def _listens(wrapper: Any) -> bool:
+    try:
+        return bool(wrapper.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+
+
+def cover(
+    own_slot: int | None, protocol_factory: Callable[[], asyncio.Protocol], backlog: int
+) -> Cover | None:
+    """A worker's Cover, once it serves; None outside Gunicorn or without slot sockets."""
+    if own_slot is None or own_slot not in _sockets:
+        return None
+    return Cover(own_slot, protocol_factory, backlog)
+
+
+class Cover:
+    """A worker's servers on other slots' sockets while their own workers do not serve."""
+
+    def __init__(
+        self, own_slot: int, protocol_factory: Callable[[], asyncio.Protocol], backlog: int
+    ) -> None:
+        self.own_slot = own_slot
+        self.protocol_factory = protocol_factory
+        self.backlog = backlog  # listen() again on a listening socket sets its backlog
+        self.servers: dict[int, list[asyncio.AbstractServer]] = {}
+
+    async def tick(self) -> None:
+        table = connection_balance.table()
+        if table is None:
+            return
+        close_free_slots()
+        for slot, wrappers in _sockets.items():
+            if slot == self.own_slot:
+                continue
+            needed = table.count(slot) == NOT_SERVING and _listens(wrappers[0])
+            if needed and slot not in self.servers:
+                self.servers[slot] = [await self._serve(wrapper) for wrapper in wrappers]
+            elif not needed and slot in self.servers:
+                self._stop(slot)
+        for slot in [slot for slot in self.servers if slot not in _sockets]:
+            self._stop(slot)
+
+    async def _serve(self, wrapper: Any) -> asyncio.AbstractServer:
+        # A duplicate: closing this server closes only it, the slot's socket stays open.
+        sock = socket.socket(fileno=os.dup(wrapper.fileno()))
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(self.protocol_factory, sock=sock, backlog=self.backlog)
+
+    def _stop(self, slot: int) -> None:
+        for server in self.servers.pop(slot):
+            server.close()
+
+    def close(self) -> None:
+        for slot in list(self.servers):
+            self._stop(slot)

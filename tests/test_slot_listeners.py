@@ -1,0 +1,224 @@
+"""Worker slots' sockets kept by the Gunicorn master, and covered while no worker serves them.
+
+The whole-server behaviour is in test_worker_recycle.py (recycles lose nothing, with or
+without tcp_migrate_req), test_deferred_listen.py (a replacement's slot is served by the
+other worker while it starts) and reliability/test_worker_crash.py; these check the parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import gunicorn.sock
+import httpx
+import pytest
+from gunicorn.config import Config
+
+from podserve import connection_balance, deferred_listen, slot_listeners
+from podserve.connection_balance import NOT_SERVING, ConnectionTable
+from server_process import ServerProcess, free_port
+
+
+@pytest.fixture
+def master(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """A Gunicorn master's state for two workers; module state and patches undone after."""
+    monkeypatch.setattr(gunicorn.sock, "create_sockets", gunicorn.sock.create_sockets)
+    monkeypatch.setattr(
+        gunicorn.sock.BaseSocket,
+        "_is_listening",
+        gunicorn.sock.BaseSocket.__dict__["_is_listening"],
+    )
+    monkeypatch.setattr(slot_listeners, "_sockets", {})
+    monkeypatch.setattr(slot_listeners, "_master_pid", None)
+    monkeypatch.setattr(slot_listeners, "_forking_slot", None)
+    monkeypatch.setattr(connection_balance, "_table", None)
+    cfg = Config()
+    cfg.set("bind", [f"127.0.0.1:{free_port()}"])
+    cfg.set("reuse_port", True)
+    stopped: list[bool] = []
+    server = SimpleNamespace(
+        cfg=cfg,
+        log=logging.getLogger("test"),
+        stop=lambda graceful=True: stopped.append(graceful),
+        WORKERS={},
+        num_workers=2,
+    )
+    deferred_listen.install(server)
+    balance, slots = connection_balance.gunicorn_hooks(2), slot_listeners.gunicorn_hooks(2)
+    balance["on_starting"](server)
+    slots["on_starting"](server)
+    yield SimpleNamespace(server=server, balance=balance, slots=slots, stopped=stopped)
+    for wrappers in slot_listeners._sockets.values():
+        for wrapper in wrappers:
+            wrapper.close()
+
+
+def _fork(master: SimpleNamespace) -> Any:
+    worker = SimpleNamespace()
+    master.balance["pre_fork"](master.server, worker)
+    master.slots["pre_fork"](master.server, worker)
+    return worker
+
+
+def _listens(wrapper: Any) -> bool:
+    return bool(wrapper.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+
+def test_the_master_binds_each_slots_socket_and_a_worker_gets_its_own(
+    master: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sockets = slot_listeners._sockets
+    assert sorted(sockets) == [0, 1]
+    ports = {wrappers[0].getsockname()[1] for wrappers in sockets.values()}
+    assert ports == {master.server.cfg.address[0][1]}  # one port, SO_REUSEPORT
+    assert not any(_listens(wrappers[0]) for wrappers in sockets.values())  # until it serves
+    first, second = _fork(master), _fork(master)
+    assert (first.podserve_slot, second.podserve_slot) == (0, 1)
+    # In the child forked last, Gunicorn asks for "its own" sockets: the slot's.
+    monkeypatch.setattr(slot_listeners, "_master_pid", -1)
+    got = gunicorn.sock.create_sockets(master.server.cfg, master.server.log)
+    assert got == sockets[1]
+
+
+def test_in_the_master_gunicorn_still_creates_new_sockets(master: SimpleNamespace) -> None:
+    _fork(master)
+    created = gunicorn.sock.create_sockets(master.server.cfg, master.server.log)
+    try:
+        assert created != slot_listeners._sockets[0]
+    finally:
+        for wrapper in created:
+            wrapper.close()
+
+
+def test_an_exited_workers_socket_stays_open_for_its_replacement(master: SimpleNamespace) -> None:
+    first, second = _fork(master), _fork(master)
+    slot_socket = slot_listeners._sockets[first.podserve_slot][0]
+    slot_socket.listen(16)  # as its worker's uvicorn did
+    master.server.WORKERS = {2: second}  # the first exited (a recycle): a replacement is due
+    master.balance["child_exit"](master.server, first)
+    master.slots["child_exit"](master.server, first)
+    assert slot_listeners._sockets[first.podserve_slot][0] is slot_socket
+    with socket.create_connection(slot_socket.getsockname(), timeout=2):
+        pass  # queued for whoever serves the slot next: neither refused nor reset
+    replacement = _fork(master)
+    assert replacement.podserve_slot == first.podserve_slot
+
+
+def test_a_slot_given_up_closes_its_socket_and_stop_closes_all(master: SimpleNamespace) -> None:
+    first, second = _fork(master), _fork(master)
+    master.server.num_workers = 1  # TTOU: no replacement comes
+    master.server.WORKERS = {2: second}
+    master.balance["child_exit"](master.server, first)
+    master.slots["child_exit"](master.server, first)
+    assert sorted(slot_listeners._sockets) == [second.podserve_slot]
+    master.server.stop()
+    assert slot_listeners._sockets == {}
+    assert master.stopped == [True]  # Gunicorn's own stop still runs
+
+
+def test_without_reuse_port_nothing_changes(master: SimpleNamespace) -> None:
+    for wrappers in slot_listeners._sockets.values():
+        for wrapper in wrappers:
+            wrapper.close()
+    slot_listeners._sockets.clear()
+    server = SimpleNamespace(cfg=SimpleNamespace(reuse_port=False))
+    slot_listeners.gunicorn_hooks(1)["on_starting"](server)
+    assert slot_listeners._sockets == {}
+    assert slot_listeners.cover(0, asyncio.Protocol, 16) is None
+
+
+class _Answer(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"covered")  # type: ignore[attr-defined]
+        transport.close()
+
+
+def test_a_worker_covers_a_slot_only_while_its_own_worker_does_not_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = ConnectionTable(4)
+    mine, other = table.claim(), table.claim()
+    assert (mine, other) == (0, 1)
+    table.publish(mine, 0)
+    monkeypatch.setattr(connection_balance, "_table", table)
+    listener = socket.create_server(("127.0.0.1", 0))  # the other slot's, listening
+    monkeypatch.setattr(slot_listeners, "_sockets", {mine: [], other: [listener]})
+    address = listener.getsockname()
+
+    async def scenario() -> None:
+        cover = slot_listeners.cover(mine, _Answer, 16)
+        assert cover is not None
+        await cover.tick()  # the other is NOT_SERVING (starting): covered
+        reader, writer = await asyncio.open_connection(*address)
+        assert await asyncio.wait_for(reader.read(), 5) == b"covered"
+        writer.close()
+        table.publish(other, 0)  # it serves now
+        await cover.tick()
+        assert cover.servers == {}
+        assert listener.fileno() != -1 and listener.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        )  # only this worker's duplicate closed
+        table.publish(other, NOT_SERVING)  # draining
+        await cover.tick()
+        assert list(cover.servers) == [other]
+        table.release(other)  # given up: the socket closes here too
+        await cover.tick()
+        assert cover.servers == {} and other not in slot_listeners._sockets
+        assert listener.fileno() == -1
+
+    asyncio.run(scenario())
+
+
+def test_a_draining_worker_lets_go_of_the_other_slots_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the pod stops, the master closes its copies; the port must then close as the
+    workers drain, not keep queueing connections that no one will accept."""
+    own, other = socket.socket(), socket.socket()
+    monkeypatch.setattr(slot_listeners, "_sockets", {0: [own], 1: [other]})
+    slot_listeners.close_others(0)
+    assert other.fileno() == -1 and own.fileno() != -1  # its own: uvicorn closes it
+    assert list(slot_listeners._sockets) == [0]
+    own.close()
+
+
+def _slow_infer(url: str, rows: int) -> int:
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [rows, 256], "datatype": "FP32", "data": [0.01] * (rows * 256)}
+        ]
+    }
+    return httpx.post(f"{url}/v2/models/slow/infer", json=body, timeout=60).status_code
+
+
+def test_when_the_pod_stops_new_connections_are_refused_while_workers_drain(
+    model_repo: Path,
+) -> None:
+    """Every worker inherits every slot's socket; if the draining ones kept them, the port
+    would take connections until the last worker exits, and reset them then."""
+    with ServerProcess(model_repo, workers=2) as server:
+        with ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(_slow_infer, server.url, 40) for _ in range(4)]
+            time.sleep(0.3)  # both workers busy with them
+            server.signal(signal.SIGTERM)
+            refused_while_draining = False
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not all(f.done() for f in running):
+                try:
+                    socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+                except ConnectionRefusedError:
+                    refused_while_draining = not all(f.done() for f in running)
+                    break
+                time.sleep(0.01)
+            statuses = [future.result() for future in running]
+        assert statuses == [200] * 4, server.logs()[-3000:]  # in flight: finished
+        assert refused_while_draining, "the port still took connections during the drain"
