@@ -222,3 +222,40 @@ def test_when_the_pod_stops_new_connections_are_refused_while_workers_drain(
             statuses = [future.result() for future in running]
         assert statuses == [200] * 4, server.logs()[-3000:]  # in flight: finished
         assert refused_while_draining, "the port still took connections during the drain"
+
+
+def _answers_for(server: ServerProcess, seconds: float) -> list[int | str]:
+    """New connections one after another: statuses, or the error of those not answered."""
+    outcomes: list[int | str] = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            with httpx.Client(timeout=5) as client:  # a new connection each time
+                outcomes.append(client.get(f"{server.url}/v2/health/live").status_code)
+        except httpx.HTTPError as exc:
+            outcomes.append(type(exc).__name__)
+    return outcomes
+
+
+def _wait_for_workers(server: ServerProcess, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(server.worker_pids()) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(server.worker_pids()) == count, server.logs()[-3000:]
+
+
+def test_slots_given_up_and_added_leave_no_socket_without_a_worker(model_repo: Path) -> None:
+    """TTOU gives a slot up, TTIN and a reload (HUP) add new ones: no connection may be
+    queued on a socket that no worker will serve (it would hang until its timeout)."""
+    with ServerProcess(model_repo, workers=2) as server:
+        for sig, workers in [(signal.SIGTTOU, 1), (signal.SIGTTIN, 2), (signal.SIGHUP, 2)]:
+            before = set(server.worker_pids())
+            server.signal(sig)
+            if sig == signal.SIGHUP:  # new workers replace all the old ones
+                deadline = time.monotonic() + 30
+                while set(server.worker_pids()) & before and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            _wait_for_workers(server, workers)
+            time.sleep(1.5)  # the new workers' start-up
+            outcomes = _answers_for(server, 2)
+            assert len(outcomes) > 20 and set(outcomes) == {200}, (sig, outcomes)

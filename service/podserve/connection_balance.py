@@ -18,10 +18,11 @@ more than its surplus at once, and a worker at or under its share never closes a
 split converges within a few requests per connection and then nothing more is closed.
 
 The same table staggers worker recycling (PODSERVE_MAX_REQUESTS): a worker that reaches its
-limit closes its listening socket, and all new connections go to the others, which then
-reach theirs sooner. Measured with 2 workers and clients that connect per request: both
-recycled within 4-35 ms of each other every time, and the port had no listener at all until
-the replacements bound theirs (~1,000 refused connections in 15 s, 12 recycles). So a worker
+limit stops accepting, and all new connections go to the others, which then reach theirs
+sooner (its slot's socket stays open, and they serve it: slot_listeners.py). Measured with
+2 workers and clients that connect per request: both recycled within 4-35 ms of each other
+every time, and the port had no listener at all until the replacements bound theirs (~1,000
+refused connections in 15 s, 12 recycles). So a worker
 leaves for recycling only while every other worker is serving (`leave_for_recycle`); the
 replacement is not serving until its models are loaded, so recycles go one at a time.
 """
