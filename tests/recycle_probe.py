@@ -58,7 +58,12 @@ def probe(repo: Path, max_requests: int, seconds: float, workers: int = 2) -> di
     with ServerProcess(repo, workers=workers, env=env) as server:
         outcomes = churn(server.port, seconds)
         logs = server.logs()
-    return {"outcomes": outcomes, "boots": logs.count("Booting worker"), "logs": logs[-4000:]}
+    return {
+        "outcomes": outcomes,
+        "boots": logs.count("Booting worker"),
+        "close_errors": logs.count("Error while closing socket"),
+        "logs": logs[-4000:],
+    }
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ class PodserveWorker(UvicornWorker):
         server.slot = getattr(self, "podserve_slot", None)
         self._install_sigquit_handler()
         try:
-            await server.serve(sockets=self.sockets)
+            await server.serve(sockets=_plain_sockets(self.sockets))
         except SystemExit:
             if server.started:
                 raise
@@ -148,6 +148,14 @@ class PodserveWorker(UvicornWorker):
         balanced = connection_balance.install(base, slot, get_settings().balance_connections)
         if balanced is not None:
             self.config.http = balanced
+
+
+def _plain_sockets(listeners: list[Any]) -> list[socket.socket]:
+    """The sockets inside Gunicorn's wrappers. uvloop's server.close() closes the fd and then
+    calls the object's close(): on a wrapper that closes the same fd number again (EBADF,
+    logged as "Error while closing socket" on every drain, or another thread's new fd if
+    the number was reused in between); a plain socket it detaches first."""
+    return [getattr(listener, "sock", listener) for listener in listeners]
 
 
 def _has_request_hook(protocol: type) -> bool:
