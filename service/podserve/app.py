@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from podserve import (
     __version__,
+    drain_grace,
     log_control,
     pod_settings,
     routes_health,
@@ -58,6 +60,11 @@ class InflightMiddleware:
         self.runtime.inflight += 1
         try:
             await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not await drain_grace.answer_cut_off(send):
+                raise
+            log.warning("request cut off at the end of the drain: answered 503",
+                        extra={"path": scope["path"]})  # fmt: skip
         finally:
             self.runtime.inflight -= 1
 
@@ -150,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Innermost: the inference endpoints skip FastAPI's router (see direct_routes.py).
     app.add_middleware(DirectRoutes, fastapi_app=app, routes=inference_routes())
     install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
-    observability.install(app)
+    # Inside observability too: its 503 for a request cut off by the drain is what is counted.
     app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)
+    observability.install(app)
     return app

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.types import Send
+
 _worker_draining = False  # set once this worker stops accepting connections
 
 
@@ -28,6 +30,36 @@ def begin_worker_drain() -> None:
     graceful timeout runs out. It drains from connection_made instead."""
     global _worker_draining
     _worker_draining = True
+
+
+def worker_draining() -> bool:
+    return _worker_draining
+
+
+_CUT_OFF_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"retry-after", b"1"),
+    (b"connection", b"close"),
+]
+_CUT_OFF_BODY = (
+    b'{"error":"the server stopped before this request finished: its worker\'s drain time '
+    b'(PODSERVE_GRACEFUL_TIMEOUT_S - 2 s) ran out; send it again"}'
+)
+
+
+async def answer_cut_off(send: Send) -> bool:
+    """A request still running when the drain time ends is cancelled by uvicorn, which then
+    answers 500 as for a server bug. Answer 503 + Retry-After instead: the client (or a proxy)
+    may send it again, to another worker or pod. False when this worker is not draining or
+    the response had begun (uvicorn refuses a second start: the connection is closed)."""
+    if not _worker_draining:
+        return False
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": _CUT_OFF_HEADERS})
+    except RuntimeError:
+        return False
+    await send({"type": "http.response.body", "body": _CUT_OFF_BODY})
+    return True
 
 
 def drain_grace_protocol(base: type[asyncio.Protocol], grace_s: float) -> type[asyncio.Protocol]:
