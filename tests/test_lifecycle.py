@@ -4,52 +4,27 @@ Python runs a signal handler between two bytecodes of the main thread, and Gunic
 SIGTERM again on each pass of its loop while a worker it stopped (TTOU, a reload) is still
 alive. A handler that takes a lock deadlocks when the second signal lands while the first
 run holds it: seen once in tests/test_slot_listeners.py, the worker hung until the master
-killed it. The test replays a nested run at every line the handler executes, as a signal
-arriving there would.
+killed it. The tests replay a nested run at every line the handler executes, as a signal
+arriving there would (signal_replay.py).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Callable
-from types import FrameType
-from typing import Any
 
 import pytest
 from uvicorn.config import Config
 
 from podserve import lifecycle
 from podserve.worker import DrainingServer
-
-
-def _nested_at_every_line(handler: Callable[[], None]) -> int:
-    """Run handler; at each line it (or anything it calls) runs, run it once more inside."""
-    nested = False
-    runs = 0
-
-    def trace(_frame: FrameType, event: str, _arg: Any) -> Any:
-        nonlocal nested, runs
-        if event == "line" and not nested:
-            nested, runs = True, runs + 1
-            try:
-                handler()
-            finally:
-                nested = False
-        return trace
-
-    sys.settrace(trace)
-    try:
-        handler()
-    finally:
-        sys.settrace(None)
-    return runs
+from signal_replay import run_with_nested
 
 
 def _finishes(handler: Callable[[], None], timeout: float = 10) -> tuple[bool, int]:
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(_nested_at_every_line(handler)))
+    thread = threading.Thread(target=lambda: result.append(run_with_nested(handler, handler)))
     thread.daemon = True  # a deadlocked one must not keep pytest from exiting
     thread.start()
     thread.join(timeout)

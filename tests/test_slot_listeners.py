@@ -8,11 +8,12 @@ other worker while it starts) and reliability/test_worker_crash.py; these check 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,12 +25,19 @@ import pytest
 from gunicorn.config import Config
 
 from podserve import connection_balance, deferred_listen, slot_listeners
-from podserve.connection_balance import NOT_SERVING, ConnectionTable
+from podserve.connection_balance import FREE, NOT_SERVING, ConnectionTable
 from server_process import ServerProcess, free_port
+from signal_replay import run_with_nested
 
 
 @pytest.fixture
 def master(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    with _master(monkeypatch) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def _master(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     """A Gunicorn master's state for two workers; module state and patches undone after."""
     monkeypatch.setattr(gunicorn.sock, "create_sockets", gunicorn.sock.create_sockets)
     monkeypatch.setattr(
@@ -56,10 +64,12 @@ def master(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     balance, slots = connection_balance.gunicorn_hooks(2), slot_listeners.gunicorn_hooks(2)
     balance["on_starting"](server)
     slots["on_starting"](server)
-    yield SimpleNamespace(server=server, balance=balance, slots=slots, stopped=stopped)
-    for wrappers in slot_listeners._sockets.values():
-        for wrapper in wrappers:
-            wrapper.close()
+    try:
+        yield SimpleNamespace(server=server, balance=balance, slots=slots, stopped=stopped)
+    finally:
+        for wrappers in slot_listeners._sockets.values():
+            for wrapper in wrappers:
+                wrapper.close()
 
 
 def _fork(master: SimpleNamespace) -> Any:
@@ -123,6 +133,40 @@ def test_a_slot_given_up_closes_its_socket_and_stop_closes_all(master: SimpleNam
     master.server.stop()
     assert slot_listeners._sockets == {}
     assert master.stopped == [True]  # Gunicorn's own stop still runs
+
+
+def _two_old_workers_exit(at: int) -> tuple[int, list[int], list[int]]:
+    """A reload: two new workers serve, and the two old ones exit; the second one's SIGCHLD
+    handler (Gunicorn runs child_exit in it) nested at line `at` of the first one's."""
+    with pytest.MonkeyPatch.context() as monkeypatch, _master(monkeypatch) as master:
+        old = [_fork(master), _fork(master)]
+        new = [_fork(master), _fork(master)]  # slots 2 and 3
+        master.server.WORKERS = {10: new[0], 11: new[1]}  # the old ones: stopped on purpose
+
+        def exited(worker: Any) -> Callable[[], None]:
+            def hooks() -> None:
+                master.balance["child_exit"](master.server, worker)
+                master.slots["child_exit"](master.server, worker)
+
+            return hooks
+
+        lines = run_with_nested(exited(old[0]), exited(old[1]), at=at)
+        if not 0 <= at < lines:
+            exited(old[1])()  # not nested: after the first one's handler
+        table = connection_balance.table()
+        assert table is not None
+        assert [table.count(w.podserve_slot) for w in old] == [FREE, FREE], at
+        return lines, sorted(slot_listeners._sockets), sorted(w.podserve_slot for w in new)
+
+
+def test_two_workers_exiting_at_once_close_their_slots_in_nested_handlers() -> None:
+    """Wherever the second exit's handler lands in the first one's, both slots close and
+    nothing fails (a dict changed while it was being walked)."""
+    lines, _, _ = _two_old_workers_exit(at=-1)  # no nesting: count the lines
+    assert lines > 10
+    for at in range(lines):
+        _, left, expected = _two_old_workers_exit(at)
+        assert left == expected, at
 
 
 def test_without_reuse_port_nothing_changes(master: SimpleNamespace) -> None:

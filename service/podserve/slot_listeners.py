@@ -66,7 +66,9 @@ def close_free_slots() -> None:
     table = connection_balance.table()
     if table is None:
         return
-    for slot in [slot for slot in _sockets if table.count(slot) == FREE]:
+    # list(): one step, which a signal handler cannot interrupt. In the master this runs in
+    # Gunicorn's SIGCHLD handler, and another worker's exit may run it again inside this one.
+    for slot in [slot for slot in list(_sockets) if table.count(slot) == FREE]:
         _close(slot)
 
 
@@ -75,7 +77,7 @@ def close_others(own_slot: int | None) -> None:
     the pod stops, a socket must close once its workers and the master have let go of it:
     new connections are then refused (and go to another pod) instead of waiting in a queue
     that no one accepts from."""
-    for slot in [slot for slot in _sockets if slot != own_slot]:
+    for slot in [slot for slot in list(_sockets) if slot != own_slot]:
         _close(slot)
 
 
