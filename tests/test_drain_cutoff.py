@@ -20,18 +20,26 @@ from server_process import ServerProcess
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 
 
-def test_a_request_cut_off_by_the_end_of_the_drain_gets_503_and_retry_after(
-    model_repo: Path,
-) -> None:
-    env = {"PODSERVE_SIMULATED_IO_MS": "6000", "PODSERVE_GRACEFUL_TIMEOUT_S": "3"}  # drain: 1 s
+def _sigterm_during_request(
+    model_repo: Path, io_ms: int, graceful_s: int
+) -> tuple[httpx.Response, int, str]:
+    """One request kept running io_ms by its features phase; SIGTERM 0.5 s into it.
+    The drain is graceful_s - 2 s. Returns the response, the exit code and the logs."""
+    env = {"PODSERVE_SIMULATED_IO_MS": str(io_ms), "PODSERVE_GRACEFUL_TIMEOUT_S": str(graceful_s)}
     with ServerProcess(model_repo, workers=1, env=env) as server, ThreadPoolExecutor(1) as pool:
         url = f"{server.url}/v2/models/affine/infer"
         pending = pool.submit(httpx.post, url, json=BODY, timeout=30)
-        time.sleep(0.5)  # the request is in its 6 s features phase
+        time.sleep(0.5)  # the request is in its features phase
         server.signal(signal.SIGTERM)
         response = pending.result()
         exit_code = server.proc.wait(20)  # type: ignore[union-attr]
-        logs = server.logs()
+        return response, exit_code, server.logs()
+
+
+def test_a_request_cut_off_by_the_end_of_the_drain_gets_503_and_retry_after(
+    model_repo: Path,
+) -> None:
+    response, exit_code, logs = _sigterm_during_request(model_repo, io_ms=6000, graceful_s=3)
     assert response.status_code == 503, (response.status_code, response.text, logs[-3000:])
     assert response.headers["retry-after"] == "1"
     assert "drain time" in response.json()["error"]
@@ -41,13 +49,7 @@ def test_a_request_cut_off_by_the_end_of_the_drain_gets_503_and_retry_after(
 
 
 def test_a_request_that_ends_within_the_drain_is_answered_normally(model_repo: Path) -> None:
-    env = {"PODSERVE_SIMULATED_IO_MS": "1500", "PODSERVE_GRACEFUL_TIMEOUT_S": "6"}  # drain: 4 s
-    with ServerProcess(model_repo, workers=1, env=env) as server, ThreadPoolExecutor(1) as pool:
-        url = f"{server.url}/v2/models/affine/infer"
-        pending = pool.submit(httpx.post, url, json=BODY, timeout=30)
-        time.sleep(0.5)
-        server.signal(signal.SIGTERM)
-        response = pending.result()
-        logs = server.logs()
+    response, exit_code, logs = _sigterm_during_request(model_repo, io_ms=1500, graceful_s=6)
     assert response.status_code == 200, (response.status_code, response.text, logs[-3000:])
+    assert exit_code == 0, logs[-3000:]
     assert "request cut off" not in logs

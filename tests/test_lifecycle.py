@@ -33,7 +33,7 @@ def _finishes(handler: Callable[[], None], timeout: float = 10) -> tuple[bool, i
 
 @pytest.fixture(autouse=True)
 def _not_draining(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lifecycle, "_draining", type(lifecycle._draining)())  # a fresh "no"
+    monkeypatch.setattr(lifecycle, "_draining", False)
 
 
 def test_begin_draining_survives_a_nested_call_at_every_line() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 from starlette.types import Send
 
 _worker_draining = False  # set once this worker stops accepting connections
@@ -32,18 +33,16 @@ def begin_worker_drain() -> None:
     _worker_draining = True
 
 
-def worker_draining() -> bool:
-    return _worker_draining
-
-
 _CUT_OFF_HEADERS = [
     (b"content-type", b"application/json"),
     (b"retry-after", b"1"),
     (b"connection", b"close"),
 ]
-_CUT_OFF_BODY = (
-    b'{"error":"the server stopped before this request finished: its worker\'s drain time '
-    b'(PODSERVE_GRACEFUL_TIMEOUT_S - 2 s) ran out; send it again"}'
+_CUT_OFF_BODY = orjson.dumps(
+    {
+        "error": "the server stopped before this request finished: its worker's drain time "
+        "(PODSERVE_GRACEFUL_TIMEOUT_S - 2 s) ran out; send it again"
+    }
 )
 
 
