@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -166,6 +167,77 @@ def test_two_workers_exiting_at_once_close_their_slots_in_nested_handlers() -> N
         _two_old_workers_exit(at)
 
 
+WorkerCopies = tuple[dict[int, list[Any]], dict[int, int]]
+
+
+def _copies_at_fork() -> WorkerCopies:
+    """The slot sockets as a worker forked now inherits them: its own fds, the same sockets."""
+    sockets = {
+        slot: [socket.socket(fileno=os.dup(wrapper.fileno())) for wrapper in wrappers]
+        for slot, wrappers in slot_listeners._sockets.items()
+    }
+    return sockets, dict(slot_listeners._held_generation)
+
+
+@contextlib.contextmanager
+def _in_worker(copies: WorkerCopies) -> Iterator[dict[int, list[Any]]]:
+    """slot_listeners' state is the worker's for the block (the master's after it)."""
+    saved = slot_listeners._sockets, slot_listeners._held_generation
+    slot_listeners._sockets, slot_listeners._held_generation = copies
+    try:
+        yield copies[0]
+    finally:
+        slot_listeners._sockets, slot_listeners._held_generation = saved
+        for wrappers in copies[0].values():
+            for wrapper in wrappers:
+                wrapper.close()
+
+
+def test_a_workers_copy_of_a_slot_given_up_and_claimed_again_closes(
+    master: SimpleNamespace,
+) -> None:
+    """TTOU, then TTIN within one tick of the other worker: the slot is FREE again before
+    that worker looks, and the master has bound a new socket for it. The worker's copy of
+    the old one must close all the same, or it stays in the port's group unserved."""
+    first, second = _fork(master), _fork(master)
+    copies = _copies_at_fork()  # the second worker's
+    old = copies[0][first.podserve_slot][0]
+    master.server.num_workers = 1  # TTOU: the first worker stops, its slot is given up
+    master.server.WORKERS = {2: second}
+    _exit(master, first)
+    master.server.num_workers = 2  # TTIN
+    again = _fork(master)
+    assert again.podserve_slot == first.podserve_slot
+    with _in_worker(copies) as sockets:
+        slot_listeners.close_stale_slots()
+        assert old.fileno() == -1
+        assert sorted(sockets) == [second.podserve_slot]  # its own stays
+    assert slot_listeners._sockets[first.podserve_slot][0].fileno() != -1  # the master's new one
+
+
+def test_a_starting_worker_closes_copies_of_slots_given_up_while_its_models_load(
+    master: SimpleNamespace,
+) -> None:
+    """A reload: the new workers are forked while the old ones still serve, and the old
+    ones' slots are given up while the new ones load their models (no tick runs yet)."""
+    old = [_fork(master), _fork(master)]
+    new = [_fork(master), _fork(master)]
+    copies = _copies_at_fork()  # the last new worker's
+    old_copies = [copies[0][worker.podserve_slot][0] for worker in old]
+    master.server.WORKERS = {10: new[0], 11: new[1]}  # the old ones: stopped on purpose
+    for worker in old:
+        _exit(master, worker)
+
+    async def start_up() -> None:
+        async with slot_listeners.starting():
+            await asyncio.sleep(2.5 * slot_listeners.TICK_S)  # the models load
+            assert [copy.fileno() for copy in old_copies] == [-1, -1]
+
+    with _in_worker(copies) as sockets:
+        asyncio.run(start_up())
+        assert sorted(sockets) == sorted(worker.podserve_slot for worker in new)
+
+
 def test_without_reuse_port_nothing_changes(master: SimpleNamespace) -> None:
     for wrappers in slot_listeners._sockets.values():
         for wrapper in wrappers:
@@ -265,13 +337,13 @@ def test_when_the_pod_stops_new_connections_are_refused_while_workers_drain(
         assert refused_while_draining, "the port still took connections during the drain"
 
 
-def _answers_for(server: ServerProcess, seconds: float) -> list[int | str]:
+def _answers_for(server: ServerProcess, seconds: float, timeout: float = 5) -> list[int | str]:
     """New connections one after another: statuses, or the error of those not answered."""
     outcomes: list[int | str] = []
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         try:
-            with httpx.Client(timeout=5) as client:  # a new connection each time
+            with httpx.Client(timeout=timeout) as client:  # a new connection each time
                 outcomes.append(client.get(f"{server.url}/v2/health/live").status_code)
         except httpx.HTTPError as exc:
             outcomes.append(type(exc).__name__)
@@ -300,3 +372,32 @@ def test_slots_given_up_and_added_leave_no_socket_without_a_worker(model_repo: P
             time.sleep(1.5)  # the new workers' start-up
             outcomes = _answers_for(server, 2)
             assert len(outcomes) > 20 and set(outcomes) == {200}, (sig, outcomes)
+
+
+def _wait_reaped(pid: int, timeout: float = 30) -> None:
+    """Until the master has reaped the worker (its child_exit hooks run right after)."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    assert not Path(f"/proc/{pid}").exists(), f"worker {pid} still there after {timeout} s"
+
+
+def test_a_slot_given_up_and_claimed_again_at_once_leaves_no_stale_socket(
+    model_repo: Path,
+) -> None:
+    """TTOU, then TTIN as soon as the worker has gone: the new worker claims the freed slot,
+    and the master binds a new socket for it, all within a tick of the other worker. That
+    worker must let go of the old socket it inherited; kept, the old socket stays in the
+    port's group and the connections hashed to it are never accepted."""
+    with ServerProcess(model_repo, workers=2) as server:
+        for _ in range(3):
+            _wait_for_workers(server, 2)
+            time.sleep(1.5)  # both serve
+            oldest = min(server.worker_pids())
+            server.signal(signal.SIGTTOU)  # Gunicorn stops its oldest worker
+            _wait_reaped(oldest)
+            server.signal(signal.SIGTTIN)
+            _wait_for_workers(server, 2)
+            time.sleep(1.5)  # the new worker's start-up
+            outcomes = _answers_for(server, 2, timeout=2)
+            assert len(outcomes) > 20 and set(outcomes) == {200}, outcomes

@@ -87,6 +87,10 @@ class ConnectionTable:
         self._held.append(slot)
 
     @property
+    def slots(self) -> int:
+        return len(self._counts)
+
+    @property
     def held(self) -> int:
         return len(self._held)
 

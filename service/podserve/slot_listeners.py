@@ -19,14 +19,23 @@ TTOU) or the master stops. While a slot's worker is not serving (draining, exite
 replacement loading models) the other workers accept from the slot's socket too (`Cover`,
 every tick of 0.1 s), so its connections wait at most a tick instead of a whole start-up;
 the socket stays open throughout, and no connection is lost.
+
+Every process holds a copy of each slot's socket that existed when it was forked. A copy
+whose slot has been given up must close, or the kernel keeps hashing connections to a socket
+no one accepts from: each worker closes such copies at every tick, and also while it is
+still loading its models. A slot given up and claimed again in between (TTOU then TTIN,
+back-to-back reloads) gets a new socket: the master counts each slot's sockets in shared
+memory (`Generations`), and a copy of an older one is closed as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import mmap
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import gunicorn.sock
@@ -36,8 +45,30 @@ from podserve.connection_balance import FREE, NOT_SERVING
 
 _original_create_sockets = gunicorn.sock.create_sockets
 _sockets: dict[int, list[Any]] = {}  # slot -> Gunicorn socket wrappers (master; inherited)
+_held_generation: dict[int, int] = {}  # slot -> generation of the socket in _sockets
 _master_pid: int | None = None
 _forking_slot: int | None = None  # set by pre_fork in the master: the child's slot
+TICK_S = 0.1  # a starting worker's check for stale copies, as often as uvicorn's tick
+
+
+class Generations:
+    """How many sockets each slot has had, in shared memory (mapped by the master before
+    it forks). Only the master writes, and an aligned 4-byte store is never seen torn."""
+
+    def __init__(self, slots: int) -> None:
+        self._memory = mmap.mmap(-1, 4 * slots)  # MAP_SHARED | MAP_ANONYMOUS, zeroed
+        self._counts = memoryview(self._memory).cast("I")
+
+    def __getitem__(self, slot: int) -> int:
+        return self._counts[slot]
+
+    def renew(self, slot: int) -> int:
+        """Master: the slot gets a new socket; its generation."""
+        self._counts[slot] = (self._counts[slot] + 1) & 0xFFFFFFFF
+        return self._counts[slot]
+
+
+_generations: Generations | None = None
 
 
 def _slot_sockets(conf: Any, log: Any, fds: list[int] | None = None) -> list[Any]:
@@ -53,23 +84,55 @@ def _ensure(slot: int, server: Any) -> None:
     if slot not in _sockets:
         # Bound, and listening only if deferred_listen is off: the first worker of the slot
         # listens when its start-up is done, as Gunicorn's own per-worker sockets do.
-        _sockets[slot] = _original_create_sockets(server.cfg, server.log)
+        wrappers = _original_create_sockets(server.cfg, server.log)
+        if _generations is not None:
+            _held_generation[slot] = _generations.renew(slot)
+        _sockets[slot] = wrappers  # last: a nested close_stale_slots sees all or nothing
 
 
 def _close(slot: int) -> None:
     for wrapper in _sockets.pop(slot, []):
         wrapper.close()
+    _held_generation.pop(slot, None)
 
 
-def close_free_slots() -> None:
+def _stale(slot: int, table: connection_balance.ConnectionTable) -> bool:
+    """No worker will serve this copy again: its slot is free, or has a newer socket."""
+    if table.count(slot) == FREE:
+        return True
+    held = _held_generation.get(slot)
+    return _generations is not None and held is not None and _generations[slot] != held
+
+
+def close_stale_slots() -> None:
     """Master and workers: drop the sockets of slots no worker will serve again."""
     table = connection_balance.table()
     if table is None:
         return
     # list(): one step, which a signal handler cannot interrupt. In the master this runs in
     # Gunicorn's SIGCHLD handler, and another worker's exit may run it again inside this one.
-    for slot in [slot for slot in list(_sockets) if table.count(slot) == FREE]:
+    for slot in [slot for slot in list(_sockets) if _stale(slot, table)]:
         _close(slot)
+
+
+async def _close_stale_slots_every_tick() -> None:
+    while True:
+        close_stale_slots()
+        await asyncio.sleep(TICK_S)
+
+
+@contextlib.asynccontextmanager
+async def starting() -> AsyncIterator[None]:
+    """Worker, around uvicorn's start-up: the models load in a thread, and the copies the
+    worker inherited must not outlive their slots meanwhile (a reload frees the old workers'
+    slots while the new ones load). Once it serves, Cover.tick takes over."""
+    sweep = asyncio.create_task(_close_stale_slots_every_tick())
+    try:
+        yield
+    finally:
+        sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweep
 
 
 def close_others(own_slot: int | None) -> None:
@@ -85,10 +148,12 @@ def gunicorn_hooks(workers: int) -> dict[str, Any]:
     """After connection_balance's hooks: its slots are claimed and released first."""
 
     def on_starting(server: Any) -> None:
-        global _master_pid
+        global _master_pid, _generations
         if not server.cfg.reuse_port:
             return
         _master_pid = os.getpid()
+        table = connection_balance.table()
+        _generations = Generations(table.slots) if table is not None else None
         gunicorn.sock.create_sockets = _slot_sockets
         for slot in range(workers):  # the first workers inherit each other's sockets
             _ensure(slot, server)
@@ -110,10 +175,10 @@ def gunicorn_hooks(workers: int) -> dict[str, Any]:
         _forking_slot = slot
 
     def child_exit(_server: Any, _worker: Any) -> None:
-        close_free_slots()
+        close_stale_slots()
 
     def nworkers_changed(_server: Any, _new: int, _old: int | None) -> None:
-        close_free_slots()
+        close_stale_slots()
 
     return {
         "on_starting": on_starting,
@@ -154,7 +219,7 @@ class Cover:
         table = connection_balance.table()
         if table is None:
             return
-        close_free_slots()
+        close_stale_slots()
         for slot, wrappers in _sockets.items():
             if slot == self.own_slot:
                 continue

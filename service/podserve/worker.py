@@ -70,7 +70,8 @@ class DrainingServer(Server):
         return True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        async with slot_listeners.starting():
+            await super().startup(sockets=sockets)
         if not self.should_exit:  # models loaded, sockets served: take a share of connections
             connection_balance.set_serving(True)
             self.cover = slot_listeners.cover(self.slot, self._new_protocol, self.config.backlog)
