@@ -47,6 +47,8 @@ def _master(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
         gunicorn.sock.BaseSocket.__dict__["_is_listening"],
     )
     monkeypatch.setattr(slot_listeners, "_sockets", {})
+    monkeypatch.setattr(slot_listeners, "_held_generation", {})
+    monkeypatch.setattr(slot_listeners, "_records", None)
     monkeypatch.setattr(slot_listeners, "_master_pid", None)
     monkeypatch.setattr(slot_listeners, "_forking_slot", None)
     monkeypatch.setattr(connection_balance, "_table", None)
@@ -291,6 +293,49 @@ def test_a_worker_covers_a_slot_only_while_its_own_worker_does_not_serve(
     asyncio.run(scenario())
 
 
+def test_a_worker_covers_a_serving_slot_whose_worker_has_stalled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = ConnectionTable(4)
+    mine, other = table.claim(), table.claim()
+    table.publish(mine, 0)
+    table.publish(other, 3)  # serving, with 3 connections
+    records = slot_listeners.SlotRecords(table.slots)
+    monkeypatch.setattr(connection_balance, "_table", table)
+    monkeypatch.setattr(slot_listeners, "_records", records)
+    listener = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(slot_listeners, "_sockets", {mine: [], other: [listener]})
+    now_ms = [1_000_000]
+    monkeypatch.setattr(slot_listeners, "_now_ms", lambda: now_ms[0])
+
+    async def scenario() -> None:
+        cover = slot_listeners.cover(mine, _Answer, 16, stall_s=2.0)
+        assert cover is not None
+        records.beat(other)
+        now_ms[0] += 1900
+        await cover.tick()
+        assert cover.servers == {}  # silent, but not for long enough
+        now_ms[0] += 200
+        await cover.tick()
+        assert list(cover.servers) == [other] and cover.stalled == {other}
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        assert await asyncio.wait_for(reader.read(), 5) == b"covered"
+        writer.close()
+        assert records.silent_s(mine) < 0.1  # its own beat: every tick
+        records.beat(other)  # it runs again
+        await cover.tick()
+        assert cover.servers == {} and cover.stalled == set()
+        unwatched = slot_listeners.cover(mine, _Answer, 16, stall_s=0)
+        assert unwatched is not None
+        now_ms[0] += 60_000
+        await unwatched.tick()
+        assert unwatched.servers == {}  # PODSERVE_LOOP_STALL_S=0: not watched
+        cover.close()
+        listener.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_draining_worker_lets_go_of_the_other_slots_sockets(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -401,3 +446,40 @@ def test_a_slot_given_up_and_claimed_again_at_once_leaves_no_stale_socket(
             time.sleep(1.5)  # the new worker's start-up
             outcomes = _answers_for(server, 2, timeout=2)
             assert len(outcomes) > 20 and set(outcomes) == {200}, outcomes
+
+
+def test_the_other_workers_take_a_stalled_workers_new_connections(model_repo: Path) -> None:
+    """A worker whose event loop does not run (SIGSTOP here; a blocking call or a deadlock
+    in production) keeps its slot's socket in the port's group until Gunicorn's worker
+    timeout kills it: the connections hashed to it would hang that long. Once it has been
+    silent for PODSERVE_LOOP_STALL_S, the other worker accepts from its slot's socket too,
+    and lets go when it runs again."""
+    env = {"PODSERVE_LOOP_STALL_S": "0.5"}
+    with ServerProcess(model_repo, workers=2, env=env) as server:
+        _wait_for_workers(server, 2)
+        stalled = max(server.worker_pids())
+        server_workers = set(server.worker_pids())
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            time.sleep(1.0)  # silent for longer than the stall limit
+            outcomes = _answers_for(server, 2, timeout=2)
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        assert len(outcomes) > 20 and set(outcomes) == {200}, outcomes
+        time.sleep(0.5)  # it runs again: the cover ends
+        assert set(server.worker_pids()) == server_workers  # not replaced: it was only slow
+        answered_by = _workers_answering(server, 2)
+        assert len(answered_by) == 2, answered_by  # both take new connections again
+        logs = server.logs()
+        assert "has stalled" in logs and "runs again" in logs, logs[-3000:]
+
+
+def _workers_answering(server: ServerProcess, seconds: float) -> set[str]:
+    workers: set[str] = set()
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        with httpx.Client(timeout=5) as client:  # a new connection each time
+            response = client.get(f"{server.url}/v2/health/live")
+            assert response.status_code == 200
+            workers.add(response.headers["x-podserve-worker"])
+    return workers

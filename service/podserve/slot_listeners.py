@@ -18,23 +18,27 @@ replacement serves the same one. A socket closes only when its slot is given up 
 TTOU) or the master stops. While a slot's worker is not serving (draining, exited, its
 replacement loading models) the other workers accept from the slot's socket too (`Cover`,
 every tick of 0.1 s), so its connections wait at most a tick instead of a whole start-up;
-the socket stays open throughout, and no connection is lost.
+the socket stays open throughout, and no connection is lost. So do they while a worker's
+event loop has not ticked for PODSERVE_LOOP_STALL_S (a blocking call, a deadlock): its
+slot's new connections would otherwise wait for Gunicorn's worker timeout.
 
 Every process holds a copy of each slot's socket that existed when it was forked. A copy
 whose slot has been given up must close, or the kernel keeps hashing connections to a socket
 no one accepts from: each worker closes such copies at every tick, and also while it is
 still loading its models. A slot given up and claimed again in between (TTOU then TTIN,
 back-to-back reloads) gets a new socket: the master counts each slot's sockets in shared
-memory (`Generations`), and a copy of an older one is closed as well.
+memory (`SlotRecords`), and a copy of an older one is closed as well.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,6 +46,8 @@ import gunicorn.sock
 
 from podserve import connection_balance
 from podserve.connection_balance import FREE, NOT_SERVING
+
+log = logging.getLogger(__name__)
 
 _original_create_sockets = gunicorn.sock.create_sockets
 _sockets: dict[int, list[Any]] = {}  # slot -> Gunicorn socket wrappers (master; inherited)
@@ -51,24 +57,42 @@ _forking_slot: int | None = None  # set by pre_fork in the master: the child's s
 TICK_S = 0.1  # a starting worker's check for stale copies, as often as uvicorn's tick
 
 
-class Generations:
-    """How many sockets each slot has had, in shared memory (mapped by the master before
-    it forks). Only the master writes, and an aligned 4-byte store is never seen torn."""
+class SlotRecords:
+    """Per slot, in shared memory mapped by the master before it forks: how many sockets the
+    slot has had (the master writes it), and when its worker's event loop last ran (the
+    worker writes it, in ms of the system-wide monotonic clock). One writer per field, and
+    an aligned 4-byte store is never seen torn."""
 
     def __init__(self, slots: int) -> None:
-        self._memory = mmap.mmap(-1, 4 * slots)  # MAP_SHARED | MAP_ANONYMOUS, zeroed
-        self._counts = memoryview(self._memory).cast("I")
+        self._memory = mmap.mmap(-1, 8 * slots)  # MAP_SHARED | MAP_ANONYMOUS, zeroed
+        records = memoryview(self._memory).cast("I")
+        self._generations, self._beats = records[:slots], records[slots:]
 
-    def __getitem__(self, slot: int) -> int:
-        return self._counts[slot]
+    def generation(self, slot: int) -> int:
+        return self._generations[slot]
 
     def renew(self, slot: int) -> int:
         """Master: the slot gets a new socket; its generation."""
-        self._counts[slot] = (self._counts[slot] + 1) & 0xFFFFFFFF
-        return self._counts[slot]
+        self._generations[slot] = (self._generations[slot] + 1) & _U32
+        return self._generations[slot]
+
+    def beat(self, slot: int) -> None:
+        """Worker, on its loop: it runs."""
+        self._beats[slot] = _now_ms()
+
+    def silent_s(self, slot: int) -> float:
+        """Since the slot's worker last beat (modulo 2**32 ms, ~49 days)."""
+        return ((_now_ms() - self._beats[slot]) & _U32) / 1000
 
 
-_generations: Generations | None = None
+_U32 = 0xFFFFFFFF
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000) & _U32
+
+
+_records: SlotRecords | None = None
 
 
 def _slot_sockets(conf: Any, log: Any, fds: list[int] | None = None) -> list[Any]:
@@ -85,8 +109,8 @@ def _ensure(slot: int, server: Any) -> None:
         # Bound, and listening only if deferred_listen is off: the first worker of the slot
         # listens when its start-up is done, as Gunicorn's own per-worker sockets do.
         wrappers = _original_create_sockets(server.cfg, server.log)
-        if _generations is not None:
-            _held_generation[slot] = _generations.renew(slot)
+        if _records is not None:
+            _held_generation[slot] = _records.renew(slot)
         _sockets[slot] = wrappers  # last: a nested close_stale_slots sees all or nothing
 
 
@@ -101,7 +125,7 @@ def _stale(slot: int, table: connection_balance.ConnectionTable) -> bool:
     if table.count(slot) == FREE:
         return True
     held = _held_generation.get(slot)
-    return _generations is not None and held is not None and _generations[slot] != held
+    return _records is not None and held is not None and _records.generation(slot) != held
 
 
 def close_stale_slots() -> None:
@@ -148,12 +172,12 @@ def gunicorn_hooks(workers: int) -> dict[str, Any]:
     """After connection_balance's hooks: its slots are claimed and released first."""
 
     def on_starting(server: Any) -> None:
-        global _master_pid, _generations
+        global _master_pid, _records
         if not server.cfg.reuse_port:
             return
         _master_pid = os.getpid()
         table = connection_balance.table()
-        _generations = Generations(table.slots) if table is not None else None
+        _records = SlotRecords(table.slots) if table is not None else None
         gunicorn.sock.create_sockets = _slot_sockets
         for slot in range(workers):  # the first workers inherit each other's sockets
             _ensure(slot, server)
@@ -196,40 +220,75 @@ def _listens(wrapper: Any) -> bool:
 
 
 def cover(
-    own_slot: int | None, protocol_factory: Callable[[], asyncio.Protocol], backlog: int
+    own_slot: int | None,
+    protocol_factory: Callable[[], asyncio.Protocol],
+    backlog: int,
+    stall_s: float = 0.0,
 ) -> Cover | None:
     """A worker's Cover, once it serves; None outside Gunicorn or without slot sockets."""
     if own_slot is None or own_slot not in _sockets:
         return None
-    return Cover(own_slot, protocol_factory, backlog)
+    return Cover(own_slot, protocol_factory, backlog, stall_s)
 
 
 class Cover:
-    """A worker's servers on other slots' sockets while their own workers do not serve."""
+    """A worker's servers on other slots' sockets while their own workers do not serve:
+    starting, draining, exited, or stalled (an event loop silent for `stall_s`, which only
+    Gunicorn's worker timeout would end; 0: not watched)."""
 
     def __init__(
-        self, own_slot: int, protocol_factory: Callable[[], asyncio.Protocol], backlog: int
+        self,
+        own_slot: int,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        backlog: int,
+        stall_s: float = 0.0,
     ) -> None:
         self.own_slot = own_slot
         self.protocol_factory = protocol_factory
         self.backlog = backlog  # listen() again on a listening socket sets its backlog
+        self.stall_s = stall_s
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}
+        self.stalled: set[int] = set()  # slots covered because their worker stalled
+        self._beat()  # before the first tick: a fresh worker must not look stalled
+
+    def _beat(self) -> None:
+        if _records is not None:
+            _records.beat(self.own_slot)
 
     async def tick(self) -> None:
         table = connection_balance.table()
         if table is None:
             return
+        self._beat()
         close_stale_slots()
-        for slot, wrappers in _sockets.items():
+        for slot, wrappers in list(_sockets.items()):
             if slot == self.own_slot:
                 continue
-            needed = table.count(slot) == NOT_SERVING and _listens(wrappers[0])
+            needed = self._not_serving(slot, table.count(slot)) and _listens(wrappers[0])
             if needed and slot not in self.servers:
                 self.servers[slot] = [await self._serve(wrapper) for wrapper in wrappers]
             elif not needed and slot in self.servers:
                 self._stop(slot)
         for slot in [slot for slot in self.servers if slot not in _sockets]:
             self._stop(slot)
+
+    def _not_serving(self, slot: int, count: int) -> bool:
+        if count == NOT_SERVING:
+            return True
+        stalled = count >= 0 and self._silent_too_long(slot)
+        if stalled != (slot in self.stalled):
+            self.stalled.symmetric_difference_update({slot})
+            log.warning(
+                "the worker of slot %d %s: %s its new connections",
+                slot,
+                "has stalled" if stalled else "runs again",
+                "this worker takes" if stalled else "it takes back",
+                extra={"slot": slot, "stall_s": self.stall_s},
+            )
+        return stalled
+
+    def _silent_too_long(self, slot: int) -> bool:
+        return self.stall_s > 0 and _records is not None and _records.silent_s(slot) > self.stall_s
 
     async def _serve(self, wrapper: Any) -> asyncio.AbstractServer:
         # A duplicate: closing this server closes only it, the slot's socket stays open.

@@ -74,7 +74,9 @@ class DrainingServer(Server):
             await super().startup(sockets=sockets)
         if not self.should_exit:  # models loaded, sockets served: take a share of connections
             connection_balance.set_serving(True)
-            self.cover = slot_listeners.cover(self.slot, self._new_protocol, self.config.backlog)
+            self.cover = slot_listeners.cover(
+                self.slot, self._new_protocol, self.config.backlog, get_settings().loop_stall_s
+            )
 
     def _new_protocol(self) -> asyncio.Protocol:
         """A connection's protocol, as uvicorn makes them for its own listeners."""
