@@ -117,6 +117,25 @@ def test_starting_and_draining_workers_are_out_of_the_share() -> None:
     assert table._counts[starting.slot] == NOT_SERVING  # its closing connections stay out
 
 
+def test_a_stalled_workers_connections_are_out_of_the_share() -> None:
+    """The others take a stalled worker's new connections (slot_listeners.Cover); measured
+    against a share that counts the stalled one, they would close them again and again."""
+    table = ConnectionTable(4)
+    live, stalled = (
+        ConnectionBalancer(table, table.claim()),
+        ConnectionBalancer(table, table.claim()),
+    )
+    for balancer, connections in [(live, 12), (stalled, 4)]:
+        balancer.set_serving(True)
+        for _ in range(connections):
+            balancer.opened()
+    assert table.fair_share() == 8 and live.should_close()  # ceil(16 / 2): 12 is 4 over
+    live.closing = live.closed_for_balance = 0
+    live.stalled = frozenset({stalled.slot})
+    assert table.fair_share(live.stalled) is None  # alone in the share
+    assert not any(live.should_close() for _ in range(12))
+
+
 def test_table_is_shared_with_forked_workers() -> None:
     table = ConnectionTable(4)
     parent, child = table.claim(), table.claim()

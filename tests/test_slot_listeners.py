@@ -301,7 +301,9 @@ def test_a_worker_covers_a_serving_slot_whose_worker_has_stalled(
     table.publish(mine, 0)
     table.publish(other, 3)  # serving, with 3 connections
     records = slot_listeners.SlotRecords(table.slots)
+    balancer = connection_balance.ConnectionBalancer(table, mine)
     monkeypatch.setattr(connection_balance, "_table", table)
+    monkeypatch.setattr(connection_balance, "_balancer", balancer)
     monkeypatch.setattr(slot_listeners, "_records", records)
     listener = socket.create_server(("127.0.0.1", 0))
     monkeypatch.setattr(slot_listeners, "_sockets", {mine: [], other: [listener]})
@@ -318,6 +320,7 @@ def test_a_worker_covers_a_serving_slot_whose_worker_has_stalled(
         now_ms[0] += 200
         await cover.tick()
         assert list(cover.servers) == [other] and cover.stalled == {other}
+        assert balancer.stalled == {other}  # out of its fair share
         reader, writer = await asyncio.open_connection(*listener.getsockname())
         assert await asyncio.wait_for(reader.read(), 5) == b"covered"
         writer.close()
@@ -325,6 +328,7 @@ def test_a_worker_covers_a_serving_slot_whose_worker_has_stalled(
         records.beat(other)  # it runs again
         await cover.tick()
         assert cover.servers == {} and cover.stalled == set()
+        assert balancer.stalled == set()
         unwatched = slot_listeners.cover(mine, _Answer, 16, stall_s=0)
         assert unwatched is not None
         now_ms[0] += 60_000

@@ -125,12 +125,17 @@ class ConnectionTable:
         finally:
             fcntl.lockf(self._recycle_lock, fcntl.LOCK_UN)
 
-    def fair_share(self) -> int | None:
+    def fair_share(self, stalled: frozenset[int] = frozenset()) -> int | None:
         """ceil(serving workers' connections / serving workers); None with fewer than 2.
 
         A starting worker does not count: connections sent its way would wait for its models.
+        Nor does a stalled one (slot_listeners): the others take its new connections, and
+        measured against its share they would close them, over and over, until it runs.
         """
-        live = [count for count in self._counts if count >= 0]
+        counts = self._counts
+        if stalled:
+            counts = [count for slot, count in enumerate(counts) if slot not in stalled]
+        live = [count for count in counts if count >= 0]
         if len(live) < 2:
             return None
         return math.ceil(sum(live) / len(live))
@@ -147,6 +152,7 @@ class ConnectionBalancer:
         self.closing = 0  # told to close, not closed yet
         self.closed_for_balance = 0
         self.serving = False  # in the share only from start-up's end to the drain's start
+        self.stalled: frozenset[int] = frozenset()  # slots of stalled workers (slot_listeners)
 
     @property
     def staying(self) -> int:
@@ -176,7 +182,7 @@ class ConnectionBalancer:
         return False
 
     def should_close(self) -> bool:
-        share = self.table.fair_share() if self.enabled and self.serving else None
+        share = self.table.fair_share(self.stalled) if self.enabled and self.serving else None
         if share is None or self.staying <= share:
             return False
         self.closing += 1
@@ -238,6 +244,12 @@ def set_serving(serving: bool) -> None:
     """Worker: start-up done (count me in the share) or draining begun (count me out)."""
     if _balancer is not None:
         _balancer.set_serving(serving)
+
+
+def set_stalled(slots: frozenset[int]) -> None:
+    """Worker: the slots whose workers have stalled, out of the share until they run."""
+    if _balancer is not None:
+        _balancer.stalled = slots
 
 
 def leave_for_recycle() -> bool:

@@ -278,6 +278,7 @@ class Cover:
         stalled = count >= 0 and self._silent_too_long(slot)
         if stalled != (slot in self.stalled):
             self.stalled.symmetric_difference_update({slot})
+            connection_balance.set_stalled(frozenset(self.stalled))
             log.warning(
                 "the worker of slot %d %s: %s its new connections",
                 slot,
