@@ -9,6 +9,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+import orjson
+
+# One row for the `affine` test model (conftest's model_repo), as a V2 request body.
+AFFINE = orjson.dumps(
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+)
 
 
 @dataclass

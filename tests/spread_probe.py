@@ -14,10 +14,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from load_client import closed_loop  # as a script: its own directory leads sys.path
+# As a script: its own directory leads sys.path.
+from load_client import AFFINE, closed_loop
 from model_builders import build_test_repository
 from server_process import ServerProcess
-from test_under_load import AFFINE
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import orjson
 import psutil
 from gunicorn.config import Config
 
+from load_client import AFFINE
 from metrics_support import scrape
 from podserve.connection_balance import (
     FREE,
@@ -27,10 +27,6 @@ from podserve.connection_balance import (
 )
 from podserve.gunicorn_conf import chain_hooks
 from server_process import ServerProcess
-
-AFFINE = orjson.dumps(
-    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-)
 
 
 def test_fair_share_counts_live_workers_only() -> None:

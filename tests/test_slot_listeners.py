@@ -25,6 +25,7 @@ import httpx
 import pytest
 from gunicorn.config import Config
 
+from load_client import AFFINE, closed_loop
 from podserve import connection_balance, deferred_listen, slot_listeners
 from podserve.connection_balance import FREE, NOT_SERVING, ConnectionTable
 from server_process import ServerProcess, free_port
@@ -467,9 +468,15 @@ def test_the_other_workers_take_a_stalled_workers_new_connections(model_repo: Pa
         try:
             time.sleep(1.0)  # silent for longer than the stall limit
             outcomes = _answers_for(server, 2, timeout=2)
+            kept_alive = asyncio.run(
+                closed_loop(server.url, "/v2/models/affine/infer", AFFINE, 8, 1.0, 5000)
+            )
         finally:
             os.kill(stalled, signal.SIGCONT)
         assert len(outcomes) > 20 and set(outcomes) == {200}, outcomes
+        # Alone in the connection balancer's share: it keeps the connections it took over.
+        assert set(kept_alive.statuses) == {200} and not kept_alive.errors, kept_alive.errors
+        assert kept_alive.closed_by_server == 0, kept_alive.closed_by_server
         time.sleep(0.5)  # it runs again: the cover ends
         assert set(server.worker_pids()) == server_workers  # not replaced: it was only slow
         answered_by = _workers_answering(server, 2)

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from load_client import closed_loop, percentile
+from load_client import AFFINE, closed_loop, percentile
 from podserve.phases import parse_server_timing
 from server_process import ServerProcess
 
@@ -29,11 +29,6 @@ def _slow_body(rows: int) -> bytes:
             ]
         }
     )
-
-
-AFFINE = orjson.dumps(
-    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-)
 
 
 def test_full_queue_sheds_503_with_retry_after_and_recovers(model_repo: Path) -> None:
