@@ -261,10 +261,14 @@ class Cover:
             return
         self._beat()
         close_stale_slots()
-        for slot, wrappers in list(_sockets.items()):
-            if slot == self.own_slot:
+        counts = {slot: table.count(slot) for slot in list(_sockets) if slot != self.own_slot}
+        self._note_stalls({slot for slot, count in counts.items() if self._stalled(slot, count)})
+        for slot, count in counts.items():
+            wrappers = _sockets.get(slot)
+            if wrappers is None:
                 continue
-            needed = self._not_serving(slot, table.count(slot)) and _listens(wrappers[0])
+            not_serving = count == NOT_SERVING or slot in self.stalled
+            needed = not_serving and _listens(wrappers[0])
             if needed and slot not in self.servers:
                 self.servers[slot] = [await self._serve(wrapper) for wrapper in wrappers]
             elif not needed and slot in self.servers:
@@ -272,24 +276,27 @@ class Cover:
         for slot in [slot for slot in self.servers if slot not in _sockets]:
             self._stop(slot)
 
-    def _not_serving(self, slot: int, count: int) -> bool:
-        if count == NOT_SERVING:
-            return True
-        stalled = count >= 0 and self._silent_too_long(slot)
-        if stalled != (slot in self.stalled):
-            self.stalled.symmetric_difference_update({slot})
-            connection_balance.set_stalled(frozenset(self.stalled))
+    def _stalled(self, slot: int, count: int) -> bool:
+        """Serving, by the table, but its event loop has been silent for `stall_s`."""
+        if count < 0 or self.stall_s <= 0 or _records is None:
+            return False
+        return _records.silent_s(slot) > self.stall_s
+
+    def _note_stalls(self, stalled: set[int]) -> None:
+        """Log each change; the connection balancer leaves stalled workers out of the share."""
+        if stalled == self.stalled:
+            return
+        for slot in sorted(stalled ^ self.stalled):
             log.warning(
-                "the worker of slot %d %s: %s its new connections",
+                "the worker of slot %d %s",
                 slot,
-                "has stalled" if stalled else "runs again",
-                "this worker takes" if stalled else "it takes back",
+                "has stalled: this worker takes its new connections"
+                if slot in stalled
+                else "no longer stalls (it runs again, or has exited)",
                 extra={"slot": slot, "stall_s": self.stall_s},
             )
-        return stalled
-
-    def _silent_too_long(self, slot: int) -> bool:
-        return self.stall_s > 0 and _records is not None and _records.silent_s(slot) > self.stall_s
+        self.stalled = stalled
+        connection_balance.set_stalled(frozenset(stalled))
 
     async def _serve(self, wrapper: Any) -> asyncio.AbstractServer:
         # A duplicate: closing this server closes only it, the slot's socket stays open.

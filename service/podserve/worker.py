@@ -73,10 +73,12 @@ class DrainingServer(Server):
         async with slot_listeners.starting():
             await super().startup(sockets=sockets)
         if not self.should_exit:  # models loaded, sockets served: take a share of connections
-            connection_balance.set_serving(True)
+            # The cover first: it records this worker's first tick, which the others must
+            # see before its count, or they take it for stalled.
             self.cover = slot_listeners.cover(
                 self.slot, self._new_protocol, self.config.backlog, get_settings().loop_stall_s
             )
+            connection_balance.set_serving(True)
 
     def _new_protocol(self) -> asyncio.Protocol:
         """A connection's protocol, as uvicorn makes them for its own listeners."""
