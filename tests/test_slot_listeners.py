@@ -26,6 +26,7 @@ import pytest
 from gunicorn.config import Config
 
 from load_client import AFFINE, closed_loop
+from metrics_support import scrape
 from podserve import connection_balance, deferred_listen, slot_listeners
 from podserve.connection_balance import FREE, NOT_SERVING, ConnectionTable
 from server_process import ServerProcess, free_port
@@ -322,6 +323,7 @@ def test_a_worker_covers_a_serving_slot_whose_worker_has_stalled(
         await cover.tick()
         assert list(cover.servers) == [other] and cover.stalled == {other}
         assert balancer.stalled == {other}  # out of its fair share
+        assert balancer.stalls_seen == 1
         reader, writer = await asyncio.open_connection(*listener.getsockname())
         assert await asyncio.wait_for(reader.read(), 5) == b"covered"
         writer.close()
@@ -332,7 +334,7 @@ def test_a_worker_covers_a_serving_slot_whose_worker_has_stalled(
         assert balancer.stalled == set()
         now_ms[0] += 2100  # stalls again, and Gunicorn's timeout kills it: its slot is freed
         await cover.tick()
-        assert cover.stalled == {other}
+        assert cover.stalled == {other} and balancer.stalls_seen == 2
         table.release(other)
         await cover.tick()
         assert cover.servers == {} and cover.stalled == set() and balancer.stalled == set()
@@ -489,6 +491,8 @@ def test_the_other_workers_take_a_stalled_workers_new_connections(model_repo: Pa
         assert len(answered_by) == 2, answered_by  # both take new connections again
         logs = server.logs()
         assert "has stalled" in logs and "no longer stalls" in logs, logs[-3000:]
+        time.sleep(1.1)  # each worker writes its counters every second
+        assert scrape(server.url).value("podserve_worker_stalls_seen_total") == 1
 
 
 def _workers_answering(server: ServerProcess, seconds: float) -> set[str]:

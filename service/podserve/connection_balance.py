@@ -153,6 +153,7 @@ class ConnectionBalancer:
         self.closed_for_balance = 0
         self.serving = False  # in the share only from start-up's end to the drain's start
         self.stalled: frozenset[int] = frozenset()  # slots of stalled workers (slot_listeners)
+        self.stalls_seen = 0  # other workers seen stalling (metrics)
 
     @property
     def staying(self) -> int:
@@ -249,6 +250,7 @@ def set_serving(serving: bool) -> None:
 def set_stalled(slots: frozenset[int]) -> None:
     """Worker: the slots whose workers have stalled, out of the share until they run."""
     if _balancer is not None:
+        _balancer.stalls_seen += len(slots - _balancer.stalled)
         _balancer.stalled = slots
 
 

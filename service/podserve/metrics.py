@@ -347,6 +347,12 @@ class Metrics:
             "Event-loop stalls of PODSERVE_LOOP_STALL_S or more (logged with the loop's stack)",
             registry=r,
         )
+        self.worker_stalls_seen = Counter(
+            "podserve_worker_stalls_seen",
+            "Stalls of another worker of the pod that this worker saw and took over that "
+            "worker's new connections for (each other worker counts it)",
+            registry=r,
+        )
         self.connections_rebalanced = Counter(
             "podserve_connections_rebalanced",
             "Connections a worker above its share closed after a response, to even out workers",
@@ -479,6 +485,7 @@ class Metrics:
             return
         self.open_connections.set(balancer.open)
         self._advance("rebalanced", self.connections_rebalanced, balancer.closed_for_balance)
+        self._advance("stalls_seen", self.worker_stalls_seen, balancer.stalls_seen)
 
     def _refresh_database(self, runtime: Any) -> None:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
