@@ -54,6 +54,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             _balance_hooks(workers),
             slot_listeners.gunicorn_hooks(workers),  # after the slots are claimed / released
             pod_settings.gunicorn_hooks(log_control.POD_SETTING, trace_control.POD_SETTING),
+            trace_control.gunicorn_hooks(),
         ),
     }
 

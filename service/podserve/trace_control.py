@@ -9,8 +9,13 @@ OpenTelemetry tracing (tracing.py):
   timestamps); `["OFF"]`: no spans at all, whatever a caller's trace context asks.
 - `trace_rate` "N": one request in N starts a trace (TraceIdRatioBased 1/N); a request that
   arrives in a sampled trace of its caller continues it (parent-based).
-- `trace_mode` is "opentelemetry", `trace_count` "-1" (no limit), `log_frequency` "0" and
-  `trace_file` "" (spans go to the OTLP exporter): other values are refused.
+- `trace_count` "N": the pod starts N more traces of inference requests (the routes Triton's
+  statistics count), then no trace at all until a POST sets a new count ("-1": no limit,
+  the default). GET reports how many are left. Requests in a caller's sampled trace still
+  continue it (the caller sampled them); only traces podserve starts count, and the workers
+  draw on one count in shared memory (`TraceBudget`).
+- `trace_mode` is "opentelemetry", `log_frequency` "0" and `trace_file` "" (spans go to the
+  OTLP exporter): other values are refused.
 
 Until a POST, the settings reported are those of OTEL_TRACES_SAMPLER/_ARG (a ratio r as
 "one in round(1/r)"). Tracing itself is set up at start-up only (an OTLP endpoint, not
@@ -20,6 +25,9 @@ is refused with what to set.
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +36,15 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, T
 
 from podserve import pod_settings
 from podserve.errors import BadRequest
+from podserve.model_statistics import INFERENCE_ROUTES
 
 ON, OFF = "TIMESTAMPS", "OFF"
 TRACE_MODE = "opentelemetry"
-_FIXED = {"trace_count": "-1", "log_frequency": "0", "trace_file": "", "trace_mode": TRACE_MODE}
-KNOWN_FIELDS = ("trace_level", "trace_rate", *_FIXED)
+_FIXED = {"log_frequency": "0", "trace_file": "", "trace_mode": TRACE_MODE}
+KNOWN_FIELDS = ("trace_level", "trace_rate", "trace_count", *_FIXED)
+UNLIMITED = -1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,12 @@ class TraceSettings:
     rate: int  # one request in `rate` starts a trace
 
     def as_triton(self) -> dict[str, Any]:
-        return {"trace_level": [ON if self.on else OFF], "trace_rate": str(self.rate), **_FIXED}
+        return {
+            "trace_level": [ON if self.on else OFF],
+            "trace_rate": str(self.rate),
+            "trace_count": str(budget().remaining()),
+            **_FIXED,
+        }
 
     def updated(self, request: Any) -> TraceSettings:
         """The settings after a POST body, or BadRequest saying what is wrong with it."""
@@ -49,6 +66,8 @@ class TraceSettings:
         for name, fixed in _FIXED.items():
             if name in request and str(request[name]) != fixed:
                 raise BadRequest(f"{name} must be {fixed!r} in podserve: {_WHY[name]}")
+        if "trace_count" in request:
+            _count(request["trace_count"])  # the pod's live count, set by change()
         on = _level(request["trace_level"]) if "trace_level" in request else self.on
         rate = _rate(request["trace_rate"]) if "trace_rate" in request else self.rate
         return TraceSettings(on, rate)
@@ -58,7 +77,6 @@ class TraceSettings:
 
 
 _WHY = {
-    "trace_count": "traces are sampled without a count limit",
     "log_frequency": "spans go to the OTLP exporter, not to files",
     "trace_file": "spans go to the OTLP exporter, not to files",
     "trace_mode": "traces are OpenTelemetry spans",
@@ -85,6 +103,81 @@ def _rate(value: Any) -> int:
     if not text.isdigit() or int(text) < 1 or int(text) > 2**31 - 1:
         raise BadRequest(f"trace_rate must be a positive integer (one request in N), not {value!r}")
     return int(text)
+
+
+def _count(value: Any) -> int:
+    text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isdigit() or not UNLIMITED <= int(text) <= 2**31 - 1:
+        raise BadRequest(
+            f"trace_count must be the number of traces to start, or -1 for no limit, not {value!r}"
+        )
+    return int(text)
+
+
+class TraceBudget:
+    """trace_count: how many more traces the pod may start (UNLIMITED: no limit), one signed
+    32-bit word in shared memory (mapped by the Gunicorn master before it forks, so every
+    worker draws on it), changed under a record lock on a memory file."""
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, 4)  # MAP_SHARED | MAP_ANONYMOUS
+        self._words = memoryview(self._memory).cast("i")
+        self._words[0] = UNLIMITED
+        self._lock = os.memfd_create("podserve-trace-count-lock")
+
+    def remaining(self) -> int:
+        return self._words[0]
+
+    def set(self, count: int) -> None:
+        fcntl.lockf(self._lock, fcntl.LOCK_EX)
+        try:
+            self._words[0] = count
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+
+    def take(self) -> bool:
+        """One trace may start (False once the count is spent). Without a count it costs one
+        read of shared memory; with one, a lock: once per trace started, not per request."""
+        if self._words[0] == UNLIMITED:
+            return True
+        if self._words[0] == 0:
+            return False
+        fcntl.lockf(self._lock, fcntl.LOCK_EX)
+        try:
+            left = self._words[0]
+            if left > 0:
+                self._words[0] = left - 1
+        finally:
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+        if left == 1:
+            log.info("trace_count is spent: no trace starts until POST /v2/trace/setting")
+        return left != 0
+
+    def admits(self, route: str) -> bool:
+        """May a trace start at this route? An inference request spends one of the count;
+        any other request (metadata, settings) is traced only while some are left."""
+        return self.take() if route in INFERENCE_ROUTES else self._words[0] != 0
+
+
+_budget: TraceBudget | None = None
+
+
+def budget() -> TraceBudget:
+    """The pod's trace count (the process's own outside Gunicorn)."""
+    global _budget
+    if _budget is None:
+        _budget = TraceBudget()
+    return _budget
+
+
+def gunicorn_hooks() -> dict[str, Any]:
+    """on_starting: the master maps the count, so each worker it forks shares it."""
+
+    def on_starting(_server: Any) -> None:
+        budget()
+
+    return {"on_starting": on_starting}
 
 
 def sampler_env() -> tuple[str, float]:
@@ -141,11 +234,15 @@ POD_SETTING = pod_settings.register("trace-settings", 2, _apply_shared)
 def change(request: Any) -> TraceSettings:
     """A POST body: validate, apply here at once, publish to the pod's other workers."""
     settings = _State.applied.updated(request)
-    if _State.sampler_holder is None and settings != _State.applied:
+    count = _count(request["trace_count"]) if "trace_count" in request else None
+    changes_count = count is not None and count != budget().remaining()
+    if _State.sampler_holder is None and (settings != _State.applied or changes_count):
         raise BadRequest(
             "tracing is not set up in this pod: start it with OTEL_EXPORTER_OTLP_ENDPOINT "
             "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set and PODSERVE_TRACING_ENABLED=true"
         )
     if settings != _State.applied:
         POD_SETTING.publish((int(settings.on), settings.rate))
+    if count is not None:
+        budget().set(count)
     return settings

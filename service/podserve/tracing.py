@@ -133,9 +133,15 @@ class LinkedBatchSampler(Sampler):
         linked = links and any(link.context.trace_flags.sampled for link in links)
         if linked and not parent.is_valid:
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self._base.should_sample(
+        result = self._base.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
+        # A trace podserve starts draws on the pod's trace_count (Triton's trace extension).
+        # The FastAPI instrumentation names a request's span "<METHOD> <route template>".
+        starts = not parent.is_valid and result.decision.is_sampled()
+        if starts and not trace_control.budget().admits(name.partition(" ")[2]):
+            return SamplingResult(Decision.DROP)
+        return result
 
     def get_description(self) -> str:
         return f"LinkedBatchSampler{{{self._base.get_description()}}}"

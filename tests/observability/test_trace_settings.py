@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -10,13 +11,16 @@ from pathlib import Path
 import httpx
 import pytest
 import tritonclient.http as triton
+from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import NonRecordingSpan
 from otlp_receiver import OtlpReceiver
 from tritonclient.utils import InferenceServerException
 
 from podserve import trace_control
 from podserve.errors import BadRequest
 from podserve.trace_control import TraceSettings
+from podserve.tracing import LinkedBatchSampler
 from server_process import ServerProcess
 
 ROW = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.1] * 30}]}
@@ -36,6 +40,8 @@ def _triton(level: str, rate: int) -> dict:
         ({"trace_rate": "1000"}, TraceSettings(True, 1000)),
         ({"trace_rate": 10, "trace_level": ["TIMESTAMPS"]}, TraceSettings(True, 10)),
         ({"trace_count": "-1", "trace_mode": "opentelemetry", "trace_file": ""}, EVERY),
+        ({"trace_count": "100"}, EVERY),  # the count is the pod's live state (TraceBudget)
+        ({"trace_count": 0}, EVERY),
         ({}, EVERY),
     ],
 )
@@ -55,7 +61,10 @@ def test_settings_update(request_body: dict, expected: TraceSettings) -> None:
         ({"trace_rate": "one"}, "positive integer"),
         ({"trace_rate": True}, "positive integer"),
         ({"trace_rate": "99999999999"}, "positive integer"),
-        ({"trace_count": "10"}, "trace_count must be '-1'"),
+        ({"trace_count": "-2"}, "trace_count must be the number of traces"),
+        ({"trace_count": "ten"}, "trace_count must be the number of traces"),
+        ({"trace_count": False}, "trace_count must be the number of traces"),
+        ({"trace_count": "4294967296"}, "trace_count must be the number of traces"),
         ({"trace_mode": "triton"}, "trace_mode must be 'opentelemetry'"),
         ({"trace_file": "/tmp/trace.json"}, "trace_file must be ''"),
         ({"log_frequency": "5"}, "log_frequency must be '0'"),
@@ -94,6 +103,60 @@ def test_samplers() -> None:
     assert TraceSettings(False, 7).sampler() is ALWAYS_OFF
     description = TraceSettings(True, 4).sampler().get_description()
     assert description.startswith("ParentBased") and "0.25" in description
+
+
+def test_the_trace_budget_is_spent_once_and_shared_with_forked_workers() -> None:
+    budget = trace_control.TraceBudget()
+    assert budget.remaining() == -1 and all(budget.take() for _ in range(5))  # no limit
+    budget.set(3)
+    pid = os.fork()
+    if pid == 0:  # a worker: takes two of the pod's three
+        os._exit(0 if budget.take() and budget.take() else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert budget.remaining() == 1
+    assert [budget.take() for _ in range(3)] == [True, False, False]
+    assert budget.remaining() == 0
+    budget.set(-1)
+    assert budget.take()
+
+
+INFER = "POST /v2/models/{model_name}/infer"
+
+
+def _sampled(
+    sampler: LinkedBatchSampler, parent: trace.SpanContext | None = None, name: str = INFER
+) -> bool:
+    context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
+    return sampler.should_sample(context, secrets.randbits(128), name).decision.is_sampled()
+
+
+def test_only_traces_started_here_draw_on_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = trace_control.TraceBudget()
+    monkeypatch.setattr(trace_control, "_budget", budget)
+    sampler = LinkedBatchSampler(TraceSettings(on=True, rate=1).sampler())
+    budget.set(2)
+    callers = trace.SpanContext(
+        secrets.randbits(128), secrets.randbits(64), True, trace.TraceFlags(1)
+    )
+    metadata = "GET /v2/models/{model_name}"
+    assert _sampled(sampler, name=metadata) and budget.remaining() == 2  # traced, not counted
+    assert _sampled(sampler, name="POST /v1/models/{model_name}:predict")
+    assert _sampled(sampler) and budget.remaining() == 0
+    assert not _sampled(sampler) and not _sampled(sampler, name=metadata)  # spent: quiet
+    assert _sampled(sampler, callers)  # a caller's sampled trace goes on, and costs nothing
+    linked = sampler.should_sample(None, 1, "batch", links=[trace.Link(callers)])
+    assert linked.decision.is_sampled() and budget.remaining() == 0
+    budget.set(1)
+    assert [_sampled(sampler) for _ in range(2)] == [True, False]
+
+
+def test_without_tracing_the_count_cannot_change_either(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace_control, "_budget", trace_control.TraceBudget())
+    trace_control.detach()
+    assert trace_control.change({"trace_count": "-1"}) == TraceSettings(False, 1)  # as it is
+    with pytest.raises(BadRequest, match="tracing is not set up"):
+        trace_control.change({"trace_count": "5"})
+    assert trace_control.budget().remaining() == -1
 
 
 # --- real 2-worker servers --------------------------------------------------------------
@@ -204,3 +267,22 @@ def test_without_tracing_set_up_it_cannot_be_turned_on(model_repo: Path) -> None
         with pytest.raises(InferenceServerException, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
             client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
         assert client.update_trace_settings(settings={"trace_level": ["OFF"]}) == _triton("OFF", 1)
+
+
+def test_a_trace_count_starts_that_many_traces_in_the_pod(
+    traced: ServerProcess, receiver: OtlpReceiver
+) -> None:
+    """Five traces between two workers, then none started; a caller's trace still goes on."""
+    try:
+        _post(traced, {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "5"})
+        _wait_for_pod(traced, {**_triton("TIMESTAMPS", 1), "trace_count": "5"})
+        roots = _infer(traced, 16, sampled_parent=False)
+        assert len(_traced(receiver, roots)) == 5
+        continued = _infer(traced, 3, sampled_parent=True)
+        assert _traced(receiver, continued) == set(continued)
+        _wait_for_pod(traced, {**_triton("TIMESTAMPS", 1), "trace_count": "0"})
+        assert "trace_count is spent" in traced.logs()
+    finally:
+        _post(traced, {"trace_count": "-1"})
+    roots = _infer(traced, 4, sampled_parent=False)
+    assert _traced(receiver, roots) == set(roots)  # no limit again
