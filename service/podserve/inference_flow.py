@@ -30,6 +30,7 @@ class RequestContext:
     model: OnnxModel | None = None  # set once the input is valid
     rows: int = 0
     queue_rows: int = 0  # rows already queued in this worker when this request enqueued
+    inputs: Tensors | None = None  # for trace_level TENSORS (references, no copies)
     outcome: InferenceOutcome | None = None
 
     @classmethod
@@ -51,6 +52,7 @@ async def predict(
         timeout = request_headers(request.scope).get(TIMEOUT_HEADER)
         deadline = runtime.deadline(ctx.started, timeout)
     ctx.model, ctx.rows, ctx.queue_rows = model, rows, runtime.queued_rows
+    ctx.inputs = inputs
     request.scope[CONTEXT_SCOPE_KEY] = ctx
     submitted_ns = time.time_ns() if ctx.timings.wall_clock else None
     outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
 
     # --- Observability (issue 4) --------------------------------------------------
     tracing_enabled: bool = True
+    trace_tensor_values: int = Field(
+        64, ge=1, le=65_536, description="values kept per tensor at trace_level TENSORS"
+    )
     metrics_enabled: bool = True
     prometheus_multiproc_dir: Path | None = None
 

@@ -6,7 +6,10 @@ a latency problem is looked at, then go back to one in a thousand. It maps onto 
 OpenTelemetry tracing (tracing.py):
 
 - `trace_level` `["TIMESTAMPS"]`: requests are traced, with a span per phase (the phases'
-  timestamps); `["OFF"]`: no spans at all, whatever a caller's trace context asks.
+  timestamps); `["TIMESTAMPS", "TENSORS"]` (or `["TENSORS"]`: the phase spans come with
+  it) adds each traced request's input and output tensors as events of its `infer` span,
+  at most PODSERVE_TRACE_TENSOR_VALUES values each; `["OFF"]`: no spans at all, whatever a
+  caller's trace context asks.
 - `trace_rate` "N": one request in N starts a trace (TraceIdRatioBased 1/N); a request that
   arrives in a sampled trace of its caller continues it (parent-based).
 - `trace_count` "N": the pod starts N more traces of inference requests (the routes Triton's
@@ -38,7 +41,7 @@ from podserve import pod_settings
 from podserve.errors import BadRequest
 from podserve.model_statistics import INFERENCE_ROUTES
 
-ON, OFF = "TIMESTAMPS", "OFF"
+ON, OFF, TENSORS = "TIMESTAMPS", "OFF", "TENSORS"
 TRACE_MODE = "opentelemetry"
 _FIXED = {"log_frequency": "0", "trace_file": "", "trace_mode": TRACE_MODE}
 KNOWN_FIELDS = ("trace_level", "trace_rate", "trace_count", *_FIXED)
@@ -51,10 +54,17 @@ log = logging.getLogger(__name__)
 class TraceSettings:
     on: bool
     rate: int  # one request in `rate` starts a trace
+    tensors: bool = False  # TENSORS: traced requests carry their tensors
+
+    @property
+    def levels(self) -> list[str]:
+        if not self.on:
+            return [OFF]
+        return [ON, TENSORS] if self.tensors else [ON]
 
     def as_triton(self) -> dict[str, Any]:
         return {
-            "trace_level": [ON if self.on else OFF],
+            "trace_level": self.levels,
             "trace_rate": str(self.rate),
             "trace_count": str(budget().remaining()),
             **_FIXED,
@@ -68,9 +78,12 @@ class TraceSettings:
                 raise BadRequest(f"{name} must be {fixed!r} in podserve: {_WHY[name]}")
         if "trace_count" in request:
             _count(request["trace_count"])  # the pod's live count, set by change()
-        on = _level(request["trace_level"]) if "trace_level" in request else self.on
+        if "trace_level" in request:
+            on, tensors = _level(request["trace_level"])
+        else:
+            on, tensors = self.on, self.tensors
         rate = _rate(request["trace_rate"]) if "trace_rate" in request else self.rate
-        return TraceSettings(on, rate)
+        return TraceSettings(on, rate, tensors and on)
 
     def sampler(self) -> Sampler:
         return ParentBased(TraceIdRatioBased(1 / self.rate)) if self.on else ALWAYS_OFF
@@ -83,19 +96,20 @@ _WHY = {
 }
 
 
-def _level(value: Any) -> bool:
+def _level(value: Any) -> tuple[bool, bool]:
+    """trace_level -> (traced, with tensors)."""
     levels = [value] if isinstance(value, str) else value
     if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
         raise BadRequest(f'trace_level must be a list such as ["{ON}"] or ["{OFF}"], not {value!r}')
-    unsupported = sorted(set(levels) - {ON, OFF})
+    unsupported = sorted(set(levels) - {ON, OFF, TENSORS})
     if unsupported:
         raise BadRequest(
             f"trace_level {unsupported} is not supported: podserve traces phase timestamps "
-            f'(["{ON}"]) or nothing (["{OFF}"])'
+            f'(["{ON}"]), those and the tensors (["{ON}", "{TENSORS}"]) or nothing (["{OFF}"])'
         )
     if OFF in levels and len(set(levels)) > 1:
         raise BadRequest(f"trace_level {levels} asks for {OFF} and for tracing at once")
-    return ON in levels
+    return OFF not in levels, TENSORS in levels
 
 
 def _rate(value: Any) -> int:
@@ -223,12 +237,12 @@ def current() -> TraceSettings:
 def _apply_shared(values: tuple[int, ...]) -> None:
     if _State.sampler_holder is None:  # tracing is off in this process: nothing to set
         return
-    settings = TraceSettings(on=bool(values[0]), rate=values[1])
+    settings = TraceSettings(on=bool(values[0]), rate=values[1], tensors=bool(values[2]))
     _State.sampler_holder.set_base(settings.sampler())
     _State.applied = settings
 
 
-POD_SETTING = pod_settings.register("trace-settings", 2, _apply_shared)
+POD_SETTING = pod_settings.register("trace-settings", 3, _apply_shared)
 
 
 def change(request: Any) -> TraceSettings:
@@ -242,7 +256,7 @@ def change(request: Any) -> TraceSettings:
             "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set and PODSERVE_TRACING_ENABLED=true"
         )
     if settings != _State.applied:
-        POD_SETTING.publish((int(settings.on), settings.rate))
+        POD_SETTING.publish((int(settings.on), settings.rate, int(settings.tensors)))
     if count is not None:
         budget().set(count)
     return settings

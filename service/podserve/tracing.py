@@ -7,7 +7,9 @@ Configured by the standard ``OTEL_*`` environment variables. Tracing is on only 
 
 Phase spans are created after the response, from the timestamps in ``PhaseTimings``: the hot
 path only reads the clock. A batch serves many requests, so its span is a root span of its own
-with a link to every request span it served.
+with a link to every request span it served. At Triton's trace level TENSORS (trace_control)
+a traced request's `infer` span also carries its input and output tensors as events, their
+first PODSERVE_TRACE_TENSOR_VALUES values each.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
@@ -37,6 +40,7 @@ from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
 from podserve import __version__, trace_control
+from podserve.datatypes import numpy_to_v2
 from podserve.phases import PHASES
 from podserve.settings import Settings
 
@@ -223,6 +227,7 @@ class Tracing:
         trace_control.attach(sampler)
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("podserve", __version__)
+        self.tensor_values = settings.trace_tensor_values
         if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
             trace.set_tracer_provider(self.provider)  # for code that uses the global API
         _active = True
@@ -269,6 +274,7 @@ class Tracing:
         attributes = request_attributes(ctx)
         parent = trace.set_span_in_context(server_span)
         timings = ctx.timings
+        tensors = trace_control.current().tensors
         for phase in PHASES:
             start = timings.started_ns.get(phase)
             if start is None:
@@ -276,7 +282,16 @@ class Tracing:
             span = self.tracer.start_span(
                 phase, context=parent, start_time=start, attributes=attributes
             )
+            if tensors and phase == "infer":
+                self._add_tensors(span, ctx, start)
             span.end(end_time=timings.ended_ns.get(phase, start))
+
+    def _add_tensors(self, span: Span, ctx: RequestContext, at_ns: int) -> None:
+        """trace_level TENSORS: one event per input and per output tensor of the request."""
+        outputs = ctx.outcome.outputs if ctx.outcome is not None else {}
+        for kind, tensors in (("input", ctx.inputs or {}), ("output", outputs)):
+            for name, array in tensors.items():
+                span.add_event(kind, tensor_attributes(name, array, self.tensor_values), at_ns)
 
     def observe_batch(self, record: BatchRecord) -> None:
         """Batch observer: one span per session run, linked to the requests it served."""
@@ -311,6 +326,27 @@ class Tracing:
         _active = False
         trace_control.detach()
         self.provider.shutdown()
+
+
+def tensor_attributes(name: str, array: np.ndarray, limit: int) -> dict[str, Any]:
+    """A tensor as span event attributes: its first `limit` values, flattened row-major."""
+    flat = np.asarray(array).ravel()
+    head = flat[:limit]
+    if head.dtype.kind in "OSU" or head.dtype == np.uint64:  # OTLP ints are int64
+        data: list[Any] = [_text(value) for value in head]  # BYTES: undecodable replaced
+    else:
+        data = head.tolist()  # Python floats, ints or bools: valid attribute values
+    return {
+        "podserve.tensor.name": name,
+        "podserve.tensor.datatype": numpy_to_v2(head.dtype),
+        "podserve.tensor.shape": list(array.shape),
+        "podserve.tensor.data": data,
+        "podserve.tensor.truncated": flat.size > limit,
+    }
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def request_attributes(ctx: RequestContext) -> dict[str, Any]:

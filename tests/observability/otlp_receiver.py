@@ -19,7 +19,13 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 def _value(value: AnyValue) -> Any:
     kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(item) for item in value.array_value.values]
     return getattr(value, kind) if kind else None
+
+
+def _attributes(attributes: Any) -> dict[str, Any]:
+    return {a.key: _value(a.value) for a in attributes}
 
 
 @dataclass
@@ -34,6 +40,7 @@ class ReceivedSpan:
     resource: dict[str, Any]
     links: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     status_code: int = 0
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 class OtlpReceiver:
@@ -79,7 +86,7 @@ class OtlpReceiver:
         request.ParseFromString(body)
         spans = []
         for resource_spans in request.resource_spans:
-            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            resource = _attributes(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
                 spans.extend(_convert(span, resource) for span in scope_spans.spans)
         with self._lock:
@@ -121,15 +128,16 @@ def _convert(span: Any, resource: dict[str, Any]) -> ReceivedSpan:
         parent_span_id=span.parent_span_id.hex(),
         start_ns=span.start_time_unix_nano,
         end_ns=span.end_time_unix_nano,
-        attributes={a.key: _value(a.value) for a in span.attributes},
+        attributes=_attributes(span.attributes),
         resource=resource,
         links=[
             (
                 link.trace_id.hex(),
                 link.span_id.hex(),
-                {a.key: _value(a.value) for a in link.attributes},
+                _attributes(link.attributes),
             )
             for link in span.links
         ],
         status_code=span.status.code,
+        events=[(event.name, _attributes(event.attributes)) for event in span.events],
     )

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import tritonclient.http as triton
 from opentelemetry import trace
@@ -20,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from podserve import trace_control
 from podserve.errors import BadRequest
 from podserve.trace_control import TraceSettings
-from podserve.tracing import LinkedBatchSampler
+from podserve.tracing import LinkedBatchSampler, tensor_attributes
 from server_process import ServerProcess
 
 ROW = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.1] * 30}]}
@@ -40,6 +41,8 @@ def _triton(level: str, rate: int) -> dict:
         ({"trace_rate": "1000"}, TraceSettings(True, 1000)),
         ({"trace_rate": 10, "trace_level": ["TIMESTAMPS"]}, TraceSettings(True, 10)),
         ({"trace_count": "-1", "trace_mode": "opentelemetry", "trace_file": ""}, EVERY),
+        ({"trace_level": ["TIMESTAMPS", "TENSORS"]}, TraceSettings(True, 1, tensors=True)),
+        ({"trace_level": ["TENSORS"]}, TraceSettings(True, 1, tensors=True)),
         ({"trace_count": "100"}, EVERY),  # the count is the pod's live state (TraceBudget)
         ({"trace_count": 0}, EVERY),
         ({}, EVERY),
@@ -52,7 +55,8 @@ def test_settings_update(request_body: dict, expected: TraceSettings) -> None:
 @pytest.mark.parametrize(
     ("request_body", "message"),
     [
-        ({"trace_level": ["TENSORS"]}, "not supported"),
+        ({"trace_level": ["EVERYTHING"]}, "not supported"),
+        ({"trace_level": ["OFF", "TENSORS"]}, "asks for OFF and for tracing at once"),
         ({"trace_level": ["OFF", "TIMESTAMPS"]}, "asks for OFF and for tracing at once"),
         ({"trace_level": []}, "must be a list"),
         ({"trace_level": 1}, "must be a list"),
@@ -97,6 +101,35 @@ def test_start_up_settings_come_from_the_sampler_variables(
         else:
             monkeypatch.setenv(name, value)
     assert trace_control.from_env() == expected
+
+
+def test_tensors_stay_until_the_level_changes() -> None:
+    with_tensors = EVERY.updated({"trace_level": ["TIMESTAMPS", "TENSORS"]})
+    assert with_tensors.updated({"trace_rate": "10"}).tensors  # a rate change keeps them
+    assert not with_tensors.updated({"trace_level": ["TIMESTAMPS"]}).tensors
+    off = with_tensors.updated({"trace_level": ["OFF"]})
+    assert off.levels == ["OFF"] and not off.tensors
+    assert with_tensors.as_triton()["trace_level"] == ["TIMESTAMPS", "TENSORS"]
+
+
+def test_tensor_attributes_are_bounded_and_typed() -> None:
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert tensor_attributes("x", rows, 5) == {
+        "podserve.tensor.name": "x",
+        "podserve.tensor.datatype": "FP32",
+        "podserve.tensor.shape": [3, 4],
+        "podserve.tensor.data": [0.0, 1.0, 2.0, 3.0, 4.0],
+        "podserve.tensor.truncated": True,
+    }
+    text = np.array([b"caf\xc3\xa9", b"\xff"], dtype=object)
+    attributes = tensor_attributes("text", text, 64)
+    assert attributes["podserve.tensor.data"] == ["caf\u00e9", "\ufffd"]
+    assert attributes["podserve.tensor.datatype"] == "BYTES"
+    assert not attributes["podserve.tensor.truncated"]
+    big = tensor_attributes("ids", np.array([2**64 - 1], dtype=np.uint64), 64)
+    assert big["podserve.tensor.data"] == [str(2**64 - 1)]  # beyond OTLP's int64
+    flags = tensor_attributes("mask", np.array([[True, False]]), 64)
+    assert flags["podserve.tensor.data"] == [True, False]
 
 
 def test_samplers() -> None:
@@ -253,7 +286,7 @@ def test_model_settings_are_the_pods(traced: ServerProcess) -> None:
     with httpx.Client(base_url=traced.url, timeout=10) as http:
         assert http.get("/v2/models/nope/trace/setting").status_code == 404
         before = http.get("/v2/trace/setting").json()
-        for body in (b"{nope", b'{"trace_level": ["TENSORS"]}', b'{"trace_rate": "0"}'):
+        for body in (b"{nope", b'{"trace_level": ["ALL"]}', b'{"trace_rate": "0"}'):
             response = http.post("/v2/trace/setting", content=body)
             assert response.status_code == 400, response.text
             assert response.json()["error"]
@@ -286,3 +319,31 @@ def test_a_trace_count_starts_that_many_traces_in_the_pod(
         _post(traced, {"trace_count": "-1"})
     roots = _infer(traced, 4, sampled_parent=False)
     assert _traced(receiver, roots) == set(roots)  # no limit again
+
+
+def test_trace_level_tensors_records_each_requests_tensors(
+    traced: ServerProcess, receiver: OtlpReceiver
+) -> None:
+    try:
+        _post(traced, {"trace_level": ["TIMESTAMPS", "TENSORS"], "trace_rate": "1"})
+        expected = {**_triton("TIMESTAMPS", 1), "trace_level": ["TIMESTAMPS", "TENSORS"]}
+        _wait_for_pod(traced, expected)
+        roots = _infer(traced, 4, sampled_parent=False)  # fresh connections: both workers
+        time.sleep(1.0)
+        infer_spans = [s for s in receiver.snapshot() if s.trace_id in roots and s.name == "infer"]
+        assert {s.trace_id for s in infer_spans} == set(roots)
+        for span in infer_spans:
+            events = dict(span.events)
+            assert set(events) == {"input", "output"}, span.events
+            tensor = events["input"]
+            assert tensor["podserve.tensor.name"] == "input"
+            assert tensor["podserve.tensor.shape"] == [1, 30]
+            assert tensor["podserve.tensor.data"] == pytest.approx(ROW["inputs"][0]["data"])
+            assert events["output"]["podserve.tensor.data"]  # the model's answer
+    finally:
+        _post(traced, {"trace_level": ["TIMESTAMPS"]})
+    _wait_for_pod(traced, _triton("TIMESTAMPS", 1))
+    roots = _infer(traced, 2, sampled_parent=False)
+    time.sleep(1.0)
+    later = [s for s in receiver.snapshot() if s.trace_id in roots and s.name == "infer"]
+    assert later and all(not s.events for s in later)  # TIMESTAMPS alone: no tensors
