@@ -40,14 +40,23 @@ class SharedWords:
         return self._words[0], tuple(self._words[1:])
 
     def write(self, values: tuple[int, ...]) -> int:
-        if len(values) != len(self._words) - 1:
-            raise ValueError(f"{len(values)} values for {len(self._words) - 1} fields")
+        return self.update(lambda _old: values)[0]
+
+    def update(
+        self, change: Callable[[tuple[int, ...]], tuple[int, ...]]
+    ) -> tuple[int, tuple[int, ...]]:
+        """Fields := change(fields), under the lock (a read-modify-write no other process
+        interleaves); the new generation and the fields it replaced."""
         fcntl.lockf(self._lock, fcntl.LOCK_EX)
         try:
+            old = tuple(self._words[1:])
+            values = change(old)
+            if len(values) != len(old):
+                raise ValueError(f"{len(values)} values for {len(old)} fields")
             for index, value in enumerate(values, start=1):
                 self._words[index] = value
             self._words[0] += 1
-            return self._words[0]
+            return self._words[0], old
         finally:
             fcntl.lockf(self._lock, fcntl.LOCK_UN)
 

@@ -28,9 +28,7 @@ is refused with what to set.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import mmap
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -130,40 +128,29 @@ def _count(value: Any) -> int:
 
 
 class TraceBudget:
-    """trace_count: how many more traces the pod may start (UNLIMITED: no limit), one signed
-    32-bit word in shared memory (mapped by the Gunicorn master before it forks, so every
-    worker draws on it), changed under a record lock on a memory file."""
+    """trace_count: how many more traces the pod may start (UNLIMITED: no limit), one word
+    of pod_settings' shared memory (mapped by the Gunicorn master before it forks, so every
+    worker draws on it)."""
 
     def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, 4)  # MAP_SHARED | MAP_ANONYMOUS
-        self._words = memoryview(self._memory).cast("i")
-        self._words[0] = UNLIMITED
-        self._lock = os.memfd_create("podserve-trace-count-lock")
+        self._shared = pod_settings.SharedWords("trace-count", 1)
+        self.set(UNLIMITED)
 
     def remaining(self) -> int:
-        return self._words[0]
+        return self._shared.read()[1][0]
 
     def set(self, count: int) -> None:
-        fcntl.lockf(self._lock, fcntl.LOCK_EX)
-        try:
-            self._words[0] = count
-        finally:
-            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+        self._shared.write((count,))
 
     def take(self) -> bool:
         """One trace may start (False once the count is spent). Without a count it costs one
         read of shared memory; with one, a lock: once per trace started, not per request."""
-        if self._words[0] == UNLIMITED:
+        left = self.remaining()
+        if left == UNLIMITED:
             return True
-        if self._words[0] == 0:
+        if left == 0:
             return False
-        fcntl.lockf(self._lock, fcntl.LOCK_EX)
-        try:
-            left = self._words[0]
-            if left > 0:
-                self._words[0] = left - 1
-        finally:
-            fcntl.lockf(self._lock, fcntl.LOCK_UN)
+        _, (left,) = self._shared.update(lambda old: (old[0] - 1,) if old[0] > 0 else old)
         if left == 1:
             log.info("trace_count is spent: no trace starts until POST /v2/trace/setting")
         return left != 0
@@ -171,7 +158,7 @@ class TraceBudget:
     def admits(self, route: str) -> bool:
         """May a trace start at this route? An inference request spends one of the count;
         any other request (metadata, settings) is traced only while some are left."""
-        return self.take() if route in INFERENCE_ROUTES else self._words[0] != 0
+        return self.take() if route in INFERENCE_ROUTES else self.remaining() != 0
 
 
 _budget: TraceBudget | None = None
