@@ -23,6 +23,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     workers: Counter = field(default_factory=Counter)
     connections: set[tuple[str, int]] = field(default_factory=set)  # (worker, client port)
+    users_answered: set[int] = field(default_factory=set)  # clients that got any response
     closed_by_server: int = 0  # responses with `Connection: close` (the client reconnects)
     retry_after: set[str] = field(default_factory=set)
     server_timings: list[str] = field(default_factory=list)
@@ -50,11 +51,11 @@ async def closed_loop(
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     headers = {"content-type": "application/json"}
 
-    async def user() -> None:
+    async def user(index: int) -> None:
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-            await requests(client)
+            await requests(client, index)
 
-    async def requests(client: httpx.AsyncClient) -> None:
+    async def requests(client: httpx.AsyncClient, index: int) -> None:
         nonlocal sent
         while time.monotonic() < deadline and sent < max_requests:
             sent += 1
@@ -65,6 +66,7 @@ async def closed_loop(
                 result.errors.append(repr(exc))
                 continue
             result.latencies.append(time.perf_counter() - start)
+            result.users_answered.add(index)
             result.statuses[response.status_code] += 1
             worker = response.headers.get("x-podserve-worker")
             result.workers[worker] += 1
@@ -79,7 +81,7 @@ async def closed_loop(
             if response.status_code == 200:
                 result.server_timings.append(response.headers.get("server-timing", ""))
 
-    await asyncio.gather(*(user() for _ in range(concurrency)))
+    await asyncio.gather(*(user(index) for index in range(concurrency)))
     return result
 
 
