@@ -15,6 +15,7 @@ from podserve import (
     bind_check,
     deferred_listen,
     log_control,
+    model_trace_settings,
     pod_settings,
     slot_listeners,
     trace_control,
@@ -53,7 +54,11 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             _metrics_hooks(settings),
             _balance_hooks(workers),
             slot_listeners.gunicorn_hooks(workers),  # after the slots are claimed / released
-            pod_settings.gunicorn_hooks(log_control.POD_SETTING, trace_control.POD_SETTING),
+            pod_settings.gunicorn_hooks(
+                log_control.POD_SETTING,
+                trace_control.POD_SETTING,
+                model_trace_settings.POD_SETTING,
+            ),
             trace_control.gunicorn_hooks(),
         ),
     }

@@ -80,6 +80,12 @@ class PodSetting:
         self._apply(values)
         self.applied_generation = self.shared.write(values)
 
+    def edit(self, change: Callable[[tuple[int, ...]], tuple[int, ...]]) -> None:
+        """Fields := change(fields) under the lock (no other worker's change in between, as
+        a publish of whole values could overwrite), then applied here at once."""
+        self.shared.update(change)
+        self.follow()
+
     def follow(self) -> None:
         generation, values = self.shared.read()
         if generation != self.applied_generation:

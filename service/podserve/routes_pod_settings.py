@@ -1,5 +1,6 @@
-"""Triton's logging and trace extensions: the pod's log and trace settings, read and changed
-at run time (log_control.py, trace_control.py; pod_settings.py shares them across workers)."""
+"""Triton's logging and trace extensions: the pod's log and trace settings and each model's
+trace settings, read and changed at run time (log_control.py, trace_control.py,
+model_trace_settings.py; pod_settings.py shares them across workers)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from podserve import log_control, trace_control
-from podserve.errors import BadRequest, Forbidden
+from podserve import log_control, model_trace_settings, trace_control
+from podserve.errors import Forbidden
 from podserve.http_body import read_body
 from podserve.json_response import json_response
 from podserve.protocol_v2 import loads_json
@@ -51,14 +52,13 @@ async def change_trace_settings(request: Request) -> Response:
 
 
 @router.get("/v2/models/{model_name}/trace/setting", summary="Trace settings for a model")
-async def model_trace_settings(request: Request, model_name: str) -> Response:
+async def model_trace_settings_of(request: Request, model_name: str) -> Response:
     runtime_of(request).model(model_name)  # an unknown model is a 404
-    return json_response(trace_control.current().as_triton())  # the pod's: no per-model ones
+    return json_response(model_trace_settings.as_triton(model_name))
 
 
-@router.post("/v2/models/{model_name}/trace/setting", summary="Per-model trace settings")
+@router.post("/v2/models/{model_name}/trace/setting", summary="Change a model's trace settings")
 async def change_model_trace_settings(request: Request, model_name: str) -> Response:
     runtime_of(request).model(model_name)
-    raise BadRequest(
-        "trace settings are the pod's, for every model: POST /v2/trace/setting instead"
-    )
+    body = await _change_request(request)
+    return json_response(model_trace_settings.change(model_name, body))

@@ -19,6 +19,8 @@ OpenTelemetry tracing (tracing.py):
   draw on one count in shared memory (`TraceBudget`).
 - `trace_mode` is "opentelemetry", `log_frequency` "0" and `trace_file` "" (spans go to the
   OTLP exporter): other values are refused.
+- A JSON null puts a field back to its start-up value (trace_count: no limit). A model's
+  own settings, which override these for its requests, are in model_trace_settings.py.
 
 Until a POST, the settings reported are those of OTEL_TRACES_SAMPLER/_ARG (a ratio r as
 "one in round(1/r)"). Tracing itself is set up at start-up only (an OTLP endpoint, not
@@ -60,27 +62,29 @@ class TraceSettings:
             return [OFF]
         return [ON, TENSORS] if self.tensors else [ON]
 
-    def as_triton(self) -> dict[str, Any]:
+    def as_triton(self, count: int | None = None) -> dict[str, Any]:
+        """Triton's form; `count` is what is left (the pod's by default)."""
         return {
             "trace_level": self.levels,
             "trace_rate": str(self.rate),
-            "trace_count": str(budget().remaining()),
+            "trace_count": str(budget().remaining() if count is None else count),
             **_FIXED,
         }
 
     def updated(self, request: Any) -> TraceSettings:
-        """The settings after a POST body, or BadRequest saying what is wrong with it."""
-        request = pod_settings.request_fields(request, KNOWN_FIELDS, "trace settings")
-        for name, fixed in _FIXED.items():
-            if name in request and str(request[name]) != fixed:
-                raise BadRequest(f"{name} must be {fixed!r} in podserve: {_WHY[name]}")
-        if "trace_count" in request:
-            _count(request["trace_count"])  # the pod's live count, set by change()
+        """The settings after a POST body, or BadRequest saying what is wrong with it. A
+        null field goes back to its start-up value (Triton: the setting is cleared)."""
+        request = checked_request(request)
+        if request.get("trace_count") is not None:
+            parse_count(request["trace_count"])  # the pod's live count, set by change()
+        start = _State.start_up
+        on, tensors, rate = self.on, self.tensors, self.rate
         if "trace_level" in request:
-            on, tensors = _level(request["trace_level"])
-        else:
-            on, tensors = self.on, self.tensors
-        rate = _rate(request["trace_rate"]) if "trace_rate" in request else self.rate
+            level = request["trace_level"]
+            on, tensors = (start.on, start.tensors) if level is None else parse_level(level)
+        if "trace_rate" in request:
+            value = request["trace_rate"]
+            rate = start.rate if value is None else parse_rate(value)
         return TraceSettings(on, rate, tensors and on)
 
     def sampler(self) -> Sampler:
@@ -94,7 +98,16 @@ _WHY = {
 }
 
 
-def _level(value: Any) -> tuple[bool, bool]:
+def checked_request(request: Any) -> dict[str, Any]:
+    """A POST body as a dict of known fields, the fixed ones as podserve has them (or null)."""
+    request = pod_settings.request_fields(request, KNOWN_FIELDS, "trace settings")
+    for name, fixed in _FIXED.items():
+        if request.get(name) is not None and str(request[name]) != fixed:
+            raise BadRequest(f"{name} must be {fixed!r} in podserve: {_WHY[name]}")
+    return request
+
+
+def parse_level(value: Any) -> tuple[bool, bool]:
     """trace_level -> (traced, with tensors)."""
     levels = [value] if isinstance(value, str) else value
     if not isinstance(levels, list) or not levels or not all(isinstance(v, str) for v in levels):
@@ -110,14 +123,14 @@ def _level(value: Any) -> tuple[bool, bool]:
     return OFF not in levels, TENSORS in levels
 
 
-def _rate(value: Any) -> int:
+def parse_rate(value: Any) -> int:
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
     if not text.isdigit() or int(text) < 1 or int(text) > 2**31 - 1:
         raise BadRequest(f"trace_rate must be a positive integer (one request in N), not {value!r}")
     return int(text)
 
 
-def _count(value: Any) -> int:
+def parse_count(value: Any) -> int:
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
     digits = text[1:] if text.startswith("-") else text
     if not digits.isdigit() or not UNLIMITED <= int(text) <= 2**31 - 1:
@@ -203,22 +216,34 @@ def from_env() -> TraceSettings:
 
 class _State:
     sampler_holder: Any = None  # tracing.LinkedBatchSampler of this process, once tracing is on
-    applied = TraceSettings(on=False, rate=1)
+    start_up = applied = TraceSettings(on=False, rate=1)  # what a null field goes back to
 
 
 def attach(holder: Any) -> None:
     """Called by tracing.Tracing: this process exports spans; POSTs set its sampler."""
     _State.sampler_holder = holder
-    _State.applied = from_env()
+    _State.start_up = _State.applied = from_env()
 
 
 def detach() -> None:
     _State.sampler_holder = None
-    _State.applied = TraceSettings(on=False, rate=1)
+    _State.start_up = _State.applied = TraceSettings(on=False, rate=1)
 
 
 def current() -> TraceSettings:
     return _State.applied
+
+
+def tracing_set_up() -> bool:
+    """Does this process export spans (so settings that trace can be taken)?"""
+    return _State.sampler_holder is not None
+
+
+def not_set_up() -> BadRequest:
+    return BadRequest(
+        "tracing is not set up in this pod: start it with OTEL_EXPORTER_OTLP_ENDPOINT "
+        "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set and PODSERVE_TRACING_ENABLED=true"
+    )
 
 
 def _apply_shared(values: tuple[int, ...]) -> None:
@@ -235,13 +260,13 @@ POD_SETTING = pod_settings.register("trace-settings", 3, _apply_shared)
 def change(request: Any) -> TraceSettings:
     """A POST body: validate, apply here at once, publish to the pod's other workers."""
     settings = _State.applied.updated(request)
-    count = _count(request["trace_count"]) if "trace_count" in request else None
+    count = None
+    if "trace_count" in request:
+        value = request["trace_count"]
+        count = UNLIMITED if value is None else parse_count(value)
     changes_count = count is not None and count != budget().remaining()
-    if _State.sampler_holder is None and (settings != _State.applied or changes_count):
-        raise BadRequest(
-            "tracing is not set up in this pod: start it with OTEL_EXPORTER_OTLP_ENDPOINT "
-            "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set and PODSERVE_TRACING_ENABLED=true"
-        )
+    if not tracing_set_up() and (settings != _State.applied or changes_count):
+        raise not_set_up()
     if settings != _State.applied:
         POD_SETTING.publish((int(settings.on), settings.rate, int(settings.tensors)))
     if count is not None:

@@ -39,7 +39,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
 from opentelemetry.util.types import Attributes
 
-from podserve import __version__, trace_control
+from podserve import __version__, model_trace_settings, trace_control
 from podserve.datatypes import numpy_to_v2
 from podserve.phases import PHASES
 from podserve.settings import Settings
@@ -137,18 +137,27 @@ class LinkedBatchSampler(Sampler):
         linked = links and any(link.context.trace_flags.sampled for link in links)
         if linked and not parent.is_valid:
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        result = self._base.should_sample(
+        # The FastAPI instrumentation names a request's span "<METHOD> <route template>";
+        # an inference request of a model with trace settings of its own follows those.
+        route = name.partition(" ")[2]
+        model = model_trace_settings.for_request(route, attributes)
+        base = self._base if model is None else model.sampler()
+        result = base.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
-        # A trace podserve starts draws on the pod's trace_count (Triton's trace extension).
-        # The FastAPI instrumentation names a request's span "<METHOD> <route template>".
+        # A trace podserve starts draws on trace_count (Triton's trace extension).
         starts = not parent.is_valid and result.decision.is_sampled()
-        if starts and not trace_control.budget().admits(name.partition(" ")[2]):
+        if starts and not _admitted(route, model):
             return SamplingResult(Decision.DROP)
         return result
 
     def get_description(self) -> str:
         return f"LinkedBatchSampler{{{self._base.get_description()}}}"
+
+
+def _admitted(route: str, model: model_trace_settings.ModelOverride | None) -> bool:
+    """A trace may start: one of the model's own count if it has one, else of the pod's."""
+    return trace_control.budget().admits(route) if model is None else model.admits()
 
 
 def sampler_from_env() -> Sampler:
@@ -274,7 +283,11 @@ class Tracing:
         attributes = request_attributes(ctx)
         parent = trace.set_span_in_context(server_span)
         timings = ctx.timings
-        tensors = trace_control.current().tensors
+        tensors = (
+            trace_control.current()
+            if ctx.model is None
+            else model_trace_settings.settings_for(ctx.model.name)
+        ).tensors
         for phase in PHASES:
             start = timings.started_ns.get(phase)
             if start is None:

@@ -217,13 +217,13 @@ def _post(server: ServerProcess, settings: dict) -> dict:
     return client.update_trace_settings(settings=settings)
 
 
-def _wait_for_pod(server: ServerProcess, expected: dict) -> None:
+def _wait_for_pod(server: ServerProcess, expected: dict, path: str = "/v2/trace/setting") -> None:
     """Every worker (fresh connections reach both) reports `expected` within a few seconds."""
     seen: dict[str, dict] = {}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with httpx.Client(base_url=server.url, timeout=10) as http:
-            response = http.get("/v2/trace/setting")
+            response = http.get(path)
         seen[response.headers["x-podserve-worker"]] = response.json()
         if len(seen) == server.workers and all(s == expected for s in seen.values()):
             return
@@ -278,19 +278,55 @@ def test_level_and_rate_change_for_every_worker(
     assert _traced(receiver, roots + continued) == set(continued)
 
 
-def test_model_settings_are_the_pods(traced: ServerProcess) -> None:
+def test_a_models_own_settings_reach_every_worker(
+    traced: ServerProcess, receiver: OtlpReceiver
+) -> None:
+    """The pod traces almost nothing; one model its next 3 requests (its own count), another
+    model stays quiet, and nulls give the model the pod's settings back."""
     client = triton.InferenceServerClient(f"127.0.0.1:{traced.port}")
-    assert client.get_trace_settings("tabular") == client.get_trace_settings()
-    with pytest.raises(InferenceServerException, match="POST /v2/trace/setting instead"):
-        client.update_trace_settings("tabular", {"trace_rate": "1"})
+    quiet = _triton("TIMESTAMPS", 10**9)
+    own = {**_triton("TIMESTAMPS", 1), "trace_count": "3"}
+    try:
+        _post(traced, {"trace_level": ["TIMESTAMPS"], "trace_rate": str(10**9)})
+        assert (
+            client.update_trace_settings("tabular", {"trace_rate": "1", "trace_count": "3"}) == own
+        )
+        _wait_for_pod(traced, quiet)
+        _wait_for_pod(traced, own, "/v2/models/tabular/trace/setting")
+        assert client.get_trace_settings("affine") == quiet
+
+        others = [_predict_affine(traced) for _ in range(6)]
+        roots = _infer(traced, 8, sampled_parent=False)  # tabular, fresh connections
+        assert len(_traced(receiver, roots)) == 3
+        assert _traced(receiver, others) == set()
+        _wait_for_pod(traced, {**own, "trace_count": "0"}, "/v2/models/tabular/trace/setting")
+        assert client.get_trace_settings()["trace_count"] == "-1"  # the pod's own: untouched
+
+        cleared = {"trace_rate": None, "trace_count": None}
+        assert client.update_trace_settings("tabular", cleared) == quiet
+        _wait_for_pod(traced, quiet, "/v2/models/tabular/trace/setting")
+    finally:
+        _post(traced, {"trace_rate": "1"})
+        client.update_trace_settings("tabular", {"trace_rate": None, "trace_count": None})
+    _wait_for_pod(traced, _triton("TIMESTAMPS", 1), "/v2/models/tabular/trace/setting")
     with httpx.Client(base_url=traced.url, timeout=10) as http:
         assert http.get("/v2/models/nope/trace/setting").status_code == 404
-        before = http.get("/v2/trace/setting").json()
-        for body in (b"{nope", b'{"trace_level": ["ALL"]}', b'{"trace_rate": "0"}'):
-            response = http.post("/v2/trace/setting", content=body)
-            assert response.status_code == 400, response.text
-            assert response.json()["error"]
-        assert http.get("/v2/trace/setting").json() == before
+        assert http.post("/v2/models/nope/trace/setting", json={}).status_code == 404
+        before = http.get("/v2/models/tabular/trace/setting").json()
+        for body in (b"{nope", b'{"trace_level": ["ALL"]}', b'{"trace_rate": "0"}', b"[]"):
+            for path in ("/v2/trace/setting", "/v2/models/tabular/trace/setting"):
+                response = http.post(path, content=body)
+                assert response.status_code == 400, response.text
+                assert response.json()["error"]
+        assert http.get("/v2/models/tabular/trace/setting").json() == before
+
+
+def _predict_affine(server: ServerProcess) -> str:
+    """A V1 predict of the affine model on a fresh connection; its trace id."""
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        response = http.post("/v1/models/affine:predict", json={"instances": [[1, 2, 3, 4]]})
+    assert response.status_code == 200, response.text
+    return response.headers["x-trace-id"]
 
 
 def test_without_tracing_set_up_it_cannot_be_turned_on(model_repo: Path) -> None:
