@@ -224,6 +224,7 @@ def test_changes_can_be_turned_off(model_repo: Path) -> None:
         for change in (
             lambda: client.update_log_settings({"log_verbose_level": 1}),
             lambda: client.update_trace_settings(settings={"trace_level": ["OFF"]}),
+            lambda: client.update_trace_settings("affine", {"trace_level": ["OFF"]}),
         ):
             with pytest.raises(InferenceServerException, match="turned off") as err:
                 change()

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = False
     allow_settings_changes: bool = Field(
-        True, description="POST /v2/logging and /v2/trace/setting may change the pod's settings"
+        True,
+        description="POST /v2/logging and /v2/[models/{name}/]trace/setting may change settings",
     )
 
     # --- Models and inference ------------------------------------------------------

@@ -127,11 +127,14 @@ def test_probes_and_scrapes_open_everything_else_closed(secured: ServerProcess) 
         assert client.get("/metrics").status_code == 200
         for path in ("/v2", "/v2/models/affine", "/docs", "/openapi.json", "/v1/models/affine",
                      "/v1/models", "/v2/models/stats", "/v2/models/affine/stats",
-                     "/v2/models/affine/config", "/v2/logging", "/v2/trace/setting"):  # fmt: skip
+                     "/v2/models/affine/config", "/v2/logging", "/v2/trace/setting",
+                     "/v2/models/affine/trace/setting"):  # fmt: skip
             assert client.get(path).status_code == 401, path
         assert client.post("/v2/repository/index").status_code == 401
         assert client.post("/v2/logging", json={"log_info": False}).status_code == 401
         assert client.post("/v2/trace/setting", json={"trace_rate": "1"}).status_code == 401
+        model_settings = "/v2/models/affine/trace/setting"
+        assert client.post(model_settings, json={"trace_rate": "1"}).status_code == 401
         assert client.get("/openapi.json", headers={"x-api-key": FILE_KEY}).status_code == 200
 
 
