@@ -74,6 +74,36 @@ def test_text_batched_equals_unbatched(repository: ModelRepository) -> None:
         np.testing.assert_allclose(embedding, _alone(model, request)["embedding"], atol=1e-5)
 
 
+def test_each_request_gets_its_own_rows_of_the_preprocessed_batch(
+    repository: ModelRepository,
+) -> None:
+    """What the tokenizer made of a request (for trace_level TENSORS): its own rows of the
+    batch's token ids, padded to the batch's longest; models without a pre-processor have
+    none (their session inputs are the request's own)."""
+    model = repository.get("text")
+    words = ["one", "two words here", "three", "a much longer sentence than the others are"]
+    requests = [
+        {"text": np.array(words[i % 4 : i % 4 + 1 + i % 2], dtype=object)} for i in range(16)
+    ]
+    outcomes, records = asyncio.run(_run_concurrently(model, requests))
+    assert max(len(r.requests) for r in records) > 1, "requests were never batched"
+    for request, outcome in zip(requests, outcomes, strict=True):
+        inputs, rows = model.validate(request)
+        alone = model.run_batch([inputs], [rows]).feed
+        assert alone is not None
+        mine = outcome.model_inputs()
+        assert mine is not None and set(mine) == set(alone)
+        width = alone["input_ids"].shape[1]
+        np.testing.assert_array_equal(mine["input_ids"][:, :width], alone["input_ids"])
+        np.testing.assert_array_equal(mine["attention_mask"][:, :width], alone["attention_mask"])
+        assert not mine["attention_mask"][:, width:].any()  # the batch's padding, masked
+
+    tabular = repository.get("tabular")
+    row = {"input": np.zeros((1, 30), dtype=np.float32)}
+    (outcome,), _ = asyncio.run(_run_concurrently(tabular, [row]))
+    assert outcome.model_inputs() is None
+
+
 def test_batches_respect_max_batch_size(repository: ModelRepository) -> None:
     model = repository.get("affine", "1")  # max_batch_size 16
     requests = [{"x": np.full((3, 4), i, np.float32)} for i in range(40)]

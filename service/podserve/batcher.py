@@ -40,6 +40,16 @@ class InferenceOutcome:
     postprocess_s: float
     batch_rows: int
     batch_requests: int
+    batch_feed: Tensors | None = None  # what a pre-processor made of the whole batch
+    feed_rows: tuple[int, int] = (0, 0)  # this request's rows of it: [start, stop)
+
+    def model_inputs(self) -> Tensors | None:
+        """This request's rows of the session's inputs (token ids, ...: padded as in its
+        batch), where a pre-processor made them; views, only sliced when asked for."""
+        if self.batch_feed is None:
+            return None
+        start, stop = self.feed_rows
+        return {name: array[start:stop] for name, array in self.batch_feed.items()}
 
 
 @dataclass
@@ -268,6 +278,7 @@ class Batcher:
     ) -> None:
         total_rows = sum(item.rows for item in batch)
         answers: list[Answer] = []
+        first_row = 0
         for index, item in enumerate(batch):
             if result is None:
                 answers.append((item, error or RuntimeError("inference failed")))
@@ -280,7 +291,10 @@ class Batcher:
                 postprocess_s=result.postprocess_s,
                 batch_rows=total_rows,
                 batch_requests=len(batch),
+                batch_feed=result.feed,
+                feed_rows=(first_row, first_row + item.rows),
             )
+            first_row += item.rows
             answers.append((item, outcome))
         _wake_in_turn(iter(answers))
 

@@ -39,6 +39,7 @@ class BatchResult:
     preprocess_s: float
     infer_s: float
     postprocess_s: float
+    feed: Tensors | None = None  # the session's inputs, where a pre-processor made them
 
 
 class RejectedRequests(Exception):
@@ -233,7 +234,13 @@ class OnnxModel:
         outputs = self.postprocessor(raw, feed) if self.postprocessor else raw
         split = self._split(outputs, rows)
         done = time.perf_counter()
-        return BatchResult(split, preprocessed - start, inferred - preprocessed, done - inferred)
+        return BatchResult(
+            split,
+            preprocessed - start,
+            inferred - preprocessed,
+            done - inferred,
+            feed if self.preprocessor else None,  # else the requests' own inputs, as sent
+        )
 
     @property
     def session_output_names(self) -> list[str]:

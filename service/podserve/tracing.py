@@ -8,8 +8,9 @@ Configured by the standard ``OTEL_*`` environment variables. Tracing is on only 
 Phase spans are created after the response, from the timestamps in ``PhaseTimings``: the hot
 path only reads the clock. A batch serves many requests, so its span is a root span of its own
 with a link to every request span it served. At Triton's trace level TENSORS (trace_control)
-a traced request's `infer` span also carries its input and output tensors as events, their
-first PODSERVE_TRACE_TENSOR_VALUES values each.
+a traced request's `infer` span also carries its tensors as events (its inputs as sent, what
+a pre-processor made of them for the session, its outputs), their first
+PODSERVE_TRACE_TENSOR_VALUES values each.
 """
 
 from __future__ import annotations
@@ -300,9 +301,14 @@ class Tracing:
             span.end(end_time=timings.ended_ns.get(phase, start))
 
     def _add_tensors(self, span: Span, ctx: RequestContext, at_ns: int) -> None:
-        """trace_level TENSORS: one event per input and per output tensor of the request."""
-        outputs = ctx.outcome.outputs if ctx.outcome is not None else {}
-        for kind, tensors in (("input", ctx.inputs or {}), ("output", outputs)):
+        """trace_level TENSORS: one event per tensor of the request: its inputs as sent,
+        what a pre-processor made of them for the session (`model_input`: token ids, ...),
+        and its outputs as answered."""
+        outcome = ctx.outcome
+        outputs = outcome.outputs if outcome is not None else {}
+        model_inputs = (outcome.model_inputs() if outcome is not None else None) or {}
+        events = (("input", ctx.inputs or {}), ("model_input", model_inputs), ("output", outputs))
+        for kind, tensors in events:
             for name, array in tensors.items():
                 span.add_event(kind, tensor_attributes(name, array, self.tensor_values), at_ns)
 

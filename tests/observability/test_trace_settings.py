@@ -246,6 +246,15 @@ def _infer(server: ServerProcess, count: int, sampled_parent: bool) -> list[str]
     return trace_ids
 
 
+def _embed(server: ServerProcess, sentence: str) -> str:
+    """One sentence through the text pipeline (tokenizer, model, pooling); its trace id."""
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentence]}]}
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        response = http.post("/v2/models/text/infer", json=body)
+    assert response.status_code == 200, response.text
+    return response.headers["x-trace-id"]
+
+
 def _traced(receiver: OtlpReceiver, trace_ids: list[str], settle_s: float = 1.0) -> set[str]:
     time.sleep(settle_s)  # the exporters send every 100 ms
     wanted = set(trace_ids)
@@ -370,12 +379,24 @@ def test_trace_level_tensors_records_each_requests_tensors(
         assert {s.trace_id for s in infer_spans} == set(roots)
         for span in infer_spans:
             events = dict(span.events)
-            assert set(events) == {"input", "output"}, span.events
+            assert set(events) == {"input", "output"}, span.events  # no pre-processor
             tensor = events["input"]
             assert tensor["podserve.tensor.name"] == "input"
             assert tensor["podserve.tensor.shape"] == [1, 30]
             assert tensor["podserve.tensor.data"] == pytest.approx(ROW["inputs"][0]["data"])
             assert events["output"]["podserve.tensor.data"]  # the model's answer
+
+        # A pipeline model: also what its tokenizer made of the text, as the session saw it.
+        text = _embed(traced, "tokens are traced")
+        time.sleep(1.0)
+        (span,) = [s for s in receiver.snapshot() if s.trace_id == text and s.name == "infer"]
+        by_name = {(kind, e["podserve.tensor.name"]): e for kind, e in span.events}
+        assert by_name[("input", "text")]["podserve.tensor.data"] == ["tokens are traced"]
+        ids = by_name[("model_input", "input_ids")]
+        assert ids["podserve.tensor.datatype"] == "INT64" and ids["podserve.tensor.shape"][0] == 1
+        mask = by_name[("model_input", "attention_mask")]["podserve.tensor.data"]
+        assert sum(mask) == len(ids["podserve.tensor.data"]) >= 4  # [CLS] 3 tokens [SEP]
+        assert ("output", "embedding") in by_name
     finally:
         _post(traced, {"trace_level": ["TIMESTAMPS"]})
     _wait_for_pod(traced, _triton("TIMESTAMPS", 1))
