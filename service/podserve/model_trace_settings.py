@@ -20,11 +20,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry.sdk.trace.sampling import Sampler
+from starlette.routing import compile_path
 
 from podserve import pod_settings, trace_control
 from podserve.errors import BadRequest
@@ -168,14 +170,17 @@ def as_triton(model: str) -> dict[str, Any]:
     return settings_for(model).as_triton(count)
 
 
+@functools.lru_cache(maxsize=16)
+def _route_pattern(route: str) -> re.Pattern[str]:
+    return compile_path(route)[0]  # the regex Starlette routes this template with
+
+
 def model_in_path(route: str, path: str) -> str | None:
     """The model an inference request names (the route is its template), else None."""
     if route not in INFERENCE_ROUTES:
         return None
-    if route.startswith("/v1/"):
-        return path.removeprefix("/v1/models/").removesuffix(":predict")
-    parts = path.split("/")
-    return parts[3] if len(parts) > 3 else None
+    match = _route_pattern(route).match(path)
+    return match["model_name"] if match else None
 
 
 def for_request(route: str, attributes: Mapping[str, Any] | None) -> ModelOverride | None:
@@ -223,6 +228,11 @@ def _edit_entry(entry: list[int], request: dict[str, Any]) -> None:
             store(entry, request[name])
 
 
+def _fresh_entry(key: tuple[int, int]) -> list[int]:
+    """A model's entry before any field is set (the values are the unset fields' defaults)."""
+    return [*key, 0, 0, 0, 1, UNLIMITED]
+
+
 def _slot_for(values: tuple[int, ...], key: tuple[int, int]) -> int | None:
     """The model's entry, else a free one, else None (the table is full)."""
     free = None
@@ -246,7 +256,7 @@ def _table_edit(key: tuple[int, int], request: dict[str, Any]) -> Callable[[Word
         base = slot * ENTRY
         entry = list(values[base : base + ENTRY])
         if not entry[FIELDS]:
-            entry = [*key, 0, 0, 0, 1, UNLIMITED]
+            entry = _fresh_entry(key)
         _edit_entry(entry, request)
         if not entry[FIELDS]:
             entry = [0] * ENTRY  # nothing of its own left: the entry is free again
@@ -259,7 +269,7 @@ def change(model: str, request: Any) -> dict[str, Any]:
     """A POST body for one model: validate, store for the pod, answer its settings."""
     request = trace_control.checked_request(request)
     before = settings_for(model)
-    probe = [*model_key(model), 0, 0, 0, 1, UNLIMITED]
+    probe = _fresh_entry(model_key(model))
     _edit_entry(probe, request)  # validates before anything is stored
     if not trace_control.tracing_set_up():
         after = _override_of(0, tuple(probe))

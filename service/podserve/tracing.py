@@ -284,11 +284,7 @@ class Tracing:
         attributes = request_attributes(ctx)
         parent = trace.set_span_in_context(server_span)
         timings = ctx.timings
-        tensors = (
-            trace_control.current()
-            if ctx.model is None
-            else model_trace_settings.settings_for(ctx.model.name)
-        ).tensors
+        tensors = _traces_tensors(ctx)
         for phase in PHASES:
             start = timings.started_ns.get(phase)
             if start is None:
@@ -345,6 +341,13 @@ class Tracing:
         _active = False
         trace_control.detach()
         self.provider.shutdown()
+
+
+def _traces_tensors(ctx: RequestContext) -> bool:
+    """trace_level TENSORS for this request: its model's setting, or the pod's."""
+    if ctx.model is None:
+        return trace_control.current().tensors
+    return model_trace_settings.settings_for(ctx.model.name).tensors
 
 
 def tensor_attributes(name: str, array: np.ndarray, limit: int) -> dict[str, Any]:
