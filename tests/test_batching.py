@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +128,8 @@ def test_queue_bound_rejects_with_retry_after() -> None:
     with pytest.raises(Overloaded) as rejected:
         budget.reserve(3)
     assert rejected.value.headers["Retry-After"] == "2"
-    with pytest.raises(PayloadTooLarge):
-        budget.reserve(11)
+    with pytest.raises(PayloadTooLarge, match=r"11 rows exceed .*PODSERVE_MAX_QUEUE_ROWS.*job"):
+        budget.reserve(11)  # could never be admitted: a 413 that says what to do
     budget.release(8)
     budget.reserve(10)
     assert budget.queued_rows == 10
@@ -257,28 +259,51 @@ def test_allow_nonfinite_lets_nan_through(model_repo: Path) -> None:
     assert np.isnan(y[0, 0]) and np.isinf(y[0, 2]) and y[0, 1] == 3
 
 
-def test_waits_for_more_rows_only_while_the_pool_is_busy(model_repo: Path) -> None:
+def _gated(monkeypatch: pytest.MonkeyPatch, model: OnnxModel) -> threading.Event:
+    """The model's session runs wait until the returned event is set: a batch keeps its
+    thread busy exactly as long as a test needs, however slow or fast the machine is."""
+    gate = threading.Event()
+    run_batch = model.run_batch
+
+    def gated(*args: object) -> object:
+        assert gate.wait(30), "the test never opened the gate"
+        return run_batch(*args)
+
+    monkeypatch.setattr(model, "run_batch", gated)
+    return gate
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+def test_waits_for_more_rows_only_while_the_pool_is_busy(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two threads, one busy: the next batch waits up to max_batch_delay_ms to fill up."""
-    config = Settings(max_batch_delay_ms=200)
-    repo = load_repository(model_repo, config, THREADS)
-    model = repo.get("slow")
+    model = load_repository(model_repo, Settings(max_batch_delay_ms=2000), THREADS).get("slow")
+    gate = _gated(monkeypatch, model)
+    one_row = {"x": np.ones((1, 256), np.float32)}
 
     async def scenario() -> list[BatchRecord]:
         records: list[BatchRecord] = []
-        batcher = Batcher(model, InferencePool(2), QueueBudget(1000, 1), [records.append])
+        pool = InferencePool(2)
+        batcher = Batcher(model, pool, QueueBudget(1000, 1), [records.append])
         batcher.start()
         heavy = asyncio.ensure_future(
-            batcher.submit(*model.validate({"x": np.ones((48, 256), np.float32)}))
+            batcher.submit(*model.validate({"x": np.ones((8, 256), np.float32)}))
         )
-        await asyncio.sleep(0.01)  # thread 1 busy with the heavy batch
+        await _until(lambda: pool.busy == 1 and not batcher.queued_rows)  # thread 1 is busy
         small = []
         for _ in range(3):
-            small.append(
-                asyncio.ensure_future(
-                    batcher.submit(*model.validate({"x": np.ones((1, 256), np.float32)}))
-                )
-            )
+            small.append(asyncio.ensure_future(batcher.submit(*model.validate(one_row))))
             await asyncio.sleep(0.01)
+        assert pool.busy == 2 and batcher.queued_rows == 3  # waiting for more rows
+        gate.set()
         await asyncio.gather(heavy, *small)
         await batcher.stop()
         return records
@@ -286,6 +311,35 @@ def test_waits_for_more_rows_only_while_the_pool_is_busy(model_repo: Path) -> No
     records = asyncio.run(scenario())
     sizes = sorted(len(r.requests) for r in records)
     assert sizes == [1, 3], sizes  # the three small requests shared one batch
+
+
+def test_a_thread_freeing_up_ends_the_wait_for_more_rows(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting to fill a batch only pays while the pool is busy: once the busy batch ends,
+    the waiting one goes at once, not after the rest of a (here 30 s) delay."""
+    model = load_repository(model_repo, Settings(max_batch_delay_ms=30_000), THREADS).get("slow")
+    gate = _gated(monkeypatch, model)
+
+    async def scenario() -> float:
+        pool = InferencePool(2)
+        batcher = Batcher(model, pool, QueueBudget(1000, 1))
+        batcher.start()
+        heavy = asyncio.ensure_future(
+            batcher.submit(*model.validate({"x": np.ones((8, 256), np.float32)}))
+        )
+        await _until(lambda: pool.busy == 1 and not batcher.queued_rows)
+        small = asyncio.ensure_future(
+            batcher.submit(*model.validate({"x": np.ones((1, 256), np.float32)}))
+        )
+        await _until(lambda: pool.busy == 2)  # the dispatcher holds a thread, and waits
+        gate.set()
+        await heavy
+        outcome = await asyncio.wait_for(small, 15)  # the whole delay would be 30 s
+        await batcher.stop()
+        return outcome.queue_s
+
+    assert asyncio.run(scenario()) < 15
 
 
 def test_idle_pool_dispatches_at_once(model_repo: Path) -> None:
@@ -337,3 +391,93 @@ def test_batch_mates_resume_one_loop_iteration_apart(repository: ModelRepository
     seen, largest_batch = asyncio.run(scenario())
     assert largest_batch == 4  # one batch ...
     assert seen == sorted(set(seen)), seen  # ... whose requests resumed in distinct iterations
+
+
+def test_requests_that_give_up_while_queued_free_their_rows_at_once(
+    repository: ModelRepository,
+) -> None:
+    """A request cancelled (client gone, drain cut-off) or past its deadline while queued
+    frees its rows then, not when a thread next takes a batch: meanwhile they would shed
+    live requests with 503 and inflate podserve_queue_rows, the autoscaling signal."""
+    model = repository.get("affine", "1")
+    one_row = model.validate({"x": np.ones((1, 4), np.float32)})
+
+    async def scenario() -> tuple[list[int], list, np.ndarray]:
+        pool = InferencePool(1)
+        budget = QueueBudget(max_rows=8, retry_after_s=1)
+        batcher = Batcher(model, pool, budget)
+        batcher.start()
+        await pool.acquire()  # the only thread is busy: requests stay queued
+        queued = []
+        cancelled = [asyncio.ensure_future(batcher.submit(*one_row)) for _ in range(8)]
+        await _until(lambda: budget.queued_rows == 8)
+        for task in cancelled:
+            task.cancel()
+        await asyncio.gather(*cancelled, return_exceptions=True)
+        queued.append(budget.queued_rows)
+        late = time.perf_counter() + 0.02
+        timed_out = await asyncio.gather(
+            *(batcher.submit(*one_row, deadline=late) for _ in range(8)), return_exceptions=True
+        )
+        queued.append(budget.queued_rows)
+        live = asyncio.ensure_future(batcher.submit(*one_row))  # admitted: nothing is queued
+        await _until(lambda: budget.queued_rows == 1)
+        pool.release()
+        outcome = await live
+        queued.append(budget.queued_rows)
+        await batcher.stop()
+        return queued, timed_out, outcome.outputs["y"]
+
+    queued, timed_out, y = asyncio.run(scenario())
+    assert queued == [0, 0, 0]
+    assert all(isinstance(result, DeadlineExceeded) for result in timed_out), timed_out
+    np.testing.assert_array_equal(y, np.full((1, 4), 3))
+
+
+def test_a_failed_batch_and_its_reruns_reach_the_observers(
+    repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails is rerun request by request: every session run is a record (the
+    metrics' batch sizes, Triton's execution counts, the batch spans), and a request that
+    gave up meanwhile is not rerun for nobody."""
+    model = repository.get("affine", "1")
+    run_batch, runs = model.run_batch, []
+    gone = threading.Event()
+
+    def counting(inputs: list, rows: list) -> object:
+        runs.append(len(inputs))
+        if len(inputs) > 1:
+            assert gone.wait(30)  # the batch fails after one of its requests gave up
+        return run_batch(inputs, rows)
+
+    monkeypatch.setattr(model, "run_batch", counting)
+
+    async def scenario() -> tuple[list, list[BatchRecord]]:
+        records: list[BatchRecord] = []
+        pool = InferencePool(1)
+        batcher = Batcher(model, pool, QueueBudget(100, 1), [records.append])
+        batcher.start()
+        await pool.acquire()  # all of them queue into one batch
+        goods = [model.validate({"x": np.full((1, 4), i, np.float32)}) for i in range(4)]
+        bad = ({"x": np.ones((1, 4), np.float64)}, 1)  # wrong dtype: ORT fails the batch
+        tasks = [asyncio.ensure_future(batcher.submit(*r)) for r in [*goods[:3], bad, goods[3]]]
+        await _until(lambda: batcher.queued_rows == 5)
+        pool.release()
+        await _until(lambda: runs == [5])  # the batch is running
+        tasks[1].cancel()
+        tasks[1].add_done_callback(lambda _: gone.set())
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results, records
+
+    results, records = asyncio.run(scenario())
+    assert runs == [5, 1, 1, 1, 1]  # the cancelled request was not rerun
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert isinstance(results[3], Exception)  # the bad one
+    for index, value in ((0, 0), (2, 2), (4, 3)):  # the good ones: x * 2 + 1
+        np.testing.assert_array_equal(results[index].outputs["y"], np.full((1, 4), value * 2 + 1))
+    failed, *alone = records
+    assert len(failed.requests) == 5 and failed.error is not None and failed.result is None
+    assert [len(record.requests) for record in alone] == [1, 1, 1, 1]
+    assert [record.error is not None for record in alone] == [False, False, True, False]
+    assert all(record.result is not None for record in alone if record.error is None)

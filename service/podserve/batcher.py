@@ -20,7 +20,7 @@ from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
 from podserve.processors import Tensors
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is found in the queue by `is`, not by its arrays
 class PendingRequest:
     inputs: Tensors
     rows: int
@@ -77,7 +77,11 @@ class QueueBudget:
 
     def reserve(self, rows: int) -> None:
         if rows > self.max_rows:
-            raise PayloadTooLarge(f"{rows} rows exceed the queue capacity of {self.max_rows}")
+            raise PayloadTooLarge(  # it could never be admitted: say what to do instead
+                f"{rows} rows exceed the queue capacity of {self.max_rows} rows per worker "
+                "(PODSERVE_MAX_QUEUE_ROWS); send fewer rows per request, or submit them as a "
+                "background job"
+            )
         if self.queued_rows + rows > self.max_rows:
             raise Overloaded(
                 f"server busy: {self.queued_rows} rows queued (limit {self.max_rows}); retry later",
@@ -140,7 +144,9 @@ class Batcher:
             raise DeadlineExceeded("request deadline exceeded before inference finished") from None
         finally:
             if not item.future.done():
-                item.future.cancel()  # still queued: the dispatcher will skip it
+                item.future.cancel()
+            if item.future.cancelled():  # gave up (deadline, cancelled): maybe still queued
+                self._withdraw(item)
 
     # --- dispatch ---------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -160,23 +166,29 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _wait_for_fill(self) -> None:
-        """Only while other batches occupy the pool: wait up to the delay for more rows."""
+        """Only while other batches occupy the pool: wait up to the delay for more rows.
+
+        A thread that frees up ends the wait too (the pool is idle again: waiting no longer
+        pays), not only an arrival or the delay."""
         delay = self.model.max_batch_delay_s
-        while (
-            self.model.batching
-            and delay > 0
-            and self.pool.busy > 1
-            and self._queue
-            and self._queued_rows < self.model.max_batch_size
-        ):
-            remaining = self._queue[0].enqueued + delay - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return
+        if not (self.model.batching and delay > 0):
+            return
+        wake = self._arrived.set
+        self.pool.on_release.add(wake)
+        try:
+            while (
+                self.pool.busy > 1 and self._queue and self._queued_rows < self.model.max_batch_size
+            ):
+                remaining = self._queue[0].enqueued + delay - time.perf_counter()
+                if remaining <= 0:
+                    return
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            self.pool.on_release.discard(wake)
 
     def _take_batch(self) -> list[PendingRequest]:
         """Oldest live request first, then others with the same batch key up to the limit."""
@@ -205,19 +217,28 @@ class Batcher:
         self._queue = kept
         return batch
 
-    def _drop_if_dead(self, item: PendingRequest, now: float) -> bool:
-        if item.future.done():  # cancelled: the client gave up or its deadline passed
-            self._forget(item)
-            return True
-        if item.deadline is not None and now >= item.deadline:
+    def _drop_if_dead(self, item: PendingRequest, now: float, release: bool = True) -> bool:
+        """Skip a request nobody waits for any more (`release`: it still holds queued rows)."""
+        if not item.future.done():  # done: cancelled, the client gave up or its deadline passed
+            if item.deadline is None or now < item.deadline:
+                return False
             item.future.set_exception(DeadlineExceeded("request deadline exceeded in the queue"))
+        if release:
             self._forget(item)
-            return True
-        return False
+        return True
 
     def _forget(self, item: PendingRequest) -> None:
         self._queued_rows -= item.rows
         self.budget.release(item.rows)
+
+    def _withdraw(self, item: PendingRequest) -> None:
+        """A request that gave up while queued frees its rows at once: left in the queue until
+        a thread next takes a batch, they would shed live requests (503) meanwhile."""
+        try:
+            self._queue.remove(item)
+        except ValueError:  # already taken into a batch, which released its rows then
+            return
+        self._forget(item)
 
     async def _run(self, batch: list[PendingRequest]) -> None:
         started = time.perf_counter()
@@ -232,6 +253,7 @@ class Batcher:
             self.pool.release()
             return
         if error is not None and len(batch) > 1:
+            self._observe(batch, None, start_ns, error)  # the failed run counts too
             # One bad request must not fail its batch-mates: rerun each alone.
             try:
                 await self._run_alone(batch, started)
@@ -240,6 +262,15 @@ class Batcher:
             return
         self.pool.release()
         self._resolve(batch, result, error, started)
+        self._observe(batch, result, start_ns, error)
+
+    def _observe(
+        self,
+        batch: list[PendingRequest],
+        result: BatchResult | None,
+        start_ns: int,
+        error: BaseException | None,
+    ) -> None:
         record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
         for observer in self.observers:
             observer(record)
@@ -261,13 +292,19 @@ class Batcher:
         )
 
     async def _run_alone(self, batch: list[PendingRequest], started: float) -> None:
+        """Each request in a session run of its own; those answered meanwhile are skipped."""
         for item in batch:
+            if self._drop_if_dead(item, time.perf_counter(), release=False):
+                continue
+            start_ns = time.time_ns()
+            result: BatchResult | None = None
+            error: BaseException | None = None
             try:
                 result = await self._run_session([item])
             except Exception as exc:
-                self._resolve([item], None, exc, started)
-            else:
-                self._resolve([item], result, None, started)
+                error = exc
+            self._resolve([item], result, error, started)
+            self._observe([item], result, start_ns, error)
 
     def _resolve(
         self,

@@ -97,6 +97,9 @@ class InferencePool:
         self._closed = False
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+        # Called when a thread frees up with nobody waiting for it (a batcher waiting to fill
+        # a batch only while the pool is busy stops waiting then).
+        self.on_release: set[Callable[[], None]] = set()
 
     async def acquire(self, priority: int = ONLINE) -> None:
         """Wait for a free thread; lower priority numbers are served first."""
@@ -119,6 +122,8 @@ class InferencePool:
                 waiter.set_result(None)  # hand the slot over: busy stays the same
                 return
         self.busy -= 1
+        for wake in self.on_release:
+            wake()
 
     async def run_in_slot(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn in the pool; the caller must hold a slot (acquire) and release it after."""
