@@ -318,9 +318,12 @@ class Metrics:
         self.log_buffer_rows = gauge(
             "podserve_prediction_log_buffer_rows", "Prediction-log rows waiting to be written"
         )
-        self.log_spool_bytes = gauge(
-            "podserve_prediction_log_spool_bytes", "Bytes of prediction-log rows in the spool"
-        )
+        # Every worker reports the pod's spool directory as it last measured it (a segment
+        # one worker spilled may be replayed by another): the largest is the pod's.
+        self.log_spool_bytes = Gauge(
+            "podserve_prediction_log_spool_bytes", "Bytes of prediction-log rows in the spool",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         self.log_rows_written = Counter(
             "podserve_prediction_log_rows_written",
             "Prediction-log rows written to PostgreSQL",
@@ -329,6 +332,11 @@ class Metrics:
         self.log_rows_spooled = Counter(
             "podserve_prediction_log_rows_spooled",
             "Prediction-log rows spooled to disk",
+            registry=r,
+        )
+        self.log_rows_rejected = Counter(
+            "podserve_prediction_log_rows_rejected",
+            "Prediction-log rows PostgreSQL refused for their values, set aside on disk",
             registry=r,
         )
         self.log_write_errors = Counter(
@@ -491,7 +499,7 @@ class Metrics:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
 
         Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting` and `db.prediction_log`
-        (rows_written, rows_spooled, write_errors, buffer_depth, spool_bytes).
+        (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, spool_bytes).
         """
         services = getattr(runtime, "db", None)
         database = getattr(services, "database", None)
@@ -513,6 +521,7 @@ class Metrics:
                 gauge.set(value)
         for attr, counter in (("rows_written", self.log_rows_written),
                               ("rows_spooled", self.log_rows_spooled),
+                              ("rows_rejected", self.log_rows_rejected),
                               ("write_errors", self.log_write_errors)):  # fmt: skip
             self._advance(attr, counter, getattr(plog, attr, None))
 

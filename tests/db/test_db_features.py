@@ -173,8 +173,29 @@ def test_unknown_ids_are_a_404_that_lists_them(client: httpx.Client) -> None:
             "width 4; input 'x' expects 256",
         ),
         ("/v1/models/affine:predict", {"entity_ids": "e1"}, 400, "non-empty list"),
+        # PostgreSQL text cannot hold U+0000: the driver's error was a 500
+        ("/v2/models/affine/infer", _by_ids(["e\x001"]), 400, "'entity_ids' must not contain"),
+        (
+            "/v2/models/affine/infer",
+            _by_ids(["e1"], feature_set="aff\x00ine"),
+            400,
+            "'feature_set' must not contain",
+        ),
+        ("/v1/models/affine:predict", {"entity_ids": ["\x00"]}, 400, "U+0000"),
     ],
-    ids=["both", "empty", "float id", "empty set", "width", "too many", "model width", "v1 str"],
+    ids=[
+        "both",
+        "empty",
+        "float id",
+        "empty set",
+        "width",
+        "too many",
+        "model width",
+        "v1 str",
+        "nul id",
+        "nul set",
+        "v1 nul id",
+    ],
 )
 def test_bad_lookups_get_a_clear_4xx(
     client: httpx.Client, path: str, body: dict, status: int, message: str
@@ -321,6 +342,16 @@ def test_loader_rejects_bad_files(db_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2 and "bad.csv:2" in result.stderr
+    huge = tmp_path / "huge.csv"  # finite as a float64, not as the column's float32
+    huge.write_text("entity_id,a\nx,1\ny,-1e39\n")
+    result = subprocess.run(
+        [*PODSERVE, "features", "load", str(huge), "--set", "s", "--database-url", db_url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "huge.csv:3: a value beyond the float32" in result.stderr
+    assert "Traceback" not in result.stderr
     other = tmp_path / "f.json"
     other.write_text("{}")
     result = subprocess.run(

@@ -388,3 +388,118 @@ def test_digest_mode_is_stable() -> None:
     b = {"x": np.arange(4, dtype=np.float32).reshape(1, 4).copy()}
     c = {"x": np.arange(4, dtype=np.float32).reshape(2, 2)}
     assert tensors_digest(a) == tensors_digest(b) != tensors_digest(c)
+
+
+def test_nul_characters_are_logged_not_refused(db_url: str, tmp_path: Path) -> None:
+    """PostgreSQL refuses U+0000 in text and jsonb: a caller's id or a string tensor holding
+    one is logged with U+FFFD instead, by the batch writer and by a job's single insert."""
+    import numpy as np
+
+    from podserve.db.prediction_log import INSERT_ONE, to_record
+
+    settings = Settings(database_url=db_url, spool_dir=tmp_path, db_pool_min=0)
+    text = {"text": np.array([b"a\x00b", "c\x00d"], dtype=object)}
+    rows = [
+        make_row(str(uuid.uuid4()), f"nul-{i}\x00", "text", "1", text, text, {}, None, "full")
+        for i in range(2)
+    ]
+
+    async def scenario() -> int:
+        db = Database(settings)
+        await db.open()
+        try:
+            written = await PredictionLog(db, Spool(tmp_path), settings).write(rows[:1])
+            async with db.connection(5) as conn:  # as a job stores its row
+                await conn.execute(INSERT_ONE, *to_record(rows[1]))
+            return written
+        finally:
+            await db.close()
+
+    assert postgres.run(scenario()) == 1
+    stored = postgres.query(
+        db_url,
+        "SELECT client_request_id, inputs, outputs FROM podserve_prediction_log "
+        "WHERE client_request_id LIKE 'nul-%' ORDER BY client_request_id",
+    )
+    assert [row["client_request_id"] for row in stored] == ["nul-0\ufffd", "nul-1\ufffd"]
+    for row in stored:
+        for column in ("inputs", "outputs"):
+            assert orjson.loads(row[column])["text"]["data"] == ["a\ufffdb", "c\ufffdd"]
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A row PostgreSQL refuses for its values would fail its batch on every retry and hold
+    up every row behind it (its spool segment too): it is found by halving the batch, set
+    aside on disk, and the other rows are written."""
+    import asyncio
+
+    settings = Settings(
+        database_url=db_url,
+        spool_dir=tmp_path,
+        db_pool_min=0,
+        prediction_log_batch_rows=16,
+        prediction_log_flush_ms=20,
+    )
+    rows = _rows("refused-", 40)
+    bad = rows[5]
+    bad[6] = "{not json"  # outputs: the jsonb column refuses it (a DataError)
+
+    async def scenario() -> tuple[int, int, int]:
+        db = Database(settings)
+        await db.open()
+        plog = PredictionLog(db, Spool(tmp_path), settings)
+        await plog.start()
+        try:
+            for row in rows[:20]:
+                plog.append(row)
+            await asyncio.to_thread(plog.spool.write, rows[20:])  # and a segment to replay
+            plog._spool_pending = True
+            for _ in range(200):
+                if plog.rows_written + plog.rows_rejected >= 40:
+                    break
+                await asyncio.sleep(0.05)
+            return plog.rows_written, plog.rows_rejected, plog.failures
+        finally:
+            await plog.close()
+            await db.close()
+
+    written, rejected, failures = postgres.run(scenario())
+    assert (written, rejected, failures) == (39, 1, 0)
+    assert _count(db_url, "refused-") == 39
+    [aside] = tmp_path.glob("*.rejected")
+    kept = orjson.loads(aside.read_bytes())
+    assert kept["rows"] == [bad] and "json" in kept["error"].lower()
+    assert not list(tmp_path.glob("*.seg"))  # the segment was replayed, not kept forever
+
+
+def test_spool_bytes_follow_the_directory_not_the_worker_that_spilled(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Workers share the spool: a segment one spilled and another replayed must not keep the
+    first one's podserve_prediction_log_spool_bytes above zero (a spooling alert forever)."""
+    settings = Settings(database_url=db_url, spool_dir=tmp_path, db_pool_min=0)
+    other = Spool(tmp_path)
+    other.open()
+
+    async def scenario() -> tuple[int, int]:
+        db = Database(settings)
+        await db.open()
+        plog = PredictionLog(db, Spool(tmp_path), settings)
+        try:
+            plog.spool.open()
+            plog.spool.write(_rows("gauge-", 3))  # this worker spilled ...
+            spilled = plog.spool_bytes
+            claimed = other.claim(other.segments()[0])  # ... another one replayed it
+            assert claimed is not None
+            claimed.read()
+            claimed.remove()
+            claimed.close()
+            await plog._replay_spool()  # this worker's next pass finds nothing to replay
+            return spilled, plog.spool_bytes
+        finally:
+            await db.close()
+
+    spilled, after = postgres.run(scenario())
+    assert spilled > 0 and after == 0

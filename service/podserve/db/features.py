@@ -56,7 +56,14 @@ def entity_lookup(doc: Any, has_inputs: bool) -> EntityLookup | None:
     feature_set = doc.get("feature_set")
     if feature_set is not None and (not isinstance(feature_set, str) or not feature_set):
         raise BadRequest("'feature_set' must be a non-empty string")
-    return EntityLookup([str(i) for i in ids], feature_set)
+    entity_ids = [str(i) for i in ids]
+    # PostgreSQL text cannot hold U+0000: no stored id or set has one, and the driver would
+    # refuse the query (a 500) instead of finding nothing.
+    if feature_set is not None and "\x00" in feature_set:
+        raise BadRequest("'feature_set' must not contain the character U+0000")
+    if any("\x00" in i for i in entity_ids):
+        raise BadRequest("'entity_ids' must not contain the character U+0000")
+    return EntityLookup(entity_ids, feature_set)
 
 
 def feature_input(model: OnnxModel) -> TensorSpec:

@@ -34,6 +34,9 @@ ON CONFLICT (name) DO UPDATE SET columns = EXCLUDED.columns, updated_at = now()
 """
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class FeatureFileError(ValueError):
     pass
 
@@ -96,6 +99,10 @@ def _csv_record(row: list[str], id_index: int, width: int, path: Path, line: int
         raise FeatureFileError(f"{path}:{line}: {exc}") from None
     if not all(math.isfinite(v) for v in values):
         raise FeatureFileError(f"{path}:{line}: NaN or Inf value")
+    if not all(abs(v) <= FLOAT32_MAX for v in values):  # the column is real[] (float32)
+        raise FeatureFileError(
+            f"{path}:{line}: a value beyond the float32 range (±{FLOAT32_MAX:g})"
+        )
     return entity, values
 
 

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import numpy as np
 import orjson
 
@@ -86,7 +87,7 @@ def make_row(
     full = inputs_mode == "full"
     return [
         request_id,
-        client_request_id,
+        None if client_request_id is None else pg_text(client_request_id),
         model,
         version,
         orjson.dumps(_tensors_json(inputs), option=_JSON).decode() if full else None,
@@ -98,6 +99,12 @@ def make_row(
     ]
 
 
+def pg_text(text: str) -> str:
+    """Text PostgreSQL accepts: it refuses U+0000 in text and jsonb alike (one such row would
+    fail its whole batch), so it becomes U+FFFD, as undecodable bytes do."""
+    return text.replace("\x00", "\ufffd")
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 
@@ -106,9 +113,10 @@ def _tensors_json(tensors: Tensors) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, array in tensors.items():
         flat = np.ascontiguousarray(array).reshape(-1)
-        if flat.dtype.kind == "O":
+        if flat.dtype.kind in "OSU":  # BYTES: strings, or bytes decoded
             data: Any = [
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat
+                pg_text(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                for v in flat
             ]
         elif flat.dtype == np.float16:
             data = flat.astype(np.float32)
@@ -166,6 +174,7 @@ class PredictionLog:
         self.rows_duplicate = 0  # re-sent rows the database already had
         self.rows_spooled = 0
         self.rows_replayed = 0  # read back from the spool and written
+        self.rows_rejected = 0  # refused by PostgreSQL for their values: set aside on disk
         self.write_errors = 0
         self.failures = 0  # consecutive failed write attempts (0: healthy)
         self._wake = asyncio.Event()
@@ -323,7 +332,7 @@ class PredictionLog:
             batch = [self.buffer.popleft() for _ in range(count)]
             self._inflight = batch
             try:
-                await self.write(batch)
+                await self._write_or_set_aside(batch)
             except BaseException:
                 self.buffer.extendleft(reversed(batch))  # back in front, order kept
                 raise
@@ -345,6 +354,25 @@ class PredictionLog:
         self.rows_duplicate += len(rows) - inserted
         return inserted
 
+    async def _write_or_set_aside(self, rows: Sequence[Row]) -> None:
+        """`write`, but rows PostgreSQL refuses for their values (a DataError: the same rows
+        would fail forever, and hold up every row behind them) are found by halving the
+        batch and set aside on disk; the others are written."""
+        try:
+            await self.write(rows)
+        except asyncpg.DataError as exc:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                await self._write_or_set_aside(rows[:half])
+                await self._write_or_set_aside(rows[half:])
+                return
+            await asyncio.to_thread(self.spool.set_aside, list(rows), repr(exc))
+            self.rows_rejected += 1
+            log.error(
+                "prediction-log row refused by the database; set aside in the spool directory",
+                extra={"request_id": rows[0][0], "error": repr(exc)},
+            )
+
     async def _replay_spool(self) -> None:
         """Oldest segment first. A spill during the replay sets the flag again."""
         self._spool_pending = False
@@ -355,6 +383,7 @@ class PredictionLog:
         except BaseException:
             self._spool_pending = True
             raise
+        await asyncio.to_thread(self.spool.measure)  # the gauge: what is on disk now
 
     async def _replay_segment(self, path: Path) -> None:
         claimed = await asyncio.to_thread(self.spool.claim, path)
@@ -363,7 +392,7 @@ class PredictionLog:
         try:
             rows = await asyncio.to_thread(claimed.read)
             for chunk in _chunks(rows, self.batch_rows):
-                await self.write(chunk)
+                await self._write_or_set_aside(chunk)
             await asyncio.to_thread(claimed.remove)
             self.rows_replayed += len(rows)
             log.info(

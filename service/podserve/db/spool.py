@@ -5,6 +5,10 @@ names sort in spill order. A segment holds records `PSL1 | u32 length | u32 crc3
 (payload: a JSON list of rows). It is written to a hidden temp file, fsync'd, renamed into
 place and the directory fsync'd: a segment that is visible is complete.
 
+Rows PostgreSQL refuses for their values (not for its state) are set aside in
+`<time_ns>-<pid>-<seq>.rejected` files (JSON: the error and the rows), never replayed: kept
+for an operator, so that one such row cannot hold up every row behind it.
+
 Several workers share the directory. Replay takes an exclusive `flock` on the segment and
 checks it is still linked; the kernel drops the lock of a dead process, so segments of a
 killed worker are replayed by whoever starts next. Replaying a segment twice is harmless:
@@ -15,6 +19,7 @@ All methods block (file I/O and fsync): call them through asyncio.to_thread.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"PSL1"
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 SUFFIX = ".seg"
+REJECTED_SUFFIX = ".rejected"
 
 
 class Spool:
@@ -43,7 +49,7 @@ class Spool:
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.bytes = sum(path.stat().st_size for path in self.segments())
+        self.measure()
 
     def segments(self) -> list[Path]:
         """Complete segments, oldest first."""
@@ -53,15 +59,36 @@ class Spool:
             return []
         return [self.directory / name for name in names]
 
+    def measure(self) -> int:
+        """Bytes in the directory's segments now, whoever spooled them: a segment another
+        worker replays leaves no count behind in the worker that spilled it."""
+        total = 0
+        for path in self.segments():
+            with contextlib.suppress(FileNotFoundError):  # replayed meanwhile
+                total += path.stat().st_size
+        self.bytes = total
+        return total
+
     def write(self, rows: list[Any]) -> Path:
         payload = orjson.dumps(rows)
         record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-        name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):06d}{SUFFIX}"
+        final = self._write_file(record, SUFFIX)
+        self.measure()
+        self.segments_written += 1
+        return final
+
+    def set_aside(self, rows: list[Any], error: str) -> Path:
+        """Rows the database refuses for their values, kept for an operator (never replayed)."""
+        return self._write_file(orjson.dumps({"error": error, "rows": rows}), REJECTED_SUFFIX)
+
+    def _write_file(self, content: bytes, suffix: str) -> Path:
+        """Durably: a temp file, fsync'd, renamed into place, the directory fsync'd."""
+        name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):06d}{suffix}"
         final = self.directory / name
         temp = self.directory / f".{name}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(record)
+            view = memoryview(content)
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
@@ -69,8 +96,6 @@ class Spool:
             os.close(fd)
         os.rename(temp, final)
         _fsync_dir(self.directory)
-        self.bytes += len(record)
-        self.segments_written += 1
         return final
 
     def claim(self, path: Path) -> ClaimedSegment | None:
