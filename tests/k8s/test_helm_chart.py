@@ -17,8 +17,12 @@ from k8s_support import (
     VALUE_SETS,
     Obj,
     helm_template,
+    helm_template_text,
     ident,
     k8s_versions,
+    parse_cpu,
+    parse_memory,
+    pod_spec,
     run,
     schema_errors,
 )
@@ -43,6 +47,23 @@ def server_container(objs: list[Obj]) -> Obj:
 
 def env_map(container: Obj) -> dict[str, Obj]:
     return {e["name"]: e for e in container["env"]}
+
+
+def values_file(tmp_path: Path, values: dict[str, Any]) -> Path:
+    """A -f values file: its numbers reach the templates as float64, unlike --set's int64."""
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def helm_fails(helm: str, sets: tuple[str, ...]) -> str:
+    """stderr of a `helm template` that must fail."""
+    cmd = [helm, "template", "podserve", str(CHART)]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = run(cmd)
+    assert proc.returncode != 0, f"{sets} rendered"
+    return proc.stderr
 
 
 def test_helm_is_v3(helm: str) -> None:
@@ -160,6 +181,72 @@ def test_recycling_settings_reach_the_pod(helm: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True  # the rest of it unchanged
 
 
+def test_large_integers_from_a_values_file_stay_decimal(
+    helm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A values file's 1000000 is a float64 that templates print as "1e+06": the server's
+    settings (and Kubernetes' integer fields) reject it, so every pod would crash-loop."""
+    from podserve.settings import Settings  # the server's own parser
+
+    uid = 1000680000  # an OpenShift namespace's UID range
+    path = values_file(
+        tmp_path,
+        {
+            "replicaCount": 1000000,
+            "autoscaling": {"enabled": False},
+            "server": {"maxRequests": 1000000, "workerTimeoutSeconds": 1000000},
+            "inference": {
+                "maxQueueRows": 1048576,
+                "maxRowsPerRequest": 2000000,
+                "maxBodyBytes": 104857600,
+                "requestTimeoutMs": 1500000,
+                "maxBatchDelayMs": 2.5,
+            },
+            "podSecurity": {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid},
+            "database": {"enabled": True, "existingSecret": "db"},
+            "migrations": {"activeDeadlineSeconds": 1000000},
+            "locust": {"enabled": True, "users": 1000000},
+        },
+    )
+    text = helm_template_text(helm, (str(path),), ())
+    assert "e+" not in text, [line for line in text.splitlines() if "e+" in line]
+    objs = helm_template(helm, path)
+    config = one(objs, "ConfigMap", "podserve")["data"]
+    assert config["PODSERVE_MAX_REQUESTS"] == "1000000"
+    assert config["PODSERVE_MAX_QUEUE_ROWS"] == "1048576"
+    assert config["PODSERVE_MAX_ROWS_PER_REQUEST"] == "2000000"
+    assert config["PODSERVE_MAX_BODY_BYTES"] == "104857600"
+    assert config["PODSERVE_REQUEST_TIMEOUT_MS"] == "1500000"
+    assert config["PODSERVE_WORKER_TIMEOUT_S"] == "1000000"
+    assert config["PODSERVE_MAX_BATCH_DELAY_MS"] == "2.5"  # fractions stay as they are
+    server_env = {k: v["value"] for k, v in env_map(server_container(objs)).items() if "value" in v}
+    for name, value in {**config, **server_env}.items():
+        if name.startswith("PODSERVE_"):
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert (settings.max_requests, settings.max_queue_rows) == (1000000, 1048576)
+    for obj in objs:
+        spec = pod_spec(obj)
+        if spec is not None:
+            ids = {k: spec["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")}
+            assert ids == {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}, ident(obj)
+    assert one(objs, "Deployment", "podserve")["spec"]["replicas"] == 1000000
+    assert one(objs, "Job", "podserve-migrate")["spec"]["activeDeadlineSeconds"] == 1000000
+    master = one(objs, "Deployment", "podserve-locust-master")
+    assert "--users=1000000" in master["spec"]["template"]["spec"]["containers"][0]["args"]
+    errors = [err for obj in objs for err in schema_errors(obj)]
+    assert not errors, "\n".join(errors)
+
+
+def test_numeric_image_tag_keeps_its_digits(helm: str, tmp_path: Path) -> None:
+    """An unquoted tag of digits is a number (float64 from a file, int64 from --set)."""
+    for objs in (
+        helm_template(helm, values_file(tmp_path, {"image": {"tag": 20240501}})),
+        helm_template(helm, sets=("image.tag=20240501",)),
+    ):
+        assert server_container(objs)["image"] == "podserve:20240501"
+
+
 def test_probes_use_health_endpoints(helm: str) -> None:
     server = server_container(helm_template(helm))
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -195,6 +282,69 @@ def test_workers_and_memory_follow_cpu_limit(
     assert server["resources"]["limits"]["memory"] == memory  # 192Mi + workers x 320Mi
 
 
+@pytest.mark.parametrize(
+    ("sets", "requests", "limits"),
+    [
+        # An empty CPU request is the limit; memorySizing's 512Mi for one worker.
+        (("resources.limits.cpu=1",), ("1", "512Mi"), ("1", "512Mi")),
+        (("resources.limits.cpu=500m",), ("500m", "512Mi"), ("500m", "512Mi")),
+        # The computed request (832Mi) is capped at a smaller limit, in any unit.
+        (("resources.limits.memory=512Mi",), ("2", "512Mi"), ("2", "512Mi")),
+        (("resources.limits.memory=0.5Gi",), ("2", "0.5Gi"), ("2", "0.5Gi")),
+        (("resources.limits.memory=800M",), ("2", "800M"), ("2", "800M")),
+        (("resources.limits.memory=1G",), ("2", "832Mi"), ("2", "1G")),  # 1G > 832Mi
+        # The computed limit is raised to a larger request.
+        (("resources.requests.memory=2Gi",), ("2", "2Gi"), ("2", "2Gi")),
+        (("resources.requests.memory=512Mi",), ("2", "512Mi"), ("2", "832Mi")),
+        # Requests the user set, equal to or below the limits, are kept as written.
+        (
+            ("resources.requests.cpu=250m", "resources.limits.cpu=1"),
+            ("250m", "512Mi"),
+            ("1", "512Mi"),
+        ),
+        (
+            ("resources.requests.cpu=1.5", "resources.limits.cpu=1500m"),
+            ("1.5", "832Mi"),
+            ("1500m", "832Mi"),
+        ),
+        (
+            ("resources.requests.memory=1G", "resources.limits.memory=1Gi"),
+            ("2", "1G"),
+            ("2", "1Gi"),
+        ),
+    ],
+)
+def test_requests_never_exceed_limits(
+    helm: str, sets: tuple[str, ...], requests: tuple[str, str], limits: tuple[str, str]
+) -> None:
+    """The API server rejects a request above its limit ("must be less than or equal to")."""
+    res = server_container(helm_template(helm, sets=sets))["resources"]
+    assert (res["requests"]["cpu"], res["requests"]["memory"]) == requests
+    assert (res["limits"]["cpu"], res["limits"]["memory"]) == limits
+    assert parse_cpu(res["requests"]["cpu"]) <= parse_cpu(res["limits"]["cpu"])
+    assert parse_memory(res["requests"]["memory"]) <= parse_memory(res["limits"]["memory"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("resources.limits.cpu=1", "resources.requests.cpu=2"), "resources.requests.cpu (2)"),
+        (("resources.limits.cpu=1500m", "resources.requests.cpu=1.6"), "(1.6) must not exceed"),
+        (("resources.limits.cpu=1.5", "resources.requests.cpu=1501m"), "(1501m) must not exceed"),
+        (
+            ("resources.limits.memory=1000Mi", "resources.requests.memory=1Gi"),
+            "resources.requests.memory (1Gi) must not exceed resources.limits.memory (1000Mi)",
+        ),
+        (
+            ("resources.limits.memory=1G", "resources.requests.memory=1.5G"),
+            "resources.requests.memory (1.5G) must not exceed",
+        ),
+    ],
+)
+def test_request_set_above_its_limit_fails(helm: str, sets: tuple[str, ...], message: str) -> None:
+    assert message in helm_fails(helm, sets)
+
+
 def test_custom_metric_hpa(helm: str) -> None:
     objs = helm_template(helm, VALUE_SETS["custom-metric-hpa"])
     hpa = one(objs, "HorizontalPodAutoscaler", "podserve")
@@ -221,6 +371,53 @@ def test_keda_replaces_hpa(helm: str) -> None:
     assert trigger["metadata"]["threshold"] == "32"
     assert "behavior" in scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
     assert env_map(server_container(objs))["PODSERVE_WORKERS"]["value"] == "2"  # ceil(1500m)
+
+
+KEDA_CUSTOM = ("autoscaling.engine=keda", "autoscaling.customMetric.enabled=true")
+
+
+@pytest.mark.parametrize(
+    ("target", "threshold"),
+    [("500m", "0.5"), ("1500m", "1.5"), ("2.5m", "0.0025"), ("8", "8"), ("2.5", "2.5")],
+)
+def test_keda_threshold_is_a_plain_number(helm: str, target: str, threshold: str) -> None:
+    """KEDA's Prometheus scaler parses the threshold as a float: "500m" fails there."""
+    sets = (*KEDA_CUSTOM, f"autoscaling.customMetric.inflightTarget={target}")
+    scaled = one(helm_template(helm, sets=sets), "ScaledObject", "podserve")
+    (trigger,) = scaled["spec"]["triggers"][1:]
+    assert trigger["metadata"]["threshold"] == threshold
+    # The HPA's averageValue is a quantity: the millivalue stays.
+    hpa_sets = ("autoscaling.customMetric.enabled=true", sets[-1])
+    hpa = one(helm_template(helm, sets=hpa_sets), "HorizontalPodAutoscaler", "podserve")
+    assert hpa["spec"]["metrics"][1]["pods"]["target"]["averageValue"] == target
+
+
+def k8s_pod_name(deployment: str, template_hash: str, suffix: str = "x7k2q") -> str:
+    """A Deployment's pod name as Kubernetes makes it: its ReplicaSet <deployment>-<hash>, plus
+    "-", cut to 58 characters by the API server's name generator, plus 5 random characters."""
+    return f"{deployment}-{template_hash}-"[:58] + suffix
+
+
+@pytest.mark.parametrize("fullname", ["podserve", "p" * 47, "p" * 52, "p" * 57, "p" * 63])
+def test_keda_query_sums_only_this_deployments_pods(helm: str, fullname: str) -> None:
+    sets = KEDA_CUSTOM + (() if fullname == "podserve" else (f"fullnameOverride={fullname}",))
+    scaled = one(helm_template(helm, sets=sets), "ScaledObject", fullname)
+    query = scaled["spec"]["triggers"][1]["metadata"]["query"]
+    assert query.startswith('sum(podserve_inflight_requests{namespace="podserve",pod=~"'), query
+    quoted = re.search(r'pod=~("(?:[^"\\]|\\.)*")', query)
+    assert quoted, query
+    pattern = re.compile(json.loads(quoted[1]))  # PromQL anchors the regex: fullmatch
+    # pod-template-hash: 1 to 10 characters of Kubernetes' vowel-free alphabet.
+    hashes = ["6b7c9d5f48", "5d8f9c7b4", "b"]
+    for template_hash in hashes:
+        name = k8s_pod_name(fullname, template_hash)
+        assert pattern.fullmatch(name), (name, pattern.pattern)
+    others = [f"{fullname}-canary", f"{fullname}-v2", f"{fullname}-locust-master"]
+    if len(fullname) < 57:  # else all are cut to "<fullname>-": no name tells them apart
+        for deployment in others:
+            for template_hash in hashes:
+                name = k8s_pod_name(deployment, template_hash)
+                assert not pattern.fullmatch(name), (name, pattern.pattern)
 
 
 def test_tracing_goes_through_collector_to_jaeger(helm: str) -> None:
@@ -292,6 +489,27 @@ def test_ingress_and_network_policy(helm: str) -> None:
     deploy = one(objs, "Deployment", "podserve")
     assert deploy["spec"]["replicas"] == 3
     assert env_map(server_container(objs))["PODSERVE_WORKERS"]["value"] == "4"
+
+
+@pytest.mark.parametrize(
+    ("sets", "ports"),
+    [
+        (("tracing.endpoint=https://otlp.example.com",), {443}),
+        (("tracing.endpoint=http://collector.observability",), {80}),
+        (("tracing.endpoint=https://otlp.example.com:4443/otlp",), {4443}),
+        (("tracing.endpoint=http://otel-collector.observability:4318",), {4318}),
+        (("otelCollector.enabled=true",), {4318}),  # the bundled collector
+        # No endpoint: the SDK's default, localhost:4318, which no NetworkPolicy filters.
+        ((), set()),
+    ],
+)
+def test_network_policy_opens_the_otlp_endpoint_port(
+    helm: str, sets: tuple[str, ...], ports: set[int]
+) -> None:
+    sets = ("networkPolicy.enabled=true", "tracing.enabled=true", *sets)
+    policy = one(helm_template(helm, sets=sets), "NetworkPolicy", "podserve")
+    egress = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} - {53}
+    assert egress == ports
 
 
 def test_locust_targets_service(helm: str) -> None:

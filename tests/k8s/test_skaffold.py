@@ -55,12 +55,12 @@ def set_args(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def render(helm: str, cfg: dict[str, Any]) -> list[Obj]:
+def render(helm: str, cfg: dict[str, Any], image: dict[str, str] = IMAGE) -> list[Obj]:
     release = cfg["deploy"]["helm"]["releases"][0]
     sets = [f"{k}={set_args(v)}" for k, v in release.get("setValues", {}).items()]
     for key, template in release["setValueTemplates"].items():
         value = template
-        for var, sub in IMAGE.items():
+        for var, sub in image.items():
             value = value.replace("{{." + var + "}}", sub)
         assert "{{" not in value, f"unknown template in {template}"
         sets.append(f"{key}={value}")
@@ -103,6 +103,17 @@ def test_image_set_through_value_templates(helm: str) -> None:
         deploy["spec"]["template"]["spec"]["containers"][0]["image"]
         == "localhost:5001/podserve:3f2a9c1"
     )
+
+
+def test_commit_hash_of_digits_is_a_valid_tag(helm: str) -> None:
+    """A short hash made only of digits reaches `--set` as an integer: the schema must take it,
+    and the image reference must keep every digit."""
+    image = {**IMAGE, "IMAGE_TAG_podserve": "1234567"}
+    deploy = next(o for o in render(helm, config(), image) if o["kind"] == "Deployment")
+    (server,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == "localhost:5001/podserve:1234567"
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert "service.version=1234567" in env["OTEL_RESOURCE_ATTRIBUTES"]
 
 
 @pytest.mark.parametrize("name", ["default", "dev", "loadtest"])

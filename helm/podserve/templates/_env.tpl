@@ -33,16 +33,16 @@ graceful timeout vs grace period, paths vs mounts) are set here, not in the Conf
 - name: PODSERVE_HOST
   value: "0.0.0.0"
 - name: PODSERVE_PORT
-  value: {{ .Values.server.port | quote }}
+  value: {{ .Values.server.port | int64 | quote }}
 # ceil(limits.cpu): one Gunicorn worker per CPU of quota.
 - name: PODSERVE_WORKERS
   value: {{ include "podserve.workers" . | quote }}
 - name: PODSERVE_GRACEFUL_TIMEOUT_S
-  value: {{ .Values.server.gracefulTimeoutSeconds | quote }}
+  value: {{ include "podserve.number" .Values.server.gracefulTimeoutSeconds | quote }}
 - name: PODSERVE_POOL_THREADS
-  value: {{ .Values.inference.poolThreads | quote }}
+  value: {{ .Values.inference.poolThreads | int64 | quote }}
 - name: PODSERVE_ORT_INTRA_OP_THREADS
-  value: {{ .Values.inference.ortIntraOpThreads | quote }}
+  value: {{ .Values.inference.ortIntraOpThreads | int64 | quote }}
 - name: PODSERVE_MODEL_REPOSITORY
   value: {{ .Values.modelRepository.path | quote }}
 - name: PODSERVE_SPOOL_DIR
@@ -86,7 +86,7 @@ graceful timeout vs grace period, paths vs mounts) are set here, not in the Conf
 - name: OTEL_TRACES_SAMPLER_ARG
   value: {{ .Values.tracing.samplerArg | quote }}
 {{- end }}
-{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.node.name=$(NODE_NAME)" (printf "service.version=%s" (default .Chart.AppVersion .Values.image.tag)) }}
+{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.node.name=$(NODE_NAME)" (printf "service.version=%s" (include "podserve.imageTag" .)) }}
 {{- range $k, $v := .Values.tracing.resourceAttributes }}
 {{- $attrs = append $attrs (printf "%s=%s" $k $v) }}
 {{- end }}

@@ -52,13 +52,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+Server image tag: image.tag, else the chart's appVersion. `--set image.tag=1234567` (a short
+commit hash of digits, as skaffold passes it) arrives as a number.
+*/}}
+{{- define "podserve.imageTag" -}}
+{{- if kindIs "string" .Values.image.tag }}
+{{- default .Chart.AppVersion .Values.image.tag }}
+{{- else }}
+{{- .Values.image.tag | int64 }}
+{{- end }}
+{{- end }}
+
 {{/* Server image: repository:tag, or repository@digest when a digest is given. */}}
 {{- define "podserve.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" .Values.image.repository (include "podserve.imageTag" .) }}
 {{- end }}
 {{- end }}
 
@@ -88,15 +99,62 @@ reliably on both cgroup v1 and v2. Accepts "2", 2, 1.5, "1500m".
 {{- printf "%dMi" (add .Values.memorySizing.baseMi (mul $workers .Values.memorySizing.perWorkerMi)) }}
 {{- end }}
 
-{{/* Resources of the server container with memory filled in. */}}
+{{/* Millicores of a CPU quantity (2, "1.5", "1500m"). */}}
+{{- define "podserve.cpuUnits" -}}
+{{- $cpu := toString . }}
+{{- if hasSuffix "m" $cpu }}{{ trimSuffix "m" $cpu }}{{ else }}{{ mulf $cpu 1000 }}{{ end }}
+{{- end }}
+
+{{/* Bytes of a memory quantity, in every unit the schema allows ("512Mi", "1.5Gi", "1G", "1000"). */}}
+{{- define "podserve.memoryUnits" -}}
+{{- $unit := regexFind "[A-Za-z]+$" . }}
+{{- $bytes := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- mulf (trimSuffix $unit .) (get $bytes $unit) }}
+{{- end }}
+
+{{/* "true" when quantity a is above quantity b: call with (list "cpu"|"memory" a b). */}}
+{{- define "podserve.exceeds" -}}
+{{- $units := printf "podserve.%sUnits" (index . 0) }}
+{{- if gt (float64 (include $units (index . 1))) (float64 (include $units (index . 2))) }}true{{ end }}
+{{- end }}
+
+{{/*
+Resources of the server container. An empty CPU request is the limit (Guaranteed QoS); empty
+memory is memorySizing's, yet never a request above the limit or a limit below the request that
+the user set: the API server rejects a request above its limit.
+*/}}
 {{- define "podserve.resources" -}}
-{{- $mem := include "podserve.memory" . -}}
+{{- $res := .Values.resources }}
+{{- $mem := include "podserve.memory" . }}
+{{- $limitMem := $res.limits.memory }}
+{{- if not $limitMem }}
+{{- $limitMem = $mem }}
+{{- if and $res.requests.memory (include "podserve.exceeds" (list "memory" $res.requests.memory $mem)) }}
+{{- $limitMem = $res.requests.memory }}
+{{- end }}
+{{- end }}
+{{- $requestMem := $res.requests.memory }}
+{{- if not $requestMem }}
+{{- $requestMem = $mem }}
+{{- if include "podserve.exceeds" (list "memory" $mem $limitMem) }}
+{{- $requestMem = $limitMem }}
+{{- end }}
+{{- end -}}
 requests:
-  cpu: {{ .Values.resources.requests.cpu | quote }}
-  memory: {{ default $mem .Values.resources.requests.memory | quote }}
+  cpu: {{ default $res.limits.cpu $res.requests.cpu | quote }}
+  memory: {{ $requestMem | quote }}
 limits:
-  cpu: {{ .Values.resources.limits.cpu | quote }}
-  memory: {{ default $mem .Values.resources.limits.memory | quote }}
+  cpu: {{ $res.limits.cpu | quote }}
+  memory: {{ $limitMem | quote }}
+{{- end }}
+
+{{/*
+A number in plain decimal (2, 0.5, "25%" as is). Values files give float64, which templates
+print as "1e+06": the server's integer settings and Kubernetes' integer fields reject that.
+Integer-only values use `| int64` instead.
+*/}}
+{{- define "podserve.number" -}}
+{{- if and (not (kindIs "string" .)) (eq (float64 .) (floor .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 
 {{- define "podserve.terminationGracePeriodSeconds" -}}
@@ -106,9 +164,9 @@ limits:
 {{/* Pod-level security context shared by every pod of the chart. */}}
 {{- define "podserve.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: {{ .Values.podSecurity.runAsUser }}
-runAsGroup: {{ .Values.podSecurity.runAsGroup }}
-fsGroup: {{ .Values.podSecurity.fsGroup }}
+runAsUser: {{ .Values.podSecurity.runAsUser | int64 }}
+runAsGroup: {{ .Values.podSecurity.runAsGroup | int64 }}
+fsGroup: {{ .Values.podSecurity.fsGroup | int64 }}
 fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
@@ -129,7 +187,7 @@ seccompProfile:
 
 {{/* In-cluster URL of the podserve Service. */}}
 {{- define "podserve.serviceUrl" -}}
-{{- printf "http://%s:%v" (include "podserve.fullname" .) .Values.service.port }}
+{{- printf "http://%s:%d" (include "podserve.fullname" .) (.Values.service.port | int64) }}
 {{- end }}
 
 {{/* OTLP/HTTP endpoint: explicit, else the bundled collector, else the bundled Jaeger. */}}
@@ -143,13 +201,33 @@ seccompProfile:
 {{- end }}
 {{- end }}
 
+{{/*
+RE2 that matches the server Deployment's pod names only: <fullname>-<pod-template-hash, 1 to 10
+characters>-<5 random characters>, both from Kubernetes' vowel-free alphabet, where the API server
+cuts what precedes the random part to 58 characters. A prefix match would also take the pods of
+a Deployment "<fullname>-canary".
+*/}}
+{{- define "podserve.podNamePattern" -}}
+{{- $c := "[bcdfghjklmnpqrstvwxz2456789]" }}
+{{- $prefix := printf "%s-" (include "podserve.fullname" .) }}
+{{- $room := sub 58 (len $prefix) }}
+{{- if gt $room 10 }}
+{{- printf "%s%s{1,10}-%s{5}" (regexQuoteMeta $prefix) $c $c }}
+{{- else if gt $room 1 }}
+{{- printf "%s(?:%s{1,%d}-|%s{%d})%s{5}" (regexQuoteMeta $prefix) $c (sub $room 1) $c $room $c }}
+{{- else }}
+{{- printf "%s%s{%d}" (regexQuoteMeta (trunc 58 $prefix)) $c (add 5 (max $room 0)) }}
+{{- end }}
+{{- end }}
+
 {{/* The per-pod metric the custom-metric autoscaling uses. */}}
 {{- define "podserve.customMetricName" -}}
 {{- if eq .Values.autoscaling.customMetric.type "queue" }}podserve_queue_rows{{ else }}podserve_inflight_requests{{ end }}
 {{- end }}
 
 {{- define "podserve.customMetricTarget" -}}
-{{- if eq .Values.autoscaling.customMetric.type "queue" }}{{ .Values.autoscaling.customMetric.queueTarget }}{{ else }}{{ .Values.autoscaling.customMetric.inflightTarget }}{{ end }}
+{{- $metric := .Values.autoscaling.customMetric }}
+{{- include "podserve.number" (ternary $metric.queueTarget $metric.inflightTarget (eq $metric.type "queue")) }}
 {{- end }}
 
 {{/* Cross-field checks the JSON schema cannot express clearly. */}}
@@ -162,6 +240,13 @@ seccompProfile:
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
+{{- end }}
+{{- $res := .Values.resources }}
+{{- if and $res.requests.cpu (include "podserve.exceeds" (list "cpu" $res.requests.cpu $res.limits.cpu)) }}
+{{- fail (printf "resources.requests.cpu (%v) must not exceed resources.limits.cpu (%v): the API server rejects it" $res.requests.cpu $res.limits.cpu) }}
+{{- end }}
+{{- if and $res.requests.memory $res.limits.memory (include "podserve.exceeds" (list "memory" $res.requests.memory $res.limits.memory)) }}
+{{- fail (printf "resources.requests.memory (%s) must not exceed resources.limits.memory (%s): the API server rejects it" $res.requests.memory $res.limits.memory) }}
 {{- end }}
 {{- if and .Values.autoscaling.customMetric.enabled (not .Values.metrics.enabled) }}
 {{- fail "autoscaling.customMetric.enabled needs metrics.enabled" }}
