@@ -109,6 +109,20 @@ class ServerProcess:
         )
         return [int(pid) for pid in out.stdout.split()]
 
+    def client_per_worker(self) -> list[httpx.Client]:
+        """One keep-alive client connected to each worker (the caller closes them)."""
+        clients: dict[str, httpx.Client] = {}
+        deadline = time.monotonic() + 20
+        while len(clients) < self.workers and time.monotonic() < deadline:
+            http = httpx.Client(base_url=self.url, timeout=10)
+            worker = http.get("/v2/health/live").headers["x-podserve-worker"]
+            if worker in clients:
+                http.close()
+            else:
+                clients[worker] = http
+        assert len(clients) == self.workers, f"reached workers {sorted(clients)}"
+        return list(clients.values())
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

@@ -140,6 +140,21 @@ def test_a_change_reaches_every_worker(log_server: ServerProcess) -> None:
     assert all(s == expected for s in _settings_per_worker(log_server).values())
 
 
+def test_changes_on_two_workers_at_once_both_hold(log_server: ServerProcess) -> None:
+    """Each worker changes the pod's current settings, not its own copy of them, which may
+    not have followed the other's change yet (it follows every half second)."""
+    first, second = log_server.client_per_worker()
+    try:
+        assert first.post("/v2/logging", json={"access_log": True}).status_code == 200
+        assert second.post("/v2/logging", json={"log_verbose_level": 1}).status_code == 200
+    finally:
+        first.close()
+        second.close()
+    expected = {**DEFAULTS, "access_log": True, "log_verbose_level": 1}
+    seen = _wait_for_pod(log_server, expected)
+    assert all(s == expected for s in seen.values()), seen
+
+
 def test_access_log_on_an_open_connection(log_server: ServerProcess) -> None:
     """The switch holds for keep-alive connections opened before it was turned on."""
     with httpx.Client(base_url=log_server.url, timeout=10) as http:

@@ -147,6 +147,8 @@ def test_a_refused_request_counts_as_a_failure(
     stats_server: ServerProcess, triton_client: triton.InferenceServerClient
 ) -> None:
     before = _tabular(triton_client)
+    wrong_method = httpx.get(f"{stats_server.url}/v2/models/tabular/infer", timeout=10)
+    assert wrong_method.status_code == 405  # no inference request: not a failure either
     bad = {"inputs": [{"name": "input", "shape": [1, 29], "datatype": "FP32", "data": [0] * 29}]}
     response = httpx.post(f"{stats_server.url}/v2/models/tabular/infer", json=bad, timeout=10)
     assert response.status_code == 400, response.text
@@ -154,6 +156,8 @@ def test_a_refused_request_counts_as_a_failure(
     while (fail := _delta(_tabular(triton_client), before, "fail"))["count"] < 1:
         assert time.monotonic() < deadline, "the 400 never reached the statistics"
         time.sleep(0.2)
+    time.sleep(1.5)  # every worker's samples of both requests are in (flushed each second)
+    fail = _delta(_tabular(triton_client), before, "fail")
     assert fail["count"] == 1 and fail["ns"] > 0
     assert _delta(_tabular(triton_client), before, "success")["count"] == 0
 

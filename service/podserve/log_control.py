@@ -129,15 +129,25 @@ def apply(settings: LogSettings) -> None:
     _applied = settings
 
 
+def _decode(values: tuple[int, ...]) -> LogSettings:
+    return LogSettings(values[0], bool(values[1]))
+
+
+def _encode(settings: LogSettings) -> tuple[int, ...]:
+    return settings.level, int(settings.access_log)
+
+
 def _apply_shared(values: tuple[int, ...]) -> None:
-    apply(LogSettings(values[0], bool(values[1])))
+    apply(_decode(values))
 
 
 POD_SETTING = pod_settings.register("log-settings", 2, _apply_shared)
 
 
 def change(request: Any) -> LogSettings:
-    """A POST body: validate, apply here at once, publish to the pod's other workers."""
-    settings = _applied.updated(request)
-    POD_SETTING.publish((settings.level, int(settings.access_log)))
-    return settings
+    """A POST body: validate, apply here at once, publish to the pod's other workers. The
+    fields it names change the pod's current settings, read under the lock: this worker's
+    copy may not have followed another worker's change yet."""
+    _applied.updated(request)  # validate first: a bad change stores nothing
+    POD_SETTING.edit(lambda values: _encode(_decode(values).updated(request)), _encode(_applied))
+    return _applied

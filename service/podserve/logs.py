@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -41,7 +42,19 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # lone surrogates (undecodable file names), ints past 64 bits, non-str
+            return json.dumps(_plain(entry), default=str)  # keys: still one JSON line
+
+
+def _plain(value: Any) -> Any:
+    """Dict keys as strings, all the way down (the standard encoder takes the rest)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def configure_logging(level: str = "info", access_log: bool = False) -> None:
@@ -51,6 +64,7 @@ def configure_logging(level: str = "info", access_log: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python's warnings as JSON lines too, not bare stderr text
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

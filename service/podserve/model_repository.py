@@ -63,7 +63,7 @@ class ModelRepository:
 
 def _version_dirs(model_dir: Path) -> list[Path]:
     return sorted(
-        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()),
         key=lambda p: int(p.name),
     )
 

@@ -113,7 +113,7 @@ def _requests(totals: Totals, sample: Sample) -> None:
         return
     if status == "200":
         totals[model].success.add(sample)
-    elif int(status) >= 400:
+    elif int(status) >= 400 and status != "405":  # a wrong method is no inference request
         totals[model].fail.add(sample)
 
 

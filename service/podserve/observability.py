@@ -100,11 +100,13 @@ class Observability:
 
     def _observe_batch(self, record: BatchRecord) -> None:
         assert self.metrics is not None
-        rows = sum(item.rows for item in record.requests)
         result = record.result
-        stages = None  # in the order of metrics.BATCH_STAGES
-        if result is not None and record.error is None:
-            stages = (result.preprocess_s, result.infer_s, result.postprocess_s)
+        if result is None or record.error is not None:
+            # Successful runs only, as Triton counts executions: a failed batch's rows are
+            # counted again when its requests are rerun alone. Its span shows the error.
+            return
+        rows = sum(item.rows for item in record.requests)
+        stages = (result.preprocess_s, result.infer_s, result.postprocess_s)  # BATCH_STAGES
         model = (record.model.name, record.model.version)
         self.metrics.observe_batch(model, rows, record.end_ns / 1e9, stages)
 

@@ -43,13 +43,18 @@ class SharedWords:
         return self.update(lambda _old: values)[0]
 
     def update(
-        self, change: Callable[[tuple[int, ...]], tuple[int, ...]]
+        self,
+        change: Callable[[tuple[int, ...]], tuple[int, ...]],
+        initial: tuple[int, ...] | None = None,
     ) -> tuple[int, tuple[int, ...]]:
         """Fields := change(fields), under the lock (a read-modify-write no other process
-        interleaves); the new generation and the fields it replaced."""
+        interleaves); the new generation and the fields it replaced. `initial`: the fields
+        to start from while nothing was ever written (the words hold zeros until then)."""
         fcntl.lockf(self._lock, fcntl.LOCK_EX)
         try:
             old = tuple(self._words[1:])
+            if initial is not None and self._words[0] == 0:
+                old = initial
             values = change(old)
             if len(values) != len(old):
                 raise ValueError(f"{len(values)} values for {len(old)} fields")
@@ -80,10 +85,16 @@ class PodSetting:
         self._apply(values)
         self.applied_generation = self.shared.write(values)
 
-    def edit(self, change: Callable[[tuple[int, ...]], tuple[int, ...]]) -> None:
+    def edit(
+        self,
+        change: Callable[[tuple[int, ...]], tuple[int, ...]],
+        initial: tuple[int, ...] | None = None,
+    ) -> None:
         """Fields := change(fields) under the lock (no other worker's change in between, as
-        a publish of whole values could overwrite), then applied here at once."""
-        self.shared.update(change)
+        a publish of whole values could overwrite: a change names some fields, and another
+        worker may have changed others within the last follow interval), then applied here
+        at once. `initial`: the start-up fields, while no change was ever made."""
+        self.shared.update(change, initial)
         self.follow()
 
     def follow(self) -> None:

@@ -33,7 +33,7 @@ def resolve_workers(settings: Settings) -> int:
     if settings.workers:
         return settings.workers
     env = os.environ.get("WEB_CONCURRENCY", "")
-    return int(env) if env.isdigit() and int(env) > 0 else default_workers()
+    return int(env) if env.isascii() and env.isdigit() and int(env) > 0 else default_workers()
 
 
 def thread_budget(settings: Settings) -> ThreadBudget:

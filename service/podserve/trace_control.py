@@ -123,9 +123,14 @@ def parse_level(value: Any) -> tuple[bool, bool]:
     return OFF not in levels, TENSORS in levels
 
 
+def _ascii_digits(text: str) -> bool:
+    """str.isdigit() alone takes "²" (which int() refuses: a 500) and "٣" (which it reads)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_rate(value: Any) -> int:
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
-    if not text.isdigit() or int(text) < 1 or int(text) > 2**31 - 1:
+    if not _ascii_digits(text) or int(text) < 1 or int(text) > 2**31 - 1:
         raise BadRequest(f"trace_rate must be a positive integer (one request in N), not {value!r}")
     return int(text)
 
@@ -133,7 +138,7 @@ def parse_rate(value: Any) -> int:
 def parse_count(value: Any) -> int:
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
     digits = text[1:] if text.startswith("-") else text
-    if not digits.isdigit() or not UNLIMITED <= int(text) <= 2**31 - 1:
+    if not _ascii_digits(digits) or not UNLIMITED <= int(text) <= 2**31 - 1:
         raise BadRequest(
             f"trace_count must be the number of traces to start, or -1 for no limit, not {value!r}"
         )
@@ -246,10 +251,18 @@ def not_set_up() -> BadRequest:
     )
 
 
+def _decode(values: tuple[int, ...]) -> TraceSettings:
+    return TraceSettings(on=bool(values[0]), rate=values[1], tensors=bool(values[2]))
+
+
+def _encode(settings: TraceSettings) -> tuple[int, ...]:
+    return int(settings.on), settings.rate, int(settings.tensors)
+
+
 def _apply_shared(values: tuple[int, ...]) -> None:
     if _State.sampler_holder is None:  # tracing is off in this process: nothing to set
         return
-    settings = TraceSettings(on=bool(values[0]), rate=values[1], tensors=bool(values[2]))
+    settings = _decode(values)
     _State.sampler_holder.set_base(settings.sampler())
     _State.applied = settings
 
@@ -267,8 +280,12 @@ def change(request: Any) -> TraceSettings:
     changes_count = count is not None and count != budget().remaining()
     if not tracing_set_up() and (settings != _State.applied or changes_count):
         raise not_set_up()
-    if settings != _State.applied:
-        POD_SETTING.publish((int(settings.on), settings.rate, int(settings.tensors)))
+    if tracing_set_up() and ("trace_level" in request or "trace_rate" in request):
+        # The fields it names change the pod's current settings, read under the lock: this
+        # worker's copy may not have followed another worker's change yet.
+        POD_SETTING.edit(
+            lambda values: _encode(_decode(values).updated(request)), _encode(_State.applied)
+        )
     if count is not None:
         budget().set(count)
-    return settings
+    return _State.applied

@@ -30,3 +30,34 @@ def test_the_access_log_is_off_by_default_and_other_logs_stay_on(
     # The same server still logs the rest, as JSON with level and pid.
     assert {"gunicorn.error", "uvicorn.error", "podserve.runtime"} <= loggers
     assert all({"ts", "level", "logger", "msg", "pid"} <= set(line) for line in lines)
+
+
+def test_records_orjson_cannot_encode_are_still_one_json_line() -> None:
+    """An undecodable file name (a lone surrogate), a 64-bit-plus int or non-str keys in a
+    record's extras made the formatter raise: logging then printed a plain-text traceback,
+    and the JSON stream lost the line (a worker's boot error said only "failed to boot")."""
+    import logging
+
+    from podserve.logs import JsonFormatter
+
+    record = logging.LogRecord("podserve.test", logging.ERROR, __file__, 1, "bad %s", ("x",), None)
+    record.path = "/models/mod\udce9le"
+    record.big = 2**70
+    record.by_key = {(1, 2): "pair", 3: "three"}
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "bad x" and entry["level"] == "error"
+    assert entry["path"] == "/models/mod\udce9le" and entry["big"] == 2**70
+    assert entry["by_key"] == {"(1, 2)": "pair", "3": "three"}
+
+
+def test_python_warnings_are_json_lines_too(server: ServerProcess, client: httpx.Client) -> None:
+    """numpy's overflow warning on a client's out-of-range FP32 value (answered 400) went to
+    stderr as two plain-text lines."""
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [1e300] * 30}]
+    }
+    assert client.post("/v2/models/tabular/infer", json=body).status_code == 400
+    text = [line for line in server.logs().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in text), [
+        line for line in text if not line.startswith("{")
+    ]

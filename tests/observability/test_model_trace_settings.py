@@ -30,6 +30,8 @@ def sampler(monkeypatch: pytest.MonkeyPatch) -> Iterator[LinkedBatchSampler]:
     monkeypatch.setattr(trace_control, "_budget", trace_control.TraceBudget())
     holder = LinkedBatchSampler(TraceSettings(True, 1).sampler())
     trace_control.attach(holder)
+    # The pod's settings as this process starts them (earlier tests left theirs in the words)
+    trace_control.POD_SETTING.publish((1, 1, 0))  # on, every request, no tensors
     models.POD_SETTING.edit(lambda values: (0,) * len(values))
     try:
         yield holder

@@ -65,6 +65,9 @@ def test_settings_update(request_body: dict, expected: TraceSettings) -> None:
         ({"trace_rate": "one"}, "positive integer"),
         ({"trace_rate": True}, "positive integer"),
         ({"trace_rate": "99999999999"}, "positive integer"),
+        ({"trace_rate": "²"}, "positive integer"),  # isdigit(), but int() refused it: a 500
+        ({"trace_rate": "٣"}, "positive integer"),  # int() reads it as 3: not Triton's form
+        ({"trace_count": "²"}, "trace_count must be the number of traces"),
         ({"trace_count": "-2"}, "trace_count must be the number of traces"),
         ({"trace_count": "ten"}, "trace_count must be the number of traces"),
         ({"trace_count": False}, "trace_count must be the number of traces"),
@@ -285,6 +288,22 @@ def test_level_and_rate_change_for_every_worker(
     roots = _infer(traced, 20, sampled_parent=False)
     continued = _infer(traced, 4, sampled_parent=True)
     assert _traced(receiver, roots + continued) == set(continued)
+
+
+def test_changes_on_two_workers_at_once_both_hold(traced: ServerProcess) -> None:
+    """Each worker changes the pod's current settings, not its own copy of them, which may
+    not have followed the other's change yet (it follows every half second)."""
+    first, second = traced.client_per_worker()
+    try:
+        assert first.post("/v2/trace/setting", json={"trace_rate": "7"}).status_code == 200
+        response = second.post("/v2/trace/setting", json={"trace_level": ["TENSORS"]})
+        assert response.status_code == 200, response.text
+    finally:
+        first.close()
+        second.close()
+    _wait_for_pod(traced, {**_triton("TIMESTAMPS", 7), "trace_level": ["TIMESTAMPS", "TENSORS"]})
+    _post(traced, {"trace_level": None, "trace_rate": None})  # back to the start-up settings
+    _wait_for_pod(traced, _triton("TIMESTAMPS", 2))
 
 
 def test_a_models_own_settings_reach_every_worker(
