@@ -55,6 +55,16 @@ def test_unknown_processor_fails_startup(tmp_path: Path) -> None:
     assert "unknown preprocessor 'magic'" in _serve_expecting_failure(tmp_path)
 
 
+def test_bad_settings_are_one_line_each_not_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "PODSERVE_PORT": "abc", "PODSERVE_WORKERS": "0"}
+    out = subprocess.run(
+        [*PODSERVE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "error: PODSERVE_PORT='abc': Input should be a valid integer" in out.stderr
+    assert "error: PODSERVE_WORKERS='0': Input should be greater than or equal to 1" in out.stderr
+
+
 def test_empty_repository_fails_startup(tmp_path: Path) -> None:
     assert "holds no <model>/<version>/model.onnx" in _serve_expecting_failure(tmp_path)
 

@@ -89,8 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:  # PODSERVE_* settings: one line each, not a traceback
+        for line in settings_errors(exc):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def settings_errors(exc: Any) -> list[str]:
+    """`PODSERVE_PORT='abc': Input should be a valid integer` per invalid setting."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error.get("loc") else ""
+        name = f"PODSERVE_{field.upper()}" if field else "settings"
+        given = f"={error['input']!r}" if field and not isinstance(error.get("input"), dict) else ""
+        lines.append(f"{name}{given}: {error['msg']}")
+    return lines
 
 
 if __name__ == "__main__":

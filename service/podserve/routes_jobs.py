@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from podserve.db.features import entity_lookup, feature_input
+from podserve.db.features import checked_lookup, entity_lookup
 from podserve.db.hooks import services_of
 from podserve.db.jobs import JobStore
 from podserve.db.pool import NOT_CONFIGURED
@@ -41,8 +41,9 @@ async def _submit(request: Request, model_name: str, model_version: str | None) 
     # Validate now: a malformed job is the client's 400, not a job that fails later.
     parsed = parse_infer_request(body, json_length)
     check_requested_outputs(parsed, model.output_specs)
-    if entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs)) is not None:
-        feature_input(model)
+    lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
+    if lookup is not None:
+        checked_lookup(model, lookup)
     else:
         model.validate(parsed.inputs, parsed.datatypes)
     job_id = await store.submit(model.name, model.version, body, json_length)

@@ -352,6 +352,31 @@ def test_loader_rejects_bad_files(db_url: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "huge.csv:3: a value beyond the float32" in result.stderr
     assert "Traceback" not in result.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"entity_id,a\nu1,1\ncaf\xe9,2\n")
+    null_id = tmp_path / "null.parquet"  # stored as an entity named "None" until now
+    pq.write_table(pa.table({"entity_id": ["u1", None], "a": [1.0, 2.0]}), null_id)
+    strings = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"entity_id": ["u1", "u2"], "a": ["1.0", "x"]}), strings)
+    not_parquet = tmp_path / "not.parquet"
+    not_parquet.write_text("not a parquet file")
+    for path, message in (
+        (latin1, "not UTF-8 text"),
+        (null_id, "empty or missing entity ids"),
+        (strings, "value columns must be numeric"),
+        (not_parquet, "not a readable Parquet file"),
+    ):
+        result = subprocess.run(
+            [*PODSERVE, "features", "load", str(path), "--set", "s", "--database-url", db_url],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
     other = tmp_path / "f.json"
     other.write_text("{}")
     result = subprocess.run(

@@ -127,8 +127,23 @@ def test_a_job_can_ask_for_top_classes(client: httpx.Client) -> None:
             400,
             "positive integer",
         ),
+        # what the same request online gets: a 413 at once, not a job that fails later
+        (
+            "/v2/models/affine/jobs",
+            {"parameters": {"entity_ids": [f"e{i}" for i in range(1025)]}},
+            413,
+            "1025 entity ids exceed the limit of 1024",
+        ),
     ],
-    ids=["model", "version", "shape", "no inputs", "model before body", "classification"],
+    ids=[
+        "model",
+        "version",
+        "shape",
+        "no inputs",
+        "model before body",
+        "classification",
+        "ids",
+    ],
 )
 def test_invalid_jobs_are_refused_at_submission(
     client: httpx.Client, path: str, body: dict, status: int, message: str

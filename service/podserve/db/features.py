@@ -77,6 +77,17 @@ def feature_input(model: OnnxModel) -> TensorSpec:
     return inputs[0]
 
 
+def checked_lookup(model: OnnxModel, lookup: EntityLookup) -> TensorSpec:
+    """The input a lookup fills, after the checks that need no I/O (online, and for a job
+    when it is submitted: a job that would fail is the client's 4xx then, not later)."""
+    spec = feature_input(model)
+    if len(lookup.entity_ids) > model.max_rows_per_request:
+        raise PayloadTooLarge(
+            f"{len(lookup.entity_ids)} entity ids exceed the limit of {model.max_rows_per_request}"
+        )
+    return spec
+
+
 class TtlCache:
     """Bounded LRU with a time-to-live: feature rows change, so stale entries expire."""
 
@@ -117,12 +128,8 @@ class FeatureStore:
         self.queries = 0  # round trips to PostgreSQL (the cache saves some)
 
     async def tensor(self, model: OnnxModel, lookup: EntityLookup) -> Tensors:
-        spec = feature_input(model)
+        spec = checked_lookup(model, lookup)
         ids = lookup.entity_ids
-        if len(ids) > model.max_rows_per_request:
-            raise PayloadTooLarge(
-                f"{len(ids)} entity ids exceed the limit of {model.max_rows_per_request}"
-            )
         feature_set = lookup.feature_set or model.name
         found = await self.vectors(feature_set, list(dict.fromkeys(ids)))
         missing = [i for i in dict.fromkeys(ids) if i not in found]

@@ -63,10 +63,18 @@ def _pick_id(header: list[str], id_column: str | None, path: Path) -> int:
     return header.index(wanted)
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> FeatureFileError:
+    return FeatureFileError(f"{path}: not UTF-8 text ({exc.reason} in a byte near {exc.start})")
+
+
 def _open_csv(path: Path, id_column: str | None, batch_rows: int) -> FeatureFile:
     handle = path.open(newline="", encoding="utf-8")
     reader = csv.reader(handle)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except UnicodeDecodeError as exc:
+        handle.close()
+        raise _not_utf8(path, exc) from None
     if not header or len(header) < 2:
         handle.close()
         raise FeatureFileError(f"{path}: needs a header with an id column and value columns")
@@ -76,11 +84,14 @@ def _open_csv(path: Path, id_column: str | None, batch_rows: int) -> FeatureFile
     def batches() -> Iterator[list[Record]]:
         with handle:
             batch: list[Record] = []
-            for line_no, row in enumerate(reader, start=2):
-                batch.append(_csv_record(row, id_index, len(header), path, line_no))
-                if len(batch) >= batch_rows:
-                    yield batch
-                    batch = []
+            try:
+                for line_no, row in enumerate(reader, start=2):
+                    batch.append(_csv_record(row, id_index, len(header), path, line_no))
+                    if len(batch) >= batch_rows:
+                        yield batch
+                        batch = []
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc) from None
             if batch:
                 yield batch
 
@@ -93,6 +104,8 @@ def _csv_record(row: list[str], id_index: int, width: int, path: Path, line: int
     entity = row[id_index]
     if not entity:
         raise FeatureFileError(f"{path}:{line}: empty entity id")
+    if "\x00" in entity:  # PostgreSQL text cannot hold it
+        raise FeatureFileError(f"{path}:{line}: entity id holds the character U+0000")
     try:
         values = [float(v) for i, v in enumerate(row) if i != id_index]
     except ValueError as exc:
@@ -114,7 +127,10 @@ def _open_parquet(path: Path, id_column: str | None, batch_rows: int) -> Feature
         raise FeatureFileError(
             "reading Parquet needs pyarrow: pip install 'podserve[parquet]' (or use CSV)"
         ) from None
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except ValueError as exc:  # pyarrow's ArrowInvalid: not a Parquet file
+        raise FeatureFileError(f"{path}: not a readable Parquet file ({exc})") from None
     header = list(parquet.schema_arrow.names)
     id_index = _pick_id(header, id_column, path)
     id_name = header[id_index]
@@ -122,10 +138,18 @@ def _open_parquet(path: Path, id_column: str | None, batch_rows: int) -> Feature
 
     def batches() -> Iterator[list[Record]]:
         for batch in parquet.iter_batches(batch_size=batch_rows):
-            ids = [str(v) for v in batch.column(id_name).to_pylist()]
-            matrix = np.column_stack(
-                [batch.column(name).to_numpy(zero_copy_only=False) for name in columns]
-            ).astype(np.float32)
+            raw_ids = batch.column(id_name).to_pylist()
+            if any(v is None or v == "" for v in raw_ids):
+                raise FeatureFileError(f"{path}: empty or missing entity ids in {id_name!r}")
+            ids = [str(v) for v in raw_ids]
+            if any("\x00" in i for i in ids):
+                raise FeatureFileError(f"{path}: an entity id holds the character U+0000")
+            try:
+                matrix = np.column_stack(
+                    [batch.column(name).to_numpy(zero_copy_only=False) for name in columns]
+                ).astype(np.float32)
+            except (TypeError, ValueError) as exc:  # e.g. a column of strings
+                raise FeatureFileError(f"{path}: value columns must be numeric ({exc})") from None
             if not np.isfinite(matrix).all():
                 raise FeatureFileError(f"{path}: NaN, Inf or missing values")
             yield list(zip(ids, matrix.tolist(), strict=True))
