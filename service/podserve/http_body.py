@@ -50,10 +50,11 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     declared = headers.get("content-length")
 
     if declared is not None:
-        if not declared.isdigit():
+        # isascii: "²" is a digit to isdigit() but not to int(); HTTP allows only 0-9.
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a non-negative integer")
-        if int(declared) > max_bytes:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+        if len(declared) > 4000 or int(declared) > max_bytes:  # int() stops at 4300 digits
+            raise PayloadTooLarge(f"body of {declared[:40]} bytes exceeds the limit of {max_bytes}")
     chunks: list[bytes] = []
     total = 0
     task = asyncio.current_task()
@@ -132,6 +133,9 @@ def binary_header_length(request: Request) -> int | None:
     value = request_headers(request.scope).get("inference-header-content-length")
     if value is None:
         return None
-    if not value.isdigit():
-        raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
+    # isascii: "²" is a digit to isdigit() but not to int(); int() stops at 4300 digits.
+    if not (value.isascii() and value.isdigit()) or len(value) > 4000:
+        raise BadRequest(
+            "Inference-Header-Content-Length must be a non-negative integer no larger than the body"
+        )
     return int(value)
