@@ -31,6 +31,7 @@ from podserve.auth import api_keys, install_auth
 from podserve.direct_routes import DirectRoutes
 from podserve.errors import PodserveError
 from podserve.gc_tuning import tune_collector
+from podserve.inference_flow import error_headers
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
 from podserve.observability import Observability, note_error
@@ -82,7 +83,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PodserveError)
     async def podserve_error(request: Request, exc: PodserveError) -> Response:
         note_error(request.scope, exc)  # counted as a rejection (shed, deadline, ...)
-        return json_response({"error": exc.message}, exc.status_code, exc.headers)
+        headers = error_headers(request.scope, exc.headers)
+        return json_response({"error": exc.message}, exc.status_code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -95,7 +97,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return json_response({"error": "internal server error"}, 500)
+        return json_response(
+            {"error": "internal server error"}, 500, error_headers(request.scope, None)
+        )
 
 
 def inference_routes() -> list[APIRoute]:

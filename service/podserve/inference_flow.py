@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from podserve.batcher import InferenceOutcome
 from podserve.db.hooks import log_prediction
+from podserve.errors import DeadlineExceeded
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
@@ -34,8 +35,12 @@ class RequestContext:
     outcome: InferenceOutcome | None = None
 
     @classmethod
-    def begin(cls) -> RequestContext:
-        return cls(started=time.perf_counter(), timings=PhaseTimings(wall_clock=tracing_active()))
+    def begin(cls, scope: dict) -> RequestContext:
+        """A request's context, kept in its scope for what runs after the route (the error
+        handlers' Server-Timing, observability), whether or not the route completes."""
+        ctx = cls(started=time.perf_counter(), timings=PhaseTimings(wall_clock=tracing_active()))
+        scope[CONTEXT_SCOPE_KEY] = ctx
+        return ctx
 
 
 async def predict(
@@ -53,9 +58,13 @@ async def predict(
         deadline = runtime.deadline(ctx.started, timeout)
     ctx.model, ctx.rows, ctx.queue_rows = model, rows, runtime.queued_rows
     ctx.inputs = inputs
-    request.scope[CONTEXT_SCOPE_KEY] = ctx
     submitted_ns = time.time_ns() if ctx.timings.wall_clock else None
-    outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())
+    submitted = time.perf_counter()
+    try:
+        outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())
+    except DeadlineExceeded:  # its wait is queue time too: the latency deadlines are hit by
+        ctx.timings.record("queue", time.perf_counter() - submitted, submitted_ns)
+        raise
     ctx.outcome = outcome
     _record_inference(ctx.timings, model, outcome, submitted_ns)
     log_prediction(request, ctx, model, inputs, outcome.outputs)  # `log` phase: buffer append
@@ -82,3 +91,12 @@ def _record_inference(
 
 def timing_header(ctx: RequestContext) -> tuple[bytes, bytes]:
     return (b"server-timing", ctx.timings.server_timing().encode("latin-1"))
+
+
+def error_headers(scope: dict, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """An error answer's headers, with the phases its request went through (Server-Timing)
+    when it came from an inference route."""
+    ctx: RequestContext | None = scope.get(CONTEXT_SCOPE_KEY)
+    if ctx is None or not ctx.timings.durations:
+        return headers
+    return {**(headers or {}), "server-timing": ctx.timings.server_timing()}

@@ -29,7 +29,7 @@ async def model_status(request: Request, model_name: str) -> Response:
     openapi_extra=json_body(V1_PREDICT_REQUEST),
 )
 async def model_predict(request: Request, model_name: str) -> Response:
-    ctx = RequestContext.begin()
+    ctx = RequestContext.begin(request.scope)
     runtime = runtime_of(request)
     settings = runtime.settings
     with ctx.timings.measure("parse"):

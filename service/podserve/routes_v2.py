@@ -73,7 +73,7 @@ async def model_version_ready(request: Request, model_name: str, model_version: 
 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    ctx = RequestContext.begin()
+    ctx = RequestContext.begin(request.scope)
     runtime = runtime_of(request)
     settings = runtime.settings
     with ctx.timings.measure("parse"):
