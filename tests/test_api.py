@@ -50,6 +50,23 @@ def test_infer_json_with_server_timing(client: httpx.Client) -> None:
     assert "features" not in phases and "log" not in phases  # phases that did not run
 
 
+def test_error_answers_carry_the_phases_their_request_went_through(
+    client: httpx.Client,
+) -> None:
+    """A 400 shows its parse; a 504 its wait for a batch (the queue time deadlines are hit by,
+    missing from the header, the metrics and the spans until now)."""
+    bad = client.post("/v2/models/affine/infer", json=_infer_body([1, 2, 3], [1, 3]))
+    assert bad.status_code == 400
+    assert set(parse_server_timing(bad.headers["server-timing"])) == {"parse"}
+    late = client.post(
+        "/v2/models/affine/infer",
+        json=_infer_body([1, 2, 3, 4], [1, 4]),
+        headers={"x-podserve-timeout-ms": "0.001"},
+    )
+    assert late.status_code == 504, late.text
+    assert {"parse", "queue"} <= set(parse_server_timing(late.headers["server-timing"]))
+
+
 def test_infer_specific_version_and_requested_outputs(client: httpx.Client) -> None:
     body = _infer_body([1, 2, 3, 4], [1, 4]) | {"id": "req-7", "outputs": [{"name": "y"}]}
     response = client.post("/v2/models/affine/versions/1/infer", json=body)
@@ -130,6 +147,15 @@ def test_kserve_v1(client: httpx.Client) -> None:
     )
     assert multi.status_code == 200, multi.text
     assert multi.json()["predictions"][0]["id_sum"] == 3
+
+
+def test_kserve_v1_named_instances_on_a_single_input_model(client: httpx.Client) -> None:
+    """TF Serving's row format may name the input in each instance, one input or several."""
+    row = [float(i % 7) for i in range(30)]
+    named = client.post("/v1/models/tabular:predict", json={"instances": [{"input": row}] * 2})
+    plain = client.post("/v1/models/tabular:predict", json={"instances": [row] * 2})
+    assert named.status_code == 200, named.text
+    assert named.json() == plain.json()
 
 
 def test_what_is_served_is_listed(client: httpx.Client) -> None:
@@ -215,6 +241,20 @@ BAD_REQUESTS = [
      JSON, 400, "cannot hold strings"),
     ("unknown datatype", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [1, 4],
      datatype="FP8"), JSON, 400, "unknown datatype"),
+    ("datatype a list", "/v2/models/affine/infer",
+     {"inputs": [VALID["inputs"][0] | {"datatype": ["FP32"]}]}, JSON, 400,
+     "'datatype' must be a string"),
+    ("datatype an object", "/v2/models/affine/infer",
+     {"inputs": [VALID["inputs"][0] | {"datatype": {"FP32": 1}}]}, JSON, 400,
+     "'datatype' must be a string"),
+    ("booleans among floats", "/v2/models/affine/infer", _infer_body([True, 1.5, 2, 3], [1, 4]),
+     JSON, 400, "datatype FP32 cannot hold booleans"),
+    ("binary_data_output a string", "/v2/models/affine/infer",
+     VALID | {"parameters": {"binary_data_output": "false"}}, JSON, 400,
+     "Unable to parse 'binary_data_output'"),
+    ("binary_data a string", "/v2/models/affine/infer",
+     VALID | {"outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}, JSON, 400,
+     "Unable to parse 'binary_data'"),
     ("negative dim", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [-1, 4]), JSON, 400,
      "non-negative"),
     ("huge shape tiny data", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4],
@@ -234,6 +274,9 @@ BAD_REQUESTS = [
      "malformed JSON"),
     ("bad binary header", "/v2/models/affine/infer", b"{}",
      {"inference-header-content-length": "99"}, 400, "outside the body"),
+    ("non-ASCII digit binary header", "/v2/models/affine/infer", VALID,
+     {**JSON, "inference-header-content-length": "\u00b2".encode("latin-1")}, 400,
+     "Inference-Header-Content-Length must be a non-negative integer"),
     ("bad timeout header", "/v2/models/affine/infer", VALID,
      {**JSON, "x-podserve-timeout-ms": "soon"}, 400, "Timeout-Ms"),
     ("unknown content encoding", "/v2/models/affine/infer", VALID,
@@ -241,6 +284,10 @@ BAD_REQUESTS = [
     ("v1 not instances", "/v1/models/affine:predict", {"inputs": []}, JSON, 400, "instances"),
     ("v1 ragged", "/v1/models/affine:predict", {"instances": [[1, 2, 3, 4], [1]]}, JSON, 400,
      "ragged"),
+    ("v1 booleans among floats", "/v1/models/affine:predict", {"instances": [[True, 2, 3, 4]]},
+     JSON, 400, "cannot hold booleans"),
+    ("v1 named and plain rows", "/v1/models/affine:predict",
+     {"instances": [{"x": [1, 2, 3, 4]}, [1, 2, 3, 4]]}, JSON, 400, "all values or all objects"),
     ("v1 unknown model", "/v1/models/nope:predict", {"instances": [[1]]}, JSON, 404,
      "unknown model"),
     ("v1 unknown model, form body", "/v1/models/nope:predict", b"x=1",
