@@ -13,7 +13,7 @@ from podserve.db.hooks import services_of
 from podserve.db.jobs import JobStore
 from podserve.db.pool import NOT_CONFIGURED
 from podserve.errors import NotFound, ServiceUnavailable
-from podserve.http_body import binary_header_length, check_content_type, read_body
+from podserve.http_body import binary_header_length, check_content_type, parse_body, read_body
 from podserve.inference_flow import runtime_of
 from podserve.json_response import json_response
 from podserve.openapi_schemas import ERROR_RESPONSES, V2_INFER_REQUEST, json_body
@@ -39,7 +39,7 @@ async def _submit(request: Request, model_name: str, model_version: str | None) 
     body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     json_length = binary_header_length(request)
     # Validate now: a malformed job is the client's 400, not a job that fails later.
-    parsed = parse_infer_request(body, json_length)
+    parsed = await parse_body(parse_infer_request, body, json_length)
     check_requested_outputs(parsed, model.output_specs)
     lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
     if lookup is not None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from podserve.db.features import entity_lookup
+from podserve.db.features import EntityLookup, entity_lookup
 from podserve.db.hooks import fetch_features
-from podserve.http_body import check_content_type, read_body
+from podserve.http_body import check_content_type, parse_body, read_body
 from podserve.inference_flow import RequestContext, predict, runtime_of, timing_header
 from podserve.json_response import JSON_TYPE, OPTIONS, PreparedResponse, json_response
+from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
+from podserve.processors import Tensors
 from podserve.protocol_v1 import encode_predictions, parse_predict_doc
 from podserve.protocol_v2 import loads_json
 
@@ -21,6 +23,13 @@ router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
 async def model_status(request: Request, model_name: str) -> Response:
     model = runtime_of(request).model(model_name)
     return json_response({"name": model.name, "version": model.version, "ready": True})
+
+
+def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, Tensors]:
+    """A V1 body: entity ids to look up, or the instances as tensors."""
+    doc = loads_json(body)
+    lookup = entity_lookup(doc, has_inputs=isinstance(doc, dict) and "instances" in doc)
+    return lookup, ({} if lookup else parse_predict_doc(doc, model.inputs))
 
 
 @router.post(
@@ -36,9 +45,7 @@ async def model_predict(request: Request, model_name: str) -> Response:
         model = runtime.model(model_name)  # first: an unknown model is a 404, whatever the body
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-        doc = loads_json(body)
-        lookup = entity_lookup(doc, has_inputs=isinstance(doc, dict) and "instances" in doc)
-        inputs = {} if lookup else parse_predict_doc(doc, model.inputs)
+        lookup, inputs = await parse_body(_parse_predict, body, model)
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
         inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, inputs, None)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from podserve.db.features import entity_lookup
 from podserve.db.hooks import fetch_features
-from podserve.http_body import binary_header_length, check_content_type, read_body
+from podserve.http_body import binary_header_length, check_content_type, parse_body, read_body
 from podserve.inference_flow import RequestContext, predict, runtime_of, timing_header
 from podserve.json_response import BINARY_TYPE, JSON_TYPE, PreparedResponse, json_response
 from podserve.onnx_model import OnnxModel
@@ -80,7 +80,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         model = runtime.model(model_name, model_version)  # first: an unknown model is a 404
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-        parsed = parse_infer_request(body, binary_header_length(request))
+        parsed = await parse_body(parse_infer_request, body, binary_header_length(request))
         check_requested_outputs(parsed, model.output_specs)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
