@@ -163,5 +163,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
     # Inside observability too: its 503 for a request cut off by the drain is what is counted.
     app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)
-    observability.install(app)
+    observability.install(app, [route for module in routers for route in module.router.routes])
     return app

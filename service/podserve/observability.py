@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from podserve.errors import NotFound
@@ -49,6 +50,7 @@ class Observability:
         self.metrics = Metrics() if settings.metrics_enabled else None
         self.tracing = Tracing.from_settings(settings)
         self._refresher: asyncio.Task[None] | None = None
+        self.routes: list[BaseRoute] = []  # set by install
         metrics = self.metrics
         self.loop_watch = LoopWatch(
             settings.loop_stall_s,
@@ -56,7 +58,9 @@ class Observability:
             on_stall=metrics.count_loop_stall if metrics is not None else None,
         )
 
-    def install(self, app: FastAPI) -> None:
+    def install(self, app: FastAPI, routes: list[BaseRoute]) -> None:
+        """`routes`: the app's own, to label what is answered before routing (a 401)."""
+        self.routes = routes
         if self.tracing is not None:
             self.tracing.instrument(app)
             self.runtime.batch_observers.append(self.tracing.observe_batch)
@@ -185,6 +189,8 @@ class ObservabilityMiddleware:
         metrics = self.obs.metrics
         if metrics is None:
             return
+        if status in _ANSWERED_BEFORE_ROUTING and "route" not in scope:
+            _find_route(scope, self.obs.routes)
         model = self.obs.model_label(scope, ctx)
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         trace_id = _sampled_trace_id(span)
@@ -196,6 +202,20 @@ class ObservabilityMiddleware:
             metrics.observe_phases(model, ctx.timings.durations, trace_id)
             if failed and ctx.outcome is None:  # an unhandled error out of inference
                 metrics.count_inference_error(model[0])
+
+
+_ANSWERED_BEFORE_ROUTING = frozenset({401, 403})  # authentication answers before the router
+
+
+def _find_route(scope: Scope, routes: list[BaseRoute]) -> None:
+    """The route and path parameters of a request answered before routing, as the router
+    would have set them: its 401 counts for its route and model, not as "unmatched" (the
+    label of unknown paths)."""
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match is Match.FULL:
+            scope.update(child_scope)
+            return
 
 
 def _log_request(

@@ -120,6 +120,24 @@ def test_rejected_and_missing_credentials(
     assert "0123456789" not in response.text  # the offered key is never echoed
 
 
+def test_a_401_counts_for_its_route_and_model(secured: ServerProcess) -> None:
+    """Authentication answers before the router: its 401 must still count for the route and
+    model asked for, not as "unmatched" (the label of unknown paths)."""
+    with httpx.Client(base_url=secured.url, timeout=10) as client:
+        for _ in range(3):
+            assert client.post("/v2/models/affine/versions/1/infer", json=BODY).status_code == 401
+        assert client.get("/v2/nowhere").status_code == 401
+        wanted = (
+            'podserve_requests_total{model="affine",route="/v2/models/{model_name}/versions/'
+            '{model_version}/infer",status="401",version="1"}'
+        )
+        deadline = time.monotonic() + 10
+        while wanted not in (text := client.get("/metrics").text):
+            assert time.monotonic() < deadline, text[-3000:]
+            time.sleep(0.2)
+    assert 'route="unmatched",status="401"' in text  # an unknown path stays unmatched
+
+
 def test_probes_and_scrapes_open_everything_else_closed(secured: ServerProcess) -> None:
     with httpx.Client(base_url=secured.url, timeout=10) as client:
         assert client.get("/v2/health/live").status_code == 200
