@@ -58,3 +58,13 @@ def test_compressed_bodies_accepted(encoding: bytes) -> None:
 def test_other_types_and_encodings_refused(headers: list, message: str) -> None:
     with pytest.raises(UnsupportedMediaType, match=message):
         check_content_type(Request(_scope(*headers)))
+
+
+def test_text_values_are_read_again_as_utf8() -> None:
+    """An X-Request-Id "réq-ü-1" was logged as "rÃ©q-Ã¼-1" (its UTF-8 bytes read as latin-1)."""
+    from podserve.request_headers import as_utf8
+
+    raw = "réq-ü-1".encode()
+    assert as_utf8(raw.decode("latin-1")) == "réq-ü-1"
+    assert as_utf8(b"caf\xe9".decode("latin-1")) == "caf\ufffd"  # not UTF-8: replaced
+    assert as_utf8(None) is None

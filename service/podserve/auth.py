@@ -70,11 +70,14 @@ class ApiKeys:
             try:
                 self._stamp = self._file_stamp()
                 text = self.key_file.read_text(encoding="utf-8")
-                digests += [_digest(key) for key in parse_keys(text)]
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(
                     f"cannot read PODSERVE_API_KEYS_FILE {self.key_file}: {type(exc).__name__}"
                 ) from None
+            from_file = [_digest(key) for key in parse_keys(text)]
+            if not from_file:  # at start-up: stop the boot; on a reload: keep the current keys
+                raise ValueError(f"PODSERVE_API_KEYS_FILE {self.key_file} holds no key")
+            digests += from_file
         if not digests:
             raise ValueError("authentication is configured but no API key was found")
         return list(dict.fromkeys(digests))
@@ -108,12 +111,14 @@ def credentials(headers: list[tuple[bytes, bytes]]) -> list[str]:
     """The bearer token and/or X-API-Key value a request carries (raw header bytes)."""
     found: list[str] = []
     for name, value in headers:
+        # As UTF-8 (surrogateescape: any bytes), the encoding the keys are digested in: a
+        # latin-1 reading turned a non-ASCII key into other bytes, which never matched.
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            scheme, _, token = value.decode("utf-8", "surrogateescape").strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 found.append(token.strip())
         elif name == b"x-api-key" and value.strip():
-            found.append(value.decode("latin-1").strip())
+            found.append(value.decode("utf-8", "surrogateescape").strip())
     return found
 
 

@@ -23,3 +23,9 @@ def request_headers(scope: Scope) -> dict[str, str]:
             for name, value in reversed(scope["headers"])
         }
     return headers
+
+
+def as_utf8(value: str | None) -> str | None:
+    """A value read as latin-1 (the bytes, one by one) read again as UTF-8, as clients send
+    text today (an X-Request-Id "réq-1", not "rÃ©q-1")."""
+    return None if value is None else value.encode("latin-1").decode("utf-8", "replace")

@@ -224,3 +224,38 @@ def test_parsing_keys_and_credentials() -> None:
     with pytest.raises(ValueError, match="no API key"):
         auth.ApiKeys(" , ", None)
     assert auth.api_keys(Settings(api_keys=None, api_keys_file=None)) is None
+
+
+def test_a_key_file_without_keys_stops_the_boot_and_never_drops_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty: the boot stops (as the README says), inline keys or not; emptied later, the
+    file's keys are kept, inline keys or not (it dropped them when inline keys were set)."""
+    empty = tmp_path / "empty"
+    empty.write_text("# rotated out\n")
+    for inline in (None, "inline-key-0123456789abcdef"):
+        with pytest.raises(ValueError, match="holds no key"):
+            auth.ApiKeys(inline, empty)
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"{FILE_KEY}\n")
+    for inline in (None, "inline-key-0123456789abcdef"):
+        keys = auth.ApiKeys(inline, key_file)
+        _write_atomically(key_file, "\n")
+        monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+        keys.maybe_reload()
+        assert keys.accepts(FILE_KEY), inline
+        key_file.write_text(f"{FILE_KEY}\n")
+
+
+def test_non_ascii_keys_match_as_clients_send_them(tmp_path: Path) -> None:
+    """Keys are digested as UTF-8; the header bytes were read as latin-1, so a key such as
+    "clé" sent as UTF-8 (as curl and httpx do) never matched."""
+    key_file = tmp_path / "keys"
+    key_file.write_text("clé-ünïcode-0123456789\n", encoding="utf-8")
+    keys = auth.ApiKeys(None, key_file)
+    sent = "clé-ünïcode-0123456789".encode()
+    for headers in ([(b"x-api-key", sent)], [(b"authorization", b"Bearer " + sent)]):
+        [candidate] = auth.credentials(headers)
+        assert keys.accepts(candidate)
+    [latin1] = auth.credentials([(b"x-api-key", "clé-ünïcode-0123456789".encode("latin-1"))])
+    assert not keys.accepts(latin1)  # other bytes: another key

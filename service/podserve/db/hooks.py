@@ -14,7 +14,7 @@ from podserve.errors import ServiceUnavailable
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
-from podserve.request_headers import request_headers
+from podserve.request_headers import as_utf8, request_headers
 from podserve.runtime import runtime_of
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def log_prediction(
         prediction_log.append(
             make_row(
                 new_request_id(),
-                request_headers(request.scope).get("x-request-id"),
+                as_utf8(request_headers(request.scope).get("x-request-id")),
                 model.name,
                 model.version,
                 inputs,
