@@ -333,59 +333,35 @@ def test_ttl_cache_expires_entries() -> None:
 
 
 def test_loader_rejects_bad_files(db_url: str, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.csv"
-    bad.write_text("entity_id,a,b\nx,1,oops\n")
-    result = subprocess.run(
-        [*PODSERVE, "features", "load", str(bad), "--set", "s", "--database-url", db_url],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2 and "bad.csv:2" in result.stderr
-    huge = tmp_path / "huge.csv"  # finite as a float64, not as the column's float32
-    huge.write_text("entity_id,a\nx,1\ny,-1e39\n")
-    result = subprocess.run(
-        [*PODSERVE, "features", "load", str(huge), "--set", "s", "--database-url", db_url],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2 and "huge.csv:3: a value beyond the float32" in result.stderr
-    assert "Traceback" not in result.stderr
+    """Each bad file: exit 2 and one line naming what is wrong, no traceback, nothing stored."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    latin1 = tmp_path / "latin1.csv"
-    latin1.write_bytes(b"entity_id,a\nu1,1\ncaf\xe9,2\n")
-    null_id = tmp_path / "null.parquet"  # stored as an entity named "None" until now
-    pq.write_table(pa.table({"entity_id": ["u1", None], "a": [1.0, 2.0]}), null_id)
-    strings = tmp_path / "strings.parquet"
-    pq.write_table(pa.table({"entity_id": ["u1", "u2"], "a": ["1.0", "x"]}), strings)
-    not_parquet = tmp_path / "not.parquet"
-    not_parquet.write_text("not a parquet file")
-    for path, message in (
-        (latin1, "not UTF-8 text"),
-        (null_id, "empty or missing entity ids"),
-        (strings, "value columns must be numeric"),
-        (not_parquet, "not a readable Parquet file"),
+    (tmp_path / "bad.csv").write_text("entity_id,a,b\nx,1,oops\n")
+    # finite as a float64, not as the column's float32
+    (tmp_path / "huge.csv").write_text("entity_id,a\nx,1\ny,-1e39\n")
+    (tmp_path / "latin1.csv").write_bytes(b"entity_id,a\nu1,1\ncaf\xe9,2\n")
+    # a null id was stored as an entity named "None"
+    pq.write_table(pa.table({"entity_id": ["u1", None], "a": [1.0, 2.0]}), tmp_path / "null.pq")
+    pq.write_table(pa.table({"entity_id": ["u1"], "a": ["x"]}), tmp_path / "strings.parquet")
+    (tmp_path / "not.parquet").write_text("not a parquet file")
+    (tmp_path / "f.json").write_text("{}")
+    for name, message in (
+        ("bad.csv", "bad.csv:2"),
+        ("huge.csv", "huge.csv:3: a value beyond the float32"),
+        ("latin1.csv", "not UTF-8 text"),
+        ("null.pq", "empty or missing entity ids"),
+        ("strings.parquet", "value columns must be numeric"),
+        ("not.parquet", "not a readable Parquet file"),
+        ("f.json", "unsupported file type"),
     ):
         result = subprocess.run(
-            [*PODSERVE, "features", "load", str(path), "--set", "s", "--database-url", db_url],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
-    other = tmp_path / "f.json"
-    other.write_text("{}")
-    result = subprocess.run(
-        [*PODSERVE, "features", "load", str(other), "--set", "s", "--database-url", db_url],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2 and "unsupported file type" in result.stderr
+            [*PODSERVE, "features", "load", str(tmp_path / name), "--set", "s",
+             "--database-url", db_url],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr, name
     assert (
         postgres.scalar(db_url, "SELECT count(*) FROM podserve_features WHERE feature_set = 's'")
         == 0
