@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -129,6 +129,22 @@ class Settings(BaseSettings):
         2 s less than Gunicorn's graceful timeout, so it ends, flushing its logs, before the
         arbiter's SIGKILL."""
         return max(1, math.ceil(self.graceful_timeout_s) - 2)
+
+    @field_validator("graceful_timeout_s")
+    @classmethod
+    def _room_after_the_drain(cls, value: float) -> float:
+        # Gunicorn kills a worker math.ceil(value) s after the stop signal; the worker drains
+        # max(1, ceil - 2) s, then runs lifespan shutdown (log flush, job hand-back). At 1 s
+        # both end together: the in-flight request was dropped without an answer, and
+        # lifespan shutdown never ran.
+        if value <= 1:
+            raise ValueError(
+                f"PODSERVE_GRACEFUL_TIMEOUT_S ({value}) must be more than 1 s: a worker drains "
+                "max(1, ceil(PODSERVE_GRACEFUL_TIMEOUT_S) - 2) s and Gunicorn kills it at "
+                "ceil(PODSERVE_GRACEFUL_TIMEOUT_S) s; at 1 s no time is left for the answer to a "
+                "request cut off by the drain nor for lifespan shutdown"
+            )
+        return value
 
     @model_validator(mode="after")
     def _grace_within_the_drain(self) -> Settings:

@@ -13,11 +13,15 @@ checks the split.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -45,6 +49,10 @@ class DrainingServer(Server):
         self.recycle_max_wait_s = get_settings().recycle_max_wait_s
         self.slot: int | None = None  # this worker's slot (connection_balance), if any
         self.cover: slot_listeners.Cover | None = None
+        # How long a draining worker tells the master it is alive: its drain, its lifespan
+        # shutdown and its exit fit in the graceful timeout; one stuck longer is left to the
+        # master's worker timeout.
+        self.drain_heartbeat_s = get_settings().graceful_timeout_s
 
     async def on_tick(self, counter: int) -> bool:
         if self.cover is not None:
@@ -87,16 +95,57 @@ class DrainingServer(Server):
         )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.cover is not None:
-            self.cover.close()  # the slots covered stay open: other workers serve them
-        slot_listeners.close_others(self.slot)
-        drain_grace.begin_worker_drain()
-        await super().shutdown(sockets=sockets)
+        heartbeat = asyncio.create_task(self._heartbeat_while_draining())
+        try:
+            if self.cover is not None:
+                self.cover.close()  # the slots covered stay open: other workers serve them
+            slot_listeners.close_others(self.slot)
+            drain_grace.begin_worker_drain()
+            await super().shutdown(sockets=sockets)
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat_while_draining(self) -> None:
+        """uvicorn tells the master it is alive (callback_notify) only from main_loop's on_tick,
+        which has ended when the drain begins. The master goes on checking a worker that drains
+        for a recycle, a reload (HUP) or a TTOU, and killed one whose drain outlasted about half
+        of PODSERVE_WORKER_TIMEOUT_S ("WORKER TIMEOUT", SIGABRT), dropping its requests."""
+        notify = self.config.callback_notify
+        if notify is None:  # not under Gunicorn
+            return
+        interval = max(0.1, self.config.timeout_notify / 2)  # master's timeout / 4
+        deadline = time.monotonic() + self.drain_heartbeat_s
+        while time.monotonic() < deadline:
+            await notify()
+            await asyncio.sleep(interval)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn drains on SIGINT and SIGTERM; SIGQUIT too. Gunicorn's quick shutdown (SIGINT
+        or SIGQUIT to the master, `kill -INT 1` in a container, Ctrl-C through docker without
+        -t) sends the workers SIGQUIT, which uvicorn-worker bound to Gunicorn's handle_exit:
+        that sets a flag uvicorn never reads, so the worker served on, ready, until the
+        master's SIGKILL at the graceful timeout, and lifespan shutdown never ran."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGQUIT, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGQUIT, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         lifecycle.begin_draining()  # readiness says no at once
         connection_balance.set_serving(False)
-        super().handle_exit(sig, frame)
+        # Every stop signal drains as SIGTERM does. uvicorn's handle_exit takes a second SIGINT
+        # for "force quit" (no wait for in-flight requests, no lifespan shutdown), but a worker
+        # gets one SIGINT from a terminal's Ctrl-C and SIGQUIT from the master at once; and
+        # the signal, recorded, is raised again after the drain, where SIGQUIT's default
+        # action would dump core.
+        super().handle_exit(signal.SIGTERM, frame)
 
 
 class PodserveWorker(UvicornWorker):
@@ -133,7 +182,8 @@ class PodserveWorker(UvicornWorker):
         self._balance_connections()
         server = DrainingServer(config=self.config)
         server.slot = getattr(self, "podserve_slot", None)
-        self._install_sigquit_handler()
+        # Not uvicorn-worker's _install_sigquit_handler: the server drains on SIGQUIT
+        # (DrainingServer.capture_signals).
         try:
             await server.serve(sockets=_plain_sockets(self.sockets))
         except SystemExit:
