@@ -56,13 +56,19 @@ def test_unknown_processor_fails_startup(tmp_path: Path) -> None:
 
 
 def test_bad_settings_are_one_line_each_not_a_traceback(tmp_path: Path) -> None:
-    env = {**os.environ, "PODSERVE_PORT": "abc", "PODSERVE_WORKERS": "0"}
+    env = {
+        **os.environ,
+        "PODSERVE_PORT": "abc",
+        "PODSERVE_WORKERS": "0",
+        "PODSERVE_LOG_LEVEL": "loud",
+    }
     out = subprocess.run(
         [*PODSERVE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "error: PODSERVE_PORT='abc': Input should be a valid integer" in out.stderr
     assert "error: PODSERVE_WORKERS='0': Input should be greater than or equal to 1" in out.stderr
+    assert "error: PODSERVE_LOG_LEVEL='loud': Value error, unknown log level" in out.stderr
 
 
 def test_empty_repository_fails_startup(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PODSERVE_", extra="ignore")
@@ -129,6 +131,15 @@ class Settings(BaseSettings):
         2 s less than Gunicorn's graceful timeout, so it ends, flushing its logs, before the
         arbiter's SIGKILL."""
         return max(1, math.ceil(self.graceful_timeout_s) - 2)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # Unchecked, a typo reached Gunicorn's log configuration, which said only "Unable to
+        # configure logger 'gunicorn.error'", naming neither the setting nor the value.
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level; use one of {', '.join(LOG_LEVELS).lower()}")
+        return value
 
     @field_validator("graceful_timeout_s")
     @classmethod
