@@ -1,6 +1,6 @@
 """Bounds on reading request headers: a slow drip of headers must not hold a connection forever.
 
-uvicorn (0.54, httptools and h11 alike) starts no timer before a request's headers are
+uvicorn (0.55, httptools and h11 alike) starts no timer before a request's headers are
 complete: a client that connects and sends nothing, or drips header bytes, keeps its socket
 and memory for ever, and httptools buffers a header of any size. There is no uvicorn or
 Gunicorn setting for this, so the worker uses the protocol class below (uvicorn accepts a
@@ -10,6 +10,26 @@ connection), and within PODSERVE_MAX_HEADER_BYTES, else 408 / 431 and the connec
 The deadlines are checked by a sweep (deadline_sweep.py), not a timer per request.
 Idle keep-alive connections between requests stay governed by PODSERVE_KEEPALIVE_S; a slow
 *body* is bounded by PODSERVE_BODY_READ_TIMEOUT_S in the route (408).
+
+Where one request ends and the next begins is what the parser says (httptools' callbacks:
+message begin, headers complete, message complete), not whether the last response is done:
+
+- a pipelined request, sent while the one before it is still being served, is bounded like
+  any other from its first byte (uvicorn feeds its headers to httptools at once, and httptools
+  grows a header value quadratically: 40 MiB of one value stalled the worker's loop for
+  seconds). Its 408 / 431 is written once the response in flight is complete, never in the
+  middle of it; until then nothing more is read from the connection. The bytes of a request
+  that begins within the same read as the end of the one before are not counted (at most one
+  read, ~256 KB; where a body ends in them is the parser's to know);
+- the rest of a body answered before it was read (401, 404, 413 by Content-Length) is not the
+  next request's headers: it is read and dropped, as uvicorn does, within
+  PODSERVE_HEADER_READ_TIMEOUT_S of the answer (then the connection closes without a word),
+  and the connection then serves its next request or idles for PODSERVE_KEEPALIVE_S.
+
+A 408 / 431 is followed by a FIN, and what the client still sends is read and dropped until
+it closes too (at most PODSERVE_HEADER_READ_TIMEOUT_S: nginx's lingering close): closing with
+input unread sends a reset, which drops whatever the kernel has not sent yet, the 408 / 431
+and the end of a pipelined request's answer before it.
 """
 
 from __future__ import annotations
@@ -22,6 +42,11 @@ from podserve.deadline_sweep import sweep_for
 from podserve.write_coalescing import CoalescingTransport
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+# Where the parser is on a connection (httptools' callbacks move it; h11 stays at _IDLE).
+_IDLE = 0  # between requests: the next byte starts one
+_HEADERS = 1  # inside a request's headers
+_BODY = 2  # headers complete, inside the body (or a body-less request about to complete)
 
 
 def _auto_protocol() -> type[asyncio.Protocol]:
@@ -53,6 +78,10 @@ def guarded_protocol(
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a deadline and a size bound on request headers."""
     parent: Any = base or _auto_protocol()
+    # httptools' protocol has the parser's callbacks; h11's has none (and h11 refuses headers
+    # over h11_max_incomplete_event_size itself): there a request starts once the last
+    # response is complete, as uvicorn's h11 protocol reads one request at a time.
+    parser_hooks = hasattr(parent, "on_headers_complete")
 
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
         # uvicorn decides once per connection whether to write access-log lines; podserve's
@@ -72,10 +101,23 @@ def guarded_protocol(
             self._guard_armed = False
             self._guard_cycle: Any = None
             self._guard_bytes = 0
+            self._guard_tail = b""
+            self._guard_phase = _IDLE
+            self._guard_discarding = False  # reading the rest of a body answered early
+            self._guard_body_ended = False  # ... and it ended in the last read
+            self._guard_refusal: bytes | None = None  # to write once the answer in flight is
+            self._guard_lingering = False  # refused: the rest of the input is dropped
             self._arm()  # the first request's headers are due from the connect on
 
         def data_received(self, data: bytes) -> None:
-            if not self._guard_armed and self._between_requests():
+            if self._guard_lingering:  # refused and answered: the rest is not read as HTTP
+                return
+            if self._guard_refusal is not None:  # refused; waiting for the answer in flight
+                self.flow.pause_reading()  # (the app's receive() may have resumed reading)
+                return
+            if not self._guard_armed and (
+                self._guard_phase != _BODY if parser_hooks else self._between_requests()
+            ):
                 self._arm()  # first byte of the next request on a keep-alive connection
             if self._guard_armed:
                 self._guard_bytes += self._header_part(data)
@@ -84,10 +126,21 @@ def guarded_protocol(
                         self._refuse(431, f"request headers exceed {max_header_bytes} bytes")
                     return
             super().data_received(data)
-            if not self._guard_armed:
-                return
-            if self.cycle is not self._guard_cycle or self.transport.get_protocol() is not self:
-                self._disarm()  # headers complete (a new cycle), or upgraded to another protocol
+            if self._guard_armed:
+                if self.cycle is not self._guard_cycle or self.transport.get_protocol() is not self:
+                    self._disarm()  # headers complete (h11: a new cycle), or upgraded
+            elif self._guard_phase == _HEADERS and not self.transport.is_closing():
+                # The next request began in this read, after the end of the one before (a
+                # pipelined request): bounded from here on. Its bytes in this read are not
+                # counted (at most one read's worth; a body's cannot be told from them).
+                self._arm()
+                self._guard_tail = data[-3:]
+            if self._guard_body_ended:
+                self._guard_body_ended = False
+                self._idle_after_discarding()
+
+        def _between_requests(self) -> bool:  # h11: it reads one request at a time
+            return self.cycle is None or self.cycle.response_complete
 
         def _header_part(self, data: bytes) -> int:
             """How many bytes of data belong to the headers (the body's are not counted)."""
@@ -95,12 +148,72 @@ def guarded_protocol(
             end = (tail + data).find(b"\r\n\r\n")  # the blank line may straddle two chunks
             return len(data) if end < 0 else max(0, end + 4 - len(tail))
 
+        if parser_hooks:
+            # Called for every request: the parent's functions directly, not through super().
+            _parent_message_begin = parent.on_message_begin
+            _parent_headers_complete = parent.on_headers_complete
+            _parent_message_complete = parent.on_message_complete
+
+            def on_message_begin(self) -> None:
+                self._guard_phase = _HEADERS
+                self._parent_message_begin()
+
+            def on_headers_complete(self) -> None:
+                self._guard_phase = _BODY
+                if self._guard_armed:
+                    self._guard_armed = False
+                    self._guard_deadlines.disarm(self)
+                self._parent_headers_complete()
+
+            def on_message_complete(self) -> None:
+                self._guard_phase = _IDLE
+                if self._guard_discarding:  # the rest of a body answered early is in
+                    self._guard_discarding = False
+                    self._guard_deadlines.disarm(self)
+                    self._guard_body_ended = True
+                self._parent_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.is_closing() or self._response_pending():
+                return  # closed with its answer, or the next pipelined request runs
+            if self._guard_refusal is not None:
+                refusal, self._guard_refusal = self._guard_refusal, None
+                self._write_and_close(refusal)
+            elif self._guard_phase == _BODY:
+                # Answered before its body was read in full (401, 404, 413...): uvicorn reads
+                # the rest and drops it. That is no request's headers, but it is bounded too.
+                self._guard_discarding = True
+                self._guard_deadlines.arm(self, self._discarding_expired)
+
+        def _idle_after_discarding(self) -> None:
+            """The rest of a body answered early ended in the last read. uvicorn armed its
+            keep-alive timer when the answer was complete and cancelled it on the next read:
+            arm it again if no request follows, or the connection would idle for ever."""
+            if (
+                self._guard_phase == _IDLE
+                and not self._guard_armed
+                and not self.transport.is_closing()
+                and not self._response_pending()
+                and self.timeout_keep_alive_task is None
+            ):
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+
+        def _discarding_expired(self) -> None:  # called by the sweep
+            self._guard_discarding = False
+            if not self.transport.is_closing():
+                self.transport.close()  # answered already: no second response
+
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._guard_armed = self._guard_discarding = self._guard_lingering = False
+            self._guard_deadlines.disarm(self)
             super().connection_lost(exc)
 
-        def _between_requests(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+        def _response_pending(self) -> bool:
+            """A request's response (the last one parsed: uvicorn answers in order) is due."""
+            return self.cycle is not None and not self.cycle.response_complete
 
         def _arm(self) -> None:
             self._guard_cycle = self.cycle
@@ -118,14 +231,46 @@ def guarded_protocol(
             self._guard_armed = False
             if self.transport.is_closing():
                 return
-            if self._guard_bytes == 0:
-                self.transport.close()  # never sent a byte: close quietly, as nginx does
+            if self._guard_bytes == 0 and self._guard_phase != _HEADERS:
+                self._close_after(b"")  # never sent a byte: close quietly, as nginx does
             else:
-                self._refuse(408, f"request headers not received within {timeout_s:g} s")
+                self._close_after(
+                    _reply(408, f"request headers not received within {timeout_s:g} s")
+                )
 
         def _refuse(self, status: int, message: str) -> None:
             self._disarm()
-            self.transport.write(_reply(status, message))
+            self._close_after(_reply(status, message))
+
+        def _close_after(self, reply: bytes) -> None:
+            """Write `reply` and close; after the response in flight, if one is (pipelining)."""
+            if self._response_pending():
+                self._guard_refusal = reply
+                self.flow.pause_reading()  # nothing more is read or parsed meanwhile
+            else:
+                self._write_and_close(reply)
+
+        def _write_and_close(self, reply: bytes) -> None:
+            """Write `reply` and close. With input still coming (the rest of an oversized
+            header, a pipelined request), closing at once would reset the connection, and a
+            reset drops what the kernel has not sent yet: this reply, and the end of the
+            response before it. So, as nginx's lingering close: the reply, then a FIN, and
+            what still comes is read and dropped until the client closes too, for at most
+            PODSERVE_HEADER_READ_TIMEOUT_S."""
+            transport = self.transport
+            if not reply or not transport.can_write_eof():
+                if reply:
+                    transport.write(reply)
+                transport.close()
+                return
+            transport.write(reply)
+            transport.flush()  # nothing held back (write_coalescing) behind the FIN
+            transport.write_eof()
+            self._guard_lingering = True
+            self.flow.resume_reading()
+            self._guard_deadlines.arm(self, self._linger_expired)
+
+        def _linger_expired(self) -> None:  # called by the sweep
             self.transport.close()
 
     return HeaderGuardProtocol
