@@ -376,19 +376,24 @@ def test_when_the_pod_stops_new_connections_are_refused_while_workers_drain(
 ) -> None:
     """Every worker inherits every slot's socket; if the draining ones kept them, the port
     would take connections until the last worker exits, and reset them then."""
-    with ServerProcess(model_repo, workers=2) as server:
+    # Each request awaits 4 s of simulated I/O: in flight long after the 1 s they are given
+    # to reach a worker, however slow the machine (0.3 s of CPU-bound work was not always).
+    env = {"PODSERVE_SIMULATED_IO_MS": "4000"}
+    with ServerProcess(model_repo, workers=2, env=env) as server:
         with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(_slow_infer, server.url, 40) for _ in range(4)]
-            time.sleep(0.3)  # both workers busy with them
+            running = [pool.submit(_slow_infer, server.url, 1) for _ in range(4)]
+            time.sleep(1.0)  # both workers serving them
             server.signal(signal.SIGTERM)
             refused_while_draining = False
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 8
             while time.monotonic() < deadline and not all(f.done() for f in running):
                 try:
                     socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
                 except ConnectionRefusedError:
                     refused_while_draining = not all(f.done() for f in running)
                     break
+                except ConnectionResetError:  # queued as a listener closed: try again
+                    pass
                 time.sleep(0.01)
             statuses = [future.result() for future in running]
         assert statuses == [200] * 4, server.logs()[-3000:]  # in flight: finished
