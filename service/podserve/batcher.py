@@ -171,7 +171,7 @@ class Batcher:
         A thread that frees up ends the wait too (the pool is idle again: waiting no longer
         pays), not only an arrival or the delay."""
         delay = self.model.max_batch_delay_s
-        if not (self.model.batching and delay > 0):
+        if not (self.model.batching and delay > 0 and self.pool.busy > 1):
             return
         wake = self._arrived.set
         self.pool.on_release.add(wake)

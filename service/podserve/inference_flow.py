@@ -62,7 +62,7 @@ async def predict(
     submitted = time.perf_counter()
     try:
         outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())
-    except DeadlineExceeded:  # its wait is queue time too: the latency deadlines are hit by
+    except DeadlineExceeded:  # its wait counts as queue time: where deadlines are mostly hit
         ctx.timings.record("queue", time.perf_counter() - submitted, submitted_ns)
         raise
     ctx.outcome = outcome

@@ -106,6 +106,11 @@ def _model(sample: Sample) -> tuple[str, str] | None:
     return (model, version) if model and version else None
 
 
+# A wrong method, or a request refused by authentication: no inference request at all (as
+# Triton counts), whatever path it named.
+NOT_INFERENCE = frozenset({"401", "403", "405"})
+
+
 def _requests(totals: Totals, sample: Sample) -> None:
     labels, model = sample.labels, _model(sample)
     status = labels.get("status", "")
@@ -113,7 +118,7 @@ def _requests(totals: Totals, sample: Sample) -> None:
         return
     if status == "200":
         totals[model].success.add(sample)
-    elif int(status) >= 400 and status != "405":  # a wrong method is no inference request
+    elif int(status) >= 400 and status not in NOT_INFERENCE:
         totals[model].fail.add(sample)
 
 

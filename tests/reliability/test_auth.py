@@ -136,6 +136,9 @@ def test_a_401_counts_for_its_route_and_model(secured: ServerProcess) -> None:
             assert time.monotonic() < deadline, text[-3000:]
             time.sleep(0.2)
     assert 'route="unmatched",status="401"' in text  # an unknown path stays unmatched
+    with httpx.Client(base_url=secured.url, timeout=10, headers={"x-api-key": FILE_KEY}) as client:
+        [stats] = client.get("/v2/models/affine/versions/1/stats").json()["model_stats"]
+    assert stats["inference_stats"]["fail"]["count"] == 0  # refused, not a failed inference
 
 
 def test_probes_and_scrapes_open_everything_else_closed(secured: ServerProcess) -> None:

@@ -175,6 +175,7 @@ class PredictionLog:
         self.rows_spooled = 0
         self.rows_replayed = 0  # read back from the spool and written
         self.rows_rejected = 0  # refused by PostgreSQL for their values: set aside on disk
+        self._set_aside_ids: set[str] = set()  # a batch retried after a later failure
         self.write_errors = 0
         self.failures = 0  # consecutive failed write attempts (0: healthy)
         self._wake = asyncio.Event()
@@ -366,7 +367,10 @@ class PredictionLog:
                 await self._write_or_set_aside(rows[:half])
                 await self._write_or_set_aside(rows[half:])
                 return
+            if rows[0][0] in self._set_aside_ids:  # set aside before its batch was retried
+                return
             await asyncio.to_thread(self.spool.set_aside, list(rows), repr(exc))
+            self._set_aside_ids.add(rows[0][0])
             self.rows_rejected += 1
             log.error(
                 "prediction-log row refused by the database; set aside in the spool directory",
