@@ -141,7 +141,10 @@ class Batcher:
                 return await item.future
             return await asyncio.wait_for(item.future, max(0.0, deadline - time.perf_counter()))
         except TimeoutError:
-            raise DeadlineExceeded("request deadline exceeded before inference finished") from None
+            waited = time.perf_counter() - item.enqueued
+            raise DeadlineExceeded(
+                "request deadline exceeded before inference finished", waited
+            ) from None
         finally:
             if not item.future.done():
                 item.future.cancel()
@@ -222,7 +225,10 @@ class Batcher:
         if not item.future.done():  # done: cancelled, the client gave up or its deadline passed
             if item.deadline is None or now < item.deadline:
                 return False
-            item.future.set_exception(DeadlineExceeded("request deadline exceeded in the queue"))
+            waited = now - item.enqueued
+            item.future.set_exception(
+                DeadlineExceeded("request deadline exceeded in the queue", waited)
+            )
         if release:
             self._forget(item)
         return True

@@ -54,6 +54,10 @@ class Overloaded(ServiceUnavailable):
 class DeadlineExceeded(PodserveError):
     status_code = 504
 
+    def __init__(self, message: str, waited_s: float | None = None) -> None:
+        super().__init__(message)
+        self.waited_s = waited_s  # how long it waited for its batch, where it did
+
 
 class ModelNotReady(ServiceUnavailable):
     pass

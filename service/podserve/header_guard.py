@@ -73,6 +73,11 @@ def _reply(status: int, message: str) -> bytes:
     )
 
 
+def has_request_hooks(protocol: type) -> bool:
+    """httptools' protocol class calls on_headers_complete per request; h11's has no such hook."""
+    return hasattr(protocol, "on_headers_complete")
+
+
 def guarded_protocol(
     timeout_s: float, max_header_bytes: int, base: type[asyncio.Protocol] | None = None
 ) -> type[asyncio.Protocol]:
@@ -81,7 +86,7 @@ def guarded_protocol(
     # httptools' protocol has the parser's callbacks; h11's has none (and h11 refuses headers
     # over h11_max_incomplete_event_size itself): there a request starts once the last
     # response is complete, as uvicorn's h11 protocol reads one request at a time.
-    parser_hooks = hasattr(parent, "on_headers_complete")
+    parser_hooks = has_request_hooks(parent)
 
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
         # uvicorn decides once per connection whether to write access-log lines; podserve's

@@ -31,7 +31,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from podserve import connection_balance, drain_grace, lifecycle, slot_listeners
-from podserve.header_guard import guarded_protocol
+from podserve.header_guard import guarded_protocol, has_request_hooks
 from podserve.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class PodserveWorker(UvicornWorker):
         # would show up in every awaited I/O call. A short interval bounds that wait.
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         http = guarded_protocol(settings.header_read_timeout_s, settings.max_header_bytes)
-        if _has_request_hook(http):
+        if has_request_hooks(http):
             http = drain_grace.drain_grace_protocol(http, settings.drain_idle_grace_s)
         self.config.http = http
 
@@ -198,7 +198,7 @@ class PodserveWorker(UvicornWorker):
     def _balance_connections(self) -> None:
         """After fork: count this worker's connections in its slot, close surplus ones if on."""
         slot, base = getattr(self, "podserve_slot", None), self.config.http
-        if slot is None or not _has_request_hook(base):
+        if slot is None or not has_request_hooks(base):
             return
         balanced = connection_balance.install(base, slot, get_settings().balance_connections)
         if balanced is not None:
@@ -211,11 +211,6 @@ def _plain_sockets(listeners: list[Any]) -> list[socket.socket]:
     logged as "Error while closing socket" on every drain, or another thread's new fd if
     the number was reused in between); a plain socket it detaches first."""
     return [getattr(listener, "sock", listener) for listener in listeners]
-
-
-def _has_request_hook(protocol: type) -> bool:
-    """httptools' protocol class calls on_headers_complete per request; h11's has no such hook."""
-    return hasattr(protocol, "on_headers_complete")
 
 
 def _exit_boot_error() -> None:
