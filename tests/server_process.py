@@ -72,15 +72,19 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            [*PODSERVE, "serve"], env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
-        )
+        self.launch()
         try:
             self.wait_ready(timeout)
         except BaseException:
             self.stop()  # a server that never got ready must not outlive the test
             raise
         return self
+
+    def launch(self) -> None:
+        """Start the server without waiting for it (the caller stops it)."""
+        self.proc = subprocess.Popen(
+            [*PODSERVE, "serve"], env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT
+        )
 
     def wait_ready(self, timeout: float) -> None:
         """Ready once every worker has answered /v2/health/ready with 200."""

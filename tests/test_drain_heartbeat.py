@@ -86,10 +86,10 @@ def test_the_drain_heartbeat_notifies_every_quarter_of_the_worker_timeout_and_st
 
     # Gunicorn hands uvicorn half its worker timeout (here 0.4 s of 0.8 s): every 0.2 s.
     server = DrainingServer(Config(app=lambda: None, callback_notify=notify, timeout_notify=0.4))
-    server.drain_heartbeat_s = 1.0  # the graceful timeout: one stuck longer is left to die
 
     async def scenario() -> None:
-        task = asyncio.create_task(server._heartbeat_while_draining())
+        # A drain's: for the graceful timeout; one stuck longer is left to die.
+        task = asyncio.create_task(server._heartbeat(for_s=1.0))
         await asyncio.sleep(2.5)  # the 1 s deadline, with room for a loaded machine
         assert task.done()
 
@@ -101,7 +101,7 @@ def test_the_drain_heartbeat_notifies_every_quarter_of_the_worker_timeout_and_st
 
 def test_no_heartbeat_outside_gunicorn() -> None:
     server = DrainingServer(Config(app=lambda: None))
-    asyncio.run(asyncio.wait_for(server._heartbeat_while_draining(), timeout=1))
+    asyncio.run(asyncio.wait_for(server._heartbeat(for_s=None), timeout=1))
 
 
 @pytest.mark.parametrize("graceful_timeout", [1, 1.0, 0.5, 0.01])

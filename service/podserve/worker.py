@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -78,8 +79,14 @@ class DrainingServer(Server):
         return True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        async with slot_listeners.starting():
-            await super().startup(sockets=sockets)
+        # Models load in a thread (the loop is free), for longer than the worker timeout if
+        # they are large or many; uvicorn's own heartbeat starts only once it serves.
+        heartbeat = asyncio.create_task(self._heartbeat(for_s=None))
+        try:
+            async with slot_listeners.starting():
+                await super().startup(sockets=sockets)
+        finally:
+            heartbeat.cancel()
         if not self.should_exit:  # models loaded, sockets served: take a share of connections
             # The cover first: it records this worker's first tick, which the others must
             # see before its count, or they take it for stalled.
@@ -95,7 +102,7 @@ class DrainingServer(Server):
         )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat_while_draining())
+        heartbeat = asyncio.create_task(self._heartbeat(for_s=self.drain_heartbeat_s))
         try:
             if self.cover is not None:
                 self.cover.close()  # the slots covered stay open: other workers serve them
@@ -105,16 +112,22 @@ class DrainingServer(Server):
         finally:
             heartbeat.cancel()
 
-    async def _heartbeat_while_draining(self) -> None:
-        """uvicorn tells the master it is alive (callback_notify) only from main_loop's on_tick,
-        which has ended when the drain begins. The master goes on checking a worker that drains
-        for a recycle, a reload (HUP) or a TTOU, and killed one whose drain outlasted about half
-        of PODSERVE_WORKER_TIMEOUT_S ("WORKER TIMEOUT", SIGABRT), dropping its requests."""
+    async def _heartbeat(self, for_s: float | None) -> None:
+        """Tell the master this worker is alive, for `for_s` seconds (None: until cancelled).
+
+        uvicorn tells it (callback_notify) only from main_loop's on_tick: not yet while the
+        models load, and no more once the drain begins. The master goes on checking a worker
+        that drains for a recycle, a reload (HUP) or a TTOU, and killed one whose drain
+        outlasted about half of PODSERVE_WORKER_TIMEOUT_S ("WORKER TIMEOUT", SIGABRT),
+        dropping its requests. While a worker starts, only Gunicorn 27's comparison of a
+        monotonic time with the heartbeat file's first, wall-clock mtime spared one whose
+        models took longer than the worker timeout to load; earlier Gunicorns killed it, and
+        it booted again, for ever. A worker whose start-up hangs is left to the startup probe."""
         notify = self.config.callback_notify
         if notify is None:  # not under Gunicorn
             return
         interval = max(0.1, self.config.timeout_notify / 2)  # master's timeout / 4
-        deadline = time.monotonic() + self.drain_heartbeat_s
+        deadline = math.inf if for_s is None else time.monotonic() + for_s
         while time.monotonic() < deadline:
             await notify()
             await asyncio.sleep(interval)
