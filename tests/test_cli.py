@@ -71,6 +71,18 @@ def test_bad_settings_are_one_line_each_not_a_traceback(tmp_path: Path) -> None:
     assert "error: PODSERVE_LOG_LEVEL='loud': Value error, unknown log level" in out.stderr
 
 
+def test_a_bad_database_url_stops_the_start_before_models_load(tmp_path: Path) -> None:
+    """Before: a traceback from asyncpg's URL parser in lifespan start-up, after every model
+    had loaded, in every worker."""
+    env = {**os.environ, "PODSERVE_DATABASE_URL": "postgresql://podserve:s3cret@db:54x2/test"}
+    out = subprocess.run(
+        [*PODSERVE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "error: PODSERVE_DATABASE_URL: Value error, the database URL's port '54x2'" in out.stderr
+    assert "s3cret" not in out.stderr
+
+
 def test_empty_repository_fails_startup(tmp_path: Path) -> None:
     assert "holds no <model>/<version>/model.onnx" in _serve_expecting_failure(tmp_path)
 

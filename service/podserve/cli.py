@@ -102,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def settings_errors(exc: Any) -> list[str]:
     """`PODSERVE_PORT='abc': Input should be a valid integer` per invalid setting."""
+    from podserve.settings import is_secret
+
     lines = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error.get("loc") else ""
         name = f"PODSERVE_{field.upper()}" if field else "settings"
-        given = f"={error['input']!r}" if field and not isinstance(error.get("input"), dict) else ""
+        shown = field and not is_secret(field) and not isinstance(error.get("input"), dict)
+        given = f"={error['input']!r}" if shown else ""
         lines.append(f"{name}{given}: {error['msg']}")
     return lines
 

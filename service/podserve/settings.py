@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from podserve.db.url_check import url_problem
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
@@ -141,6 +143,14 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown log level; use one of {', '.join(LOG_LEVELS).lower()}")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = value and url_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("graceful_timeout_s")
     @classmethod
     def _room_after_the_drain(cls, value: float) -> float:
@@ -167,6 +177,12 @@ class Settings(BaseSettings):
                 f"drain: graceful_timeout_s ({self.graceful_timeout_s}) - 2 s"
             )
         return self
+
+
+def is_secret(field: str) -> bool:
+    """A setting whose value is never printed (a password in a URL, API keys)."""
+    info = Settings.model_fields.get(field)
+    return info is not None and SecretStr in (info.annotation, *get_args(info.annotation))
 
 
 @lru_cache(maxsize=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from podserve.db.migrations import (
     packaged_migrations,
     take_migration_lock,
 )
+from podserve.db.url_check import url_problem
 from tcp_proxy import TcpProxy
 
 PODSERVE = [sys.executable, "-m", "podserve.cli"]
@@ -172,3 +174,42 @@ def test_a_migrator_lost_mid_run_does_not_hold_the_lock(
     assert stats["applied"] == [m.version for m in packaged_migrations()], stats
     assert stats["orphan_after"] is None and stats["seconds"] < 10, stats
     assert stats["restored"] == ["0", "0"], stats  # the caller's session is its own again
+
+
+BAD_URLS = {
+    "postgresql://podserve:s3cret@127.0.0.1:abc/test": "port 'abc' is not a number",
+    "postgresql://podserve:s3cret@127.0.0.1:99999/test": "port '99999' is not a number",
+    "postgresql://podserve:s3cret@db1:5432,db2:x/test": "port 'x' is not a number",
+    "postgresql://podserve:s3cret@db/test?port=5432,0": "port '0' is not a number",
+    "postgresql+asyncpg://podserve:s3cret@db/test": "must start with postgresql://",
+}
+
+
+@pytest.mark.parametrize("command", ["migrate", "status"])
+@pytest.mark.parametrize(("url", "problem"), BAD_URLS.items(), ids=list(BAD_URLS.values()))
+def test_a_database_url_asyncpg_cannot_use_is_one_line_without_its_password(
+    command: str, url: str, problem: str
+) -> None:
+    """Before: asyncpg's ValueError or OverflowError, a traceback from its URL parser."""
+    by_flag = [*PODSERVE, "db", command, "--database-url", url]
+    by_env = [*PODSERVE, "db", command]
+    for argv, env in ((by_flag, {}), (by_env, {"PODSERVE_DATABASE_URL": url})):
+        result = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=30, env={**os.environ, **env}
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and problem in result.stderr, result.stderr
+        assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1/test",
+        "postgres://postgres:pw@127.0.0.1:5432/test?sslmode=disable",
+        "postgresql://postgres@db1:5432,db2,[::1]:5433/test",
+        "postgresql:///test?host=/var/run/postgresql&port=5432",
+    ],
+)
+def test_database_urls_asyncpg_takes_pass_the_check(url: str) -> None:
+    assert url_problem(url) is None

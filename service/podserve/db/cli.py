@@ -47,6 +47,12 @@ def _url_argument(parser: argparse.ArgumentParser) -> None:
 
 def _database_url(args: argparse.Namespace) -> str:
     if args.database_url:
+        from podserve.db.url_check import url_problem
+
+        problem = url_problem(args.database_url)
+        if problem:
+            print(f"error: --database-url: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         return args.database_url
     from podserve.settings import get_settings
 
