@@ -92,6 +92,13 @@ def test_tritonclient_class_count(server: ServerProcess, binary: bool) -> None:
     [
         ([{"name": "probabilities", "parameters": {"classification": 0}}], "positive integer"),
         ([{"name": "label", "parameters": {"classification": 1}}], "cannot be returned as"),
+        (  # two outputs of one name: tritonclient's as_numpy read them with wrong offsets
+            [
+                {"name": "probabilities", "parameters": {"classification": 1}},
+                {"name": "probabilities"},
+            ],
+            "output 'probabilities' is requested more than once",
+        ),
     ],
 )
 def test_bad_classification_requests_get_a_400(

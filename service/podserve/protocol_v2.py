@@ -319,10 +319,14 @@ def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
         return None
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a list")
-    outputs = []
+    outputs: list[RequestedOutput] = []
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest("each requested output needs a string 'name'")
+        # Twice by name (say, once classified and once raw) answered two outputs of one name,
+        # which tritonclient's as_numpy reads with the wrong offsets.
+        if any(output.name == item["name"] for output in outputs):
+            raise BadRequest(f"output '{item['name']}' is requested more than once")
         params = _object(item.get("parameters"), f"{item['name']}.parameters")
         binary = _flag(params, "binary_data")
         outputs.append(RequestedOutput(item["name"], binary, class_count(params, item["name"])))
