@@ -17,6 +17,7 @@ from podserve import (
     log_control,
     model_trace_settings,
     pod_settings,
+    repository_fingerprint,
     slot_listeners,
     trace_control,
 )
@@ -60,6 +61,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
                 model_trace_settings.POD_SETTING,
             ),
             trace_control.gunicorn_hooks(),
+            repository_fingerprint.gunicorn_hooks(settings.model_repository),
         ),
     }
 

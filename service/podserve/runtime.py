@@ -9,7 +9,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from podserve import lifecycle
+from podserve import lifecycle, repository_fingerprint
 from podserve.batcher import Batcher, BatchObserver, InferenceOutcome, QueueBudget
 from podserve.cpu_quota import cpu_limit, default_workers, intra_op_threads
 from podserve.db.services import DatabaseServices
@@ -68,6 +68,7 @@ class ServingRuntime:
         self.repository = await asyncio.to_thread(
             load_repository, self.settings.model_repository, self.settings, threads
         )
+        repository_fingerprint.check_unchanged(self.settings.model_repository)
         for model in self.repository.all_versions():
             batcher = Batcher(model, self.pool, self.budget, self.batch_observers)
             batcher.start()
