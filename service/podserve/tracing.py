@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRACE_ID_HEADER = b"x-trace-id"
+# How long a stopping worker waits for its last spans to reach the collector.
+FLUSH_BOUND_S = 1.0
 # Health probes and scrapes would drown the interesting traces.
 DEFAULT_EXCLUDED_URLS = "/metrics,/v2/health/live,/v2/health/ready"
 _ROOT = otel_context.Context()  # an empty context: batch spans start a trace of their own
@@ -336,11 +339,24 @@ class Tracing:
         span.end(end_time=record.end_ns)
 
     def shutdown(self) -> None:
-        """Flush what is buffered (called at worker shutdown)."""
+        """Flush what is buffered (called at worker shutdown), for FLUSH_BOUND_S at most.
+
+        A collector that accepts and never answers held the worker's exit for the exporter's
+        timeout (10 s): every rollout waited, and under a graceful timeout shorter than that
+        Gunicorn killed the worker in its lifespan shutdown, with nothing logged to say why.
+        The flush runs in a daemon thread, which the worker's exit does not wait for."""
         global _active
         _active = False
         trace_control.detach()
-        self.provider.shutdown()
+        flush = threading.Thread(target=self.provider.shutdown, name="span-flush", daemon=True)
+        flush.start()
+        flush.join(FLUSH_BOUND_S)
+        if flush.is_alive():
+            log.warning(
+                "spans not exported at shutdown: the collector did not answer in time; the "
+                "spans still buffered are dropped",
+                extra={"bound_s": FLUSH_BOUND_S},
+            )
 
 
 def _traces_tensors(ctx: RequestContext) -> bool:

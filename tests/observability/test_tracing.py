@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,3 +194,47 @@ def test_exemplars_point_at_the_trace(server: ServerProcess) -> None:
     }
     assert exemplars.get("podserve_request_duration_seconds_bucket") == trace_id
     assert exemplars.get("podserve_phase_duration_seconds_bucket") == trace_id
+
+
+class BlackHoleCollector:
+    """Accepts connections and never answers: a collector that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.held: list[socket.socket] = []
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._hold, daemon=True).start()
+
+    def _hold(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        for conn in [*self.held, self.listener]:
+            conn.close()
+
+
+def test_a_hung_collector_does_not_hold_the_worker_past_its_graceful_timeout(
+    model_repo: Path,
+) -> None:
+    """Before: the flush at shutdown waited for the exporter's 10 s timeout; under a graceful
+    timeout of 4 s Gunicorn killed the worker in its lifespan shutdown, unlogged."""
+    collector = BlackHoleCollector()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",  # the spans wait in the buffer for the shutdown
+        "PODSERVE_TRACING_ENABLED": "true",
+        "PODSERVE_GRACEFUL_TIMEOUT_S": "4",
+    }
+    try:
+        with ServerProcess(model_repo, workers=1, env=env) as server:
+            for _ in range(3):
+                response = httpx.post(f"{server.url}/v2/models/text/infer", json=TEXT, timeout=10)
+                assert response.status_code == 200, response.text
+            assert server.stop() == 0
+            logs = server.logs()
+    finally:
+        collector.close()
+    assert "Application shutdown complete" in logs, logs[-3000:]
+    assert "spans not exported at shutdown" in logs, logs[-3000:]
