@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from pathlib import Path
 
+import httpx
+
+from model_builders import affine_model, save
 from podserve import inference_pool
 from podserve.inference_pool import BACKGROUND, ONLINE, InferencePool
+from server_process import ServerProcess
 
 
 def _own_niceness() -> int:
@@ -24,6 +29,45 @@ def test_inference_threads_run_at_lower_priority_than_the_loop() -> None:
 
     loop_nice, thread_nice = asyncio.run(scenario())
     assert thread_nice == min(19, loop_nice + 10)
+
+
+def test_threads_made_by_work_run_apart_inherit_the_lower_priority() -> None:
+    """Model loading runs apart: ONNX Runtime's intra-op threads, made with each session,
+    ran at the loop's priority before, and did most of the inference work with several."""
+
+    def spawn_and_read() -> int:
+        seen: list[int] = []
+        child = threading.Thread(target=lambda: seen.append(_own_niceness()))
+        child.start()
+        child.join()
+        return seen[0]
+
+    async def scenario() -> tuple[int, int]:
+        pool = InferencePool(1, niceness=10)
+        try:
+            return _own_niceness(), await pool.run_apart(spawn_and_read)
+        finally:
+            pool.shutdown()
+
+    loop_nice, child_nice = asyncio.run(scenario())
+    assert child_nice == min(19, loop_nice + 10)
+
+
+def test_ort_intra_op_threads_of_a_served_model_yield_to_the_loop(tmp_path: Path) -> None:
+    save(affine_model(), tmp_path, "affine", 1, {"max_batch_size": 8})
+    env = {"PODSERVE_ORT_INTRA_OP_THREADS": "3", "PODSERVE_POOL_THREADS": "1"}
+    with ServerProcess(tmp_path, workers=1, env=env) as server:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+        httpx.post(f"{server.url}/v2/models/affine/infer", json=body).raise_for_status()
+        (worker,) = server.worker_pids()
+        nice = [_thread_nice(worker, task) for task in os.listdir(f"/proc/{worker}/task")]
+    # The pool's thread and the session's 2 intra-op threads (the caller is the third).
+    assert sum(1 for value in nice if value >= 10) >= 3, nice
+
+
+def _thread_nice(pid: int, task: str) -> int:
+    stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])  # field 19: nice
 
 
 def _own_policy() -> int:

@@ -101,6 +101,21 @@ class InferencePool:
         # a batch only while the pool is busy stops waiting then).
         self.on_release: set[Callable[[], None]] = set()
 
+    async def run_apart(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in a thread of its own, scheduled as the inference threads are.
+
+        For loading models: a session's ONNX Runtime intra-op threads (more than one where
+        a worker has several cores) are made with it and inherit its thread's nice value and
+        policy (Linux keeps them per thread), so they too yield the CPU to the event loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        work: queue.SimpleQueue = queue.SimpleQueue()
+        work.put((fn, args, future, loop))
+        work.put(_STOP)
+        settings = (work, self._niceness, self._idle_policy, self._slice_us)
+        threading.Thread(target=_serve_work, args=settings, name="model-load", daemon=True).start()
+        return await future
+
     async def acquire(self, priority: int = ONLINE) -> None:
         """Wait for a free thread; lower priority numbers are served first."""
         if self.busy < self.capacity and not self._waiters:

@@ -65,7 +65,7 @@ class ServingRuntime:
     async def start(self) -> None:
         threads = thread_budget(self.settings)
         started = time.perf_counter()
-        self.repository = await asyncio.to_thread(
+        self.repository = await self.pool.run_apart(
             load_repository, self.settings.model_repository, self.settings, threads
         )
         repository_fingerprint.check_unchanged(self.settings.model_repository)
