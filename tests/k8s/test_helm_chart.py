@@ -452,6 +452,7 @@ def test_model_configs_mounted_per_model(helm: str) -> None:
     assert set(data) == {"tabular.yaml"}
     config = ModelConfig.model_validate(yaml.safe_load(data["tabular.yaml"]))
     assert config.max_batch_size == 64
+    assert config.labels == {"probabilities": "labels.txt"}  # the schema once refused labels
     mount = next(m for m in server_container(objs)["volumeMounts"] if m["name"] == "model-configs")
     assert mount == {
         "name": "model-configs",
