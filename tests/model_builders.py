@@ -117,6 +117,49 @@ def fixed_batch_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def flatten_model(dim_name: str | None = "n") -> onnx.ModelProto:
+    """x FP32 [batch, 4] -> y = x flattened, FP32 [n]: 4 values per row, not one row per row.
+    `dim_name=None` leaves y's dim 0 unnamed, so the load cannot tell it from the batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "flatten",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim_name])],
+        [numpy_helper.from_array(np.array([-1], np.int64), "shape")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def detections_model() -> onnx.ModelProto:
+    """x FP32 [batch, 4] -> hits INT64 [num_hits, 2]: (row, col) of each positive value, as a
+    detector lists its boxes: any number of rows per input row."""
+    nodes = [
+        helper.make_node("Greater", ["x", "zero"], ["positive"]),
+        helper.make_node("NonZero", ["positive"], ["where"]),
+        helper.make_node("Transpose", ["where"], ["hits"], perm=[1, 0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detections",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("hits", TensorProto.INT64, ["num_hits", 2])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def broadcast_model() -> onnx.ModelProto:
+    """y = x + [1, 2, 3], x FP32 [batch, n]: n must be 1 or 3, which only the run finds out."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "broadcast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])],
+        [numpy_helper.from_array(np.array([1, 2, 3], np.float32), "c")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 def build_test_repository(repo: Path) -> Path:
     """affine (v1 and v2), slow, mixed, fixed: every shape of model the tests need."""
     save(affine_model(2.0, 1.0), repo, "affine", 1, {"max_batch_size": 16})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 import yaml
@@ -11,13 +11,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from podserve.datatypes import V2_TO_NUMPY
 
+# Upper bounds keep every number a served config echoes (metadata, Triton's config: delay
+# in microseconds) finite and within 64 bits, and far above any sensible value.
+MAX_INT32 = 2**31 - 1
+MAX_BATCH_DELAY_MS = 60_000.0  # a minute: a wait for more rows is meant in milliseconds
+
+# -1: dynamic; ONNX dims are int64.
+Dim = Annotated[int, Field(ge=-1, le=2**63 - 1)]
+
 
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
     datatype: str
-    shape: list[int]
+    shape: list[Dim]
 
     def model_post_init(self, __context: Any) -> None:
         if self.datatype not in V2_TO_NUMPY:
@@ -36,8 +44,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int | None = Field(None, ge=1)
-    max_batch_delay_ms: float | None = Field(None, ge=0)
+    max_batch_size: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_batch_delay_ms: float | None = Field(None, ge=0, le=MAX_BATCH_DELAY_MS, allow_inf_nan=False)
     batching: bool = True
     allow_nonfinite: bool | None = None
     preprocessor: ProcessorSpec | None = None

@@ -33,6 +33,8 @@ class ServedModel:
         if version is None or version == "":
             return self.default
         model = self.versions.get(version)
+        if model is None and _is_number(version):  # "01" names version 1, as in Triton
+            model = self.versions.get(str(int(version)))
         if model is None:
             raise NotFound(
                 f"model '{self.name}' has no version '{version}'; "
@@ -61,21 +63,51 @@ class ModelRepository:
         return [m for served in self.models.values() for m in served.versions.values()]
 
 
-def _version_dirs(model_dir: Path) -> list[Path]:
-    return sorted(
-        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()),
-        key=lambda p: int(p.name),
-    )
+def _is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()  # not "²" or "٣", which isdigit() accepts
+
+
+def _ignored(path: Path) -> bool:
+    """Hidden directories (a Kubernetes volume's `..data`, `.git`) are no models or versions;
+    nor is `lost+found` at the root of a mounted volume."""
+    return path.name.startswith(".") or path.name == "lost+found"
+
+
+def _version_dirs(model_dir: Path) -> dict[str, Path]:
+    """Version -> its directory. Versions are integers, as in Triton: "01" is version 1 (two
+    directories for one number are an error), and a model needs at least one."""
+    versions: dict[str, Path] = {}
+    others: list[str] = []
+    for path in sorted(p for p in model_dir.iterdir() if p.is_dir() and not _ignored(p)):
+        if not _is_number(path.name):
+            others.append(path.name)
+            if (path / "model.onnx").exists():  # a typo'd version, not a tokenizer's folder
+                raise ModelLoadError(
+                    f"{path}: version directories must be numbers (e.g. {model_dir}/1)"
+                )
+            continue
+        version = str(int(path.name))
+        if version in versions:
+            raise ModelLoadError(
+                f"{model_dir}: directories {versions[version].name!r} and {path.name!r} "
+                f"are both version {version}"
+            )
+        versions[version] = path
+    if not versions:
+        raise ModelLoadError(
+            f"{model_dir}: no version directory (version directories must be numbers, "
+            f"e.g. {model_dir}/1/model.onnx; found {others or 'none'})"
+        )
+    return dict(sorted(versions.items(), key=lambda item: int(item[0])))
 
 
 def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> ModelRepository:
     if not root.is_dir():
         raise ModelLoadError(f"model repository {root} does not exist or is not a directory")
     models: dict[str, ServedModel] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p)):
         served = _load_model(model_dir, settings, threads)
-        if served.versions:
-            models[served.name] = served
+        models[served.name] = served
     if not models:
         raise ModelLoadError(f"model repository {root} holds no <model>/<version>/model.onnx")
     return ModelRepository(models)
@@ -87,14 +119,14 @@ def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> S
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     served = ServedModel(model_dir.name)
-    for version_dir in _version_dirs(model_dir):
+    for version, version_dir in _version_dirs(model_dir).items():
         path = version_dir / "model.onnx"
         if not path.exists():
             raise ModelLoadError(f"{path}: missing (every version directory needs a model.onnx)")
         try:
             model = OnnxModel(
                 name=model_dir.name,
-                version=version_dir.name,
+                version=version,
                 path=path,
                 config=config,
                 threads=threads,
@@ -106,7 +138,7 @@ def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> S
             model.warm_up()
         except Exception as exc:  # any failure here must name the file
             raise ModelLoadError(f"{path}: failed to load: {type(exc).__name__}: {exc}") from exc
-        served.versions[version_dir.name] = model
+        served.versions[version] = model
         log.info(
             "model loaded",
             extra={"model": model.name, "version": model.version, "batching": model.batching},

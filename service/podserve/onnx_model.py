@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from podserve.classification import load_labels
 from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
@@ -22,6 +25,18 @@ from podserve.processors import (
     make_postprocessor,
     make_preprocessor,
 )
+
+log = logging.getLogger(__name__)
+
+# Dim names that exporters make up for a dynamic dim the user never named: tf2onnx writes
+# `unk__<n>`, torch.onnx `<tensor>_dynamic_axes_<i>` (list-form dynamic_axes), a new one per
+# tensor. They say no more than an unnamed dim, so they do not tell a batch from other rows.
+_GENERATED_DIM_NAME = re.compile(r"unk__\d+|.+_dynamic_axes_\d+")
+
+# ORT raises the shape checks that fail inside a kernel (broadcast, Reshape, MatMul, Concat)
+# as `Fail`, the class it also uses for internal faults: only the message tells them apart.
+# Inputs passed `validate`, so a shape that does not fit is one the client chose.
+_SHAPE_FAILURE = re.compile(r"broadcast|shape|dimension", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -54,9 +69,66 @@ class RejectedRequests(Exception):
         self.errors = errors
 
 
+class UnsplittableBatch(RuntimeError):
+    """A merged run's output has no row per input row: its rows cannot be told apart."""
+
+
 def _dim(value: object) -> int:
     """ORT reports dynamic dims as None or a symbolic name: both become -1."""
     return value if isinstance(value, int) and value >= 0 else -1
+
+
+def _dim0(node: ort.NodeArg) -> int | str | None:
+    """Dim 0 as the graph declares it: a size (0 for a scalar: nothing to batch along), the
+    name of its symbol, or None where it is dynamic and unnamed (as skl2onnx writes it)."""
+    if not node.shape:
+        return 0
+    dim = node.shape[0]
+    if isinstance(dim, str):
+        return None if _GENERATED_DIM_NAME.fullmatch(dim) else dim
+    return dim if isinstance(dim, int) and dim >= 0 else None
+
+
+def batchable(inputs: Sequence[ort.NodeArg], outputs: Sequence[ort.NodeArg]) -> bool:
+    """Requests can be concatenated along dim 0 only if it is every tensor's batch: dynamic
+    everywhere, and named, where named at all, after one symbol shared with the inputs. An
+    output whose dim 0 has a name of its own (NonZero's `num_hits`, a flattening Reshape's
+    `n`) does not hold one row per input row, and slicing it by requests mixes their rows."""
+    dims = [_dim0(node) for node in inputs]
+    if any(isinstance(dim, int) for dim in dims):
+        return False
+    named = {dim for dim in dims if dim is not None}
+    if len(named) > 1:  # inputs whose dim 0s vary independently: no one batch dim
+        return False
+    return all(dim is None or dim in named for dim in (_dim0(node) for node in outputs))
+
+
+def check_output_overrides(configured: list[TensorSpec], actual: list[TensorSpec]) -> None:
+    """`outputs:` in config.yaml describes tensors the model makes, it cannot rename or cast
+    them: a name the model lacks failed every request (500), a wrong datatype or shape made
+    the metadata lie. Dims the config fixes where the model's are dynamic are allowed."""
+    by_name = {spec.name: spec for spec in actual}
+    for spec in configured:
+        real = by_name.get(spec.name)
+        if real is None:
+            raise ValueError(
+                f"configured output {spec.name!r} is not an output of the model; "
+                f"its outputs are {sorted(by_name)}"
+            )
+        if spec.datatype != real.datatype:
+            raise ValueError(
+                f"configured output {spec.name!r}: datatype {spec.datatype} does not match "
+                f"the model's {real.datatype}"
+            )
+        fixed_differ = any(
+            want >= 0 and got >= 0 and want != got
+            for want, got in zip(spec.shape, real.shape, strict=False)
+        )
+        if len(spec.shape) != len(real.shape) or fixed_differ:
+            raise ValueError(
+                f"configured output {spec.name!r}: shape {spec.shape} does not match the "
+                f"model's {real.shape}"
+            )
 
 
 def _spec(node: ort.NodeArg) -> TensorSpec:
@@ -101,8 +173,10 @@ class OnnxModel:
         self.preprocessor = self._make_preprocessor(config, path.parent.parent)
         self.postprocessor = self._make_postprocessor(config)
         self.inputs = config.inputs or self._public_inputs()
+        if config.outputs:
+            check_output_overrides(config.outputs, self._public_outputs())
         self.outputs = config.outputs or self._public_outputs()
-        self.batchable = self._has_batch_dim()
+        self.batchable = batchable(self.session.get_inputs(), self.session.get_outputs())
         self.batching = config.batching and self.batchable
         self.max_batch_size = config.max_batch_size or default_max_batch_size
         delay = config.max_batch_delay_ms
@@ -137,11 +211,6 @@ class OnnxModel:
         if self.postprocessor:
             return self.postprocessor.output_specs(self.model_outputs)
         return self.model_outputs
-
-    def _has_batch_dim(self) -> bool:
-        """Rows can be concatenated only if dim 0 of every model tensor is dynamic."""
-        tensors = self.model_inputs + self.model_outputs
-        return all(spec.shape and spec.shape[0] == -1 for spec in tensors)
 
     # --- per-request checks (event loop; cheap) ------------------------------------
     def validate(
@@ -229,6 +298,12 @@ class OnnxModel:
             results = self.session.run(None, feed)
         except InvalidArgument as exc:  # shapes ORT could not reconcile: the client's input
             raise BadRequest(f"model '{self.name}' rejected the input: {exc}") from None
+        except Fail as exc:
+            if not _SHAPE_FAILURE.search(str(exc)):
+                raise  # an internal fault: 500
+            # A merged run fails for all if one request's dims do not fit: the batcher
+            # reruns each alone, and only that one gets this 400.
+            raise BadRequest(f"model '{self.name}' rejected the input: {exc}") from None
         raw = dict(zip(self.session_output_names, results, strict=True))
         inferred = time.perf_counter()
         outputs = self.postprocessor(raw, feed) if self.postprocessor else raw
@@ -277,8 +352,12 @@ class OnnxModel:
         """Each request's rows of every output, as views (no copy). Plain slices: np.split
         cost ~23 us for 8 requests of the tabular model against ~4 us (more than its run)."""
         if len(rows) == 1:
-            return [outputs]
+            return [outputs]  # whole, whatever its dim 0: nothing to tell apart
         items = list(outputs.items())
+        total = sum(rows)
+        for name, value in items:
+            if value.shape[:1] != (total,):
+                self._stop_batching(name, value.shape, total)
         parts: list[Tensors] = []
         start = 0
         for count in rows:
@@ -286,6 +365,27 @@ class OnnxModel:
             parts.append({name: value[start:end] for name, value in items})
             start = end
         return parts
+
+    def _stop_batching(self, output: str, shape: tuple[int, ...], rows: int) -> NoReturn:
+        """An output without one row per input row cannot be handed back by request (the
+        graph left its dim 0 unnamed, so the load could not tell). Raising makes the batcher
+        rerun each request alone; from now on they are not merged, so as not to run twice."""
+        if self.batching:
+            self.batching = False
+            log.warning(
+                "model output has no row per input row: batching turned off",
+                extra={
+                    "model": self.name,
+                    "version": self.version,
+                    "output": output,
+                    "shape": list(shape),
+                    "rows": rows,
+                },
+            )
+        raise UnsplittableBatch(
+            f"model '{self.name}' output '{output}' has shape {list(shape)} for {rows} rows "
+            "of merged requests: it cannot be split by request"
+        )
 
     def warm_up(self) -> None:
         """One inference with a dummy row, so the first real request pays no lazy init."""
