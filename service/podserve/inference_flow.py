@@ -28,6 +28,7 @@ class RequestContext:
 
     started: float
     timings: PhaseTimings
+    deadline: float | None = None  # perf_counter; set by start_deadline, before any wait
     model: OnnxModel | None = None  # set once the input is valid
     rows: int = 0
     queue_rows: int = 0  # rows already queued in this worker when this request enqueued
@@ -43,6 +44,14 @@ class RequestContext:
         return ctx
 
 
+def start_deadline(request: Request, ctx: RequestContext) -> None:
+    """The request's deadline (X-Podserve-Timeout-Ms, else PODSERVE_REQUEST_TIMEOUT_MS),
+    worked out once, before the first phase that waits: the feature lookup must keep to it
+    as the queue does. No clock read: it counts from ctx.started."""
+    timeout = request_headers(request.scope).get(TIMEOUT_HEADER)
+    ctx.deadline = runtime_of(request).deadline(ctx.started, timeout)
+
+
 async def predict(
     request: Request,
     ctx: RequestContext,
@@ -50,17 +59,16 @@ async def predict(
     inputs: Tensors,
     datatypes: dict[str, str] | None,
 ) -> InferenceOutcome:
+    """Validate, queue and infer within ctx.deadline (the route set it: start_deadline)."""
     runtime = runtime_of(request)
     await simulated_features(ctx.timings)  # benchmark aid, off unless PODSERVE_SIMULATED_IO_MS
     with ctx.timings.measure("parse"):
         inputs, rows = model.validate(inputs, datatypes, values=False)  # values: in run_batch
-        timeout = request_headers(request.scope).get(TIMEOUT_HEADER)
-        deadline = runtime.deadline(ctx.started, timeout)
     ctx.model, ctx.rows, ctx.queue_rows = model, rows, runtime.queued_rows
     ctx.inputs = inputs
     submitted_ns = time.time_ns() if ctx.timings.wall_clock else None
     try:
-        outcome = await runtime.infer(model, inputs, rows, deadline, context=link_context())
+        outcome = await runtime.infer(model, inputs, rows, ctx.deadline, context=link_context())
     except DeadlineExceeded as exc:  # its wait is queue time: where deadlines are mostly hit
         if exc.waited_s is not None:
             ctx.timings.record("queue", exc.waited_s, submitted_ns)

@@ -8,7 +8,13 @@ from fastapi import APIRouter, Request, Response
 from podserve.db.features import EntityLookup, entity_lookup
 from podserve.db.hooks import fetch_features
 from podserve.http_body import check_content_type, parse_body, read_body
-from podserve.inference_flow import RequestContext, predict, runtime_of, timing_header
+from podserve.inference_flow import (
+    RequestContext,
+    predict,
+    runtime_of,
+    start_deadline,
+    timing_header,
+)
 from podserve.json_response import JSON_TYPE, OPTIONS, PreparedResponse, json_response
 from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
@@ -46,6 +52,7 @@ async def model_predict(request: Request, model_name: str) -> Response:
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         lookup, inputs = await parse_body(_parse_predict, body, model)
+        start_deadline(request, ctx)  # before the features phase, which must keep to it
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
         inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, inputs, None)

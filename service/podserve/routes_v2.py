@@ -7,7 +7,13 @@ from fastapi import APIRouter, Request, Response
 from podserve.db.features import entity_lookup
 from podserve.db.hooks import fetch_features
 from podserve.http_body import binary_header_length, check_content_type, parse_body, read_body
-from podserve.inference_flow import RequestContext, predict, runtime_of, timing_header
+from podserve.inference_flow import (
+    RequestContext,
+    predict,
+    runtime_of,
+    start_deadline,
+    timing_header,
+)
 from podserve.json_response import BINARY_TYPE, JSON_TYPE, PreparedResponse, json_response
 from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V2_INFER_REQUEST, json_body
@@ -83,6 +89,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         parsed = await parse_body(parse_infer_request, body, binary_header_length(request))
         check_requested_outputs(parsed, model.output_specs)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
+        start_deadline(request, ctx)  # before the features phase, which must keep to it
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
         parsed.inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, parsed.inputs, parsed.datatypes)

@@ -2,7 +2,9 @@
 
 All rows of a request come from one query (`entity_id = ANY($2)`). An optional bounded
 in-process TTL cache saves the round trip for hot entities. Time budget: connection plus
-query within PODSERVE_FEATURES_TIMEOUT_S; a slow query is a 504, no database a 503.
+query within PODSERVE_FEATURES_TIMEOUT_S, or within what is left of the request's deadline
+(X-Podserve-Timeout-Ms, PODSERVE_REQUEST_TIMEOUT_MS) when that is sooner; a slow query is a
+504, no database a 503.
 """
 
 from __future__ import annotations
@@ -123,15 +125,21 @@ class FeatureStore:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.timeout_s = settings.features_timeout_s
+        self.timeout_message = (
+            f"feature lookup took longer than {self.timeout_s:g} s (PODSERVE_FEATURES_TIMEOUT_S)"
+        )
         size = settings.features_cache_size
         self.cache = TtlCache(size, settings.features_cache_ttl_s) if size > 0 else None
         self.queries = 0  # round trips to PostgreSQL (the cache saves some)
 
-    async def tensor(self, model: OnnxModel, lookup: EntityLookup) -> Tensors:
+    async def tensor(
+        self, model: OnnxModel, lookup: EntityLookup, deadline: float | None = None
+    ) -> Tensors:
+        """`deadline`: the request's, in time.perf_counter() seconds (None: none)."""
         spec = checked_lookup(model, lookup)
         ids = lookup.entity_ids
         feature_set = lookup.feature_set or model.name
-        found = await self.vectors(feature_set, list(dict.fromkeys(ids)))
+        found = await self.vectors(feature_set, list(dict.fromkeys(ids)), deadline)
         missing = [i for i in dict.fromkeys(ids) if i not in found]
         if missing:
             listed = ", ".join(repr(i) for i in missing[:MAX_LISTED])
@@ -142,7 +150,9 @@ class FeatureStore:
             )
         return {spec.name: _assemble(feature_set, spec, [found[i] for i in ids])}
 
-    async def vectors(self, feature_set: str, ids: list[str]) -> dict[str, np.ndarray]:
+    async def vectors(
+        self, feature_set: str, ids: list[str], deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         wanted = ids
         if self.cache is not None:
@@ -154,27 +164,41 @@ class FeatureStore:
                 else:
                     found[entity] = hit
         if wanted:
-            for entity, vector in (await self._fetch(feature_set, wanted)).items():
+            for entity, vector in (await self._fetch(feature_set, wanted, deadline)).items():
                 found[entity] = vector
                 if self.cache is not None:
                     self.cache.put((feature_set, entity), vector)
         return found
 
-    async def _fetch(self, feature_set: str, ids: list[str]) -> dict[str, np.ndarray]:
-        deadline = time.monotonic() + self.timeout_s
+    async def _fetch(
+        self, feature_set: str, ids: list[str], deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        started = time.perf_counter()  # read anyway: the query gets what acquiring left
+        budget, message, by_request = self._budget(started, deadline)
         self.queries += 1
         try:
-            async with self.db.connection(self.timeout_s) as conn:
-                remaining = max(0.001, deadline - time.monotonic())
+            async with self.db.connection(budget, message, request_deadline=by_request) as conn:
+                remaining = max(0.001, started + budget - time.perf_counter())
                 rows = await conn.fetch(FETCH_SQL, feature_set, ids, timeout=remaining)
-        except TimeoutError:  # the query (the connection's own timeout is a 503 already)
-            message = f"feature lookup took longer than {self.timeout_s:g} s"
-            raise DeadlineExceeded(message) from None
         except asyncpg.UndefinedTableError:
             raise ServiceUnavailable(
                 "database schema is missing: run `podserve db migrate`"
             ) from None
         return {row["entity_id"]: np.asarray(row["values"], np.float32) for row in rows}
+
+    def _budget(self, now: float, deadline: float | None) -> tuple[float, str, bool]:
+        """(seconds for connection and query, the 504's message, whether they are the rest of
+        the request's deadline): PODSERVE_FEATURES_TIMEOUT_S, or the deadline when sooner."""
+        if deadline is None or deadline - now >= self.timeout_s:
+            return self.timeout_s, self.timeout_message, False
+        left = deadline - now
+        if left <= 0:  # nothing left to wait with: no round trip for an answer nobody reads
+            raise DeadlineExceeded("request deadline exceeded before the feature lookup")
+        message = (
+            f"feature lookup took longer than the {left * 1000:.0f} ms left of the request "
+            "deadline (X-Podserve-Timeout-Ms or PODSERVE_REQUEST_TIMEOUT_MS)"
+        )
+        return left, message, True
 
 
 def _assemble(feature_set: str, spec: TensorSpec, vectors: list[np.ndarray]) -> np.ndarray:

@@ -27,6 +27,7 @@ class Timed(Protocol):
     """inference_flow.RequestContext (not imported: it imports this module)."""
 
     timings: PhaseTimings
+    deadline: float | None
 
 
 def services_of(request: Request) -> DatabaseServices:
@@ -36,12 +37,14 @@ def services_of(request: Request) -> DatabaseServices:
 async def fetch_features(
     request: Request, ctx: Timed, model: OnnxModel, lookup: EntityLookup
 ) -> Tensors:
-    """The `features` phase: entity ids -> the model's input tensor."""
+    """The `features` phase: entity ids -> the model's input tensor, within the request's
+    deadline (ctx.deadline, worked out before this phase) when it is sooner than the lookup's
+    own timeout."""
     store = services_of(request).features
     if store is None:
         raise ServiceUnavailable(f"feature lookup unavailable: {NOT_CONFIGURED}")
     with ctx.timings.measure("features"):
-        return await store.tensor(model, lookup)
+        return await store.tensor(model, lookup, ctx.deadline)
 
 
 def log_prediction(

@@ -9,10 +9,14 @@ them reached PostgreSQL or the spool. A starting worker converts the journals of
 row the database already has is a no-op (idempotent on request id).
 
 Layout: `<spool_dir>/journal/<time_ns>-<pid>-<seq>.jnl`, one JSON row per line.
+
+A write that fails (a full or read-only volume) raises OSError and leaves no partial line
+behind: a torn line would swallow the next row too when the journal is read back.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -34,6 +38,8 @@ class _Segment:
     fd: int
     first_seq: int
     rows: int = 0
+    size: int = 0  # bytes of whole lines written: where a failed write is cut back to
+    torn: bool = False  # a partial line could not be cut off: write no more rows after it
 
     @property
     def end_seq(self) -> int:
@@ -56,18 +62,28 @@ class Journal:
         self._count += 1
         path = self.directory / f"{time.time_ns()}-{os.getpid()}-{self._count}{SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until we close: marks us alive
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until we close: marks us alive
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         self._segments.append(_Segment(path, fd, self.next_seq))
 
     def append(self, row: list[Any]) -> int:
-        """Write one row; return its sequence number (rows are numbered in append order)."""
+        """Write one row; return its sequence number (rows are numbered in append order).
+
+        OSError (disk full, read-only, I/O error): the row is not in the journal, and no
+        part of it is; the next append tries again.
+        """
         current = self._segments[-1]
-        os.write(current.fd, orjson.dumps(row) + b"\n")
+        if current.rows >= self.rotate_rows or current.torn:  # before the write: a failed
+            self._start_segment()  # rotation then loses no row already written
+            current = self._segments[-1]
+        _write_line(current, orjson.dumps(row) + b"\n")
         seq = self.next_seq
         self.next_seq += 1
         current.rows += 1
-        if current.rows >= self.rotate_rows:
-            self._start_segment()
         return seq
 
     def release(self, oldest_pending_seq: int) -> None:
@@ -88,6 +104,32 @@ class Journal:
     def _drop(segment: _Segment) -> None:
         segment.path.unlink(missing_ok=True)
         os.close(segment.fd)
+
+
+def _write_line(segment: _Segment, line: bytes) -> None:
+    """All of `line` or, on OSError, none of it: os.write may write part of it (the volume
+    fills up mid-line) and fail only on the next call."""
+    view = memoryview(line)
+    written = 0
+    try:
+        while written < len(line):
+            count = os.write(segment.fd, view[written:])
+            if count == 0:  # no progress and no error: do not spin
+                raise OSError(errno.ENOSPC, "journal write made no progress")
+            written += count
+    except OSError:
+        if written:
+            _cut_back(segment)
+        raise
+    segment.size += len(line)
+
+
+def _cut_back(segment: _Segment) -> None:
+    """Remove a partial line (truncating frees space, so it works on a full volume too)."""
+    try:
+        os.ftruncate(segment.fd, segment.size)
+    except OSError:
+        segment.torn = True  # the next row goes to a fresh segment, not glued to this part
 
 
 def recover_dead_journals(directory: Path) -> list[tuple[Path, list[list[Any]], int]]:

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from podserve.errors import ServiceUnavailable
+from podserve.errors import DeadlineExceeded, ServiceUnavailable
 from podserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,15 @@ class Database:
         self.max_waiting = settings.db_max_waiting
         self.waiting = 0
         self.pool: asyncpg.Pool | None = None
+        # A timed-out query keeps running in its backend (holding a pool slot there, and a
+        # max_connections slot) until PostgreSQL hears of it: asyncpg sends a CancelRequest on
+        # a second connection, which we give this long (it has to connect) before closing.
+        self.cancel_grace_s = settings.db_connect_timeout_s
+        self._hand_backs: set[asyncio.Task[None]] = set()
+        self.query_timeout_message = (
+            f"database query took longer than {settings.db_command_timeout_s:g} s "
+            "(PODSERVE_DB_COMMAND_TIMEOUT_S)"
+        )
 
     async def open(self) -> bool:
         """Connect db_pool_min connections; if PostgreSQL is down, start empty (False)."""
@@ -124,8 +133,17 @@ class Database:
             self.pool.terminate()  # connections stuck on a dead network: do not hang shutdown
 
     @asynccontextmanager
-    async def connection(self, timeout_s: float) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection for a request: 503 at once when the database is known down."""
+    async def connection(
+        self, timeout_s: float, timeout_message: str | None = None, request_deadline: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for a request: 503 at once when the database is known down.
+
+        Every failure is a retryable 5xx: no connection in time or none at all is a 503, a
+        query that times out (its own timeout, or asyncpg's command_timeout) a 504 saying
+        which timeout fired (`timeout_message`). `request_deadline`: timeout_s is what was
+        left of the request's own deadline, so running out of it says nothing about the
+        database and does not count toward the breaker.
+        """
         if self.pool is None:
             raise ServiceUnavailable(NOT_CONFIGURED)
         retry = {"Retry-After": str(max(1, round(self.breaker.reset_s)))}
@@ -133,21 +151,31 @@ class Database:
             raise ServiceUnavailable("database busy: too many requests waiting", retry)
         if not self.breaker.admit():
             raise ServiceUnavailable("database unavailable (failing fast; retry later)", retry)
-        conn = await self._acquire(timeout_s, retry)
+        conn: asyncpg.Connection | None = await self._acquire(
+            timeout_s, retry, timeout_message if request_deadline else None
+        )
         try:
             yield conn
-        except TimeoutError:  # the caller's 504 (TimeoutError is an OSError: catch it first)
+        except TimeoutError:  # an OSError too: caught before CONNECTION_ERRORS
+            self._hand_back_later(conn)  # the query's cancellation is on its way: let it land
+            conn = None
+            if request_deadline:  # the request's own deadline says nothing about the database
+                self.breaker.release_probe()
+                raise _deadline(timeout_message or self.query_timeout_message, None) from None
             # Slow or unreachable: repeated timeouts open the breaker too, or requests would
             # pile up behind a dead network.
-            _drop(conn)
             self.breaker.failure()
-            raise
+            raise _deadline(timeout_message or self.query_timeout_message, retry) from None
+        except asyncpg.QueryCanceledError as exc:  # the server's statement_timeout, an admin
+            self.breaker.failure()
+            raise _deadline(f"database cancelled the query: {exc}", retry) from None
         except CONNECTION_ERRORS as exc:
             _drop(conn)
             self.breaker.failure()
             raise ServiceUnavailable(f"database unavailable: {_describe(exc)}", retry) from None
-        except asyncio.CancelledError:
-            _drop(conn)
+        except asyncio.CancelledError:  # the client went away mid-query: cancel it there too
+            self._hand_back_later(conn)
+            conn = None
             self.breaker.release_probe()
             raise
         except BaseException:
@@ -156,18 +184,37 @@ class Database:
         else:
             self.breaker.success()
         finally:
-            await _release(self.pool, conn)
+            if conn is not None:
+                await _release(self.pool, conn)
 
-    async def _acquire(self, timeout_s: float, retry: dict[str, str]) -> asyncpg.Connection:
+    def _hand_back_later(self, conn: asyncpg.Connection) -> None:
+        """Return a connection whose query timed out or was cancelled, off the request path.
+
+        asyncpg has sent (or is sending) a CancelRequest for the query; closing the
+        connection now would cancel that send, and a backend waiting on a lock never
+        notices a closed socket: it would go on waiting, then working, for nobody. The
+        pool's release waits for the cancellation (at most cancel_grace_s: on a dead network
+        it never comes) and then keeps the connection, or closes it.
+        """
+        assert self.pool is not None
+        task = asyncio.create_task(_release(self.pool, conn, self.cancel_grace_s))
+        self._hand_backs.add(task)  # a reference, or the task could be collected mid-way
+        task.add_done_callback(self._hand_backs.discard)
+
+    async def _acquire(
+        self, timeout_s: float, retry: dict[str, str], deadline_message: str | None = None
+    ) -> asyncpg.Connection:
+        """`deadline_message`: timeout_s is the rest of the request's deadline (504 then)."""
         assert self.pool is not None
         self.waiting += 1
         try:
             return await self.pool.acquire(timeout=timeout_s)
         except TimeoutError:
+            if deadline_message is not None:  # the request's budget ran out, not the database
+                self.breaker.release_probe()
+                raise DeadlineExceeded(deadline_message) from None
             self.breaker.failure()
-            raise ServiceUnavailable(
-                f"database unavailable: no connection within {timeout_s:g} s", retry
-            ) from None
+            raise ServiceUnavailable(self._no_connection(timeout_s), retry) from None
         except CONNECTION_ERRORS as exc:
             self.breaker.failure()
             raise ServiceUnavailable(f"database unavailable: {_describe(exc)}", retry) from None
@@ -176,6 +223,16 @@ class Database:
             raise
         finally:
             self.waiting -= 1
+
+    def _no_connection(self, timeout_s: float) -> str:
+        """asyncpg raises the same TimeoutError for both: name each (no clock read to tell)."""
+        connect_s = self.settings.db_connect_timeout_s
+        if connect_s >= timeout_s:
+            return f"database unavailable: no connection within {timeout_s:g} s"
+        return (
+            f"database unavailable: no connection within {timeout_s:g} s, or connecting took "
+            f"longer than {connect_s:g} s (PODSERVE_DB_CONNECT_TIMEOUT_S)"
+        )
 
     @asynccontextmanager
     async def background(self, timeout_s: float) -> AsyncIterator[asyncpg.Connection]:
@@ -212,11 +269,19 @@ def _drop(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+async def _release(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, timeout_s: float | None = None
+) -> None:
     try:
-        await pool.release(conn)
+        await pool.release(conn, timeout=timeout_s)
     except Exception:  # asyncpg terminated it and returned its slot: a new one replaces it
         log.debug("connection dropped on release", exc_info=True)
+
+
+def _deadline(message: str, headers: dict[str, str] | None) -> DeadlineExceeded:
+    exc = DeadlineExceeded(message)
+    exc.headers = dict(headers or {})  # DeadlineExceeded takes none; a 504 may say when to retry
+    return exc
 
 
 def _describe(exc: BaseException) -> str:

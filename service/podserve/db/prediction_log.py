@@ -66,6 +66,7 @@ INSERT_ONE = (
     f"({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) ON CONFLICT (request_id) DO NOTHING"
 )
 SHUTDOWN_FLUSH_S = 1.0  # of the worker's graceful budget, spent trying the database
+JOURNAL_RETRY_S = 1.0  # a failing journal (full or read-only volume) is tried again this often
 RESCAN_S = 30.0  # look for spool segments of other (dead) workers this often
 _JSON = orjson.OPT_SERIALIZE_NUMPY
 
@@ -166,6 +167,12 @@ class PredictionLog:
         journal_on = settings.prediction_log_journal
         self.journal = Journal(spool.directory / "journal") if journal_on else None
         self._pending: dict[str, int] = {}  # request id -> journal seq, until durable
+        # Journal degraded (its volume full or read-only): rows are kept in memory only
+        # (buffer, then spool or database as usual) and the journal is tried again from
+        # this monotonic time on. 0.0: healthy (one attribute test on the request path).
+        self._journal_retry_at = 0.0
+        self.journal_errors = 0  # failed journal writes (also counted in write_errors)
+        self.rows_unjournaled = 0  # rows buffered while the journal was failing
         self.rows_recovered = 0  # rows of dead workers' journals moved to the spool
         self._inflight: list[Row] = []  # the batch being written (out of the buffer)
         # Plain counters for metrics (exported by the observability code).
@@ -201,7 +208,7 @@ class PredictionLog:
         if len(self.buffer) >= 2 * self.capacity:
             raise ServiceUnavailable("prediction log is full (database and spool both failing)")
         if self.journal is not None:
-            self._pending[row[0]] = self.journal.append(row)
+            self._journal(row)
         self.buffer.append(row)
         self.rows_appended += 1
         depth = len(self.buffer)
@@ -209,6 +216,37 @@ class PredictionLog:
             self._full.set()
         elif depth >= self.batch_rows and self.failures == 0:
             self._wake.set()
+
+    def _journal(self, row: Row) -> None:
+        """Crash safety for a row, best effort: a journal that cannot be written must not
+        fail the prediction (the row is in the buffer, as it was before journals existed)."""
+        assert self.journal is not None
+        if self._journal_retry_at and time.monotonic() < self._journal_retry_at:
+            self.rows_unjournaled += 1
+            return
+        try:
+            self._pending[row[0]] = self.journal.append(row)
+        except OSError as exc:
+            self._journal_failed(exc)
+            self.rows_unjournaled += 1
+            return
+        if self._journal_retry_at:
+            self._journal_retry_at = 0.0
+            log.warning(
+                "prediction-log journal writable again",
+                extra={"rows_not_journaled": self.rows_unjournaled},
+            )
+
+    def _journal_failed(self, exc: OSError) -> None:
+        self.journal_errors += 1
+        self.write_errors += 1  # exported as podserve_prediction_log_write_errors_total
+        if not self._journal_retry_at:  # once per episode, not once per request
+            log.error(
+                "cannot write the prediction-log journal; rows are kept in memory only "
+                "(not crash-safe) until it can be written again",
+                extra={"error": repr(exc), "retry_s": JOURNAL_RETRY_S},
+            )
+        self._journal_retry_at = time.monotonic() + JOURNAL_RETRY_S
 
     # --- lifecycle -------------------------------------------------------------------
     def _mark_durable(self, rows: Iterable[Row]) -> None:

@@ -14,6 +14,10 @@ checks it is still linked; the kernel drops the lock of a dead process, so segme
 killed worker are replayed by whoever starts next. Replaying a segment twice is harmless:
 the database ignores rows whose request id it already has.
 
+A write that fails (full or read-only volume) removes its temp file: nothing else would,
+and it would hold the very space the spool needs. Temp files of processes that died
+mid-write (the PID is in the name) are removed when a spool is opened.
+
 All methods block (file I/O and fsync): call them through asyncio.to_thread.
 """
 
@@ -38,6 +42,10 @@ MAGIC = b"PSL1"
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 SUFFIX = ".seg"
 REJECTED_SUFFIX = ".rejected"
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # a file being written: `.<final name>.tmp`
+# A temp file lives for one write and fsync. Its PID alone does not prove its writer dead
+# where pods share a spool volume (another pod's PIDs are not ours): its age must too.
+STALE_TEMP_S = 60.0
 
 
 class Spool:
@@ -49,7 +57,24 @@ class Spool:
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temps()
         self.measure()
+
+    def remove_stale_temps(self) -> int:
+        """Delete the temp files of writers that are gone (killed between create and
+        rename); a live writer's are left alone. Returns how many went."""
+        removed = 0
+        cutoff = time.time() - STALE_TEMP_S
+        for entry in os.scandir(self.directory):
+            pid = _temp_writer(entry.name)
+            if pid is None or _alive(pid) or not _older_than(entry, cutoff):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another worker got there first
+                os.unlink(entry.path)
+                removed += 1
+        if removed:
+            log.warning("removed stale spool temp files", extra={"files": removed})
+        return removed
 
     def segments(self) -> list[Path]:
         """Complete segments, oldest first."""
@@ -85,16 +110,14 @@ class Spool:
         """Durably: a temp file, fsync'd, renamed into place, the directory fsync'd."""
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):06d}{suffix}"
         final = self.directory / name
-        temp = self.directory / f".{name}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        temp = self.directory / f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
         try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, final)
+            _write_temp(temp, content)
+            os.rename(temp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # never created, or a read-only volume
+                temp.unlink()
+            raise
         _fsync_dir(self.directory)
         return final
 
@@ -157,6 +180,44 @@ def decode_records(data: bytes, path: Path) -> tuple[list[Any], bool]:
         rows.extend(orjson.loads(payload))
         offset += HEADER.size + length
     return rows, True
+
+
+def _write_temp(temp: Path, content: bytes) -> None:
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_writer(name: str) -> int | None:
+    """The PID in a temp file's name (`.<time_ns>-<pid>-<seq><suffix>.tmp`), else None."""
+    if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = name[len(TEMP_PREFIX) :].split("-")
+    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def _older_than(entry: os.DirEntry[str], cutoff: float) -> bool:
+    try:
+        return entry.stat().st_mtime < cutoff
+    except FileNotFoundError:  # renamed or removed meanwhile
+        return False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
