@@ -17,16 +17,18 @@ def test_durations_add_up_and_the_header_lists_phases_in_phase_order() -> None:
     header = timings.server_timing()
     assert header.startswith("parse;dur=0.300, infer;dur=2.000, postprocess;dur=")
     assert parse_server_timing(header)["postprocess"] >= 1.0
-    assert timings.started_ns == {} and timings.ended_ns == {}  # no clock read for spans
+    assert timings.stretches_ns == {}  # no clock read for spans
 
 
-def test_wall_clock_spans_keep_the_first_start_and_the_last_end() -> None:
+def test_wall_clock_spans_keep_each_stretch_of_a_phase() -> None:
+    """parse runs before and after features: one span from the first start to the last end
+    showed the feature lookup as parse time (1.08 ms of parse against 0.26 ms measured)."""
     timings = PhaseTimings(wall_clock=True)
     timings.record("parse", 0.000_001, start_ns=1_000)
     timings.record("parse", 0.000_002, start_ns=10_000)
-    assert timings.started_ns == {"parse": 1_000}
-    assert timings.ended_ns == {"parse": 12_000}
+    assert timings.stretches_ns == {"parse": [(1_000, 2_000), (10_000, 12_000)]}
     before = time.time_ns()
     with timings.measure("infer"):
         pass
-    assert before <= timings.started_ns["infer"] <= timings.ended_ns["infer"] <= time.time_ns()
+    ((start, end),) = timings.stretches_ns["infer"]
+    assert before <= start <= end <= time.time_ns()

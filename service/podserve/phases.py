@@ -11,26 +11,26 @@ PHASES = ("parse", "features", "preprocess", "queue", "infer", "postprocess", "l
 class PhaseTimings:
     """Durations in seconds of the phases a request went through, in order.
 
-    With `wall_clock` (tracing on), each phase's first start and last end as time_ns too,
-    for its trace span; without it the hot path reads only the monotonic clock.
+    With `wall_clock` (tracing on), each stretch of a phase as (start, end) in time_ns too,
+    for its trace spans; without it the hot path reads only the monotonic clock. A phase
+    can run in several stretches (`parse` before and after `features`; `postprocess` in the
+    inference thread and in the route): one span from the first start to the last end
+    covered what ran between them too.
     """
 
-    __slots__ = ("durations", "ended_ns", "started_ns", "wall_clock")
+    __slots__ = ("durations", "stretches_ns", "wall_clock")
 
     def __init__(self, wall_clock: bool = True) -> None:
         self.durations: dict[str, float] = {}
-        self.started_ns: dict[str, int] = {}
-        self.ended_ns: dict[str, int] = {}
+        self.stretches_ns: dict[str, list[tuple[int, int]]] = {}
         self.wall_clock = wall_clock
 
     def record(self, phase: str, seconds: float, start_ns: int | None = None) -> None:
         durations = self.durations
         durations[phase] = durations.get(phase, 0.0) + seconds
         if start_ns is not None and self.wall_clock:
-            self.started_ns.setdefault(phase, start_ns)
-            end_ns = start_ns + int(seconds * 1e9)
-            if end_ns > self.ended_ns.get(phase, 0):
-                self.ended_ns[phase] = end_ns
+            stretch = (start_ns, start_ns + int(seconds * 1e9))
+            self.stretches_ns.setdefault(phase, []).append(stretch)
 
     def measure(self, phase: str) -> _PhaseClock:
         """`with timings.measure("parse"): ...` records the block's duration, errors included."""

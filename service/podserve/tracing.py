@@ -138,6 +138,12 @@ class LinkedBatchSampler(Sampler):
         trace_state: trace.TraceState | None = None,
     ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
+        if parent.is_valid and not parent.is_remote:
+            # A phase or query span inside a request follows the request's decision, which
+            # may be a model's own setting: the pod's sampler (ALWAYS_OFF at level OFF)
+            # dropped the phases of a model traced on its own.
+            decision = Decision.RECORD_AND_SAMPLE if parent.trace_flags.sampled else Decision.DROP
+            return SamplingResult(decision, attributes, parent.trace_state)
         linked = links and any(link.context.trace_flags.sampled for link in links)
         if linked and not parent.is_valid:
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
@@ -198,8 +204,16 @@ def build_resource(settings: Settings) -> Resource:
     have = dict(detected.attributes)
     if str(have.get("service.name", "")).startswith("unknown_service"):
         del have["service.name"]  # the SDK's placeholder, not a choice
+    if "service.instance.id" not in _resource_keys_set():
+        have.pop("service.instance.id", None)  # the SDK's random UUID, not a choice either
     extra = {k: v for k, v in defaults.items() if v and k not in have}
     return detected.merge(Resource(extra))
+
+
+def _resource_keys_set() -> set[str]:
+    """The attribute keys OTEL_RESOURCE_ATTRIBUTES sets (`key=value,key=value`)."""
+    pairs = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    return {pair.partition("=")[0].strip() for pair in pairs if "=" in pair}
 
 
 def build_exporter() -> SpanExporter | None:
@@ -289,15 +303,13 @@ class Tracing:
         timings = ctx.timings
         tensors = _traces_tensors(ctx)
         for phase in PHASES:
-            start = timings.started_ns.get(phase)
-            if start is None:
-                continue
-            span = self.tracer.start_span(
-                phase, context=parent, start_time=start, attributes=attributes
-            )
-            if tensors and phase == "infer":
-                self._add_tensors(span, ctx, start)
-            span.end(end_time=timings.ended_ns.get(phase, start))
+            for index, (start, end) in enumerate(timings.stretches_ns.get(phase, ())):
+                span = self.tracer.start_span(
+                    phase, context=parent, start_time=start, attributes=attributes
+                )
+                if tensors and phase == "infer" and index == 0:
+                    self._add_tensors(span, ctx, start)
+                span.end(end_time=end)
 
     def _add_tensors(self, span: Span, ctx: RequestContext, at_ns: int) -> None:
         """trace_level TENSORS: one event per tensor of the request: its inputs as sent,

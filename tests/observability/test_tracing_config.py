@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from opentelemetry import trace
@@ -69,6 +70,18 @@ def test_a_child_follows_its_parent_not_its_links(monkeypatch: pytest.MonkeyPatc
     assert result.decision == Decision.DROP
 
 
+def test_a_phase_follows_its_request_even_where_the_pod_traces_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model traced on its own (its trace settings) while the pod's level is OFF: its
+    request span was sampled, and its phase spans were dropped by the pod's ALWAYS_OFF."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    sampler = tracing.sampler_from_env()
+    for sampled, decision in ((True, Decision.RECORD_AND_SAMPLE), (False, Decision.DROP)):
+        request = trace.set_span_in_context(trace.NonRecordingSpan(_context(sampled)))
+        assert sampler.should_sample(request, 0x1234, "parse").decision == decision
+
+
 def test_resource_from_downward_api_and_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POD_NAME", "podserve-7d9f-abcde")
     monkeypatch.setenv("POD_NAMESPACE", "ml")
@@ -78,12 +91,18 @@ def test_resource_from_downward_api_and_otel_env(monkeypatch: pytest.MonkeyPatch
     assert resource["k8s.namespace.name"] == "ml"
     assert resource["podserve.model_repository"] == "/models"
     assert resource["service.version"]
+    # The pod and the worker, not the SDK's random UUID, which it sets on every resource.
+    assert resource["service.instance.id"] == f"podserve-7d9f-abcde-{os.getpid()}"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "scoring")
-    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=override,deployment.env=prod")
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "k8s.pod.name=override,deployment.env=prod,service.instance.id=mine",
+    )
     resource = tracing.build_resource(Settings()).attributes
     assert resource["service.name"] == "scoring"
     assert resource["k8s.pod.name"] == "override"
     assert resource["deployment.env"] == "prod"
+    assert resource["service.instance.id"] == "mine"
 
 
 def test_exporter_protocols(
