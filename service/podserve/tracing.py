@@ -15,11 +15,12 @@ PODSERVE_TRACE_TENSOR_VALUES values each.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,6 +63,7 @@ DEFAULT_EXCLUDED_URLS = "/metrics,/v2/health/live,/v2/health/ready"
 _ROOT = otel_context.Context()  # an empty context: batch spans start a trace of their own
 
 _active = False  # tracing configured in this process (a cheap check on the hot path)
+_tracer: trace.Tracer | None = None  # this worker's, for background_span
 
 
 def tracing_requested(settings: Settings) -> bool:
@@ -89,6 +91,17 @@ def current_trace_id() -> str | None:
 def tracing_active() -> bool:
     """Whether this process exports spans (phase timings then keep wall-clock times)."""
     return _active
+
+
+@contextlib.contextmanager
+def background_span(name: str, attributes: Attributes = None) -> Iterator[None]:
+    """A root span for a piece of background work (a prediction-log write), so that its
+    queries are one trace under it, not one lone trace per statement; a no-op untraced."""
+    if _tracer is None:
+        yield
+        return
+    with _tracer.start_as_current_span(name, context=_ROOT, attributes=attributes):
+        yield
 
 
 def link_context() -> SpanContext | None:
@@ -147,6 +160,10 @@ class LinkedBatchSampler(Sampler):
         linked = links and any(link.context.trace_flags.sampled for link in links)
         if linked and not parent.is_valid:
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        if kind is trace.SpanKind.CLIENT and not parent.is_valid:
+            # A query outside any request or background_span (the jobs poller's claim, once
+            # per poll interval per worker): a lone one-span trace each, all day long.
+            return SamplingResult(Decision.DROP)
         # The FastAPI instrumentation names a request's span "<METHOD> <route template>";
         # an inference request of a model with trace settings of its own follows those.
         route = name.partition(" ")[2]
@@ -246,7 +263,7 @@ class Tracing:
     Gunicorn's master would lose its export thread in the workers."""
 
     def __init__(self, settings: Settings, exporter: SpanExporter) -> None:
-        global _active
+        global _active, _tracer
         sampler = sampler_from_env()
         self.provider = TracerProvider(
             sampler=sampler, resource=build_resource(settings), shutdown_on_exit=False
@@ -257,7 +274,7 @@ class Tracing:
         self.tensor_values = settings.trace_tensor_values
         if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
             trace.set_tracer_provider(self.provider)  # for code that uses the global API
-        _active = True
+        _active, _tracer = True, self.tracer
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tracing | None:
@@ -357,8 +374,8 @@ class Tracing:
         timeout (10 s): every rollout waited, and under a graceful timeout shorter than that
         Gunicorn killed the worker in its lifespan shutdown, with nothing logged to say why.
         The flush runs in a daemon thread, which the worker's exit does not wait for."""
-        global _active
-        _active = False
+        global _active, _tracer
+        _active, _tracer = False, None
         trace_control.detach()
         flush = threading.Thread(target=self.provider.shutdown, name="span-flush", daemon=True)
         flush.start()

@@ -94,6 +94,13 @@ def test_prediction_log_rows_carry_trace_ids_and_are_counted(
         if span.name == "log" and span.trace_id in trace_ids:
             assert span.parent_span_id == requests[span.trace_id].span_id
             assert span.attributes["podserve.model"] == "affine"
+    # Background queries: the log's statements are one trace under its write span, and the
+    # jobs poller's claims (every poll, per worker) make no lone one-span traces.
+    by_id = {s.span_id: s for s in spans}
+    queries = [s for s in spans if _is_query(s)]
+    assert all(s.parent_span_id for s in queries), [s.name for s in queries if not s.parent_span_id]
+    writes = [by_id[s.parent_span_id] for s in queries if s.parent_span_id in by_id]
+    assert any(w.name == "prediction_log.write" and not w.parent_span_id for w in writes)
 
 
 def _is_query(span: ReceivedSpan) -> bool:

@@ -82,6 +82,20 @@ def test_a_phase_follows_its_request_even_where_the_pod_traces_nothing(
         assert sampler.should_sample(request, 0x1234, "parse").decision == decision
 
 
+def test_a_query_outside_requests_and_background_spans_is_not_a_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    sampler = tracing.sampler_from_env()
+    client = trace.SpanKind.CLIENT
+    assert sampler.should_sample(None, 0x1234, "WITH", kind=client).decision == Decision.DROP
+    request = trace.set_span_in_context(trace.NonRecordingSpan(_context(True)))
+    inside = sampler.should_sample(request, 0x1234, "SELECT", kind=client)
+    assert inside.decision == Decision.RECORD_AND_SAMPLE
+    write = sampler.should_sample(None, 0x1234, "prediction_log.write")  # a background_span
+    assert write.decision == Decision.RECORD_AND_SAMPLE
+
+
 def test_resource_from_downward_api_and_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POD_NAME", "podserve-7d9f-abcde")
     monkeypatch.setenv("POD_NAMESPACE", "ml")

@@ -38,6 +38,7 @@ from podserve.db.spool import Spool
 from podserve.errors import ServiceUnavailable
 from podserve.processors import Tensors
 from podserve.settings import Settings
+from podserve.tracing import background_span
 
 log = logging.getLogger(__name__)
 
@@ -381,13 +382,16 @@ class PredictionLog:
 
     async def write(self, rows: Sequence[Row]) -> int:
         """One batch, idempotently; returns the rows that were new to the database."""
+        # One trace for the write's statements, not a lone trace per statement.
+        span = background_span("prediction_log.write", {"podserve.rows": len(rows)})
         async with asyncio.timeout(self.write_timeout_s):
-            async with self.db.background(self.write_timeout_s) as conn, conn.transaction():
-                await conn.execute(self._begin_sql)
-                await conn.copy_records_to_table(
-                    STAGE, records=map(to_record, rows), columns=COLUMNS
-                )
-                status = await conn.execute(_MOVE_STAGE)
+            with span:
+                async with self.db.background(self.write_timeout_s) as conn, conn.transaction():
+                    await conn.execute(self._begin_sql)
+                    await conn.copy_records_to_table(
+                        STAGE, records=map(to_record, rows), columns=COLUMNS
+                    )
+                    status = await conn.execute(_MOVE_STAGE)
         inserted = int(status.rsplit(" ", 1)[-1])
         self.rows_written += inserted
         self.rows_duplicate += len(rows) - inserted
