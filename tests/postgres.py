@@ -1,6 +1,6 @@
 """Find (or start) a PostgreSQL server for the tests, and make throwaway databases on it.
 
-Order (DEVELOPERS.md): PODSERVE_TEST_DATABASE_URL; else the local default
+Order (README, Tests): PODSERVE_TEST_DATABASE_URL; else the local default
 postgresql://postgres@127.0.0.1:5432/test; else a throwaway cluster started from the local
 PostgreSQL binaries (as the `postgres` user when we are root: postgres refuses to run as
 root); else fail with a hint.

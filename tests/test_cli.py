@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def _serve_expecting_failure(repo: Path) -> str:
     status, output = serve_to_exit(repo, {})
     assert status != 0
     return output
+
+
+def test_build_demo_without_the_demo_extra_is_one_line(tmp_path: Path) -> None:
+    """As in the runtime image, which has no build tools: a traceback before."""
+    code = (
+        "import sys; sys.modules['sklearn'] = None; from podserve.cli import main; "
+        f"sys.exit(main(['models', 'build-demo', {str(tmp_path)!r}]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == (
+        "error: building the demo models needs 'sklearn': pip install 'podserve[demo]'\n"
+    )
 
 
 def test_corrupt_model_fails_startup_naming_the_file(tmp_path: Path) -> None:

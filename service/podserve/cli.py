@@ -58,9 +58,13 @@ def _gunicorn_application() -> Any:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
-    from podserve.demo_models import build_demo_repository
+    from podserve.demo_models import MissingBuildDependency, build_demo_repository
 
-    names = build_demo_repository(Path(args.directory))
+    try:
+        names = build_demo_repository(Path(args.directory))
+    except MissingBuildDependency as exc:  # the runtime image has no build tools: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"demo models written to {args.directory}: {', '.join(names)}")
     return 0
 

@@ -38,12 +38,16 @@ CORPUS_MODULES = (
 # fmt: on
 
 
+class MissingBuildDependency(RuntimeError):
+    """A build-time package (the `demo` extra) is not installed."""
+
+
 def _require_build_deps() -> None:
     try:
         for name in ("sklearn", "skl2onnx", "onnx"):
             importlib.import_module(name)
     except ImportError as exc:
-        raise RuntimeError(
+        raise MissingBuildDependency(
             f"building the demo models needs {exc.name!r}: pip install 'podserve[demo]'"
         ) from exc
 

@@ -522,8 +522,13 @@ def test_locust_targets_service(helm: str) -> None:
     worker_args = worker["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--master-host=podserve-locust-master" in worker_args
     assert worker["spec"]["replicas"] == 3
+    for deployment in (master, worker):  # the master shares users out by the same weights
+        env = env_map(deployment["spec"]["template"]["spec"]["containers"][0])
+        assert env["LOCUST_WEIGHTS"]["value"] == "tabular=4,text=2,v1=1,entity=1,jobs=0"
     locustfile = one(objs, "ConfigMap", "podserve-locustfile")["data"]["locustfile.py"]
     assert locustfile == (CHART / "files" / "locustfile.py").read_text()
+    # The project's scenarios, kept as a copy (Helm packages no file outside the chart).
+    assert locustfile == (CHART.parent.parent / "loadtests" / "locustfile.py").read_text()
     compile(locustfile, "locustfile.py", "exec")
 
 
