@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batch_support import run_alone, run_concurrently
 from podserve.batcher import Batcher, BatchRecord, QueueBudget
 from podserve.errors import BadRequest, DeadlineExceeded, Overloaded, PayloadTooLarge
 from podserve.inference_pool import InferencePool
@@ -26,35 +27,16 @@ def repository(model_repo: Path) -> ModelRepository:
     return load_repository(model_repo, Settings(), THREADS)
 
 
-async def _run_concurrently(
-    model: OnnxModel, requests: list[dict[str, np.ndarray]], max_queue_rows: int = 4096
-) -> tuple[list, list[BatchRecord]]:
-    records: list[BatchRecord] = []
-    batcher = Batcher(model, InferencePool(1), QueueBudget(max_queue_rows, 1), [records.append])
-    batcher.start()
-    try:
-        validated = [model.validate(r) for r in requests]
-        outcomes = await asyncio.gather(*(batcher.submit(i, n) for i, n in validated))
-    finally:
-        await batcher.stop()
-    return outcomes, records
-
-
-def _alone(model: OnnxModel, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    inputs, rows = model.validate(request)
-    return model.run_batch([inputs], [rows]).outputs[0]
-
-
 def test_tabular_batched_equals_unbatched(repository: ModelRepository) -> None:
     from sklearn.datasets import load_breast_cancer
 
     model = repository.get("tabular")
     features = load_breast_cancer().data.astype(np.float32)
     requests = [{"input": features[i : i + 1 + i % 3]} for i in range(0, 120, 4)]
-    outcomes, records = asyncio.run(_run_concurrently(model, requests))
+    outcomes, records = asyncio.run(run_concurrently(model, requests))
     assert max(len(r.requests) for r in records) > 1, "requests were never batched"
     for request, outcome in zip(requests, outcomes, strict=True):
-        expected = _alone(model, request)
+        expected = run_alone(model, request)
         np.testing.assert_array_equal(outcome.outputs["label"], expected["label"])
         np.testing.assert_allclose(outcome.outputs["probabilities"], expected["probabilities"])
 
@@ -68,12 +50,12 @@ def test_text_batched_equals_unbatched(repository: ModelRepository) -> None:
         "ünïcödé and emoji 🚀 survive the tokenizer",
     ] * 6
     requests = [{"text": np.array(sentences[i : i + 1 + i % 2], dtype=object)} for i in range(20)]
-    outcomes, records = asyncio.run(_run_concurrently(model, requests))
+    outcomes, records = asyncio.run(run_concurrently(model, requests))
     assert max(len(r.requests) for r in records) > 1, "requests were never batched"
     for request, outcome in zip(requests, outcomes, strict=True):
         embedding = outcome.outputs["embedding"]
         assert embedding.shape == (len(request["text"]), 32)
-        np.testing.assert_allclose(embedding, _alone(model, request)["embedding"], atol=1e-5)
+        np.testing.assert_allclose(embedding, run_alone(model, request)["embedding"], atol=1e-5)
 
 
 def test_each_request_gets_its_own_rows_of_the_preprocessed_batch(
@@ -87,7 +69,7 @@ def test_each_request_gets_its_own_rows_of_the_preprocessed_batch(
     requests = [
         {"text": np.array(words[i % 4 : i % 4 + 1 + i % 2], dtype=object)} for i in range(16)
     ]
-    outcomes, records = asyncio.run(_run_concurrently(model, requests))
+    outcomes, records = asyncio.run(run_concurrently(model, requests))
     assert max(len(r.requests) for r in records) > 1, "requests were never batched"
     for request, outcome in zip(requests, outcomes, strict=True):
         inputs, rows = model.validate(request)
@@ -102,14 +84,14 @@ def test_each_request_gets_its_own_rows_of_the_preprocessed_batch(
 
     tabular = repository.get("tabular")
     row = {"input": np.zeros((1, 30), dtype=np.float32)}
-    (outcome,), _ = asyncio.run(_run_concurrently(tabular, [row]))
+    (outcome,), _ = asyncio.run(run_concurrently(tabular, [row]))
     assert outcome.model_inputs() is None
 
 
 def test_batches_respect_max_batch_size(repository: ModelRepository) -> None:
     model = repository.get("affine", "1")  # max_batch_size 16
     requests = [{"x": np.full((3, 4), i, np.float32)} for i in range(40)]
-    outcomes, records = asyncio.run(_run_concurrently(model, requests))
+    outcomes, records = asyncio.run(run_concurrently(model, requests))
     assert all(sum(p.rows for p in r.requests) <= 16 for r in records)
     for i, outcome in enumerate(outcomes):
         np.testing.assert_array_equal(outcome.outputs["y"], np.full((3, 4), i * 2 + 1))
@@ -118,7 +100,7 @@ def test_batches_respect_max_batch_size(repository: ModelRepository) -> None:
 def test_different_trailing_shapes_are_not_mixed(repository: ModelRepository) -> None:
     model = repository.get("slow")
     requests = [{"x": np.ones((1, 256), np.float32)} for _ in range(6)]
-    outcomes, _ = asyncio.run(_run_concurrently(model, requests))
+    outcomes, _ = asyncio.run(run_concurrently(model, requests))
     assert all(o.outputs["y"].shape == (1, 256) for o in outcomes)
 
 

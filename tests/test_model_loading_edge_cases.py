@@ -18,6 +18,7 @@ import orjson
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
+from batch_support import run_alone, run_concurrently
 from model_builders import (
     affine_model,
     broadcast_model,
@@ -26,9 +27,7 @@ from model_builders import (
     flatten_model,
     save,
 )
-from podserve.batcher import Batcher, BatchRecord, QueueBudget
 from podserve.errors import BadRequest, NotFound
-from podserve.inference_pool import InferencePool
 from podserve.model_repository import ModelLoadError, ModelRepository, load_repository
 from podserve.onnx_model import OnnxModel, ThreadBudget, UnsplittableBatch
 from podserve.settings import Settings
@@ -54,29 +53,6 @@ def _renamed_dim0(model: onnx.ModelProto, input_name: str, output_name: str) -> 
     return model
 
 
-async def _run_concurrently(
-    model: OnnxModel, requests: list[dict[str, np.ndarray]]
-) -> tuple[list, list[BatchRecord]]:
-    """Submit all requests at once to one batcher with one inference thread: they merge."""
-    records: list[BatchRecord] = []
-    batcher = Batcher(model, InferencePool(1), QueueBudget(4096, 1), [records.append])
-    batcher.start()
-    try:
-        validated = [model.validate(request) for request in requests]
-        outcomes = await asyncio.gather(
-            *(batcher.submit(inputs, rows) for inputs, rows in validated),
-            return_exceptions=True,
-        )
-    finally:
-        await batcher.stop()
-    return outcomes, records
-
-
-def _alone(model: OnnxModel, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    inputs, rows = model.validate(request)
-    return model.run_batch([inputs], [rows]).outputs[0]
-
-
 def _rows(count: int) -> list[dict[str, np.ndarray]]:
     """Requests of 1 or 2 rows, each with a different pattern of positive values."""
     return [
@@ -95,10 +71,10 @@ def test_outputs_whose_dim_0_has_its_own_name_are_not_batched(
     assert not served.batchable and not served.batching
     assert triton_config(served)["max_batch_size"] == 0
     requests = _rows(8)
-    outcomes, records = asyncio.run(_run_concurrently(served, requests))
+    outcomes, records = asyncio.run(run_concurrently(served, requests, return_exceptions=True))
     assert all(len(record.requests) == 1 for record in records)
     for request, outcome in zip(requests, outcomes, strict=True):
-        expected = _alone(served, request)
+        expected = run_alone(served, request)
         for name, array in expected.items():
             np.testing.assert_array_equal(outcome.outputs[name], array)
 
@@ -134,7 +110,7 @@ def test_merged_output_without_a_row_per_row_is_rerun_alone_and_batching_stops(
     assert served.batching
     requests = _rows(8)
     with caplog.at_level(logging.WARNING, logger="podserve.onnx_model"):
-        outcomes, records = asyncio.run(_run_concurrently(served, requests))
+        outcomes, records = asyncio.run(run_concurrently(served, requests, return_exceptions=True))
     for request, outcome in zip(requests, outcomes, strict=True):
         np.testing.assert_array_equal(outcome.outputs["y"], request["x"].reshape(-1))
     failed = [record for record in records if record.error is not None]
@@ -146,7 +122,7 @@ def test_merged_output_without_a_row_per_row_is_rerun_alone_and_batching_stops(
         "model output has no row per input row: batching turned off"
     ]
     # From now on each request runs alone, once.
-    outcomes, records = asyncio.run(_run_concurrently(served, requests))
+    outcomes, records = asyncio.run(run_concurrently(served, requests, return_exceptions=True))
     assert all(len(r.requests) == 1 and r.error is None for r in records)
     assert len(records) == len(requests)
 
@@ -154,7 +130,7 @@ def test_merged_output_without_a_row_per_row_is_rerun_alone_and_batching_stops(
 def test_a_single_request_gets_its_output_whole(tmp_path: Path) -> None:
     served = _load_one(flatten_model(dim_name=None), tmp_path)
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    outputs = _alone(served, {"x": x})
+    outputs = run_alone(served, {"x": x})
     np.testing.assert_array_equal(outputs["y"], x.reshape(-1))
     assert served.batching  # nothing merged: nothing learnt
 
@@ -226,7 +202,7 @@ def test_the_largest_accepted_numbers_still_encode(tmp_path: Path) -> None:
 def test_a_broadcast_failure_is_the_clients_error(tmp_path: Path) -> None:
     served = _load_one(broadcast_model(), tmp_path)
     with pytest.raises(BadRequest, match="Attempting to broadcast"):
-        _alone(served, {"x": np.ones((1, 2), np.float32)})
+        run_alone(served, {"x": np.ones((1, 2), np.float32)})
 
 
 def test_other_ort_failures_stay_internal(tmp_path: Path) -> None:
@@ -238,14 +214,16 @@ def test_other_ort_failures_stay_internal(tmp_path: Path) -> None:
 
     served.session = FailingSession()  # type: ignore[assignment]
     with pytest.raises(Fail):
-        _alone(served, {"x": np.ones((1, 3), np.float32)})
+        run_alone(served, {"x": np.ones((1, 3), np.float32)})
 
 
 def test_a_request_with_dims_that_do_not_fit_fails_alone(tmp_path: Path) -> None:
     served = _load_one(broadcast_model(), tmp_path)
     good = [{"x": np.full((1 + i % 2, 3), i, np.float32)} for i in range(6)]
     bad = {"x": np.ones((1, 2), np.float32)}
-    outcomes, _ = asyncio.run(_run_concurrently(served, [*good[:3], bad, *good[3:]]))
+    outcomes, _ = asyncio.run(
+        run_concurrently(served, [*good[:3], bad, *good[3:]], return_exceptions=True)
+    )
     assert isinstance(outcomes[3], BadRequest)
     for request, outcome in zip(good, outcomes[:3] + outcomes[4:], strict=True):
         np.testing.assert_array_equal(outcome.outputs["y"], request["x"] + [1, 2, 3])
