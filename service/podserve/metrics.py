@@ -559,6 +559,7 @@ class Metrics:
         self.log_write_errors = Counter(
             "podserve_prediction_log_write_errors", "Failed prediction-log writes", registry=r
         )
+        self._define_jobs(r)
         self.open_connections = gauge(
             "podserve_open_connections", "Client connections open (HTTP keep-alive included)"
         )
@@ -589,6 +590,41 @@ class Metrics:
         }
         for _, reason in REJECTION_REASONS:  # present at 0, so rate() works from the start
             self.rejections.labels(reason=reason)
+
+    def _define_jobs(self, r: CollectorRegistry) -> None:
+        """Background jobs: counted by the workers that run them (db.jobs.JobRunner)."""
+        self.jobs_succeeded = Counter(
+            "podserve_jobs_succeeded", "Background jobs run and their result stored", registry=r
+        )
+        self.jobs_failed = Counter(
+            "podserve_jobs_failed",
+            "Background jobs failed (client error, inference error, result not stored, "
+            "attempts used up)",
+            registry=r,
+        )
+        self.jobs_requeued = Counter(
+            "podserve_jobs_requeued",
+            "Job attempts put back in the queue after a server-side error, to run again later",
+            registry=r,
+        )
+        self.jobs_results_discarded = Counter(
+            "podserve_jobs_results_discarded",
+            "Job results not stored because the lease was lost meanwhile (the job runs again)",
+            registry=r,
+        )
+        self.jobs_claim_errors = Counter(
+            "podserve_jobs_claim_errors",
+            "Failed claims of jobs (database slow or down)",
+            registry=r,
+        )
+        # A count of the whole database, the same for every worker and pod: the pod shows
+        # its workers' latest count (take max, not sum, over pods).
+        self.jobs_pending = Gauge(
+            "podserve_jobs_pending",
+            "Jobs queued or running in the database (all pods), as last counted",
+            ["status"], registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self._jobs_count_serial = 0
 
     # --- per request (event loop) ----------------------------------------------------------
     def observe_request(
@@ -701,6 +737,7 @@ class Metrics:
         self.pool_busy.set(runtime.pool.busy)
         self.pool_threads.set(runtime.pool.capacity)
         self._refresh_database(runtime)
+        self._refresh_jobs(runtime)
         self._refresh_connections()
         self.workers.set(1)  # last: a worker counts once its other gauges are written
 
@@ -741,6 +778,28 @@ class Metrics:
                               ("rows_rejected", self.log_rows_rejected),
                               ("write_errors", self.log_write_errors)):  # fmt: skip
             self._advance(attr, counter, getattr(plog, attr, None))
+
+    def _refresh_jobs(self, runtime: Any) -> None:
+        """Duck-typed: `runtime.db.job_runner` (db.jobs.JobRunner) exists in workers that run
+        jobs: its running totals, and `pending_counts` (the database's queued and running
+        jobs, counted by the runner every PODSERVE_JOBS_COUNT_INTERVAL_S, never here: a
+        scrape must not wait on the database), written when `pending_serial` says it is new,
+        so that the gauge's time is the count's and the pod shows its latest count."""
+        runner = getattr(getattr(runtime, "db", None), "job_runner", None)
+        if runner is None:
+            return
+        for attr, counter in (("jobs_succeeded", self.jobs_succeeded),
+                              ("jobs_failed", self.jobs_failed),
+                              ("jobs_requeued", self.jobs_requeued),
+                              ("results_discarded", self.jobs_results_discarded),
+                              ("claim_errors", self.jobs_claim_errors)):  # fmt: skip
+            self._advance(attr, counter, getattr(runner, attr, None))
+        serial = getattr(runner, "pending_serial", 0)
+        counts = getattr(runner, "pending_counts", None)
+        if isinstance(counts, dict) and serial != self._jobs_count_serial:
+            self._jobs_count_serial = serial
+            for status, count in counts.items():
+                self._child(self.jobs_pending, (status,)).set(count)
 
     def _advance(self, key: str, counter: Counter, total: float | None) -> None:
         """Turn an object's running total into counter increments."""

@@ -290,12 +290,19 @@ class OnnxModel:
         return tuple((name, a.shape[1:]) for name, a in sorted(inputs.items()))
 
     # --- the work (inference thread) -------------------------------------------
-    def run_batch(self, batch: Sequence[Tensors], rows: Sequence[int]) -> BatchResult:
+    def run_batch(
+        self,
+        batch: Sequence[Tensors],
+        rows: Sequence[int],
+        run_options: ort.RunOptions | None = None,
+    ) -> BatchResult:
+        """`run_options`: a background job's, so that its runner can stop the session run
+        (`terminate`) when the worker shuts down; online batches pass none (ORT's default)."""
         start = time.perf_counter()
         feed = self._feed(batch)
         preprocessed = time.perf_counter()
         try:
-            results = self.session.run(None, feed)
+            results = self.session.run(None, feed, run_options)
         except InvalidArgument as exc:  # shapes ORT could not reconcile: the client's input
             raise BadRequest(f"model '{self.name}' rejected the input: {exc}") from None
         except Fail as exc:

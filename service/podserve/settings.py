@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     jobs_lease_s: float = Field(30.0, gt=0)
     jobs_max_attempts: int = Field(5, ge=1)
     jobs_result_ttl_s: float = Field(86_400.0, gt=0)
+    jobs_max_result_bytes: int = Field(
+        256 * 2**20, ge=1, le=2**30, description="a larger job result fails the job"
+    )
+    jobs_count_interval_s: float = Field(
+        15.0, ge=0, description="how often a job-running worker counts jobs; 0 = never"
+    )
 
     # --- Observability (issue 4) --------------------------------------------------
     tracing_enabled: bool = True

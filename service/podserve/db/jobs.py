@@ -23,29 +23,41 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import onnxruntime as ort
 
 from podserve.db.features import FeatureStore, entity_lookup
-from podserve.db.pool import Database
-from podserve.db.prediction_log import INSERT_ONE, make_row, to_record
-from podserve.errors import PodserveError, ServiceUnavailable
+from podserve.db.pool import CONNECTION_ERRORS, Database
+from podserve.db.prediction_log import INSERT_ONE, Row, make_row, to_record
+from podserve.errors import PayloadTooLarge, PodserveError, ServiceUnavailable
+from podserve.http_body import PARSE_ON_LOOP_MAX_BYTES, parse_body
 from podserve.inference_pool import BACKGROUND
-from podserve.protocol_v2 import encode_infer_response, parse_infer_request
+from podserve.processors import Tensors
+from podserve.protocol_v2 import InferRequest, encode_infer_response, parse_infer_request
 from podserve.settings import Settings
 
 if TYPE_CHECKING:
+    from podserve.onnx_model import OnnxModel
     from podserve.runtime import ServingRuntime
 
 log = logging.getLogger(__name__)
 
+# A running job's run_after is always in the past: a job is claimed only once its run_after
+# has passed, and only a requeue (back to 'queued') moves it. So `run_after <= now()` holds
+# for both kinds of claimable rows (queued ones due, running ones whose lease ran out) and
+# bounds the scan of podserve_jobs_claimable (migration 0002) to the claimable prefix, in
+# claim order: the claim locks the first free rows it meets and stops, where it used to
+# sort every candidate (58 ms per claim with 200k jobs queued; 0.4 ms now). The error of a
+# job whose lease ran out says so: if it never finishes, its final error names the cause.
 _CLAIM = """
 WITH next AS (
     SELECT id FROM podserve_jobs
-    WHERE (status = 'queued' AND run_after <= now())
-       OR (status = 'running' AND lease_expires_at < now())
+    WHERE status IN ('queued', 'running') AND run_after <= now()
+      AND (status = 'queued' OR lease_expires_at < now())
     ORDER BY run_after, created_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -53,33 +65,60 @@ WITH next AS (
 UPDATE podserve_jobs AS j
 SET status = 'running', attempts = j.attempts + 1, lease_owner = $2,
     lease_expires_at = now() + make_interval(secs => $3),
-    started_at = coalesce(j.started_at, now())
+    started_at = coalesce(j.started_at, now()),
+    error = CASE WHEN j.status = 'running'
+                 THEN 'the lease of ' || j.lease_owner || ' ran out (worker gone or cut off)'
+                 ELSE j.error END
 FROM next WHERE j.id = next.id
-RETURNING j.id, j.model, j.model_version, j.body, j.json_length, j.attempts
+RETURNING j.id, j.model, j.model_version, j.body, j.json_length, j.attempts, j.error
 """
 _MINE = "id = $1 AND status = 'running' AND lease_owner = $2 AND attempts = $3"
 _SUCCEED = f"""
-UPDATE podserve_jobs SET status = 'succeeded', result = $4, finished_at = now(),
+UPDATE podserve_jobs SET status = 'succeeded', result = $4, error = NULL, finished_at = now(),
     expires_at = now() + make_interval(secs => $5), lease_owner = NULL, lease_expires_at = NULL
 WHERE {_MINE}
 """
 _FAIL = f"""
 UPDATE podserve_jobs SET status = 'failed', error = $4, finished_at = now(),
-    expires_at = now() + make_interval(secs => $5), lease_owner = NULL, lease_expires_at = NULL
+    expires_at = now() + make_interval(secs => $5), lease_owner = NULL, lease_expires_at = NULL,
+    attempts = attempts - $6
 WHERE {_MINE}
 """
 _REQUEUE = f"""
 UPDATE podserve_jobs SET status = 'queued', run_after = now() + make_interval(secs => $4),
-    attempts = attempts - $5, lease_owner = NULL, lease_expires_at = NULL
+    attempts = attempts - $5, error = coalesce($6, error), lease_owner = NULL,
+    lease_expires_at = NULL
 WHERE {_MINE}
 """
+# Per attempt: an execution that lost its lease and was claimed again (by this worker too)
+# must not keep the live attempt's lease, nor the live one lose its renewals to the stale
+# one. SKIP LOCKED: a row being finished (a large result is stored for seconds, holding the
+# row) needs no renewal, and waiting on it would hold up every other lease past the timeout.
 _RENEW = """
-UPDATE podserve_jobs SET lease_expires_at = now() + make_interval(secs => $3)
-WHERE id = ANY($1::uuid[]) AND status = 'running' AND lease_owner = $2
+WITH mine AS (
+    SELECT j.id FROM podserve_jobs AS j
+    JOIN unnest($1::uuid[], $2::integer[]) AS live(id, attempts)
+        ON j.id = live.id AND j.attempts = live.attempts
+    WHERE j.status = 'running' AND j.lease_owner = $3
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE podserve_jobs AS j SET lease_expires_at = now() + make_interval(secs => $4)
+FROM mine WHERE j.id = mine.id
 """
-_PURGE = """
+PURGE_BATCH = 1000  # rows per DELETE: short statements, short locks
+PURGE_PASS_S = 5.0  # a pass deletes batches until one comes back short, or for this long
+# SKIP LOCKED: workers purging at once delete different rows instead of waiting on each other.
+_PURGE = f"""
 DELETE FROM podserve_jobs WHERE id IN (
-    SELECT id FROM podserve_jobs WHERE expires_at < now() LIMIT 1000)
+    SELECT id FROM podserve_jobs WHERE expires_at < now() LIMIT {PURGE_BATCH}
+    FOR UPDATE SKIP LOCKED)
+"""
+# For the podserve_jobs_pending gauge: two index-only scans of the partial indexes
+# podserve_jobs_queued and podserve_jobs_leases (~20 ms with 200k jobs queued and 200k
+# finished; one count over both statuses read the heap: 64 ms).
+_COUNT = """
+SELECT (SELECT count(*) FROM podserve_jobs WHERE status = 'queued') AS queued,
+       (SELECT count(*) FROM podserve_jobs WHERE status = 'running') AS running
 """
 _GET = """
 SELECT id, model, model_version, status, attempts, result, error,
@@ -89,6 +128,21 @@ FROM podserve_jobs WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
 _INSERT = """
 INSERT INTO podserve_jobs (id, model, model_version, body, json_length) VALUES ($1, $2, $3, $4, $5)
 """
+# A result's statements get PODSERVE_DB_COMMAND_TIMEOUT_S (sized for lookups) plus a second
+# per this many bytes: PostgreSQL took 0.5-8 s to store 64-170 MiB results (TOAST
+# compression) and 3-7 s to parse their prediction-log row (jsonb) on the 2-core dev machine.
+STORE_BYTES_PER_S = 4 * 2**20
+STORE_CLIENT_SLACK_S = 1.0  # asyncpg's timeout, after PostgreSQL's (see JobStore.succeed)
+# Output tensors up to this size are encoded as JSON (and logged) on the event loop (~1 ms);
+# larger ones in a thread, as large request bodies are parsed (http_body.parse_body).
+ENCODE_ON_LOOP_MAX_BYTES = PARSE_ON_LOOP_MAX_BYTES // 4
+# Errors of storing a result that say nothing about the job: retried (or the lease runs out).
+# Any other (a value PostgreSQL refuses, a size limit) would recur: the job fails at once.
+TRANSIENT_STORE_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,  # TimeoutError and the server's query cancellation included
+    ServiceUnavailable,
+    asyncpg.TransactionRollbackError,  # deadlock, serialization failure
+)
 
 
 @dataclass
@@ -99,6 +153,20 @@ class ClaimedJob:
     body: bytes
     json_length: int | None
     attempts: int
+    last_error: str | None = None  # of an earlier attempt: why it was retried
+
+
+@dataclass(eq=False)
+class Execution:
+    """One attempt of a job in this worker."""
+
+    job: ClaimedJob
+    # The session run's options: stop() sets `terminate` so the inference thread lets go.
+    run_options: ort.RunOptions = field(default_factory=ort.RunOptions)
+
+    @property
+    def key(self) -> tuple[uuid.UUID, int]:
+        return self.job.id, self.job.attempts
 
 
 class JobStore:
@@ -107,8 +175,13 @@ class JobStore:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
         self.timeout_s = settings.db_command_timeout_s + settings.db_connect_timeout_s
+        self.command_timeout_s = settings.db_command_timeout_s
         self.lease_s = settings.jobs_lease_s
         self.ttl_s = settings.jobs_result_ttl_s
+
+    def store_timeout(self, size: int) -> float:
+        """Seconds for a statement that writes `size` bytes."""
+        return self.command_timeout_s + size / STORE_BYTES_PER_S
 
     async def submit(
         self, model: str, version: str, body: bytes, json_length: int | None
@@ -125,42 +198,108 @@ class JobStore:
     async def claim(self, owner: str, limit: int = 1) -> list[ClaimedJob]:
         async with self.db.background(self.timeout_s) as conn:
             rows = await conn.fetch(_CLAIM, limit, owner, self.lease_s)
-        return [
-            ClaimedJob(
-                r["id"], r["model"], r["model_version"], r["body"], r["json_length"], r["attempts"]
-            )
-            for r in rows
-        ]
+        return [_claimed(row) for row in rows]
 
     async def succeed(
-        self, job: ClaimedJob, owner: str, result: bytes, log_row: list[Any] | None
+        self, job: ClaimedJob, owner: str, result: bytes, log_row: Row | None
     ) -> bool:
-        """Store the result if we still hold the lease (and its log row, atomically)."""
+        """Store the result if we still hold the lease (and its log row, atomically).
+
+        Each statement gets store_timeout(size) from PostgreSQL itself (statement_timeout),
+        so a store that takes too long ends there, its row lock with it, and the job can be
+        requeued at once; asyncpg's own timeout, a little later, is for a dead network.
+        Either way it raises TimeoutError."""
+        record = None if log_row is None else to_record(log_row)
+        timeout_s = self.store_timeout(len(result) + (0 if record is None else _text_bytes(record)))
+        try:
+            return await self._write_result(job, owner, result, record, timeout_s)
+        except asyncpg.QueryCanceledError as exc:  # statement_timeout (or an operator)
+            raise TimeoutError(f"PostgreSQL cancelled the statement: {exc}") from exc
+
+    async def _write_result(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        result: bytes,
+        record: tuple[Any, ...] | None,
+        timeout_s: float,
+    ) -> bool:
         async with self.db.background(self.timeout_s) as conn, conn.transaction():
             await conn.execute(self.db.bound_transaction_sql)
-            status = await conn.execute(_SUCCEED, job.id, owner, job.attempts, result, self.ttl_s)
+            await conn.execute(f"SET LOCAL statement_timeout = {round(timeout_s * 1000)}")
+            client_timeout_s = timeout_s + STORE_CLIENT_SLACK_S
+            status = await conn.execute(
+                _SUCCEED, job.id, owner, job.attempts, result, self.ttl_s,
+                timeout=client_timeout_s,
+            )  # fmt: skip
             stored = status.endswith(" 1")
-            if stored and log_row is not None:
-                await conn.execute(INSERT_ONE, *to_record(log_row))
+            if stored and record is not None:
+                await conn.execute(INSERT_ONE, *record, timeout=client_timeout_s)
         return stored
 
-    async def fail(self, job: ClaimedJob, owner: str, error: str) -> bool:
+    async def fail(self, job: ClaimedJob, owner: str, error: str, refund: bool = False) -> bool:
+        """`refund`: the attempt was claimed only to give up (attempts stays the maximum)."""
         async with self.db.background(self.timeout_s) as conn:
-            status = await conn.execute(_FAIL, job.id, owner, job.attempts, error, self.ttl_s)
+            status = await conn.execute(
+                _FAIL, job.id, owner, job.attempts, error, self.ttl_s, int(refund)
+            )
         return status.endswith(" 1")
 
-    async def requeue(self, job: ClaimedJob, owner: str, delay_s: float, refund: bool) -> None:
+    async def requeue(
+        self, job: ClaimedJob, owner: str, delay_s: float, refund: bool, error: str | None = None
+    ) -> None:
+        """`error`: why (kept for the job's final error); None keeps the one it has."""
         async with self.db.background(self.timeout_s) as conn:
-            await conn.execute(_REQUEUE, job.id, owner, job.attempts, delay_s, int(refund))
+            await conn.execute(_REQUEUE, job.id, owner, job.attempts, delay_s, int(refund), error)
 
-    async def renew(self, ids: list[uuid.UUID], owner: str) -> None:
+    async def renew(self, leases: list[tuple[uuid.UUID, int]], owner: str) -> None:
+        """Extend the leases of these (job id, attempt)s, where they are still ours."""
+        ids = [job_id for job_id, _ in leases]
+        attempts = [attempt for _, attempt in leases]
         async with self.db.background(self.timeout_s) as conn:
-            await conn.execute(_RENEW, ids, owner, self.lease_s)
+            await conn.execute(_RENEW, ids, attempts, owner, self.lease_s)
 
     async def purge_expired(self) -> int:
+        """One batch (at most PURGE_BATCH rows); returns how many were deleted."""
         async with self.db.background(self.timeout_s) as conn:
             status = await conn.execute(_PURGE)
         return int(status.rsplit(" ", 1)[-1])
+
+    async def count_pending(self) -> dict[str, int]:
+        """{'queued': n, 'running': m}: every job in the database, not only this pod's."""
+        async with self.db.background(self.timeout_s) as conn:
+            row = await conn.fetchrow(_COUNT)
+        assert row is not None  # an aggregate always has a row
+        return {"queued": row["queued"], "running": row["running"]}
+
+
+def _claimed(row: asyncpg.Record) -> ClaimedJob:
+    return ClaimedJob(
+        row["id"], row["model"], row["model_version"], row["body"], row["json_length"],
+        row["attempts"], row["error"],
+    )  # fmt: skip
+
+
+def _text_bytes(record: Sequence[Any]) -> int:
+    """About the size of a log row on the wire: its JSON columns (outputs, maybe inputs)."""
+    return sum(len(value) for value in record if isinstance(value, str))
+
+
+def _tensor_bytes(tensors: Tensors) -> int:
+    return sum(array.nbytes for array in tensors.values())
+
+
+def _store_error_cause(exc: BaseException) -> BaseException:
+    """The error that made storing fail. A statement timeout shows up as the InterfaceError of
+    the rollback that follows it ("connection is closed"), with the TimeoutError as context."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 class JobRunner:
@@ -182,17 +321,25 @@ class JobRunner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.poll_s = settings.jobs_poll_ms / 1000
         self.max_attempts = settings.jobs_max_attempts
-        self.running: dict[uuid.UUID, ClaimedJob] = {}
+        self.max_result_bytes = settings.jobs_max_result_bytes
+        # By (job id, attempt): a job that lost its lease and was claimed again by this
+        # worker runs twice here for a while, and each attempt must keep (and finally drop)
+        # its own entry, or the live attempt's lease goes unrenewed.
+        self.running: dict[tuple[uuid.UUID, int], Execution] = {}
         self.slots = asyncio.Semaphore(settings.jobs_concurrency)
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.executions: set[asyncio.Task[None]] = set()
-        # Plain counters for metrics.
+        # Running totals; metrics.Metrics turns them into counters once a second.
         self.jobs_succeeded = 0
         self.jobs_failed = 0
         self.jobs_requeued = 0
         self.results_discarded = 0  # finished after losing the lease: someone else owns it
         self.claim_errors = 0
+        # The database's queued and running jobs, last counted (None: not yet), and a serial
+        # that tells the metrics a new count came in.
+        self.pending_counts: dict[str, int] | None = None
+        self.pending_serial = 0
 
     def start(self) -> None:
         self.tasks = [
@@ -200,17 +347,28 @@ class JobRunner:
             asyncio.create_task(self._renew_forever(), name="jobs-lease"),
             asyncio.create_task(self._purge_forever(), name="jobs-purge"),
         ]
+        if self.settings.jobs_count_interval_s > 0:
+            count = self._count_forever(self.settings.jobs_count_interval_s)
+            self.tasks.append(asyncio.create_task(count, name="jobs-count"))
 
     async def stop(self, grace_s: float = 0.5) -> None:
         """Stop claiming; let running jobs finish briefly, hand the rest back to the queue
-        (another worker takes them at once instead of after the lease)."""
+        (another worker takes them at once instead of after the lease).
+
+        Their session runs are terminated first: a long job would otherwise keep its
+        inference thread computing a result no one will store, holding up the worker's
+        shutdown (the pool joins its threads) until Gunicorn's SIGKILL, while another worker
+        already runs the job again."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.executions:
             await asyncio.wait(self.executions, timeout=grace_s)
+        running = list(self.running.values())
+        for execution in running:
+            execution.run_options.terminate = True
         requeues = [
-            self.store.requeue(job, self.owner, 0.0, refund=True) for job in self.running.values()
+            self.store.requeue(execution.job, self.owner, 0.0, refund=True) for execution in running
         ]
         if requeues:  # bounded: with the database gone, the leases expire instead
             with contextlib.suppress(TimeoutError):
@@ -251,47 +409,94 @@ class JobRunner:
 
     # --- running -----------------------------------------------------------------------
     async def _execute(self, job: ClaimedJob) -> None:
-        self.running[job.id] = job
+        execution = Execution(job)
+        self.running[execution.key] = execution
         try:
-            await self._run(job)
+            await self._run(execution)
         except Exception as exc:  # the database went away while finishing: the lease expires
             log.warning("job not finished", extra={"job": str(job.id), "error": repr(exc)})
         finally:
-            self.running.pop(job.id, None)
+            if self.running.get(execution.key) is execution:  # only our own entry
+                del self.running[execution.key]
             self.slots.release()
 
-    async def _run(self, job: ClaimedJob) -> None:
+    async def _run(self, execution: Execution) -> None:
+        job = execution.job
         if job.attempts > self.max_attempts:
-            await self._fail(job, f"gave up after {self.max_attempts} attempts")
+            last = f"; last error: {job.last_error}" if job.last_error else ""
+            await self._fail(job, f"gave up after {self.max_attempts} attempts{last}", True)
             return
         try:
-            result, log_row = await self._infer(job)
-        except PodserveError as exc:
-            if exc.status_code >= 500 and job.attempts < self.max_attempts:
-                delay = min(60.0, 2.0**job.attempts)
-                await self.store.requeue(job, self.owner, delay, refund=False)
-                self.jobs_requeued += 1
+            result, log_row = await self._infer(job, execution.run_options)
+        except Exception as exc:
+            if execution.run_options.terminate:  # stop() hands the job back: not its failure
+                log.info("job handed back", extra={"job": str(job.id)})
+                return
+            await self._inference_failed(job, exc)
+            return
+        await self._store(job, result, log_row)
+
+    async def _inference_failed(self, job: ClaimedJob, exc: Exception) -> None:
+        if isinstance(exc, PodserveError):
+            if exc.status_code >= 500:
+                await self._retry_or_fail(job, exc.message)
             else:
                 await self._fail(job, exc.message)
             return
+        log.error("job inference failed", exc_info=exc, extra={"job": str(job.id)})
+        await self._fail(job, f"inference failed: {type(exc).__name__}: {exc}")
+
+    async def _store(self, job: ClaimedJob, result: bytes, log_row: Row | None) -> None:
+        try:
+            stored = await self.store.succeed(job, self.owner, result, log_row)
         except Exception as exc:
-            log.exception("job inference failed", extra={"job": str(job.id)})
-            await self._fail(job, f"inference failed: {type(exc).__name__}: {exc}")
+            cause = _store_error_cause(exc)
+            size = len(result) + (0 if log_row is None else _text_bytes(log_row))
+            reason = f"result could not be stored: {self._describe(cause, size)}"
+            extra = {"job": str(job.id), "error": reason}
+            if isinstance(cause, TRANSIENT_STORE_ERRORS):
+                log.warning("job result not stored; trying again later", extra=extra)
+                await self._retry_or_fail(job, reason)  # raises if the database is gone
+            else:  # it would fail the same way every time
+                log.error("job result not stored", extra=extra)
+                await self._fail(job, reason)
             return
-        if await self.store.succeed(job, self.owner, result, log_row):
+        if stored:
             self.jobs_succeeded += 1
         else:
             self.results_discarded += 1
             log.warning("job result discarded: lease lost", extra={"job": str(job.id)})
 
-    async def _fail(self, job: ClaimedJob, message: str) -> None:
-        if await self.store.fail(job, self.owner, message):
+    def _describe(self, cause: BaseException, size: int) -> str:
+        what = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        if isinstance(cause, TimeoutError | asyncpg.QueryCanceledError):
+            return (
+                f"{what} (allowed {self.store.store_timeout(size):.1f} s for {size} bytes: "
+                "PODSERVE_DB_COMMAND_TIMEOUT_S plus 1 s per 4 MiB)"
+            )
+        return what
+
+    async def _retry_or_fail(self, job: ClaimedJob, reason: str) -> None:
+        """A server-side condition: again later with backoff, while attempts are left."""
+        if job.attempts < self.max_attempts:
+            delay = min(60.0, 2.0**job.attempts)
+            await self.store.requeue(job, self.owner, delay, refund=False, error=reason)
+            self.jobs_requeued += 1
+        else:
+            await self._fail(job, reason)
+
+    async def _fail(self, job: ClaimedJob, message: str, refund: bool = False) -> None:
+        if await self.store.fail(job, self.owner, message, refund):
             self.jobs_failed += 1
 
-    async def _infer(self, job: ClaimedJob) -> tuple[bytes, list[Any] | None]:
+    async def _infer(
+        self, job: ClaimedJob, run_options: ort.RunOptions
+    ) -> tuple[bytes, Row | None]:
         runtime = self.runtime
         model = runtime.model(job.model, job.version)
-        parsed = parse_infer_request(job.body, job.json_length)
+        # A stored body is up to PODSERVE_MAX_BODY_BYTES: parsed in a thread when large,
+        # as the request path does, so the worker's requests are not held up meanwhile.
+        parsed = await parse_body(parse_infer_request, job.body, job.json_length)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
         timings: dict[str, float] = {}
         inputs = parsed.inputs
@@ -303,31 +508,42 @@ class JobRunner:
             timings["features"] = time.perf_counter() - started
         inputs, rows = model.validate(inputs, parsed.datatypes)
         started = time.perf_counter()
-        batch = await runtime.pool.run(model.run_batch, [inputs], [rows], priority=BACKGROUND)
+        batch = await runtime.pool.run(
+            model.run_batch, [inputs], [rows], run_options, priority=BACKGROUND
+        )
         timings["infer"] = time.perf_counter() - started
+        outputs = batch.outputs[0]
+        args = (model, parsed, inputs, outputs, timings, str(job.id))
+        if _tensor_bytes(outputs) <= ENCODE_ON_LOOP_MAX_BYTES:
+            return self._encode(*args)
+        return await asyncio.to_thread(self._encode, *args)
+
+    def _encode(
+        self, model: OnnxModel, parsed: InferRequest, inputs: Tensors, outputs: Tensors,
+        timings: dict[str, float], job_id: str,
+    ) -> tuple[bytes, Row | None]:  # fmt: skip
+        """The stored result (JSON) and its prediction-log row; in a thread when large."""
         for wanted in parsed.outputs or []:
             wanted.binary = False  # a stored result is JSON
         parsed.binary_output = False
         content, _ = encode_infer_response(
-            model.name, model.version, parsed, batch.outputs[0], [s.name for s in model.outputs],
+            model.name, model.version, parsed, outputs, [s.name for s in model.outputs],
             labels=model.labels,
         )  # fmt: skip
-        log_row = None
-        if self.log_inputs is not None:
-            log_row = make_row(
-                str(job.id),
-                parsed.id,
-                model.name,
-                model.version,
-                inputs,
-                batch.outputs[0],
-                timings,
-                None,
-                self.log_inputs,
+        if len(content) > self.max_result_bytes:  # before the log row: it is as large
+            raise PayloadTooLarge(
+                f"result of {len(content)} bytes exceeds PODSERVE_JOBS_MAX_RESULT_BYTES "
+                f"({self.max_result_bytes})"
             )
+        if self.log_inputs is None:
+            return content, None
+        log_row = make_row(
+            job_id, parsed.id, model.name, model.version, inputs, outputs, timings, None,
+            self.log_inputs,
+        )  # fmt: skip
         return content, log_row
 
-    # --- leases and expiry --------------------------------------------------------------
+    # --- leases, expiry, counts ----------------------------------------------------------
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.store.lease_s / 3)
@@ -342,9 +558,35 @@ class JobRunner:
         while True:
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
             try:
-                purged = await self.store.purge_expired()
+                purged = await self._purge_pass()
             except Exception as exc:
                 log.warning("cannot purge expired jobs", extra={"error": repr(exc)})
                 continue
             if purged:
                 log.info("expired jobs purged", extra={"jobs": purged})
+
+    async def _purge_pass(self) -> int:
+        """Batches until one comes back short (nothing left) or PURGE_PASS_S is spent: one
+        batch a pass fell behind any pod finishing more than ~1,000 jobs a minute."""
+        deadline = time.monotonic() + PURGE_PASS_S
+        total = 0
+        while True:
+            purged = await self.store.purge_expired()
+            total += purged
+            if purged < PURGE_BATCH or time.monotonic() >= deadline:
+                return total
+
+    async def _count_forever(self, interval_s: float) -> None:
+        """Count the database's queued and running jobs for the metrics, every `interval_s`:
+        one cheap query per worker and interval, never from a scrape (a scrape must not wait
+        on, or fail with, the database)."""
+        delay = random.uniform(0.0, min(1.0, interval_s))  # soon after start, workers apart
+        while True:
+            await asyncio.sleep(delay)
+            delay = interval_s * random.uniform(0.9, 1.1)
+            try:
+                self.pending_counts = await self.store.count_pending()
+            except Exception as exc:  # the gauge keeps the last count; claims log the outage
+                log.debug("cannot count jobs", extra={"error": repr(exc)})
+                continue
+            self.pending_serial += 1
