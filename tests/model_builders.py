@@ -148,6 +148,24 @@ def detections_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
+def zero_hits_model() -> onnx.ModelProto:
+    """x FP32 [batch, 1] -> hits INT64 [?, 2]: (row, col) of each zero. The warm-up's zeros
+    give one hit per row, so only a merged run of real rows shows that it has no row per row."""
+    nodes = [
+        helper.make_node("Equal", ["x", "zero"], ["is_zero"]),
+        helper.make_node("NonZero", ["is_zero"], ["where"]),
+        helper.make_node("Transpose", ["where"], ["hits"], perm=[1, 0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "zero_hits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("hits", TensorProto.INT64, [None, 2])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 def broadcast_model() -> onnx.ModelProto:
     """y = x + [1, 2, 3], x FP32 [batch, n]: n must be 1 or 3, which only the run finds out."""
     graph = helper.make_graph(

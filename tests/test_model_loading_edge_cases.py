@@ -16,16 +16,19 @@ import numpy as np
 import onnx
 import orjson
 import pytest
+from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from batch_support import run_alone, run_concurrently
 from model_builders import (
+    OPSET,
     affine_model,
     broadcast_model,
     detections_model,
     fixed_batch_model,
     flatten_model,
     save,
+    zero_hits_model,
 )
 from podserve.errors import BadRequest, NotFound
 from podserve.model_repository import ModelLoadError, ModelRepository, load_repository
@@ -62,9 +65,11 @@ def _rows(count: int) -> list[dict[str, np.ndarray]]:
 
 # --- 1. dim 0 that is not the batch -------------------------------------------------------
 @pytest.mark.parametrize(
-    "model", [detections_model(), flatten_model("n")], ids=["num_hits", "flattened"]
+    "model",
+    [detections_model(), flatten_model("n"), flatten_model(None)],
+    ids=["num_hits", "flattened", "flattened-unnamed"],
 )
-def test_outputs_whose_dim_0_has_its_own_name_are_not_batched(
+def test_outputs_without_a_row_per_input_row_are_not_batched(
     tmp_path: Path, model: onnx.ModelProto
 ) -> None:
     served = _load_one(model, tmp_path)
@@ -81,8 +86,13 @@ def test_outputs_whose_dim_0_has_its_own_name_are_not_batched(
 
 @pytest.mark.parametrize(
     ("input_dim", "output_dim"),
-    [("batch", "batch"), ("unk__3", "unk__7"), ("x_dynamic_axes_1", "y_dynamic_axes_1")],
-    ids=["shared-name", "tf2onnx", "torch-list-axes"],
+    [
+        ("batch", "batch"),
+        ("unk__3", "unk__7"),
+        ("x_dynamic_axes_1", "y_dynamic_axes_1"),
+        ("B", "Addoutput_dim_0"),  # torch.onnx names an output dim that dynamic_axes left out
+    ],
+    ids=["shared-name", "tf2onnx", "torch-list-axes", "torch-named-output"],
 )
 def test_a_shared_or_generated_dim_0_name_keeps_batching(
     tmp_path: Path, input_dim: str, output_dim: str
@@ -106,19 +116,19 @@ def test_fixed_dim_0_is_not_batched(tmp_path: Path) -> None:
 def test_merged_output_without_a_row_per_row_is_rerun_alone_and_batching_stops(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    served = _load_one(flatten_model(dim_name=None), tmp_path)  # the load cannot tell
+    served = _load_one(zero_hits_model(), tmp_path)  # the warm-up's zeros cannot tell
     assert served.batching
-    requests = _rows(8)
+    requests = [{"x": np.array([[i % 3]] * (1 + i % 2), np.float32)} for i in range(8)]
     with caplog.at_level(logging.WARNING, logger="podserve.onnx_model"):
         outcomes, records = asyncio.run(run_concurrently(served, requests, return_exceptions=True))
     for request, outcome in zip(requests, outcomes, strict=True):
-        np.testing.assert_array_equal(outcome.outputs["y"], request["x"].reshape(-1))
+        np.testing.assert_array_equal(outcome.outputs["hits"], run_alone(served, request)["hits"])
     failed = [record for record in records if record.error is not None]
     assert failed and all(isinstance(r.error, UnsplittableBatch) for r in failed)
     assert all(len(r.requests) > 1 for r in failed)
     assert not served.batching
     assert triton_config(served)["max_batch_size"] == 0
-    assert [r.message for r in caplog.records] == [
+    assert [r.message for r in caplog.records if r.name == "podserve.onnx_model"] == [
         "model output has no row per input row: batching turned off"
     ]
     # From now on each request runs alone, once.
@@ -128,10 +138,10 @@ def test_merged_output_without_a_row_per_row_is_rerun_alone_and_batching_stops(
 
 
 def test_a_single_request_gets_its_output_whole(tmp_path: Path) -> None:
-    served = _load_one(flatten_model(dim_name=None), tmp_path)
-    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    served = _load_one(zero_hits_model(), tmp_path)
+    x = np.array([[0], [5], [0]], np.float32)
     outputs = run_alone(served, {"x": x})
-    np.testing.assert_array_equal(outputs["y"], x.reshape(-1))
+    np.testing.assert_array_equal(outputs["hits"], [[0, 0], [2, 0]])
     assert served.batching  # nothing merged: nothing learnt
 
 
@@ -159,6 +169,25 @@ def test_configured_outputs_may_fix_a_dynamic_dim(tmp_path: Path) -> None:
     output = {"name": "y", "datatype": "FP32", "shape": [2, 4]}
     served = _load_one(affine_model(), tmp_path, {"outputs": [output]})
     assert [spec.shape for spec in served.outputs] == [[2, 4]]
+
+
+def test_configured_outputs_of_a_rank_ort_cannot_infer_load(tmp_path: Path) -> None:
+    """y = Squeeze(x): ORT reports y's shape as [] (its rank depends on the input), which is
+    what configuring the output is for; the check refused every configured shape for it."""
+    graph = helper.make_graph(
+        [helper.make_node("Squeeze", ["x"], ["y"])],
+        "squeeze",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    path = tmp_path / "m" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    # As exporters write it: onnx's checker (tests' `save`) wants every output's shape.
+    onnx.save(helper.make_model(graph, opset_imports=OPSET), path)
+    outputs = [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]
+    (tmp_path / "m" / "config.yaml").write_text(orjson.dumps({"outputs": outputs}).decode())
+    served = _load(tmp_path).get("m")
+    assert [spec.shape for spec in served.outputs] == [[-1, 4]]
 
 
 def test_a_wrong_output_name_fails_server_start_up(tmp_path: Path) -> None:
@@ -205,12 +234,23 @@ def test_a_broadcast_failure_is_the_clients_error(tmp_path: Path) -> None:
         run_alone(served, {"x": np.ones((1, 2), np.float32)})
 
 
-def test_other_ort_failures_stay_internal(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[ONNXRuntimeError] : 1 : FAIL : bad allocation",
+        # The node's name says Reshape, and the op's type Shape: neither is the client's.
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape "
+        "node. Name:'/encoder/Reshape_3' Status Message: Failed to allocate memory for "
+        "requested buffer of size 4294967296",
+    ],
+    ids=["allocation", "allocation-in-a-reshape-node"],
+)
+def test_other_ort_failures_stay_internal(tmp_path: Path, message: str) -> None:
     served = _load_one(broadcast_model(), tmp_path)
 
     class FailingSession:
         def run(self, *_: object) -> None:
-            raise Fail("[ONNXRuntimeError] : 1 : FAIL : bad allocation")
+            raise Fail(message)
 
     served.session = FailingSession()  # type: ignore[assignment]
     with pytest.raises(Fail):
@@ -320,7 +360,7 @@ def test_concurrent_requests_get_the_answers_they_get_alone(
     with httpx.Client(base_url=edge_server.url, timeout=30) as http:
         alone = {i: _infer(http, model, row(i)).json()["outputs"] for i in range(1, 13)}
         metadata = http.get(f"/v2/models/{model}").json()
-    assert metadata["parameters"]["batching"] is (model == "flat_unnamed")  # as loaded
+    assert metadata["parameters"]["batching"] is False  # the warm-up found no row per row
 
     def hammer(i: int) -> list[tuple[int, object]]:
         with httpx.Client(base_url=edge_server.url, timeout=30) as http:

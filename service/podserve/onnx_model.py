@@ -35,8 +35,15 @@ _GENERATED_DIM_NAME = re.compile(r"unk__\d+|.+_dynamic_axes_\d+")
 
 # ORT raises the shape checks that fail inside a kernel (broadcast, Reshape, MatMul, Concat)
 # as `Fail`, the class it also uses for internal faults: only the message tells them apart.
-# Inputs passed `validate`, so a shape that does not fit is one the client chose.
-_SHAPE_FAILURE = re.compile(r"broadcast|shape|dimension", re.IGNORECASE)
+# Inputs passed `validate`, so a shape that does not fit is one the client chose. Only the
+# kernel's own words count (after "Status Message:"): the text before names the node, and a
+# node named `/encoder/Reshape_3` failing for lack of memory is no client's error.
+_SHAPE_FAILURE = re.compile(
+    r"Status Message:.*("
+    r"Attempting to broadcast|cannot be reshaped|dimension mismatch|[Ii]ncompatible dimensions"
+    r"|mismatched dimensions|Invalid input shape|[Ss]hape mismatch)",
+    re.DOTALL,
+)
 
 
 @dataclass(frozen=True)
@@ -90,17 +97,15 @@ def _dim0(node: ort.NodeArg) -> int | str | None:
 
 
 def batchable(inputs: Sequence[ort.NodeArg], outputs: Sequence[ort.NodeArg]) -> bool:
-    """Requests can be concatenated along dim 0 only if it is every tensor's batch: dynamic
-    everywhere, and named, where named at all, after one symbol shared with the inputs. An
-    output whose dim 0 has a name of its own (NonZero's `num_hits`, a flattening Reshape's
-    `n`) does not hold one row per input row, and slicing it by requests mixes their rows."""
+    """What the graph says: requests can be concatenated along dim 0 only if it is dynamic on
+    every tensor, and the inputs' dim 0s, where named, share one symbol (inputs whose dim 0s
+    vary independently, queries and documents say, have no one batch dim). Whether each
+    output holds one row per input row, the names cannot tell (exporters name an output's
+    dims as they please: torch.onnx's `Addoutput_dim_0`): the warm-up measures it."""
     dims = [_dim0(node) for node in inputs]
-    if any(isinstance(dim, int) for dim in dims):
+    if any(isinstance(dim, int) for dim in (*dims, *(_dim0(node) for node in outputs))):
         return False
-    named = {dim for dim in dims if dim is not None}
-    if len(named) > 1:  # inputs whose dim 0s vary independently: no one batch dim
-        return False
-    return all(dim is None or dim in named for dim in (_dim0(node) for node in outputs))
+    return len({dim for dim in dims if dim is not None}) <= 1
 
 
 def check_output_overrides(configured: list[TensorSpec], actual: list[TensorSpec]) -> None:
@@ -120,6 +125,8 @@ def check_output_overrides(configured: list[TensorSpec], actual: list[TensorSpec
                 f"configured output {spec.name!r}: datatype {spec.datatype} does not match "
                 f"the model's {real.datatype}"
             )
+        if not real.shape:  # a rank ORT could not infer (a Reshape to a computed shape)
+            continue  # is what configuring an output is for: the config says it
         fixed_differ = any(
             want >= 0 and got >= 0 and want != got
             for want, got in zip(spec.shape, real.shape, strict=False)
@@ -395,13 +402,41 @@ class OnnxModel:
         )
 
     def warm_up(self) -> None:
-        """One inference with a dummy row, so the first real request pays no lazy init."""
+        """One inference with a dummy row, so the first real request pays no lazy init; then,
+        for a model that could batch, runs of 2 and 3 rows to check that every output has a
+        row per input row. One that does not (NonZero's hits, a flattening Reshape) would mix
+        the rows of merged requests: it is served unbatched."""
+        self._run_dummy(1)
+        if not self.batchable:
+            return
+        try:
+            per_row = all(self._rows_out(self._run_dummy(rows)) == {rows} for rows in (2, 3))
+        except Exception as exc:  # a model that runs one row but not several: unbatched too
+            per_row = False
+            log.warning(
+                "model fails on several rows: served unbatched",
+                extra={"model": self.name, "version": self.version, "error": repr(exc)},
+            )
+        if not per_row:
+            self.batchable = self.batching = False
+            log.info(
+                "model outputs have no row per input row: served unbatched",
+                extra={"model": self.name, "version": self.version},
+            )
+
+    def _run_dummy(self, rows: int) -> Tensors:
         dummy: Tensors = {}
         for spec in self.inputs:
-            shape = [1 if d < 0 else d for d in spec.shape]
+            shape = [
+                rows if i == 0 and d < 0 else 1 if d < 0 else d for i, d in enumerate(spec.shape)
+            ]
             if spec.datatype == "BYTES":
                 dummy[spec.name] = np.full(shape, "warm up", dtype=object)
             else:
                 dummy[spec.name] = np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
         inputs, count = self.validate(dummy)
-        self.run_batch([inputs], [count])
+        return self.run_batch([inputs], [count]).outputs[0]
+
+    @staticmethod
+    def _rows_out(outputs: Tensors) -> set[int]:
+        return {value.shape[0] if value.ndim else -1 for value in outputs.values()}

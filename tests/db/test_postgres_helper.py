@@ -7,6 +7,7 @@ import os
 import pytest
 
 import postgres
+from podserve.db.migrations import packaged_migrations
 
 
 def test_throwaway_cluster_starts_migrates_and_goes_away() -> None:
@@ -25,7 +26,8 @@ def test_throwaway_cluster_starts_migrates_and_goes_away() -> None:
     try:
         assert postgres.reachable(server.admin_url) is None
         with postgres.fresh_database(server.admin_url) as url:
-            assert postgres.migrate(url) == [1]
+            packaged = [migration.version for migration in packaged_migrations()]
+            assert postgres.migrate(url) == packaged
             assert postgres.scalar(url, "SELECT count(*) FROM podserve_jobs") == 0
     finally:
         server.stop()
