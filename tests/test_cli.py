@@ -95,7 +95,7 @@ def test_a_bad_database_url_stops_the_start_before_models_load(tmp_path: Path) -
         [*PODSERVE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "error: PODSERVE_DATABASE_URL: Value error, the database URL's port '54x2'" in out.stderr
+    assert "error: PODSERVE_DATABASE_URL: Value error, the database URL's port is" in out.stderr
     assert "s3cret" not in out.stderr
 
 

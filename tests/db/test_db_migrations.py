@@ -176,17 +176,20 @@ def test_a_migrator_lost_mid_run_does_not_hold_the_lock(
     assert stats["restored"] == ["0", "0"], stats  # the caller's session is its own again
 
 
+PORT = "port is not a number from 1 to 65535"
 BAD_URLS = {
-    "postgresql://podserve:s3cret@127.0.0.1:abc/test": "port 'abc' is not a number",
-    "postgresql://podserve:s3cret@127.0.0.1:99999/test": "port '99999' is not a number",
-    "postgresql://podserve:s3cret@db1:5432,db2:x/test": "port 'x' is not a number",
-    "postgresql://podserve:s3cret@db/test?port=5432,0": "port '0' is not a number",
+    "postgresql://podserve:s3cret@127.0.0.1:abc/test": PORT,
+    "postgresql://podserve:s3cret@127.0.0.1:99999/test": PORT,
+    "postgresql://podserve:s3cret@db1:5432,db2:x/test": PORT,
+    "postgresql://podserve:s3cret@db/test?port=5432,0": PORT,
+    # An unescaped '#' ends the host part inside the password: "port" 's3c' was printed.
+    "postgresql://podserve:s3c#ret@db:5432/test": PORT,
     "postgresql+asyncpg://podserve:s3cret@db/test": "must start with postgresql://",
 }
 
 
 @pytest.mark.parametrize("command", ["migrate", "status"])
-@pytest.mark.parametrize(("url", "problem"), BAD_URLS.items(), ids=list(BAD_URLS.values()))
+@pytest.mark.parametrize(("url", "problem"), BAD_URLS.items(), ids=range(len(BAD_URLS)))
 def test_a_database_url_asyncpg_cannot_use_is_one_line_without_its_password(
     command: str, url: str, problem: str
 ) -> None:
@@ -199,7 +202,7 @@ def test_a_database_url_asyncpg_cannot_use_is_one_line_without_its_password(
         )
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and problem in result.stderr, result.stderr
-        assert "s3cret" not in result.stderr
+        assert "s3c" not in result.stderr
 
 
 @pytest.mark.parametrize(

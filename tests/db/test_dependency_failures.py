@@ -214,6 +214,35 @@ def test_a_timed_out_lookup_leaves_no_backend_waiting(
     assert response.status_code == 200, response.text
 
 
+def test_a_timed_out_background_query_leaves_no_backend_waiting(db_url: str) -> None:
+    """The prediction log's writes and the jobs' queries (Database.background) terminated a
+    timed-out connection at once, which cancelled asyncpg's CancelRequest: the backend
+    went on waiting on the lock. A statement_timeout, on a sound connection, keeps it."""
+    settings = Settings(database_url=db_url, db_pool_min=1, db_pool_max=1)
+
+    async def scenario() -> tuple[bool, int]:
+        db = Database(settings)
+        await db.open()
+        try:
+            with pytest.raises(TimeoutError):
+                async with db.background(5.0) as conn:
+                    await conn.fetch("SELECT count(*) FROM podserve_jobs", timeout=0.3)
+            cleared = await asyncio.to_thread(wait_for, lambda: waiting_backends(db_url) == 0, 2.0)
+            async with db.background(5.0) as conn:
+                pid = conn.get_server_pid()
+                with pytest.raises(asyncpg.QueryCanceledError):
+                    await conn.execute("SET statement_timeout = 100; SELECT pg_sleep(1)")
+            async with db.background(5.0) as conn:  # the pool's one connection, kept
+                return cleared, pid - conn.get_server_pid()
+        finally:
+            await db.close()
+
+    with table_locked(db_url, "podserve_jobs"):
+        cleared, other_backend = postgres.run(scenario())
+    assert cleared, "the timed-out background query still waits on the lock in PostgreSQL"
+    assert other_backend == 0, "a statement_timeout closed a sound connection"
+
+
 # --- 5. jobs: slow or unreachable database -> 503/504, never 500 ----------------------
 def test_jobs_answer_504_with_retry_after_while_the_table_is_locked(
     client: httpx.Client, db_url: str
@@ -327,6 +356,24 @@ def test_a_failing_journal_keeps_rows_in_memory_logs_once_and_recovers(
     messages = [record.getMessage() for record in caplog.records]
     assert sum("cannot write the prediction-log journal" in m for m in messages) == 1
     assert sum("journal writable again" in m for m in messages) == 1
+    plog.journal.close(all_durable=True)
+
+
+def test_a_journal_that_cannot_open_does_not_stop_the_start(tmp_path: Path) -> None:
+    """A full or read-only volume at start-up: the journal's open raised, and the worker
+    failed to boot (a recycled worker then stopped the whole pod)."""
+    settings = Settings(database_url="postgresql://nobody@127.0.0.1:1/none")
+    plog = PredictionLog(Database(settings), Spool(tmp_path), settings)
+    assert plog.journal is not None
+    (tmp_path / "journal").write_text("in the way, as a read-only volume would be")
+    plog._open_journal()  # what start() runs: no OSError
+    assert plog.journal_errors == 1
+    plog.append(_row(0))
+    assert len(plog.buffer) == 1 and not plog._pending  # in memory only
+    (tmp_path / "journal").unlink()  # the volume is writable again
+    plog._journal_retry_at = time.monotonic()  # the retry is due
+    plog.append(_row(1))
+    assert list(plog._pending) == ["id-0001"]  # journaled again
     plog.journal.close(all_durable=True)
 
 

@@ -76,10 +76,11 @@ class Journal:
         OSError (disk full, read-only, I/O error): the row is not in the journal, and no
         part of it is; the next append tries again.
         """
+        if not self._segments:  # its volume failed at start-up: try again now
+            self.open()
+        elif self._segments[-1].rows >= self.rotate_rows or self._segments[-1].torn:
+            self._start_segment()  # before the write: a failed rotation loses no row written
         current = self._segments[-1]
-        if current.rows >= self.rotate_rows or current.torn:  # before the write: a failed
-            self._start_segment()  # rotation then loses no row already written
-            current = self._segments[-1]
         _write_line(current, orjson.dumps(row) + b"\n")
         seq = self.next_seq
         self.next_seq += 1

@@ -127,10 +127,14 @@ class Database:
     async def close(self, timeout_s: float = 1.0) -> None:
         if self.pool is None:
             return
+        if self._hand_backs:  # connections whose queries are being cancelled come back first
+            await asyncio.wait(self._hand_backs, timeout=timeout_s)
         try:
             await asyncio.wait_for(self.pool.close(), timeout_s)
         except TimeoutError:
             self.pool.terminate()  # connections stuck on a dead network: do not hang shutdown
+        for task in list(self._hand_backs):
+            task.cancel()
 
     @asynccontextmanager
     async def connection(
@@ -239,14 +243,21 @@ class Database:
         """A connection for background work: no breaker, errors propagate to the caller's retry."""
         if self.pool is None:
             raise ServiceUnavailable(NOT_CONFIGURED)
-        conn = await self.pool.acquire(timeout=timeout_s)
+        conn: asyncpg.Connection | None = await self.pool.acquire(timeout=timeout_s)
         try:
             yield conn
-        except (TimeoutError, asyncio.CancelledError, *CONNECTION_ERRORS):
+        except (TimeoutError, asyncio.CancelledError):
+            self._hand_back_later(conn)  # as for requests: let the query's cancellation land
+            conn = None
+            raise
+        except asyncpg.QueryCanceledError:  # a statement_timeout: the connection is sound
+            raise
+        except CONNECTION_ERRORS:
             _drop(conn)
             raise
         finally:
-            await _release(self.pool, conn)
+            if conn is not None:
+                await _release(self.pool, conn)
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:
@@ -263,8 +274,9 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 
 def _drop(conn: asyncpg.Connection) -> None:
-    """Close a connection that timed out, was cancelled or broke, without waiting: a reset
-    (or the wait for a query cancellation) would hang on the same dead network."""
+    """Close a broken connection without waiting: a reset would hang on the same dead
+    network. (A query that timed out or was cancelled is handed back instead, so that its
+    CancelRequest reaches the server: _hand_back_later.)"""
     with contextlib.suppress(asyncpg.InterfaceError):  # already closed and handed back
         conn.terminate()
 

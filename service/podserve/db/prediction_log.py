@@ -277,12 +277,29 @@ class PredictionLog:
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.open)
         if self.journal is not None:
-            await asyncio.to_thread(self.journal.open)
-            self.rows_recovered += await asyncio.to_thread(self._recover_journals)
+            await asyncio.to_thread(self._open_journal)
         # Earlier runs (or dead workers' journals) left rows: replay them first.
         self._spool_pending = bool(self.spool.bytes) or self.rows_recovered > 0
         self._writer = asyncio.create_task(self._write_forever(), name="prediction-log-writer")
         self._spiller = asyncio.create_task(self._spill_forever(), name="prediction-log-spiller")
+
+    def _open_journal(self) -> None:
+        """A volume that is full or read-only keeps the journal from working, not the worker
+        from starting (a recycled worker would stop the pod): rows are kept in memory, as
+        when the journal fails later, and dead workers' journals wait for another worker."""
+        assert self.journal is not None
+        try:
+            self.journal.open()
+        except OSError as exc:
+            self._journal_failed(exc)
+            return
+        try:
+            self.rows_recovered += self._recover_journals()
+        except OSError as exc:
+            log.error(
+                "cannot recover dead workers' prediction-log journals now; they stay on disk",
+                extra={"error": repr(exc)},
+            )
 
     async def close(self) -> None:
         """Shutdown (no more appends): to the database if it answers in time, else the spool.

@@ -69,9 +69,14 @@ class Spool:
             pid = _temp_writer(entry.name)
             if pid is None or _alive(pid) or not _older_than(entry, cutoff):
                 continue
-            with contextlib.suppress(FileNotFoundError):  # another worker got there first
+            try:
                 os.unlink(entry.path)
-                removed += 1
+            except FileNotFoundError:  # another worker got there first
+                continue
+            except OSError as exc:  # a read-only volume: the spool can still be read
+                log.warning("cannot remove a stale spool temp file", extra={"error": repr(exc)})
+                break
+            removed += 1
         if removed:
             log.warning("removed stale spool temp files", extra={"files": removed})
         return removed

@@ -18,7 +18,12 @@ def url_problem(url: str) -> str | None:
         return "the database URL must start with postgresql:// or postgres://"
     for port in _ports(parts.netloc, parts.query):
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            return f"the database URL's port {port!r} is not a number from 1 to 65535"
+            # Not the text itself: a password with an unescaped '#', '/' or '?' ends the
+            # host part early, and its end would be read, and printed, as the port.
+            return (
+                "the database URL's port is not a number from 1 to 65535 (percent-encode "
+                "'@', ':', '/', '?' and '#' in the user name and password)"
+            )
     return None
 
 
