@@ -282,9 +282,28 @@ def test_a_model_without_a_numeric_version_fails_the_load(tmp_path: Path) -> Non
 def test_a_model_directory_with_no_versions_fails_the_load(tmp_path: Path) -> None:
     save(affine_model(), tmp_path, "good")
     (tmp_path / "empty" / "assets").mkdir(parents=True)
+    (tmp_path / "empty" / "config.yaml").write_text("max_batch_size: 8\n")  # meant as a model
     with pytest.raises(ModelLoadError, match="version directories must be numbers") as caught:
         _load(tmp_path)
     assert f"{tmp_path / 'empty'}: no version directory" in str(caught.value)
+
+
+def test_a_folder_that_is_no_model_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No config.yaml, no <version>/model.onnx: a tokenizer shared by models, docs. Such
+    folders loaded before versions were checked, and must still."""
+    save(affine_model(), tmp_path, "good")
+    (tmp_path / "shared_tokenizer").mkdir()
+    (tmp_path / "shared_tokenizer" / "tokenizer.json").write_text("{}")
+    (tmp_path / "docs" / "images").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="podserve.model_repository"):
+        assert set(_load(tmp_path).models) == {"good"}
+    skipped = [r for r in caplog.records if r.name == "podserve.model_repository"]
+    assert [r.directory for r in skipped] == [
+        str(tmp_path / "docs"),
+        str(tmp_path / "shared_tokenizer"),
+    ]  # type: ignore[attr-defined]
 
 
 def test_hidden_directories_and_stray_files_are_ignored(tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ def test_the_fingerprint_follows_edits_new_versions_and_configmap_updates(tmp_pa
     (repo / "affine" / "config.yaml").write_text("max_batch_size: 4\n")
     assert fingerprint(repo) != second
 
+    (repo / "affine" / "latest").symlink_to(".")  # a link back up: walked once, not to ELOOP
+    assert fingerprint(repo) == fingerprint(repo)
+
     mounted = configmap_style(tmp_path, "max_batch_size: 8\n")
     before = fingerprint(mounted)
     assert configmap_style(tmp_path, "max_batch_size: 8\n") == mounted

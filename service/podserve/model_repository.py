@@ -73,6 +73,14 @@ def _ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.name == "lost+found"
 
 
+def _looks_like_a_model(model_dir: Path) -> bool:
+    """A config.yaml, or a folder holding a model.onnx: meant as a model, so any mistake in
+    its versions fails the start; other folders beside the models are left alone."""
+    return (model_dir / "config.yaml").exists() or any(
+        (path / "model.onnx").exists() for path in model_dir.iterdir() if path.is_dir()
+    )
+
+
 def _version_dirs(model_dir: Path) -> dict[str, Path]:
     """Version -> its directory. Versions are integers, as in Triton: "01" is version 1 (two
     directories for one number are an error), and a model needs at least one."""
@@ -106,6 +114,10 @@ def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> Mo
         raise ModelLoadError(f"model repository {root} does not exist or is not a directory")
     models: dict[str, ServedModel] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p)):
+        if not _looks_like_a_model(model_dir):  # a shared tokenizer's folder, docs, ...
+            log.warning("not a model (no config.yaml, no <version>/model.onnx): skipped",
+                        extra={"directory": str(model_dir)})  # fmt: skip
+            continue
         served = _load_model(model_dir, settings, threads)
         models[served.name] = served
     if not models:

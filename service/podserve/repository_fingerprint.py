@@ -22,10 +22,18 @@ _at_start: str | None = None  # set in the master; forked workers inherit it
 
 
 def fingerprint(root: Path) -> str:
-    """Every visible file's path, size, mtime and inode (symlinks followed: a ConfigMap
-    update swaps them), hashed. Hidden entries (`..data`) are reached through the links."""
+    """Every visible file's path, size and mtime (symlinks followed: a ConfigMap update
+    swaps them for new files), hashed. Hidden entries (`..data`) are reached through the
+    links. Not inode numbers: FUSE volumes (GCS, S3 mounts) may hand out new ones for the
+    same file after the kernel forgets it. A link back up the tree is walked once."""
     digest = hashlib.sha256()
+    seen: set[str] = set()
     for directory, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # `latest -> .`: os.walk would go round until ELOOP
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(f for f in files if not f.startswith(".")):
             path = Path(directory, name)
@@ -33,7 +41,7 @@ def fingerprint(root: Path) -> str:
                 info = path.stat()
             except OSError:  # a dangling link: the loader ignores it too
                 continue
-            entry = (str(path.relative_to(root)), info.st_size, info.st_mtime_ns, info.st_ino)
+            entry = (str(path.relative_to(root)), info.st_size, info.st_mtime_ns)
             digest.update(repr(entry).encode())
     return digest.hexdigest()
 

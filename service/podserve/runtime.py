@@ -65,10 +65,7 @@ class ServingRuntime:
     async def start(self) -> None:
         threads = thread_budget(self.settings)
         started = time.perf_counter()
-        self.repository = await self.pool.run_apart(
-            load_repository, self.settings.model_repository, self.settings, threads
-        )
-        repository_fingerprint.check_unchanged(self.settings.model_repository)
+        self.repository = await self.pool.run_apart(self._load_repository, threads)
         for model in self.repository.all_versions():
             batcher = Batcher(model, self.pool, self.budget, self.batch_observers)
             batcher.start()
@@ -84,6 +81,13 @@ class ServingRuntime:
                 "load_s": round(time.perf_counter() - started, 3),
             },
         )
+
+    def _load_repository(self, threads: ThreadBudget) -> ModelRepository:
+        """Blocking (a thread of its own): the models, as the pod started with them."""
+        root = self.settings.model_repository
+        repository = load_repository(root, self.settings, threads)
+        repository_fingerprint.check_unchanged(root)
+        return repository
 
     async def stop(self) -> None:
         self.loaded = False
