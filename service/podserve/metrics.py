@@ -134,9 +134,15 @@ def _use_multiprocess_values() -> None:
     values.ValueClass._podserve_pid_cache = True  # type: ignore[attr-defined]
 
 
+# The master's: its directory, the fold generation, the pids whose fold failed. Module-level,
+# so that hooks built again on a HUP reload keep them (a fresh state lost the failed folds,
+# leaked the generation's file and forgot to remove a directory it had created).
+_MASTER_STATE: dict[str, Any] = {"unfolded": set()}
+
+
 def gunicorn_hooks(configured: Path | None) -> dict[str, Callable[..., None]]:
     """Master-side hooks: empty the directory at start, fold a dead worker's files."""
-    state: dict[str, Any] = {"unfolded": set()}
+    state = _MASTER_STATE  # not per call: a HUP reload builds the hooks again
 
     def on_starting(_server: Any) -> None:
         state["path"], state["created"] = prepare_multiproc_dir(configured)
@@ -193,7 +199,9 @@ FOLD_RULES = {
 }  # fmt: skip
 _ENTRY_OVERHEAD = 32  # per MmapedDict entry: 4 (key length) + <= 8 (padding) + 16 (value, time)
 _MMAP_INITIAL_SIZE = 1 << 16  # prometheus_client.mmap_dict._INITIAL_MMAP_SIZE
-READ_ATTEMPTS = 100  # a scrape's tries to read the directory between two folds
+# How long a scrape waits for a fold to end: a fold takes milliseconds, but a master paused
+# by its pod's CPU quota (up to a 100 ms period) may be caught in the middle of one.
+READ_WAIT_S = 2.0
 
 
 class FoldGeneration:
@@ -246,7 +254,8 @@ def read_generation(path: Path) -> int:
 def read_consistent(path: Path) -> Iterable[Metric]:
     """MultiProcessCollector's merge of every file, read while no fold ran (FoldGeneration)."""
     pattern = os.path.join(glob.escape(str(path)), "*.db")
-    for _ in range(READ_ATTEMPTS):
+    deadline = time.monotonic() + READ_WAIT_S
+    while time.monotonic() < deadline:
         before = read_generation(path)
         if before % 2:  # a fold is running: it takes a millisecond or so
             time.sleep(0.001)
