@@ -410,5 +410,7 @@ def test_a_leading_zero_version_is_served_as_its_number(edge_server: ServerProce
         metadata = http.get("/v2/models/leading0").json()
         by_number = http.get("/v2/models/leading0/versions/1")
         as_written = http.get("/v2/models/leading0/versions/01")
+        huge = http.get("/v2/models/leading0/versions/" + "9" * 5000)  # int() refuses 4300+
     assert metadata["versions"] == ["1"]
     assert by_number.status_code == 200 and as_written.status_code == 200
+    assert huge.status_code == 404, huge.text

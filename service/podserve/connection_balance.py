@@ -241,6 +241,12 @@ def install(base: type[asyncio.Protocol], slot: int, enabled: bool) -> type | No
     return balanced_protocol(base, _balancer)
 
 
+def own_slot() -> int | None:
+    """This worker's slot (0 .. workers-1, reused by its replacement); None outside Gunicorn
+    or where the balancer is not installed."""
+    return _balancer.slot if _balancer is not None else None
+
+
 def set_serving(serving: bool) -> None:
     """Worker: start-up done (count me in the share) or draining begun (count me out)."""
     if _balancer is not None:

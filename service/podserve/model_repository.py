@@ -33,7 +33,8 @@ class ServedModel:
         if version is None or version == "":
             return self.default
         model = self.versions.get(version)
-        if model is None and _is_number(version):  # "01" names version 1, as in Triton
+        # "01" names version 1, as in Triton (and no int() of thousands of digits: a 500)
+        if model is None and _is_number(version) and len(version) <= 20:
             model = self.versions.get(str(int(version)))
         if model is None:
             raise NotFound(

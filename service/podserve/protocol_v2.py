@@ -320,13 +320,15 @@ def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a list")
     outputs: list[RequestedOutput] = []
+    names: set[str] = set()
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest("each requested output needs a string 'name'")
         # Twice by name (say, once classified and once raw) answered two outputs of one name,
         # which tritonclient's as_numpy reads with the wrong offsets.
-        if any(output.name == item["name"] for output in outputs):
+        if item["name"] in names:
             raise BadRequest(f"output '{item['name']}' is requested more than once")
+        names.add(item["name"])
         params = _object(item.get("parameters"), f"{item['name']}.parameters")
         binary = _flag(params, "binary_data")
         outputs.append(RequestedOutput(item["name"], binary, class_count(params, item["name"])))

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         256 * 2**20, ge=1, le=2**30, description="a larger job result fails the job"
     )
     jobs_count_interval_s: float = Field(
-        15.0, ge=0, description="how often a job-running worker counts jobs; 0 = never"
+        15.0, ge=0, description="how often one worker per pod counts jobs; 0 = never"
     )
 
     # --- Observability (issue 4) --------------------------------------------------

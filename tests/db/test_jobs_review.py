@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 import postgres
 from metrics_support import scrape
 from model_builders import OPSET, affine_model, save, slow_model
+from podserve import connection_balance
 from podserve.db import jobs as jobs_module
 from podserve.db.jobs import _CLAIM, JobRunner, JobStore
 from podserve.db.pool import Database
@@ -489,6 +490,28 @@ def test_a_purge_pass_deletes_every_expired_job(db_url: str, models: Path) -> No
 
     assert postgres.run(scenario()) == 2500
     assert postgres.scalar(db_url, "SELECT count(*) FROM podserve_jobs") == 0
+
+
+@pytest.mark.parametrize(("slot", "counts"), [(None, True), (0, True), (1, False)])
+def test_one_worker_per_pod_counts_the_jobs(
+    db_url: str, models: Path, monkeypatch: pytest.MonkeyPatch, slot: int | None, counts: bool
+) -> None:
+    """The count is of the whole database: every worker of every pod ran it."""
+    monkeypatch.setattr(connection_balance, "own_slot", lambda: slot)
+
+    async def scenario() -> set[str]:
+        settings = _settings(db_url, models, jobs_count_interval_s=15)
+        db = Database(settings)
+        await db.open()
+        runner = JobRunner(JobStore(db, settings), None, None, settings, None)  # type: ignore[arg-type]
+        try:
+            runner.start()
+            return {task.get_name() for task in runner.tasks}
+        finally:
+            await runner.stop()
+            await db.close()
+
+    assert ("jobs-count" in postgres.run(scenario())) is counts
 
 
 # --- 7. claiming: same jobs, same order, cost independent of the backlog ------------------

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import onnxruntime as ort
 
+from podserve import connection_balance
 from podserve.db.features import FeatureStore, entity_lookup
 from podserve.db.pool import CONNECTION_ERRORS, Database
 from podserve.db.prediction_log import INSERT_ONE, Row, make_row, to_record
@@ -210,7 +211,7 @@ class JobStore:
         requeued at once; asyncpg's own timeout, a little later, is for a dead network.
         Either way it raises TimeoutError."""
         record = None if log_row is None else to_record(log_row)
-        timeout_s = self.store_timeout(len(result) + (0 if record is None else _text_bytes(record)))
+        timeout_s = self.store_timeout(stored_bytes(result, record))
         try:
             return await self._write_result(job, owner, result, record, timeout_s)
         except asyncpg.QueryCanceledError as exc:  # statement_timeout (or an operator)
@@ -280,6 +281,11 @@ def _claimed(row: asyncpg.Record) -> ClaimedJob:
     )  # fmt: skip
 
 
+def stored_bytes(result: bytes, record: Sequence[Any] | None) -> int:
+    """What storing a job's result writes: the result, and its log row's text, if any."""
+    return len(result) + (0 if record is None else _text_bytes(record))
+
+
 def _text_bytes(record: Sequence[Any]) -> int:
     """About the size of a log row on the wire: its JSON columns (outputs, maybe inputs)."""
     return sum(len(value) for value in record if isinstance(value, str))
@@ -347,7 +353,9 @@ class JobRunner:
             asyncio.create_task(self._renew_forever(), name="jobs-lease"),
             asyncio.create_task(self._purge_forever(), name="jobs-purge"),
         ]
-        if self.settings.jobs_count_interval_s > 0:
+        # One worker per pod counts (slot 0, which a replacement takes over): the count is of
+        # the whole database, and every worker of every pod ran it.
+        if self.settings.jobs_count_interval_s > 0 and connection_balance.own_slot() in (None, 0):
             count = self._count_forever(self.settings.jobs_count_interval_s)
             self.tasks.append(asyncio.create_task(count, name="jobs-count"))
 
@@ -355,10 +363,10 @@ class JobRunner:
         """Stop claiming; let running jobs finish briefly, hand the rest back to the queue
         (another worker takes them at once instead of after the lease).
 
-        Their session runs are terminated first: a long job would otherwise keep its
-        inference thread computing a result no one will store, holding up the worker's
-        shutdown (the pool joins its threads) until Gunicorn's SIGKILL, while another worker
-        already runs the job again."""
+        The session runs still going after `grace_s` are terminated before the hand-back: a
+        long job would otherwise keep its inference thread computing a result no one will
+        store, holding up the worker's shutdown (the pool joins its threads) until
+        Gunicorn's SIGKILL, while another worker already runs the job again."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -451,7 +459,8 @@ class JobRunner:
             stored = await self.store.succeed(job, self.owner, result, log_row)
         except Exception as exc:
             cause = _store_error_cause(exc)
-            size = len(result) + (0 if log_row is None else _text_bytes(log_row))
+            record = None if log_row is None else to_record(log_row)
+            size = stored_bytes(result, record)  # as succeed() sized its timeout
             reason = f"result could not be stored: {self._describe(cause, size)}"
             extra = {"job": str(job.id), "error": reason}
             if isinstance(cause, TRANSIENT_STORE_ERRORS):
