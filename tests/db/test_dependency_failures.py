@@ -173,7 +173,8 @@ def test_a_lookup_keeps_to_the_request_deadline_and_spares_the_breaker(
     for response, elapsed in answers:
         assert response.status_code == 504, response.text
         assert "request deadline" in response.json()["error"]
-        assert DEADLINE_MS / 1000 * 0.8 <= elapsed < DEADLINE_MS / 1000 + 0.5, elapsed
+        # Before: the lookup's own 1 s timeout, whatever the deadline (loose for a busy host)
+        assert DEADLINE_MS / 1000 * 0.8 <= elapsed < FEATURES_TIMEOUT_S, elapsed
     # Six deadlines ran out; the database did nothing wrong: the breaker is still closed.
     response = client.post("/v2/models/affine/infer", json=LOOKUP)
     assert response.status_code == 200, response.text
@@ -191,7 +192,7 @@ def test_a_deadline_longer_than_the_lookup_timeout_changes_nothing(
     assert response.status_code == 504, response.text
     assert "PODSERVE_FEATURES_TIMEOUT_S" in response.json()["error"]
     assert "retry-after" in response.headers
-    assert FEATURES_TIMEOUT_S * 0.9 <= elapsed < FEATURES_TIMEOUT_S + 0.5, elapsed
+    assert FEATURES_TIMEOUT_S * 0.9 <= elapsed < FEATURES_TIMEOUT_S + 2.0, elapsed  # not 5 s
 
 
 # --- 2. a timed-out query does not go on in PostgreSQL ---------------------------------

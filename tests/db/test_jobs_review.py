@@ -376,7 +376,7 @@ def test_stop_terminates_a_long_job_inference_and_hands_the_job_back(
     row = result["row"]
     assert (row["status"], row["attempts"], row["result"]) == ("queued", 0, None), result
     assert result["failed"] == 0, result
-    assert result["free_s"] < 3.0, result
+    assert result["free_s"] < 6.0, result  # before: the whole run, 13.6 s
 
 
 # --- 4. job metrics ---------------------------------------------------------------------------
