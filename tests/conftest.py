@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import postgres
-from model_builders import build_test_repository
+from model_builders import affine_model, build_test_repository, save
 from server_process import ServerProcess
 
 
@@ -48,6 +48,15 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("models")
     build_test_repository(repo)
     build_demo_repository(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def affine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny model (y = 2x + 1, [batch, 4]): a worker boots in a blink, for tests that
+    start, recycle or stop servers many times."""
+    repo = tmp_path_factory.mktemp("affine")
+    save(affine_model(2.0, 1.0), repo, "affine", 1, {"max_batch_size": 16})
     return repo
 
 

@@ -130,40 +130,34 @@ def flatten_model(dim_name: str | None = "n") -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=OPSET)
 
 
-def detections_model() -> onnx.ModelProto:
-    """x FP32 [batch, 4] -> hits INT64 [num_hits, 2]: (row, col) of each positive value, as a
-    detector lists its boxes: any number of rows per input row."""
+def _hits_model(test: str, width: int, hits_dim: str | None) -> onnx.ModelProto:
+    """x FP32 [batch, width] -> hits INT64 [hits_dim, 2]: (row, col) of each value for which
+    `test` (an ONNX comparison with 0) holds, as a detector lists its boxes."""
     nodes = [
-        helper.make_node("Greater", ["x", "zero"], ["positive"]),
-        helper.make_node("NonZero", ["positive"], ["where"]),
+        helper.make_node(test, ["x", "zero"], ["chosen"]),
+        helper.make_node("NonZero", ["chosen"], ["where"]),
         helper.make_node("Transpose", ["where"], ["hits"], perm=[1, 0]),
     ]
     graph = helper.make_graph(
         nodes,
-        "detections",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("hits", TensorProto.INT64, ["num_hits", 2])],
+        f"hits_{test.lower()}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("hits", TensorProto.INT64, [hits_dim, 2])],
         [numpy_helper.from_array(np.array(0, np.float32), "zero")],
     )
     return helper.make_model(graph, opset_imports=OPSET)
+
+
+def detections_model() -> onnx.ModelProto:
+    """x FP32 [batch, 4] -> hits INT64 [num_hits, 2]: the positive values, any number of rows
+    per input row."""
+    return _hits_model("Greater", 4, "num_hits")
 
 
 def zero_hits_model() -> onnx.ModelProto:
-    """x FP32 [batch, 1] -> hits INT64 [?, 2]: (row, col) of each zero. The warm-up's zeros
-    give one hit per row, so only a merged run of real rows shows that it has no row per row."""
-    nodes = [
-        helper.make_node("Equal", ["x", "zero"], ["is_zero"]),
-        helper.make_node("NonZero", ["is_zero"], ["where"]),
-        helper.make_node("Transpose", ["where"], ["hits"], perm=[1, 0]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "zero_hits",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
-        [helper.make_tensor_value_info("hits", TensorProto.INT64, [None, 2])],
-        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
-    )
-    return helper.make_model(graph, opset_imports=OPSET)
+    """x FP32 [batch, 1] -> hits INT64 [?, 2]: the zeros. The warm-up's zeros give one hit per
+    row, so only a merged run of real rows shows that it has no row per row."""
+    return _hits_model("Equal", 1, None)
 
 
 def broadcast_model() -> onnx.ModelProto:

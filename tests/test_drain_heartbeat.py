@@ -22,19 +22,11 @@ import pytest
 from pydantic import ValidationError
 from uvicorn.config import Config
 
-from model_builders import affine_model, save
 from podserve.settings import Settings
 from podserve.worker import DrainingServer
 from server_process import ServerProcess
 
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-
-
-@pytest.fixture(scope="module")
-def affine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("affine")
-    save(affine_model(2.0, 1.0), repo, "affine", 1, {"max_batch_size": 16})
-    return repo
 
 
 def test_a_recycling_worker_outlives_the_worker_timeout_while_it_drains(

@@ -19,20 +19,12 @@ import httpx
 import pytest
 from uvicorn.config import Config
 
-from model_builders import affine_model, save
 from podserve import connection_balance, lifecycle
 from podserve.worker import DrainingServer
 from server_process import ServerProcess
 
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 GRACEFUL_S = 8  # the worker's drain: 6 s
-
-
-@pytest.fixture(scope="module")
-def affine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("affine")
-    save(affine_model(2.0, 1.0), repo, "affine", 1, {"max_batch_size": 16})
-    return repo
 
 
 @pytest.fixture()

@@ -370,6 +370,43 @@ def write_samples(file: Path, samples: dict[str, tuple[float, float]]) -> None:
         mmaped.close()
 
 
+# --- running totals kept by the database services, exported as counters -------------------
+# The object's attribute -> (metric name, help); refresh turns the totals into increments.
+PREDICTION_LOG_TOTALS = {
+    "rows_written": (
+        "podserve_prediction_log_rows_written",
+        "Prediction-log rows written to PostgreSQL",
+    ),
+    "rows_spooled": ("podserve_prediction_log_rows_spooled", "Prediction-log rows spooled to disk"),
+    "rows_rejected": (
+        "podserve_prediction_log_rows_rejected",
+        "Prediction-log rows PostgreSQL refused for their values, set aside on disk",
+    ),
+    "write_errors": ("podserve_prediction_log_write_errors", "Failed prediction-log writes"),
+}
+JOB_TOTALS = {  # db.jobs.JobRunner's, in the workers that run jobs
+    "jobs_succeeded": ("podserve_jobs_succeeded", "Background jobs run and their result stored"),
+    "jobs_failed": (
+        "podserve_jobs_failed",
+        "Background jobs failed (client error, inference error, result not stored, "
+        "attempts used up)",
+    ),
+    "jobs_requeued": (
+        "podserve_jobs_requeued",
+        "Job attempts put back in the queue after a server-side error, to run again later",
+    ),
+    "results_discarded": (
+        "podserve_jobs_results_discarded",
+        "Job results not stored because the lease was lost meanwhile (the job runs again)",
+    ),
+    "claim_errors": ("podserve_jobs_claim_errors", "Failed claims of jobs (database slow or down)"),
+}
+
+
+def _counters(table: dict[str, tuple[str, str]], r: CollectorRegistry) -> dict[str, Counter]:
+    return {attr: Counter(name, text, registry=r) for attr, (name, text) in table.items()}
+
+
 # --- exemplars ------------------------------------------------------------------------------
 class ExemplarStore:
     """Latest trace id per histogram bucket, kept by this worker.
@@ -550,25 +587,16 @@ class Metrics:
             "podserve_prediction_log_spool_bytes", "Bytes of prediction-log rows in the spool",
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
-        self.log_rows_written = Counter(
-            "podserve_prediction_log_rows_written",
-            "Prediction-log rows written to PostgreSQL",
-            registry=r,
-        )
-        self.log_rows_spooled = Counter(
-            "podserve_prediction_log_rows_spooled",
-            "Prediction-log rows spooled to disk",
-            registry=r,
-        )
-        self.log_rows_rejected = Counter(
-            "podserve_prediction_log_rows_rejected",
-            "Prediction-log rows PostgreSQL refused for their values, set aside on disk",
-            registry=r,
-        )
-        self.log_write_errors = Counter(
-            "podserve_prediction_log_write_errors", "Failed prediction-log writes", registry=r
-        )
-        self._define_jobs(r)
+        self.log_totals = _counters(PREDICTION_LOG_TOTALS, r)
+        self.job_totals = _counters(JOB_TOTALS, r)
+        # A count of the whole database, the same for every worker and pod: the pod shows
+        # its workers' latest count (take max, not sum, over pods).
+        self.jobs_pending = Gauge(
+            "podserve_jobs_pending",
+            "Jobs queued or running in the database (all pods), as last counted",
+            ["status"], registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self._jobs_count_serial = 0
         self.open_connections = gauge(
             "podserve_open_connections", "Client connections open (HTTP keep-alive included)"
         )
@@ -599,41 +627,6 @@ class Metrics:
         }
         for _, reason in REJECTION_REASONS:  # present at 0, so rate() works from the start
             self.rejections.labels(reason=reason)
-
-    def _define_jobs(self, r: CollectorRegistry) -> None:
-        """Background jobs: counted by the workers that run them (db.jobs.JobRunner)."""
-        self.jobs_succeeded = Counter(
-            "podserve_jobs_succeeded", "Background jobs run and their result stored", registry=r
-        )
-        self.jobs_failed = Counter(
-            "podserve_jobs_failed",
-            "Background jobs failed (client error, inference error, result not stored, "
-            "attempts used up)",
-            registry=r,
-        )
-        self.jobs_requeued = Counter(
-            "podserve_jobs_requeued",
-            "Job attempts put back in the queue after a server-side error, to run again later",
-            registry=r,
-        )
-        self.jobs_results_discarded = Counter(
-            "podserve_jobs_results_discarded",
-            "Job results not stored because the lease was lost meanwhile (the job runs again)",
-            registry=r,
-        )
-        self.jobs_claim_errors = Counter(
-            "podserve_jobs_claim_errors",
-            "Failed claims of jobs (database slow or down)",
-            registry=r,
-        )
-        # A count of the whole database, the same for every worker and pod: the pod shows
-        # its workers' latest count (take max, not sum, over pods).
-        self.jobs_pending = Gauge(
-            "podserve_jobs_pending",
-            "Jobs queued or running in the database (all pods), as last counted",
-            ["status"], registry=r, multiprocess_mode="livemostrecent",
-        )  # fmt: skip
-        self._jobs_count_serial = 0
 
     # --- per request (event loop) ----------------------------------------------------------
     def observe_request(
@@ -782,11 +775,7 @@ class Metrics:
             value = getattr(plog, attr, None)
             if isinstance(value, int | float):
                 gauge.set(value)
-        for attr, counter in (("rows_written", self.log_rows_written),
-                              ("rows_spooled", self.log_rows_spooled),
-                              ("rows_rejected", self.log_rows_rejected),
-                              ("write_errors", self.log_write_errors)):  # fmt: skip
-            self._advance(attr, counter, getattr(plog, attr, None))
+        self._advance_all(plog, self.log_totals)
 
     def _refresh_jobs(self, runtime: Any) -> None:
         """Duck-typed: `runtime.db.job_runner` (db.jobs.JobRunner) exists in workers that run
@@ -797,18 +786,18 @@ class Metrics:
         runner = getattr(getattr(runtime, "db", None), "job_runner", None)
         if runner is None:
             return
-        for attr, counter in (("jobs_succeeded", self.jobs_succeeded),
-                              ("jobs_failed", self.jobs_failed),
-                              ("jobs_requeued", self.jobs_requeued),
-                              ("results_discarded", self.jobs_results_discarded),
-                              ("claim_errors", self.jobs_claim_errors)):  # fmt: skip
-            self._advance(attr, counter, getattr(runner, attr, None))
+        self._advance_all(runner, self.job_totals)
         serial = getattr(runner, "pending_serial", 0)
         counts = getattr(runner, "pending_counts", None)
         if isinstance(counts, dict) and serial != self._jobs_count_serial:
             self._jobs_count_serial = serial
             for status, count in counts.items():
                 self._child(self.jobs_pending, (status,)).set(count)
+
+    def _advance_all(self, source: object, counters: dict[str, Counter]) -> None:
+        """Each running total `source.<attribute>` into its counter."""
+        for attr, counter in counters.items():
+            self._advance(attr, counter, getattr(source, attr, None))
 
     def _advance(self, key: str, counter: Counter, total: float | None) -> None:
         """Turn an object's running total into counter increments."""

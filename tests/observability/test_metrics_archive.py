@@ -27,7 +27,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from metrics_support import scrape
-from model_builders import affine_model, save
 from podserve import metrics
 from podserve.metrics import (
     ARCHIVE_ID,
@@ -223,14 +222,6 @@ def test_a_fold_that_fails_leaves_the_counts_and_is_retried_at_the_next_exit(
 
 
 # --- a real server whose workers recycle -------------------------------------------------
-@pytest.fixture(scope="module")
-def affine_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny model: a worker boots fast, so workers recycle many times in a few seconds."""
-    repo = tmp_path_factory.mktemp("models")
-    save(affine_model(2.0, 1.0), repo, "affine", 1, {"max_batch_size": 16})
-    return repo
-
-
 @pytest.fixture()
 def recycling(affine_repo: Path, tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     metrics_dir = tmp_path / "metrics"
