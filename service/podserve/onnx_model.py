@@ -425,11 +425,12 @@ class OnnxModel:
             )
 
     def _run_dummy(self, rows: int) -> Tensors:
+        """Zeros (or text) of `rows` rows where dim 0 is dynamic; other dynamic dims are 1."""
         dummy: Tensors = {}
         for spec in self.inputs:
-            shape = [
-                rows if i == 0 and d < 0 else 1 if d < 0 else d for i, d in enumerate(spec.shape)
-            ]
+            shape = [1 if d < 0 else d for d in spec.shape]
+            if spec.shape and spec.shape[0] < 0:
+                shape[0] = rows
             if spec.datatype == "BYTES":
                 dummy[spec.name] = np.full(shape, "warm up", dtype=object)
             else:

@@ -424,7 +424,9 @@ def tiny_volume(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tiny"
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
+        # A privilege, not an install step; the journal's failure handling is also tested
+        # without a mount above (a write that fails, a journal directory that cannot open).
+        pytest.skip("a volume that really fills up is a 1 MiB tmpfs, and mounting one needs root")
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
         capture_output=True,
@@ -432,7 +434,7 @@ def tiny_volume(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        pytest.skip(f"root, but no tmpfs mounts in this container: {done.stderr.strip()}")
     try:
         yield mount
     finally:
