@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from podserve.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from podserve.client_disconnect import ClientConnection
+from podserve.errors import ClientClosedRequest, DeadlineExceeded, Overloaded, PayloadTooLarge
 from podserve.inference_pool import ONLINE, InferencePool
 from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
 from podserve.processors import Tensors
@@ -121,8 +122,15 @@ class Batcher:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def submit(
-        self, inputs: Tensors, rows: int, deadline: float | None = None, context: Any = None
+        self,
+        inputs: Tensors,
+        rows: int,
+        deadline: float | None = None,
+        context: Any = None,
+        client: ClientConnection | None = None,
     ) -> InferenceOutcome:
+        if client is not None and client.lost:  # gone during an earlier phase: nothing to run
+            raise ClientClosedRequest(_CLIENT_GONE)
         self.budget.reserve(rows)
         loop = asyncio.get_running_loop()
         item = PendingRequest(
@@ -136,6 +144,8 @@ class Batcher:
         self._queue.append(item)
         self._queued_rows += rows
         self._arrived.set()
+        if client is not None:
+            client.on_lost = lambda: self._abandon(item)
         try:
             if deadline is None:
                 return await item.future
@@ -146,6 +156,8 @@ class Batcher:
                 "request deadline exceeded before inference finished", waited
             ) from None
         finally:
+            if client is not None:
+                client.on_lost = None
             if not item.future.done():
                 item.future.cancel()
             if item.future.cancelled():  # gave up (deadline, cancelled): maybe still queued
@@ -245,6 +257,18 @@ class Batcher:
         except ValueError:  # already taken into a batch, which released its rows then
             return
         self._forget(item)
+
+    def _abandon(self, item: PendingRequest) -> None:
+        """Its client is gone: out of the queue, unless its batch has started (then its
+        answer is moments away and the rows are already released)."""
+        if item.future.done():
+            return
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return
+        self._forget(item)
+        item.future.set_exception(ClientClosedRequest(_CLIENT_GONE))
 
     async def _run(self, batch: list[PendingRequest]) -> None:
         started = time.perf_counter()
@@ -347,6 +371,7 @@ class Batcher:
 
 
 Answer = tuple["PendingRequest", "InferenceOutcome | BaseException"]
+_CLIENT_GONE = "the client closed the connection before its request was run"
 
 
 def _wake_in_turn(answers: Iterator[Answer]) -> None:

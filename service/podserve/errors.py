@@ -59,5 +59,12 @@ class DeadlineExceeded(PodserveError):
         self.waited_s = waited_s  # how long it waited for its batch, where it did
 
 
+class ClientClosedRequest(PodserveError):
+    """The client closed its connection while its request waited (nginx's 499): no one reads
+    the answer, which is for the metrics and the access log."""
+
+    status_code = 499
+
+
 class ModelNotReady(ServiceUnavailable):
     pass

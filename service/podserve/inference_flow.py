@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from podserve.batcher import InferenceOutcome
+from podserve.client_disconnect import client_connection
 from podserve.db.hooks import log_prediction
 from podserve.errors import DeadlineExceeded
 from podserve.onnx_model import OnnxModel
@@ -68,7 +69,9 @@ async def predict(
     ctx.inputs = inputs
     submitted_ns = time.time_ns() if ctx.timings.wall_clock else None
     try:
-        outcome = await runtime.infer(model, inputs, rows, ctx.deadline, context=link_context())
+        outcome = await runtime.infer(
+            model, inputs, rows, ctx.deadline, link_context(), client_connection(request.scope)
+        )
     except DeadlineExceeded as exc:  # its wait is queue time: where deadlines are mostly hit
         if exc.waited_s is not None:
             ctx.timings.record("queue", exc.waited_s, submitted_ns)

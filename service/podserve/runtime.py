@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from podserve import lifecycle, repository_fingerprint
 from podserve.batcher import Batcher, BatchObserver, InferenceOutcome, QueueBudget
+from podserve.client_disconnect import ClientConnection
 from podserve.cpu_quota import cpu_limit, default_workers, intra_op_threads
 from podserve.db.services import DatabaseServices
 from podserve.errors import BadRequest, ModelNotReady
@@ -130,9 +131,10 @@ class ServingRuntime:
         rows: int,
         deadline: float | None,
         context: Any = None,
+        client: ClientConnection | None = None,
     ) -> InferenceOutcome:
         batcher = self.batchers[(model.name, model.version)]
-        return await batcher.submit(inputs, rows, deadline=deadline, context=context)
+        return await batcher.submit(inputs, rows, deadline, context, client)
 
     @property
     def queued_rows(self) -> int:

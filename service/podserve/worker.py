@@ -32,6 +32,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from podserve import connection_balance, drain_grace, lifecycle, slot_listeners
+from podserve.client_disconnect import disconnect_watch_protocol
 from podserve.header_guard import guarded_protocol, has_request_hooks
 from podserve.settings import get_settings
 
@@ -178,6 +179,7 @@ class PodserveWorker(UvicornWorker):
         http = guarded_protocol(settings.header_read_timeout_s, settings.max_header_bytes)
         if has_request_hooks(http):
             http = drain_grace.drain_grace_protocol(http, settings.drain_idle_grace_s)
+            http = disconnect_watch_protocol(http)  # a queued request leaves with its client
         self.config.http = http
 
     def load_wsgi(self) -> None:

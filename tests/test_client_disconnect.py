@@ -1,0 +1,93 @@
+"""A queued request whose client disconnects is withdrawn, not run (real Gunicorn server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+from metrics_support import scrape
+from server_process import ServerProcess
+
+SLOW = "/v2/models/slow/infer"
+ROUTE = "/v2/models/{model_name}/infer"
+
+
+def _slow_body(rows: int) -> bytes:
+    tensor = {"name": "x", "shape": [rows, 256], "datatype": "FP32", "data": [0.01] * (rows * 256)}
+    return orjson.dumps({"inputs": [tensor]})
+
+
+def _raw_request(port: int, body: bytes) -> bytes:
+    head = (
+        f"POST {SLOW} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _slow_stats(url: str) -> dict:
+    (stat,) = httpx.get(f"{url}/v2/models/slow/stats", timeout=10).json()["model_stats"]
+    return stat
+
+
+async def _occupy_then_leave(url: str, port: int, leavers: int) -> tuple[float, float, int]:
+    """One long request takes the worker's inference thread; `leavers` clients queue a
+    request each behind it and close their connections before it ends. Returns when the
+    leavers closed, when the long request ended, and its status."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        headers = {"content-type": "application/json"}
+        busy = asyncio.create_task(client.post(SLOW, content=_slow_body(128), headers=headers))
+        await asyncio.sleep(0.2)  # it is running: the one inference thread is taken
+        writers = []
+        for _ in range(leavers):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_raw_request(port, _slow_body(1)))
+            await writer.drain()
+            writers.append(writer)
+        await asyncio.sleep(0.3)  # read, parsed and queued behind the long request
+        for writer in writers:
+            writer.close()
+        closed_at = time.monotonic()
+        response = await busy
+        return closed_at, time.monotonic(), response.status_code
+
+
+def test_a_queued_request_whose_client_left_never_runs(model_repo: Path) -> None:
+    with ServerProcess(model_repo, workers=1) as server:
+        before = _slow_stats(server.url)
+        closed_at, busy_ended_at, busy_status = asyncio.run(
+            _occupy_then_leave(server.url, server.port, leavers=5)
+        )
+        assert busy_status == 200
+        assert busy_ended_at > closed_at + 0.1, "the long request ended before the clients left"
+        # A live request after them is served as usual.
+        live = httpx.post(
+            f"{server.url}{SLOW}",
+            content=_slow_body(1),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
+        assert live.status_code == 200, live.text
+        deadline = time.monotonic() + 10
+        while (statuses := _statuses(server.url)).get("499", 0) < 5:
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.2)
+        assert statuses.get("200") == 2 and statuses.get("499") == 5, statuses
+        after = _slow_stats(server.url)
+        # The long request and the live one ran; the 5 queued behind them never did.
+        assert after["execution_count"] - before["execution_count"] == 2
+        assert after["inference_count"] - before["inference_count"] == 129
+        metrics = scrape(server.url)
+        assert metrics.value("podserve_queue_rows") == 0  # their rows were freed, too
+
+
+def _statuses(url: str) -> dict[str, float]:
+    samples = scrape(url).find("podserve_requests_total", model="slow", route=ROUTE)
+    counts: dict[str, float] = {}
+    for sample in samples:
+        counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0) + sample.value
+    return counts
