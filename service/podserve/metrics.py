@@ -397,7 +397,8 @@ JOB_TOTALS = {  # db.jobs.JobRunner's, in the workers that run jobs
     ),
     "results_discarded": (
         "podserve_jobs_results_discarded",
-        "Job results not stored because the lease was lost meanwhile (the job runs again)",
+        "Job attempts that lost their lease meanwhile: result not stored, or session run "
+        "terminated early (the job runs again)",
     ),
     "claim_errors": ("podserve_jobs_claim_errors", "Failed claims of jobs (database slow or down)"),
 }

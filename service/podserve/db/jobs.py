@@ -105,6 +105,16 @@ WITH mine AS (
 )
 UPDATE podserve_jobs AS j SET lease_expires_at = now() + make_interval(secs => $4)
 FROM mine WHERE j.id = mine.id
+RETURNING j.id, j.attempts
+"""
+# Of the leases _RENEW skipped, those definitely not ours any more: claimed again (another
+# owner or attempt), finished or gone. Not locking: a row our own store holds reads as ours.
+_LOST = """
+SELECT live.id, live.attempts FROM unnest($1::uuid[], $2::integer[]) AS live(id, attempts)
+WHERE NOT EXISTS (
+    SELECT 1 FROM podserve_jobs AS j
+    WHERE j.id = live.id AND j.attempts = live.attempts AND j.status = 'running'
+      AND j.lease_owner = $3)
 """
 PURGE_BATCH = 1000  # rows per DELETE: short statements, short locks
 PURGE_PASS_S = 5.0  # a pass deletes batches until one comes back short, or for this long
@@ -164,6 +174,10 @@ class Execution:
     job: ClaimedJob
     # The session run's options: stop() sets `terminate` so the inference thread lets go.
     run_options: ort.RunOptions = field(default_factory=ort.RunOptions)
+    # While True, the renewer may terminate the run on a lost lease; afterwards the
+    # attempt writes its outcome (which the database then rightly no longer calls ours).
+    computing: bool = False
+    lease_lost: bool = False  # the renewer found the job claimed again, finished or gone
 
     @property
     def key(self) -> tuple[uuid.UUID, int]:
@@ -253,12 +267,23 @@ class JobStore:
         async with self.db.background(self.timeout_s) as conn:
             await conn.execute(_REQUEUE, job.id, owner, job.attempts, delay_s, int(refund), error)
 
-    async def renew(self, leases: list[tuple[uuid.UUID, int]], owner: str) -> None:
-        """Extend the leases of these (job id, attempt)s, where they are still ours."""
+    async def renew(
+        self, leases: list[tuple[uuid.UUID, int]], owner: str
+    ) -> list[tuple[uuid.UUID, int]]:
+        """Extend the leases of these (job id, attempt)s, where they are still ours; returns
+        those definitely lost (not merely skipped because the row is locked)."""
         ids = [job_id for job_id, _ in leases]
         attempts = [attempt for _, attempt in leases]
         async with self.db.background(self.timeout_s) as conn:
-            await conn.execute(_RENEW, ids, attempts, owner, self.lease_s)
+            renewed = await conn.fetch(_RENEW, ids, attempts, owner, self.lease_s)
+            if len(renewed) == len(leases):
+                return []
+            done = {(row["id"], row["attempts"]) for row in renewed}
+            rest = [lease for lease in leases if lease not in done]
+            rows = await conn.fetch(
+                _LOST, [job_id for job_id, _ in rest], [attempt for _, attempt in rest], owner
+            )
+        return [(row["id"], row["attempts"]) for row in rows]
 
     async def purge_expired(self) -> int:
         """One batch (at most PURGE_BATCH rows); returns how many were deleted."""
@@ -434,13 +459,21 @@ class JobRunner:
             last = f"; last error: {job.last_error}" if job.last_error else ""
             await self._fail(job, f"gave up after {self.max_attempts} attempts{last}", True)
             return
+        execution.computing = True
         try:
             result, log_row = await self._infer(job, execution.run_options)
         except Exception as exc:
-            if execution.run_options.terminate:  # stop() hands the job back: not its failure
+            execution.computing = False
+            if execution.lease_lost:  # the renewer terminated it: not ours to fail or requeue
+                self.results_discarded += 1
+            elif execution.run_options.terminate:  # stop() hands the job back: not its failure
                 log.info("job handed back", extra={"job": str(job.id)})
-                return
-            await self._inference_failed(job, exc)
+            else:
+                await self._inference_failed(job, exc)
+            return
+        execution.computing = False
+        if execution.lease_lost:  # done before the terminate took effect: store nothing
+            self.results_discarded += 1
             return
         await self._store(job, result, log_row)
 
@@ -558,9 +591,26 @@ class JobRunner:
             await asyncio.sleep(self.store.lease_s / 3)
             if self.running:
                 try:
-                    await self.store.renew(list(self.running), self.owner)
-                except Exception as exc:
+                    lost = await self.store.renew(list(self.running), self.owner)
+                except Exception as exc:  # we cannot tell whose the jobs are: stop nothing
                     log.warning("cannot renew job leases", extra={"error": repr(exc)})
+                    continue
+                for key in lost:
+                    self._abandon(key)
+
+    def _abandon(self, key: tuple[uuid.UUID, int]) -> None:
+        """The job is no longer this attempt's (claimed again, here or elsewhere, finished or
+        gone): end its session run instead of computing a result no one stores (only while
+        it computes, and once)."""
+        execution = self.running.get(key)
+        if execution is None or not execution.computing or execution.lease_lost:
+            return
+        execution.lease_lost = True
+        execution.run_options.terminate = True
+        log.warning(
+            "job lease lost: its session run terminated",
+            extra={"job": str(key[0]), "attempt": key[1]},
+        )
 
     async def _purge_forever(self) -> None:
         period = min(60.0, max(1.0, self.store.ttl_s / 2))
