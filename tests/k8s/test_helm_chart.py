@@ -599,6 +599,48 @@ def test_cross_field_checks(helm: str, sets: tuple[str, ...], message: str) -> N
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
+def test_set_passes_fractions_through(helm: str) -> None:
+    """`--set x=1.5` reaches the chart as the string "1.5"; the schema took only numbers."""
+    sets = (
+        "server.gracefulTimeoutSeconds=30.5",
+        "server.drainIdleGraceSeconds=2.5",
+        "inference.maxBatchDelayMs=0.5",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.prometheusRule.shedRatio=0.02",
+        "locust.enabled=true",
+        "locust.spawnRate=0.5",
+    )
+    objs = helm_template(helm, sets=sets)
+    config = one(objs, "ConfigMap", "podserve")["data"]
+    assert config["PODSERVE_MAX_BATCH_DELAY_MS"] == "0.5"
+    assert config["PODSERVE_DRAIN_IDLE_GRACE_S"] == "2.5"
+    pod = one(objs, "Deployment", "podserve")["spec"]["template"]["spec"]
+    env = env_map(pod["containers"][0])
+    assert env["PODSERVE_GRACEFUL_TIMEOUT_S"]["value"] == "30.5"
+    assert pod["terminationGracePeriodSeconds"] == 5 + 31 + 10  # preStop + ceil(30.5) + margin
+    rules = one(objs, "PrometheusRule", "podserve")["spec"]["groups"][0]["rules"]
+    (shedding,) = [rule for rule in rules if rule["alert"] == "PodserveShedding"]
+    assert shedding["expr"].rstrip().endswith("> 0.02")
+    master = one(objs, "Deployment", "podserve-locust-master")
+    assert "--spawn-rate=0.5" in master["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("server.drainIdleGraceSeconds=10.5", "at least 0 and at most 10, got 10.5"),
+        ("server.gracefulTimeoutSeconds=1.0", "gracefulTimeoutSeconds must be above 1"),
+        ("server.keepaliveSeconds=0.0", "keepaliveSeconds must be above 0"),
+        ("metrics.prometheusRule.shedRatio=1.5", "shedRatio must be above 0 and at most 1"),
+        ("locust.spawnRate=0.0", "spawnRate must be above 0"),
+        ("server.keepaliveSeconds=1.5s", "keepaliveSeconds"),  # the schema: not a number
+        ("inference.maxBatchDelayMs=-0.5", "maxBatchDelayMs"),
+    ],
+)
+def test_set_fractions_keep_their_bounds(helm: str, item: str, message: str) -> None:
+    assert message in helm_fails(helm, (item,))
+
+
 BAD_VALUES = sorted((Path(__file__).parent / "bad_values").glob("*.yaml"))
 
 

@@ -157,6 +157,21 @@ Integer-only values use `| int64` instead.
 {{- if and (not (kindIs "string" .)) (eq (float64 .) (floor .)) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 
+{{- /* `--set` passes a fraction (1.5) as the string "1.5": the schema checks its form and the
+number's bounds, this the string's bounds. (list name value low lowIncluded high-or-nil) */}}
+{{- define "podserve.decimalWithin" -}}
+{{- $name := index . 0 }}{{- $value := index . 1 }}{{- $low := float64 (index . 2) }}
+{{- $included := index . 3 }}{{- $high := index . 4 }}
+{{- if kindIs "string" $value }}
+{{- $v := float64 $value }}
+{{- if or (lt $v $low) (and (not $included) (eq $v $low)) (and (not (kindIs "invalid" $high)) (gt $v (float64 $high))) }}
+{{- $bound := printf "%s %v" (ternary "at least" "above" $included) (index . 2) }}
+{{- if not (kindIs "invalid" $high) }}{{- $bound = printf "%s and at most %v" $bound $high }}{{- end }}
+{{- fail (printf "%s must be %s, got %s" $name $bound $value) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "podserve.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.preStopSleepSeconds) (int (ceil .Values.server.gracefulTimeoutSeconds)) (int .Values.terminationGraceMarginSeconds) }}
 {{- end }}
@@ -250,6 +265,19 @@ a Deployment "<fullname>-canary".
 {{- end }}
 {{- if and .Values.autoscaling.customMetric.enabled (not .Values.metrics.enabled) }}
 {{- fail "autoscaling.customMetric.enabled needs metrics.enabled" }}
+{{- end }}
+{{- $s := .Values.server }}{{- $rule := .Values.metrics.prometheusRule }}
+{{- range (list
+    (list "server.gracefulTimeoutSeconds" $s.gracefulTimeoutSeconds 1 false nil)
+    (list "server.workerTimeoutSeconds" $s.workerTimeoutSeconds 0 false nil)
+    (list "server.keepaliveSeconds" $s.keepaliveSeconds 0 false nil)
+    (list "server.recycleMaxWaitSeconds" $s.recycleMaxWaitSeconds 1 true nil)
+    (list "server.drainIdleGraceSeconds" $s.drainIdleGraceSeconds 0 true 10)
+    (list "metrics.prometheusRule.serverErrorRatio" $rule.serverErrorRatio 0 false 1)
+    (list "metrics.prometheusRule.shedRatio" $rule.shedRatio 0 false 1)
+    (list "metrics.prometheusRule.latencyP99Seconds" $rule.latencyP99Seconds 0 false nil)
+    (list "locust.spawnRate" .Values.locust.spawnRate 0 false nil)) }}
+{{- include "podserve.decimalWithin" . }}
 {{- end }}
 {{- /* the worker's drain: ceil(gracefulTimeoutSeconds) - 2, at least 1 (settings.worker_drain_s) */}}
 {{- if ge (float64 .Values.server.drainIdleGraceSeconds) (maxf 1 (subf (ceil .Values.server.gracefulTimeoutSeconds) 2)) }}
