@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     jobs_max_result_bytes: int = Field(
         256 * 2**20, ge=1, le=2**30, description="a larger job result fails the job"
     )
+    jobs_max_queued: int = Field(
+        10_000, ge=0, description="submissions beyond this many queued jobs: 503; 0 = no cap"
+    )
     jobs_count_interval_s: float = Field(
         15.0, ge=0, description="how often one worker per pod counts jobs; 0 = never"
     )

@@ -34,7 +34,7 @@ from podserve import connection_balance
 from podserve.db.features import FeatureStore, entity_lookup
 from podserve.db.pool import CONNECTION_ERRORS, Database
 from podserve.db.prediction_log import INSERT_ONE, Row, make_row, to_record
-from podserve.errors import PayloadTooLarge, PodserveError, ServiceUnavailable
+from podserve.errors import Overloaded, PayloadTooLarge, PodserveError, ServiceUnavailable
 from podserve.http_body import PARSE_ON_LOOP_MAX_BYTES, parse_body
 from podserve.inference_pool import BACKGROUND
 from podserve.processors import Tensors
@@ -136,8 +136,15 @@ SELECT id, model, model_version, status, attempts, result, error,
        created_at, started_at, finished_at, expires_at
 FROM podserve_jobs WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
 """
+# Unless PODSERVE_JOBS_MAX_QUEUED jobs are queued already (counted on the podserve_jobs_queued
+# index, at most that many entries): a flood of submissions must not grow the table without
+# bound while the workers fall behind. Concurrent submissions may overshoot by a few.
 _INSERT = """
-INSERT INTO podserve_jobs (id, model, model_version, body, json_length) VALUES ($1, $2, $3, $4, $5)
+INSERT INTO podserve_jobs (id, model, model_version, body, json_length)
+SELECT $1, $2, $3, $4, $5
+WHERE $6::integer = 0 OR (
+    SELECT count(*) FROM (SELECT FROM podserve_jobs WHERE status = 'queued' LIMIT $6) AS queued
+) < $6
 """
 # A result's statements get PODSERVE_DB_COMMAND_TIMEOUT_S (sized for lookups) plus a second
 # per this many bytes: PostgreSQL took 0.5-8 s to store 64-170 MiB results (TOAST
@@ -193,6 +200,8 @@ class JobStore:
         self.command_timeout_s = settings.db_command_timeout_s
         self.lease_s = settings.jobs_lease_s
         self.ttl_s = settings.jobs_result_ttl_s
+        self.max_queued = settings.jobs_max_queued
+        self.retry_after_s = settings.retry_after_s
 
     def store_timeout(self, size: int) -> float:
         """Seconds for a statement that writes `size` bytes."""
@@ -203,7 +212,15 @@ class JobStore:
     ) -> uuid.UUID:
         job_id = uuid.uuid4()
         async with self.db.connection(self.timeout_s) as conn:
-            await conn.execute(_INSERT, job_id, model, version, body, json_length)
+            status = await conn.execute(
+                _INSERT, job_id, model, version, body, json_length, self.max_queued
+            )
+        if status.endswith(" 0"):
+            raise Overloaded(
+                f"job queue full: {self.max_queued} jobs queued (PODSERVE_JOBS_MAX_QUEUED); "
+                "retry later",
+                retry_after_s=self.retry_after_s,
+            )
         return job_id
 
     async def get(self, job_id: uuid.UUID) -> asyncpg.Record | None:
