@@ -308,18 +308,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measured run")
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    # Defaults of the options --quick shortens are filled in after parsing (None: not given),
+    # so an option given explicitly wins even when it equals the normal default.
+    normal = {"duration": 6.0, "warmup": 2.0, "repeats": 3, "ceiling_s": 4.0,
+              "concurrency": "1,8,32,64", "ceiling_batches": "1,8,16,32,64"}  # fmt: skip
+    quick = {"duration": 1.5, "warmup": 0.5, "repeats": 1, "ceiling_s": 1.0,
+             "concurrency": "1,32", "ceiling_batches": "1,32"}  # fmt: skip
+
+    def shortened(key: str) -> str:
+        return f"default {normal[key]}, with --quick {quick[key]}"
+
+    parser.add_argument("--concurrency", help=shortened("concurrency"))
+    parser.add_argument("--duration", type=float, help="s per run: " + shortened("duration"))
+    parser.add_argument("--warmup", type=float, help=shortened("warmup"))
+    parser.add_argument("--repeats", type=int, help=shortened("repeats"))
     parser.add_argument("--io-ms", type=float, default=5.0)
-    parser.add_argument("--ceiling-batches", default="1,8,16,32,64")
-    parser.add_argument("--ceiling-s", type=float, default=4.0)
+    parser.add_argument("--ceiling-batches", help=shortened("ceiling_batches"))
+    parser.add_argument("--ceiling-s", type=float, help=shortened("ceiling_s"))
     parser.add_argument("--systems", default="", help="comma-separated subset of system names")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL scenario")
     parser.add_argument("--competitors", action="store_true", help="+ BentoML, MLServer")
     parser.add_argument("--install-timeout", type=float, default=900.0)
-    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (shorter defaults)")
     parser.add_argument(
         "--publish",
         type=Path,
@@ -327,12 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also write the results into this page (docs/performance.md)",
     )
     args = parser.parse_args(argv)
-    if args.quick:  # shorter defaults; options given explicitly still win
-        quick = {"duration": 1.5, "warmup": 0.5, "repeats": 1, "ceiling_s": 1.0,
-                 "concurrency": "1,32", "ceiling_batches": "1,32"}  # fmt: skip
-        for key, value in quick.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
+    for key, value in (quick if args.quick else normal).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.ceiling_batches = [int(b) for b in args.ceiling_batches.split(",")]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

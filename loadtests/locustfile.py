@@ -9,7 +9,9 @@ a weight of 0 leaves the class out; entity and jobs need podserve's PostgreSQL):
   V1PredictUser   KServe V1 predict on the tabular model
   TextUser        V2 infer on a text-embedding model (LOCUST_TEXT_MODEL: text, or minilm)
   EntityUser      V2 infer by entity id: the server fetches the features from PostgreSQL
-  JobUser         background job: submit (202 + Location), then poll until done
+  JobUser         background job: submit (202 + Location), then poll until done; one "job
+                  outcome" per job, timed submit to done, failed unless the job succeeded
+                  within LOCUST_JOB_TIMEOUT_S (default 30)
 
 Back-off: a user answered 503 or 429 with `Retry-After` waits that long before its next task,
 as a well-behaved client does (LOCUST_HONOR_RETRY_AFTER=0 turns it off, to see what clients
@@ -41,7 +43,9 @@ FEATURES = 30  # the demo tabular model's input: FP32 [-1, 30]
 TEXT_MODEL = os.environ.get("LOCUST_TEXT_MODEL", "text")
 TABULAR_MODEL = os.environ.get("LOCUST_TABULAR_MODEL", "tabular")
 ENTITY_COUNT = int(os.environ.get("LOCUST_ENTITY_COUNT", "1000"))  # ids patient-0000..
-JOB_POLLS = int(os.environ.get("LOCUST_JOB_POLLS", "40"))  # bounded polling per job
+# A job not done this long after its submission counts as a failed "job outcome".
+JOB_TIMEOUT_S = float(os.environ.get("LOCUST_JOB_TIMEOUT_S", "30"))
+JOB_POLL_S = 0.05  # between polls of a job that is still queued or running
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "podserve batches requests while the inference thread is busy.",
@@ -57,14 +61,24 @@ RETRY_AFTER_MAX_S = float(os.environ.get("LOCUST_RETRY_AFTER_MAX_S", "30"))
 BACK_OFF_STATUSES = (429, 503)
 
 
-def weights() -> dict[str, int]:
-    """LOCUST_WEIGHTS overrides the defaults: 'tabular=4,text=2,entity=0'."""
+def weights(spec: str | None = None) -> dict[str, int]:
+    """LOCUST_WEIGHTS overrides the defaults: 'tabular=4,text=2,entity=0'. Refused with a
+    message naming LOCUST_WEIGHTS: unknown names, weights that are not whole numbers >= 0,
+    and all weights 0 (Locust would only say "No User class found!")."""
+    spec = os.environ.get("LOCUST_WEIGHTS", "") if spec is None else spec
     result = dict(DEFAULT_WEIGHTS)
-    for item in filter(None, os.environ.get("LOCUST_WEIGHTS", "").split(",")):
-        name, _, value = item.partition("=")
-        if name.strip() not in result:
-            raise ValueError(f"LOCUST_WEIGHTS: unknown class {name!r}; known: {sorted(result)}")
-        result[name.strip()] = int(value)
+    for item in filter(str.strip, spec.split(",")):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if name not in result:
+            known = ", ".join(result)
+            raise ValueError(f"LOCUST_WEIGHTS: unknown class {name!r} in {spec!r}; known: {known}")
+        if not sep or not value.isdecimal():
+            raise ValueError(
+                f"LOCUST_WEIGHTS: {item.strip()!r}: want name=N, N a whole number >= 0"
+            )
+        result[name] = int(value)
+    if not any(result.values()):
+        raise ValueError(f"LOCUST_WEIGHTS: {spec!r} leaves every weight at 0: nothing to run")
     return result
 
 
@@ -92,16 +106,69 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return min(max(0.0, seconds), RETRY_AFTER_MAX_S)
 
 
-def check_answer(response: Any, expected: int = 200, field: str | None = "outputs") -> None:
-    """Mark anything but the expected status (or a body without `field`) as a failure."""
+def check_answer(
+    response: Any, expected: int = 200, field: str | None = "outputs"
+) -> dict[str, Any] | None:
+    """The JSON body of an answer with the expected status and `field`; anything else is
+    marked a failure (None). It must not raise: FastHttp's catch_response re-raises any
+    other exception without reporting the request, so it would vanish from the stats."""
+    text = response.text or ""  # None for no answer, or an undecodable body
+    if response.status_code == 0:  # no answer: connection refused, timeout, ...
+        response.failure(f"no response: {response.error!r}")
+        return None
     if response.status_code != expected:
-        response.failure(f"HTTP {response.status_code}: {response.text[:200]!r}")
-    elif field is not None and field not in (response.json() or {}):
+        response.failure(f"HTTP {response.status_code}: {text[:200]!r}")
+        return None
+    if field is None:
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError:  # e.g. a proxy's HTML page answered 200
+        response.failure(f"HTTP {response.status_code} but not JSON: {text[:200]!r}")
+        return None
+    if not isinstance(body, dict) or field not in body:
         response.failure(f"no {field!r} in the response")
+        return None
+    return body
 
 
 # --- Server-Timing aggregation ------------------------------------------------------------
-PHASE_SAMPLES: dict[tuple[str, str], list[float]] = defaultdict(list)
+class Reservoir:
+    """A uniform sample of at most SAMPLES_PER_KEY of the `seen` values (bounded memory)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.seen = 0
+
+    def add(self, value: float) -> None:
+        """Algorithm R: the n-th value replaces a random slot with probability K/n."""
+        self.seen += 1
+        if len(self.samples) < SAMPLES_PER_KEY:
+            self.samples.append(value)
+        elif (slot := random.randrange(self.seen)) < SAMPLES_PER_KEY:
+            self.samples[slot] = value
+
+    def merge(self, samples: list[float], seen: int) -> None:
+        """Fold in another reservoir (a worker's report) that stands for `seen` values, so
+        each source weighs by what it saw, not by how many samples it kept."""
+        if len(samples) == seen:  # every value it saw: add them one by one
+            for value in samples:
+                self.add(value)
+            return
+        # A uniform sample of the union: how many come from each side is drawn as from the
+        # two populations (without replacement), then that many of each side's samples.
+        size = min(SAMPLES_PER_KEY, self.seen + seen)
+        mine, theirs, take = self.seen, seen, 0
+        for _ in range(size):
+            if random.randrange(mine + theirs) < mine:
+                mine, take = mine - 1, take + 1
+            else:
+                theirs -= 1
+        self.samples = random.sample(self.samples, take) + random.sample(samples, size - take)
+        self.seen += seen
+
+
+PHASE_SAMPLES: dict[tuple[str, str], Reservoir] = defaultdict(Reservoir)
 
 
 def parse_server_timing(header: str) -> dict[str, float]:
@@ -120,11 +187,7 @@ def record_phases(name: str, header: str | None) -> None:
     if not header:
         return
     for phase, ms in parse_server_timing(header).items():
-        samples = PHASE_SAMPLES[(name, phase)]
-        if len(samples) < SAMPLES_PER_KEY:
-            samples.append(ms)
-        else:  # reservoir: keep a uniform sample of everything seen
-            samples[random.randrange(SAMPLES_PER_KEY)] = ms
+        PHASE_SAMPLES[(name, phase)].add(ms)
 
 
 @events.request.add_listener
@@ -135,32 +198,26 @@ def _on_request(name: str, response: Any = None, exception: Any = None, **_: Any
 
 @events.report_to_master.add_listener
 def _to_master(client_id: str, data: dict[str, Any]) -> None:
-    data["podserve_phases"] = [[n, p, v] for (n, p), v in PHASE_SAMPLES.items()]
+    data["podserve_phases"] = [[n, p, r.samples, r.seen] for (n, p), r in PHASE_SAMPLES.items()]
     PHASE_SAMPLES.clear()
 
 
 @events.worker_report.add_listener
 def _from_worker(client_id: str, data: dict[str, Any]) -> None:
-    for name, phase, values in data.get("podserve_phases", []):
-        for ms in values:
-            record_phases_value(name, phase, ms)
-
-
-def record_phases_value(name: str, phase: str, ms: float) -> None:
-    samples = PHASE_SAMPLES[(name, phase)]
-    if len(samples) < SAMPLES_PER_KEY:
-        samples.append(ms)
+    for name, phase, samples, seen in data.get("podserve_phases", []):
+        PHASE_SAMPLES[(name, phase)].merge(samples, seen)
 
 
 def phase_summary() -> list[dict[str, Any]]:
+    """Per request and phase: how many were seen, and percentiles of the sample."""
     rows = []
-    for (name, phase), values in sorted(PHASE_SAMPLES.items()):
-        ordered = sorted(values)
+    for (name, phase), reservoir in sorted(PHASE_SAMPLES.items()):
+        ordered = sorted(reservoir.samples)
 
         def pct(q: float, ordered: list[float] = ordered) -> float:
             return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
-        rows.append({"name": name, "phase": phase, "count": len(ordered),
+        rows.append({"name": name, "phase": phase, "count": reservoir.seen,
                      "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99)})  # fmt: skip
     return rows
 
@@ -197,16 +254,27 @@ class PodserveUser(FastHttpUser):
     network_timeout = 30.0
     resume_at = 0.0  # time.monotonic() before which a told-to-back-off user sends nothing
 
+    def __init__(self, environment: Any) -> None:
+        # FastHttp appends each path ("/v2/...") to the host: a trailing slash would make
+        # "//v2/...", which geventhttpclient refuses before Locust reports the request.
+        # A path prefix (http://gateway/podserve) is kept.
+        if self.host:
+            self.host = self.host.rstrip("/")
+        super().__init__(environment)
+
     def wait_time(self) -> float:
         return max(self.think_time(), self.resume_at - time.monotonic())
 
-    def check(self, response: Any, expected: int = 200, field: str | None = "outputs") -> None:
+    def check(
+        self, response: Any, expected: int = 200, field: str | None = "outputs"
+    ) -> dict[str, Any] | None:
         """check_answer() plus back-off: a 503/429 with Retry-After delays the next request."""
-        check_answer(response, expected, field)
+        body = check_answer(response, expected, field)
         if HONOR_RETRY_AFTER and response.status_code in BACK_OFF_STATUSES:
             delay = retry_after_s(response.headers.get("Retry-After"))
             if delay:
                 self.resume_at = max(self.resume_at, time.monotonic() + delay)
+        return body
 
 
 class TabularV2User(PodserveUser):
@@ -251,35 +319,55 @@ class JobUser(PodserveUser):
 
     @task
     def submit_and_poll(self) -> None:
+        started = time.monotonic()
         body = v2_tensor("input", [1, FEATURES], "FP32", tabular_row())
         with self.client.post(f"/v2/models/{TABULAR_MODEL}/jobs", json=body,
                               name="job submit", catch_response=True) as r:  # fmt: skip
-            self.check(r, expected=202, field="id")
-            location = r.headers.get("Location") if r.status_code == 202 else None
+            accepted = self.check(r, expected=202, field="id")
+            location = r.headers.get("Location") if accepted is not None else None
         if location:
-            self.poll(location)
+            self.outcome(started, self.poll(location, started + JOB_TIMEOUT_S))
 
-    def poll(self, location: str) -> None:
-        for _ in range(JOB_POLLS):
+    def poll(self, location: str, deadline: float) -> str | None:
+        """Polls until the job is done; None if it succeeded, else what went wrong. A 503 or
+        429 is the server shedding load, not the job's fault: wait (Retry-After) and poll on."""
+        while True:
             with self.client.get(location, name="job poll", catch_response=True) as r:
-                self.check(r, field="status")
-                status = r.json().get("status") if r.status_code == 200 else "error"
-            if status in ("succeeded", "failed", "error"):
-                if status != "succeeded":
-                    events.request.fire(request_type="JOB", name="job outcome",
-                                        response_time=0, response_length=0,
-                                        exception=RuntimeError(f"job {status}"))  # fmt: skip
-                return
-            time.sleep(0.05)
+                doc = self.check(r, field="status")
+            if doc is not None and doc["status"] == "succeeded":
+                return None
+            if doc is not None and doc["status"] == "failed":
+                return f"job failed: {str(doc.get('error'))[:200]}"
+            if doc is None and r.status_code not in BACK_OFF_STATUSES:
+                return f"job poll answered HTTP {r.status_code}"
+            wait = JOB_POLL_S
+            if doc is None and HONOR_RETRY_AFTER:
+                wait = max(wait, retry_after_s(r.headers.get("Retry-After")) or 0.0)
+            if time.monotonic() + wait > deadline:
+                return f"job not done within {JOB_TIMEOUT_S:g} s (LOCUST_JOB_TIMEOUT_S)"
+            time.sleep(wait)
+
+    def outcome(self, started: float, error: str | None) -> None:
+        """One "job outcome" per job: submit-to-done time, a failure unless it succeeded."""
+        self.environment.events.request.fire(
+            request_type="JOB",
+            name="job outcome",
+            response_time=(time.monotonic() - started) * 1000,
+            response_length=0,
+            exception=None if error is None else RuntimeError(error),
+        )
 
 
 def _apply_weights() -> None:
     """Weights from LOCUST_WEIGHTS; a class at 0 becomes abstract, so Locust never runs it."""
-    chosen = weights()
+    try:
+        chosen = weights()
+    except ValueError as exc:  # the message alone, not a traceback from inside Locust
+        raise SystemExit(str(exc)) from None
     classes = {"tabular": TabularV2User, "v1": V1PredictUser, "text": TextUser,
                "entity": EntityUser, "jobs": JobUser}  # fmt: skip
     for key, cls in classes.items():
-        cls.weight = max(chosen[key], 1)
+        cls.weight = max(chosen[key], 1)  # Locust refuses weight 0; abstract leaves it out
         cls.abstract = chosen[key] == 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,14 +74,34 @@ def run_locust(args: argparse.Namespace, host: str, out: Path, env: dict[str, st
         "--stop-timeout", "5", "--csv", str(out / "locust"), "--html", str(out / "report.html"),
         "--only-summary", "--loglevel", "WARNING",
     ]  # fmt: skip
-    limit = _seconds(args.run_time) + 60  # Locust stops itself; this is the backstop
+    limit = run_time_s(args.run_time) + 60  # Locust stops itself; this is the backstop
     done = subprocess.run(cmd, env={**os.environ, **env}, timeout=limit, check=False)
     return done.returncode
 
 
-def _seconds(run_time: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
-    return float(run_time[:-1]) * units[run_time[-1]] if run_time[-1] in units else float(run_time)
+_TIMESPAN = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def run_time_s(run_time: str) -> int:
+    """Seconds of a Locust --run-time (20, 30s, 1m30s, 2h): Locust's syntax. (Its own
+    parser sits in the `locust` package, whose import would monkey-patch this process.)"""
+    text = run_time.strip().lower()
+    if text.isdigit():
+        return int(text)
+    match = _TIMESPAN.fullmatch(text)
+    if not text or match is None:
+        raise ValueError(f"invalid run time {run_time!r}: use e.g. 30s, 2m, 1m30s, 1h")
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _run_time(value: str) -> str:
+    """argparse check: a bad --run-time fails before any server starts."""
+    try:
+        run_time_s(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def summary(out: Path) -> str:
@@ -108,7 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="headless Locust against a local podserve")
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--spawn-rate", type=float, default=16)
-    parser.add_argument("--run-time", default="30s", help="e.g. 30s, 2m (bounded)")
+    parser.add_argument("--run-time", type=_run_time, default="30s",
+                        help="e.g. 30s, 2m, 1m30s (bounded)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--host", default="", help="an existing server (loopback); else start one")
     parser.add_argument("--weights", default="", help="LOCUST_WEIGHTS, e.g. tabular=4,text=2")
@@ -137,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         if not host:
             server, text_model = start_server(work, args.workers, dsn)
             host = f"http://127.0.0.1:{server.system.port}"
+        (out / "phases.json").unlink(missing_ok=True)  # a reused --out: no stale summary
         env = {"LOCUST_PHASES_FILE": str(out / "phases.json"), "LOCUST_WEIGHTS": weights,
                "LOCUST_TEXT_MODEL": text_model}  # fmt: skip
         code = run_locust(args, host, out, env)
     finally:
         if server is not None:
             server.stop()
+    if not (out / "phases.json").exists():  # Locust failed before running (its error above)
+        print(f"Locust exited with code {code} before writing a summary", file=sys.stderr)
+        return code or 1
     print(summary(out))
     print(f"\nreports: {out}/report.html, {out}/locust_stats.csv")
     return code

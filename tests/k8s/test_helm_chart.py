@@ -6,6 +6,7 @@ import copy
 import json
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -694,3 +695,40 @@ def test_readme_documents_every_value() -> None:
     assert not missing, f"values missing from README.md: {missing}"
     for key, default in documented.items():
         assert json.loads(default) == paths[key], f"README default of {key} is stale"
+
+
+def locust_master_args(objs: list[Obj]) -> list[str]:
+    master = one(objs, "Deployment", "podserve-locust-master")
+    return master["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_locust_autostart_waits_for_every_worker(helm: str) -> None:
+    """With autostart the master starts once all `workers` are connected (else the first
+    worker gets every user and later ones none) and rebalances when one reconnects."""
+    args = locust_master_args(helm_template(helm, VALUE_SETS["locust"]))  # autostart, 3 workers
+    assert {"--autostart", "--expect-workers=3", "--enable-rebalancing"} <= set(args), args
+    # The flags exist in Locust (this venv's; the chart's image, 2.32.4, has them as well:
+    # --expect-workers since 1.x, --enable-rebalancing since 2.0).
+    usage = run([sys.executable, "-m", "locust", "--help"]).stdout
+    for flag in (arg.split("=")[0] for arg in args):
+        assert re.search(rf"\s{re.escape(flag)}\b", usage), flag
+    manual = locust_master_args(
+        helm_template(helm, VALUE_SETS["locust"], sets=("locust.autostart=false",))
+    )
+    assert not {"--autostart", "--expect-workers=3", "--enable-rebalancing"} & set(manual)
+
+
+@pytest.mark.parametrize(
+    "weights", ["bogus=1", "tabular=4\\,Text=2", "tabular=-1", "tabular=1.5", "tabular"]
+)
+def test_locust_weights_schema_knows_the_class_names(helm: str, weights: str) -> None:
+    stderr = helm_fails(helm, ("locust.enabled=true", f"locust.weights={weights}"))
+    assert "locust.weights: Does not match pattern" in stderr, stderr
+
+
+def test_locust_weights_set_with_escaped_commas(helm: str) -> None:
+    sets = ("locust.enabled=true", "locust.weights=tabular=4\\,text=2\\,jobs=0\\,entity=1")
+    objs = helm_template(helm, sets=sets)
+    for name in ("podserve-locust-master", "podserve-locust-worker"):
+        container = one(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        assert env_map(container)["LOCUST_WEIGHTS"]["value"] == "tabular=4,text=2,jobs=0,entity=1"

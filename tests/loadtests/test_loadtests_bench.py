@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loadtests import bench_ab, bench_measure, bench_report, bench_systems
+from loadtests import bench, bench_ab, bench_measure, bench_report, bench_systems
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,3 +221,26 @@ def test_without_a_signal_run_main_keeps_the_outcome(monkeypatch: pytest.MonkeyP
 
     with pytest.raises(RuntimeError, match="a real bug"):
         bench_systems.run_main(broken)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], (6.0, 2.0, 3, 4.0, [1, 8, 32, 64], [1, 8, 16, 32, 64])),
+        (["--quick"], (1.5, 0.5, 1, 1.0, [1, 32], [1, 32])),
+        # given explicitly, equal to the normal defaults: --quick must not override them
+        (
+            ["--quick", "--duration", "6", "--repeats", "3", "--concurrency", "1,8,32,64"],
+            (6.0, 0.5, 3, 1.0, [1, 8, 32, 64], [1, 32]),
+        ),
+        (
+            ["--repeats", "1", "--ceiling-s", "2"],
+            (6.0, 2.0, 1, 2.0, [1, 8, 32, 64], [1, 8, 16, 32, 64]),
+        ),
+    ],
+)
+def test_bench_quick_keeps_explicit_options(argv: list[str], expected: tuple) -> None:
+    args = bench.parse_args(argv)
+    got = (args.duration, args.warmup, args.repeats, args.ceiling_s, args.concurrency,
+           args.ceiling_batches)  # fmt: skip
+    assert got == expected
