@@ -12,25 +12,22 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
+from job_harness import LEASE_S, job_body, job_harness
 
 import postgres
 from model_builders import affine_model, save, slow_model
-from podserve.db.jobs import JobRunner, JobStore
+from podserve.db.jobs import JobStore
 from podserve.db.pool import Database
-from podserve.runtime import ServingRuntime
 from podserve.settings import Settings
 from tcp_proxy import TcpProxy
 
-LEASE_S = 1.0  # renewed every third
+KNOBS = {"jobs_concurrency": 1, "jobs_max_attempts": 5}  # one job at a time: never its own
 SLOW_ROWS = 256  # of "slower": ~18 s of ONNX Runtime on the 2-core dev machine
 LOST_WARNING = "job lease lost: its session run terminated"
 # What another worker's claim leaves: attempt + 1 under its own, fresh lease.
@@ -54,11 +51,6 @@ def _empty_queue(db_url: str) -> None:
     postgres.query(db_url, "TRUNCATE podserve_jobs")
 
 
-def _body(rows: list[list[float]]) -> bytes:
-    inputs = [{"name": "x", "shape": [len(rows), len(rows[0])], "datatype": "FP32", "data": rows}]
-    return orjson.dumps({"inputs": inputs})
-
-
 async def _until(done: Callable[[], bool], timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while not done():
@@ -66,57 +58,6 @@ async def _until(done: Callable[[], bool], timeout: float = 20) -> bool:
             return False
         await asyncio.sleep(0.02)
     return True
-
-
-@dataclass
-class Harness:
-    runtime: ServingRuntime
-    store: JobStore
-    runner: JobRunner
-    conn: asyncpg.Connection  # straight to PostgreSQL, never through the proxy
-
-    async def row(self, job_id: uuid.UUID) -> dict[str, Any]:
-        sql = "SELECT status, lease_owner, attempts, result FROM podserve_jobs WHERE id = $1"
-        return dict(await self.conn.fetchrow(sql, job_id))
-
-    async def finished(self, job_id: uuid.UUID, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while (row := await self.row(job_id))["status"] not in ("succeeded", "failed"):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
-        return row
-
-
-@asynccontextmanager
-async def _harness(runner_url: str, db_url: str, models: Path) -> AsyncIterator[Harness]:
-    """A runner (one job at a time: it never claims the job again itself), not yet started."""
-    knobs: dict[str, Any] = {
-        "model_repository": models,
-        "db_pool_min": 0,
-        "db_command_timeout_s": 1.0,
-        "db_connect_timeout_s": 1.0,
-        "jobs_poll_ms": 50,
-        "jobs_lease_s": LEASE_S,
-        "jobs_concurrency": 1,
-        "jobs_count_interval_s": 0,
-        "prediction_log": False,
-    }
-    runtime = ServingRuntime(Settings(**knobs))
-    await runtime.start()
-    settings = Settings(database_url=runner_url, **knobs)
-    db = Database(settings)
-    await db.open()
-    store = JobStore(db, settings)
-    runner = JobRunner(store, runtime, None, settings, None)
-    conn = await asyncpg.connect(db_url)
-    try:
-        yield Harness(runtime, store, runner, conn)
-    finally:
-        await runner.stop()
-        await runtime.stop()
-        await db.close()
-        await conn.close()
 
 
 def test_a_job_claimed_by_another_worker_ends_the_stale_session_run_at_once(
@@ -130,8 +71,8 @@ def test_a_job_claimed_by_another_worker_ends_the_stale_session_run_at_once(
     requeued, it counts as discarded, and its slot is free for the next job."""
 
     async def scenario() -> dict[str, Any]:
-        async with _harness(proxied_url, db_url, models) as h:
-            job = await h.store.submit("slower", "1", _body([[0.3] * 256] * SLOW_ROWS), None)
+        async with job_harness(proxied_url, models, db_url, **KNOBS) as h:
+            job = await h.store.submit("slower", "1", job_body([[0.3] * 256] * SLOW_ROWS), None)
             h.runner.start()
             assert await _until(lambda: h.runtime.pool.busy == 1)
             await asyncio.sleep(0.3)  # inside the session run
@@ -148,7 +89,7 @@ def test_a_job_claimed_by_another_worker_ends_the_stale_session_run_at_once(
             await _until(lambda: not h.runner.running, timeout=2)
             stale = await h.row(job)
             counts = (h.runner.results_discarded, h.runner.jobs_failed, h.runner.jobs_requeued)
-            after = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]]), None)
+            after = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]]), None)
             return {
                 "during_outage": during_outage,
                 "freed_s": freed_s,
@@ -181,7 +122,7 @@ def test_a_row_locked_by_its_own_worker_is_not_taken_for_lost(
     its run goes on and the job succeeds as attempt 1."""
 
     async def scenario() -> dict[str, Any]:
-        async with _harness(db_url, db_url, models) as h:
+        async with job_harness(db_url, models, **KNOBS) as h:
             gate = asyncio.Event()
             real_run = h.runtime.pool.run
 
@@ -198,7 +139,7 @@ def test_a_row_locked_by_its_own_worker_is_not_taken_for_lost(
                 return await real_renew(leases, owner)
 
             h.store.renew = counted  # type: ignore[method-assign]
-            job = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]]), None)
+            job = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]]), None)
             h.runner.start()
             assert await _until(lambda: bool(h.runner.running))
             locker = await asyncpg.connect(db_url)

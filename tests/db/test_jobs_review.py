@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from job_harness import LEASE_S, job_body, job_harness, job_settings
 from onnx import TensorProto, helper, numpy_helper
 
 import postgres
@@ -32,12 +32,10 @@ from podserve import connection_balance
 from podserve.db import jobs as jobs_module
 from podserve.db.jobs import _CLAIM, JobRunner, JobStore
 from podserve.db.pool import Database
-from podserve.runtime import ServingRuntime
 from podserve.settings import Settings
 from server_process import ServerProcess
 from tcp_proxy import TcpProxy
 
-LEASE_S = 1.0
 TILE = 256  # the wide model: x [n, 64] -> y [n, 64 * TILE]
 
 
@@ -68,78 +66,10 @@ def _empty_queue(db_url: str) -> None:
     postgres.query(db_url, "TRUNCATE podserve_jobs")
 
 
-def _body(rows: list[list[float]]) -> bytes:
-    width = len(rows[0])
-    inputs = [{"name": "x", "shape": [len(rows), width], "datatype": "FP32", "data": rows}]
-    return orjson.dumps({"inputs": inputs})
-
-
 def _wide_rows(count: int) -> list[list[float]]:
     """Values with 4-5 digits, as real outputs have: ~8 bytes each in JSON."""
     rng = np.random.default_rng(7)
     return np.round(rng.random((count, 64)), 4).tolist()
-
-
-@dataclass
-class Harness:
-    runtime: ServingRuntime
-    store: JobStore
-    runner: JobRunner
-    conn: asyncpg.Connection
-
-    async def row(self, job_id: uuid.UUID) -> asyncpg.Record:
-        return await self.conn.fetchrow(
-            "SELECT status, attempts, error, result FROM podserve_jobs WHERE id = $1", job_id
-        )
-
-    async def wait(
-        self, job_id: uuid.UUID, done: Callable[[asyncpg.Record], bool], timeout: float = 20
-    ) -> asyncpg.Record:
-        deadline = time.monotonic() + timeout
-        while True:
-            row = await self.row(job_id)
-            if done(row) or time.monotonic() > deadline:
-                return row
-            await asyncio.sleep(0.02)
-
-    async def finished(self, job_id: uuid.UUID, timeout: float = 20) -> asyncpg.Record:
-        return await self.wait(job_id, lambda r: r["status"] in ("succeeded", "failed"), timeout)
-
-
-def _settings(db_url: str | None, models: Path, **knobs: Any) -> Settings:
-    base: dict[str, Any] = {
-        "model_repository": models,
-        "database_url": db_url,
-        "db_pool_min": 0,
-        "db_command_timeout_s": 1.0,
-        "db_connect_timeout_s": 1.0,
-        "jobs_poll_ms": 50,
-        "jobs_lease_s": LEASE_S,
-        "jobs_max_attempts": 2,
-        "jobs_count_interval_s": 0,
-        "prediction_log": False,
-    }
-    return Settings(**(base | knobs))
-
-
-@asynccontextmanager
-async def _harness(db_url: str, models: Path, **knobs: Any) -> AsyncIterator[Harness]:
-    """A started runtime (no database of its own) and a runner, not yet started."""
-    runtime = ServingRuntime(_settings(None, models))
-    await runtime.start()
-    settings = _settings(db_url, models, **knobs)
-    db = Database(settings)
-    await db.open()
-    store = JobStore(db, settings)
-    runner = JobRunner(store, runtime, None, settings, None)
-    conn = await asyncpg.connect(db_url)
-    try:
-        yield Harness(runtime, store, runner, conn)
-    finally:
-        await runner.stop()
-        await runtime.stop()
-        await db.close()
-        await conn.close()
 
 
 @asynccontextmanager
@@ -171,7 +101,7 @@ def test_a_job_reclaimed_by_its_own_worker_keeps_the_live_attempts_lease(
     used to expire, be claimed again, and so on until 'gave up')."""
 
     async def scenario() -> dict[str, Any]:
-        async with _harness(db_url, models, jobs_concurrency=2, jobs_max_attempts=3) as h:
+        async with job_harness(db_url, models, jobs_concurrency=2, jobs_max_attempts=3) as h:
             gates = [asyncio.Event() for _ in range(6)]
             calls = [0]
             real_run = h.runtime.pool.run
@@ -183,7 +113,7 @@ def test_a_job_reclaimed_by_its_own_worker_keeps_the_live_attempts_lease(
                 return await real_run(fn, *args, priority=priority)
 
             h.runtime.pool.run = gated  # type: ignore[method-assign]
-            job = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]]), None)
+            job = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]]), None)
             h.runner.start()
             await h.wait(job, lambda _: calls[0] == 1)
             deadline = time.monotonic() + 10
@@ -248,10 +178,10 @@ def test_a_large_result_gets_a_store_timeout_to_match(db_url: str, models: Path)
 
     async def scenario() -> dict[str, Any]:
         async with (
-            _harness(db_url, models, db_command_timeout_s=0.5) as h,
+            job_harness(db_url, models, db_command_timeout_s=0.5) as h,
             _trigger(h.conn, "PERFORM pg_sleep(octet_length(NEW.result) / 8388608.0);"),
         ):
-            job = await h.store.submit("wide", "1", _body(_wide_rows(64)), None)
+            job = await h.store.submit("wide", "1", job_body(_wide_rows(64)), None)
             h.runner.start()
             row = await h.finished(job, timeout=30)
             return {"row": dict(row), "size": len(row["result"] or b"")}
@@ -265,8 +195,8 @@ def test_a_large_result_gets_a_store_timeout_to_match(db_url: str, models: Path)
 def test_a_result_the_database_refuses_fails_the_job_at_once(db_url: str, models: Path) -> None:
     async def scenario() -> dict[str, Any]:
         refuse = "RAISE EXCEPTION 'result refused here' USING ERRCODE = 'program_limit_exceeded';"
-        async with _harness(db_url, models) as h, _trigger(h.conn, refuse):
-            job = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]]), None)
+        async with job_harness(db_url, models) as h, _trigger(h.conn, refuse):
+            job = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]]), None)
             h.runner.start()
             return dict(await h.finished(job))
 
@@ -286,10 +216,10 @@ def test_a_store_that_times_out_is_retried_and_the_final_error_says_why(
 
     async def scenario() -> dict[str, Any]:
         async with (
-            _harness(db_url, models, db_command_timeout_s=0.3) as h,
+            job_harness(db_url, models, db_command_timeout_s=0.3) as h,
             _trigger(h.conn, "PERFORM pg_sleep(5);"),
         ):
-            job = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]]), None)
+            job = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]]), None)
             h.runner.start()
             waiting = await h.wait(job, lambda r: r["status"] == "queued" and r["error"])
             final = await h.finished(job)
@@ -310,8 +240,8 @@ def test_a_job_out_of_attempts_names_the_last_error(db_url: str, models: Path) -
     what went wrong, and attempts reads 2, not 3."""
 
     async def scenario() -> dict[str, Any]:
-        async with _harness(db_url, models) as h:
-            job = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]]), None)
+        async with job_harness(db_url, models) as h:
+            job = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]]), None)
             await h.conn.execute(
                 "UPDATE podserve_jobs SET status = 'running', attempts = 2, "
                 "lease_owner = 'dead-worker', lease_expires_at = now() - interval '1 s' "
@@ -331,8 +261,8 @@ def test_a_job_out_of_attempts_names_the_last_error(db_url: str, models: Path) -
 
 def test_a_result_over_the_limit_fails_with_a_clear_error(db_url: str, models: Path) -> None:
     async def scenario() -> dict[str, Any]:
-        async with _harness(db_url, models, jobs_max_result_bytes=1000) as h:
-            job = await h.store.submit("affine", "1", _body([[1, 2, 3, 4]] * 100), None)
+        async with job_harness(db_url, models, jobs_max_result_bytes=1000) as h:
+            job = await h.store.submit("affine", "1", job_body([[1, 2, 3, 4]] * 100), None)
             h.runner.start()
             return dict(await h.finished(job))
 
@@ -350,9 +280,9 @@ def test_stop_terminates_a_long_job_inference_and_hands_the_job_back(
     queue, attempt refunded, not failed. Before, the thread computed on to the end."""
 
     async def scenario() -> dict[str, Any]:
-        async with _harness(db_url, models, jobs_lease_s=60) as h:
+        async with job_harness(db_url, models, jobs_lease_s=60) as h:
             rows = np.full((192, 256), 0.3).tolist()
-            job = await h.store.submit("slower", "1", _body(rows), None)
+            job = await h.store.submit("slower", "1", job_body(rows), None)
             h.runner.start()
             await h.wait(job, lambda r: r["status"] == "running")
             deadline = time.monotonic() + 10
@@ -394,7 +324,7 @@ def test_job_metrics_are_exported_and_a_scrape_never_waits_on_the_database(
         ServerProcess(models, workers=2, env=env) as server,
         httpx.Client(base_url=server.url, timeout=30) as http,
     ):
-        good = http.post("/v2/models/affine/jobs", content=_body([[1, 2, 3, 4]]))
+        good = http.post("/v2/models/affine/jobs", content=job_body([[1, 2, 3, 4]]))
         bad = http.post("/v2/models/affine/jobs", json={"parameters": {"entity_ids": ["no"]}})
         assert (good.status_code, bad.status_code) == (202, 202), (good.text, bad.text)
         for response in (good, bad):
@@ -455,8 +385,8 @@ def test_a_large_job_is_parsed_and_encoded_off_the_event_loop(
     )
 
     async def scenario() -> tuple[str, str]:
-        async with _harness(db_url, models) as h:
-            body = _body(_wide_rows(200))  # ~110 KiB of JSON, a ~6 MiB result
+        async with job_harness(db_url, models) as h:
+            body = job_body(_wide_rows(200))  # ~110 KiB of JSON, a ~6 MiB result
             assert len(body) > 64 * 1024
             job = await h.store.submit("wide", "1", body, None)
             h.runner.start()
@@ -479,7 +409,7 @@ def test_a_purge_pass_deletes_every_expired_job(db_url: str, models: Path) -> No
     )
 
     async def scenario() -> int:
-        settings = _settings(db_url, models)
+        settings = job_settings(db_url, models)
         db = Database(settings)
         await db.open()
         try:
@@ -500,7 +430,7 @@ def test_one_worker_per_pod_counts_the_jobs(
     monkeypatch.setattr(connection_balance, "own_slot", lambda: slot)
 
     async def scenario() -> set[str]:
-        settings = _settings(db_url, models, jobs_count_interval_s=15)
+        settings = job_settings(db_url, models, jobs_count_interval_s=15)
         db = Database(settings)
         await db.open()
         runner = JobRunner(JobStore(db, settings), None, None, settings, None)  # type: ignore[arg-type]
