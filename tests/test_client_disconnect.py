@@ -83,6 +83,9 @@ def test_a_queued_request_whose_client_left_never_runs(model_repo: Path) -> None
         assert after["inference_count"] - before["inference_count"] == 129
         metrics = scrape(server.url)
         assert metrics.value("podserve_queue_rows") == 0  # their rows were freed, too
+        # Their wait is in the queue phase, as a 504's is: 2 served + 5 gone.
+        queued = metrics.value("podserve_phase_duration_seconds_count", model="slow", phase="queue")
+        assert queued == 7, queued
 
 
 def _statuses(url: str) -> dict[str, float]:

@@ -268,7 +268,8 @@ class Batcher:
         except ValueError:
             return
         self._forget(item)
-        item.future.set_exception(ClientClosedRequest(_CLIENT_GONE))
+        waited = time.perf_counter() - item.enqueued
+        item.future.set_exception(ClientClosedRequest(_CLIENT_GONE, waited))
 
     async def _run(self, batch: list[PendingRequest]) -> None:
         started = time.perf_counter()

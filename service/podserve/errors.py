@@ -65,6 +65,10 @@ class ClientClosedRequest(PodserveError):
 
     status_code = 499
 
+    def __init__(self, message: str, waited_s: float | None = None) -> None:
+        super().__init__(message)
+        self.waited_s = waited_s  # how long it waited for its batch, where it did
+
 
 class ModelNotReady(ServiceUnavailable):
     pass
