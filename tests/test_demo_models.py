@@ -175,8 +175,9 @@ import os, sys
 from pathlib import Path
 from podserve.processors import TokenizerPreprocessor
 from podserve.model_config import TensorSpec
-pre = TokenizerPreprocessor(Path(sys.argv[1]), [TensorSpec(name="input_ids", datatype="INT64",
-                            shape=[-1, -1])])
+specs = [TensorSpec(name=name, datatype="INT64", shape=[-1, -1])
+         for name in ("input_ids", "attention_mask")]
+pre = TokenizerPreprocessor(Path(sys.argv[1]), specs)
 before = len(os.listdir("/proc/self/task"))
 pre([{"text": ["a sentence to tokenize, number %d" % i for i in range(256)]}])
 print(os.environ.get("TOKENIZERS_PARALLELISM"), before, len(os.listdir("/proc/self/task")))

@@ -14,10 +14,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from podserve.datatypes import INT_TYPES, V2_TO_NUMPY
 from podserve.errors import BadRequest
 from podserve.model_config import TensorSpec
 
 Tensors = dict[str, np.ndarray]
+
+# HF tokenizers read a whole text before truncating it: one 8 MB string took 12 s of the
+# inference thread for its 256 tokens, holding up every model of the worker. A text longer
+# than max_length x this many characters is tokenized from a prefix (see _prefix).
+PREFIX_CHARS_PER_TOKEN = 32
 
 
 class Preprocessor(Protocol):
@@ -71,11 +77,18 @@ class TokenizerPreprocessor:
         pad_token = "[PAD]" if self.tokenizer.token_to_id("[PAD]") is not None else None
         pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else 0
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
+        self.max_length = max_length
         self.input_name = input_name
         self.feed_names = [spec.name for spec in model_inputs if spec.name in self.FEEDS]
         unknown = [spec.name for spec in model_inputs if spec.name not in self.FEEDS]
         if unknown or "input_ids" not in self.feed_names:
             raise ValueError(f"tokenizer cannot feed model inputs {unknown or ['input_ids']}")
+        if "attention_mask" not in self.feed_names:
+            # Texts of a batch are padded to one length: without the mask the model (and the
+            # pooling) would read the padding, and a text's answer would depend on its batch.
+            raise ValueError("tokenizer pads the texts of a batch: the model needs an input "
+                             "'attention_mask'")  # fmt: skip
+        self.feed_types = _integer_types(model_inputs, self.feed_names)
         self.input_specs = [TensorSpec(name=input_name, datatype="BYTES", shape=[-1])]
 
     def validate(self, inputs: Tensors) -> Tensors:
@@ -93,14 +106,36 @@ class TokenizerPreprocessor:
         return {self.input_name: decoded}
 
     def __call__(self, batch: Sequence[Tensors]) -> Tensors:
-        texts = [str(t) for request in batch for t in request[self.input_name]]
+        limit = self.max_length * PREFIX_CHARS_PER_TOKEN
+        texts = [
+            self._prefix(text, limit) if len(text) > limit else text
+            for text in (str(t) for request in batch for t in request[self.input_name])
+        ]
         encodings = self.tokenizer.encode_batch(texts)
         columns = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],
             "token_type_ids": [e.type_ids for e in encodings],
         }
-        return {name: np.asarray(columns[name], dtype=np.int64) for name in self.feed_names}
+        return {name: np.asarray(columns[name], dtype=self.feed_types[name])
+                for name in self.feed_names}  # fmt: skip
+
+    def _prefix(self, text: str, limit: int) -> str:
+        """The text's first `limit` characters (cut at a space where one is near), if they
+        make the same tokens: when they run past max_length tokens twice over, the cut lies
+        far beyond the tokens kept. Else (a few huge words) the whole text."""
+        space = text.rfind(" ", limit // 2, limit)
+        prefix = text[: space if space > 0 else limit]
+        return prefix if len(self.tokenizer.encode(prefix).overflowing) >= 2 else text
+
+
+def _integer_types(model_inputs: list[TensorSpec], names: list[str]) -> dict[str, np.dtype]:
+    """Token feeds in the model's own integer type (int64 from torch, often int32 from TF)."""
+    types = {spec.name: spec.datatype for spec in model_inputs if spec.name in names}
+    wrong = {name: datatype for name, datatype in types.items() if datatype not in INT_TYPES}
+    if wrong:
+        raise ValueError(f"tokenizer feeds integer token ids; the model's inputs are {wrong}")
+    return {name: V2_TO_NUMPY[datatype] for name, datatype in types.items()}
 
 
 class MeanPoolingPostprocessor:

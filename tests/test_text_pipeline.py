@@ -1,0 +1,160 @@
+"""The tokenizer pre-processor with real tokenizers and ONNX Runtime: token types of the
+model's own inputs, no padding without a mask, long texts tokenized from a prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from batch_support import run_alone, run_concurrently
+from podserve.model_repository import ModelRepository, load_repository
+from podserve.onnx_model import ThreadBudget
+from podserve.processors import PREFIX_CHARS_PER_TOKEN, TokenizerPreprocessor
+from podserve.settings import Settings
+
+THREADS = ThreadBudget(intra_op=1, inter_op=1, allow_spinning=False)
+TOKEN_INPUTS = ("input_ids", "attention_mask")
+
+
+def _variant(
+    model_repo: Path, dest: Path, name: str, change: Callable[[onnx.GraphProto], None]
+) -> Path:
+    """A copy of the demo `text` model (tokenizer, config) whose graph `change` rewrote."""
+    shutil.copytree(model_repo / "text", dest / name)
+    path = dest / name / "1" / "model.onnx"
+    model = onnx.load(path)
+    change(model.graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return dest
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+
+
+def _int32_inputs(graph: onnx.GraphProto) -> None:
+    """Token inputs typed INT32 (as tf2onnx exports BERTs), cast to int64 inside."""
+    casts = []
+    for value in graph.input:
+        if value.name in TOKEN_INPUTS:
+            value.type.tensor_type.elem_type = TensorProto.INT32
+            _rename_uses(graph, value.name, f"{value.name}_64")
+            casts.append(helper.make_node("Cast", [value.name], [f"{value.name}_64"], to=7))
+    for index, cast in enumerate(casts):
+        graph.node.insert(index, cast)
+
+
+def _no_mask_input(graph: onnx.GraphProto) -> None:
+    """No attention_mask input: the graph makes a mask of ones itself."""
+    (mask,) = [value for value in graph.input if value.name == "attention_mask"]
+    graph.input.remove(mask)
+    ones = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    graph.node.insert(0, helper.make_node("Shape", ["input_ids"], ["mask_shape"]))
+    graph.node.insert(
+        1, helper.make_node("ConstantOfShape", ["mask_shape"], ["attention_mask"], value=ones)
+    )
+
+
+@pytest.fixture(scope="module")
+def repository(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    repo = tmp_path_factory.mktemp("text-variants")
+    shutil.copytree(model_repo / "text", repo / "text")
+    _variant(model_repo, repo, "text32", _int32_inputs)
+    return load_repository(repo, Settings(), THREADS)
+
+
+def test_int32_token_inputs_are_fed_in_their_own_type(repository: ModelRepository) -> None:
+    texts = ["a short one", "a considerably longer sentence that pads the shorter one", ""]
+    request = {"text": np.array(texts, dtype=object)}
+    expected = run_alone(repository.get("text"), request)["embedding"]
+    got = run_alone(repository.get("text32"), request)["embedding"]  # failed to load before
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_tokenizer_model_without_attention_mask_is_refused(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Padding a batch to one length would change such a model's answers (and mean pooling
+    would average the padding): refused at load, not served wrong."""
+    repo = _variant(model_repo, tmp_path, "nomask", _no_mask_input)
+    with pytest.raises(Exception, match="needs an input 'attention_mask'"):
+        load_repository(repo, Settings(), THREADS)
+
+
+@pytest.fixture(scope="module")
+def preprocessor(repository: ModelRepository) -> TokenizerPreprocessor:
+    pre = repository.get("text").preprocessor
+    assert isinstance(pre, TokenizerPreprocessor)
+    return pre
+
+
+def _long_texts(limit: int) -> dict[str, str]:
+    words = "the event loop never runs the model while requests wait for a batch "
+    return {
+        "prose": (words * (3 * limit // len(words) + 1))[: 3 * limit],
+        "no spaces": ("ünïcödé,🚀." * limit)[: 3 * limit],
+        "huge words": ("x" * 900 + " ") * (3 * limit // 900),  # a few tokens per 900 chars
+        "one word": "y" * (3 * limit),
+    }
+
+
+class RecordingTokenizer:
+    """The real tokenizer, noting how long the texts are that it tokenizes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.lengths: list[int] = []
+
+    def encode(self, text: str) -> Any:
+        self.lengths.append(len(text))
+        return self.inner.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> Any:
+        self.lengths += [len(text) for text in texts]
+        return self.inner.encode_batch(texts)
+
+
+def test_long_texts_make_the_same_tokens_from_a_prefix(
+    preprocessor: TokenizerPreprocessor,
+) -> None:
+    limit = preprocessor.max_length * PREFIX_CHARS_PER_TOKEN
+    for name, text in _long_texts(limit).items():
+        recording = copy.copy(preprocessor)
+        recording.tokenizer = RecordingTokenizer(preprocessor.tokenizer)
+        feed = recording([{"text": np.array([text, "short"], dtype=object)}])
+        expected = preprocessor.tokenizer.encode(text)  # the whole text, truncated
+        length = len(expected.ids)
+        assert feed["input_ids"][0].tolist()[:length] == expected.ids, name
+        assert feed["attention_mask"][0].sum() == length, name
+        # Where a prefix runs far past max_length tokens, only it is tokenized: the work is
+        # bounded by max_length, not by the text. A text of few, huge words is read whole.
+        read = max(recording.tokenizer.lengths)
+        if name in ("prose", "no spaces"):
+            assert read <= limit, (name, read)
+        else:
+            assert read == len(text), (name, read)
+
+
+def test_long_and_short_texts_batched_equal_alone(repository: ModelRepository) -> None:
+    model = repository.get("text")
+    limit = model.preprocessor.max_length * PREFIX_CHARS_PER_TOKEN
+    texts = [*_long_texts(limit).values(), "a short one", ""]
+    requests = [{"text": np.array([text], dtype=object)} for text in texts]
+    outcomes, records = asyncio.run(run_concurrently(model, requests))
+    assert max(len(r.requests) for r in records) > 1, "requests were never batched"
+    for request, outcome in zip(requests, outcomes, strict=True):
+        expected = run_alone(model, request)["embedding"]
+        np.testing.assert_allclose(outcome.outputs["embedding"], expected, atol=1e-5)
