@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http as triton
 
 from podserve.classification import check_classifiable, class_count, load_labels, top_classes
 from podserve.errors import BadRequest
 from podserve.model_config import TensorSpec
+from podserve.phases import parse_server_timing
 from server_process import ServerProcess
 
 
@@ -21,6 +25,12 @@ def test_highest_first_ties_by_index_and_labels_where_known() -> None:
     assert got.tolist() == [["3.3:1:b", "2.4:3", "1.1:0:a"], ["2:2:c", "1:0:a", "1:1:b"]]
     assert top_classes(np.array([1, 5, 10, 4], np.uint8), 2, None).tolist() == ["10:2", "5:1"]
     assert top_classes(np.array([[0.9, 0.1]]), 5, None).shape == (1, 2)  # k capped, as Triton
+
+
+def test_nan_ranks_last() -> None:
+    """Reachable with allow_nonfinite: "the k highest values" never starts with a NaN."""
+    scores = np.array([[1, np.nan, 3, 2], [np.nan, np.nan, -np.inf, 0]], np.float32)
+    assert top_classes(scores, 2, None).tolist() == [["3:2", "2:3"], ["0:3", "-inf:2"]]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -109,3 +119,41 @@ def test_bad_classification_requests_get_a_400(
     response = client.post("/v2/models/tabular/infer", json=body)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]
+
+
+def test_a_large_classification_is_formatted_off_the_event_loop(tmp_path: Path) -> None:
+    """200 rows x top-1024 is ~200k values formatted as text: in a thread, so the loop
+    answers other requests meanwhile (it stalled for the whole postprocess phase before)."""
+    from model_builders import affine_model, save
+
+    save(affine_model(width=1024), tmp_path, "wide", 1, {"max_batch_size": 256})
+    rows = np.random.default_rng(5).random((200, 1024)).astype(np.float32)
+    body = {
+        "inputs": [{"name": "x", "shape": [200, 1024], "datatype": "FP32",
+                    "data": rows.ravel().tolist()}],
+        "outputs": [{"name": "y", "parameters": {"classification": 1024}}],
+    }  # fmt: skip
+    content = orjson.dumps(body)  # encoded here: httpx's json= would hold this test's loop
+    with ServerProcess(tmp_path, workers=1) as server:
+
+        async def scenario() -> tuple[httpx.Response, list[float]]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                big = asyncio.create_task(client.post("/v2/models/wide/infer", content=content))
+                probes: list[float] = []
+                async with httpx.AsyncClient(base_url=server.url, timeout=60) as probe:
+                    while not big.done():
+                        start = time.perf_counter()
+                        assert (await probe.get("/v2/health/live")).status_code == 200
+                        probes.append(time.perf_counter() - start)
+                        await asyncio.sleep(0.005)
+                return await big, probes
+
+        response, probes = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert output["shape"] == [200, 1024] and output["datatype"] == "BYTES"
+    top = output["data"][0].split(":")
+    assert int(top[1]) == int(np.argmax(rows[0]))  # y = 2x + 1: the same order as x
+    postprocess_ms = parse_server_timing(response.headers["server-timing"])["postprocess"]
+    assert postprocess_ms > 50, postprocess_ms  # long enough to see a stall, were there one
+    assert max(probes) * 1000 < postprocess_ms / 3, (max(probes), postprocess_ms)

@@ -49,6 +49,9 @@ def top_classes(array: np.ndarray, count: int, labels: list[str] | None) -> np.n
     # Stable ascending sort of the reversed axis, read backwards: highest value first and,
     # among equal values, the lower index first.
     order = classes - 1 - np.argsort(array[..., ::-1], axis=-1, kind="stable")[..., ::-1]
+    if array.dtype.kind == "f" and np.isnan(array).any():  # NaN is no high score: rank it last
+        is_nan = np.isnan(np.take_along_axis(array, order, axis=-1))
+        order = np.take_along_axis(order, np.argsort(is_nan, axis=-1, kind="stable"), axis=-1)
     index = order[..., :k]
     values = np.take_along_axis(array, index, axis=-1)
     out = np.empty(index.shape, dtype=object)

@@ -402,6 +402,21 @@ def encode_infer_response(
     return header + b"".join(blobs), {"Inference-Header-Content-Length": str(len(header))}
 
 
+# Classification formats each top-k value as text (~3 us each): up to this many values, on
+# the event loop; more (256 rows x top-384 held the loop ~300 ms) in a thread.
+CLASSIFY_ON_LOOP_MAX_VALUES = 1024
+
+
+def classification_is_large(request: InferRequest, outputs: Tensors) -> bool:
+    """Would encode_infer_response format more classification values than the loop should?"""
+    values = 0
+    for wanted in request.outputs or []:
+        array = outputs.get(wanted.name)
+        if wanted.classification is not None and array is not None and array.ndim:
+            values += array.size // max(1, array.shape[-1]) * wanted.classification
+    return values > CLASSIFY_ON_LOOP_MAX_VALUES
+
+
 def check_requested_outputs(request: InferRequest, known: dict[str, TensorSpec]) -> None:
     for wanted in request.outputs or []:
         spec = known.get(wanted.name)

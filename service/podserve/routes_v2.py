@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
+
 from fastapi import APIRouter, Request, Response
 
 from podserve.db.features import entity_lookup
@@ -19,6 +22,7 @@ from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V2_INFER_REQUEST, json_body
 from podserve.protocol_v2 import (
     check_requested_outputs,
+    classification_is_large,
     encode_infer_response,
     parse_infer_request,
 )
@@ -94,10 +98,14 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         parsed.inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, parsed.inputs, parsed.datatypes)
     with ctx.timings.measure("postprocess"):
-        content, headers = encode_infer_response(
-            model.name, model.version, parsed, outcome.outputs, [s.name for s in model.outputs],
-            labels=model.labels,
+        encode = partial(
+            encode_infer_response, model.name, model.version, parsed, outcome.outputs,
+            [s.name for s in model.outputs], labels=model.labels,
         )  # fmt: skip
+        if classification_is_large(parsed, outcome.outputs):
+            content, headers = await asyncio.to_thread(encode)
+        else:
+            content, headers = encode()
     raw_headers = [timing_header(ctx), JSON_TYPE]
     if headers:  # the binary extension's header length: the body is JSON, then raw tensors
         raw_headers[1] = BINARY_TYPE

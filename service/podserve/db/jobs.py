@@ -38,7 +38,12 @@ from podserve.errors import Overloaded, PayloadTooLarge, PodserveError, ServiceU
 from podserve.http_body import PARSE_ON_LOOP_MAX_BYTES, parse_body
 from podserve.inference_pool import BACKGROUND
 from podserve.processors import Tensors
-from podserve.protocol_v2 import InferRequest, encode_infer_response, parse_infer_request
+from podserve.protocol_v2 import (
+    InferRequest,
+    classification_is_large,
+    encode_infer_response,
+    parse_infer_request,
+)
 from podserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -573,7 +578,8 @@ class JobRunner:
         timings["infer"] = time.perf_counter() - started
         outputs = batch.outputs[0]
         args = (model, parsed, inputs, outputs, timings, str(job.id))
-        if _tensor_bytes(outputs) <= ENCODE_ON_LOOP_MAX_BYTES:
+        small = _tensor_bytes(outputs) <= ENCODE_ON_LOOP_MAX_BYTES
+        if small and not classification_is_large(parsed, outputs):
             return self._encode(*args)
         return await asyncio.to_thread(self._encode, *args)
 
