@@ -124,3 +124,13 @@ def test_reexec_shares_the_port_on_purpose() -> None:
         with pytest.raises(SystemExit):
             bind_check.on_starting(SimpleNamespace(master_pid=0, cfg=config, log=log))
     assert "address already in use" in errors[0]
+
+
+@pytest.mark.usefixtures("ipv6_loopback")
+def test_host_any_ipv6_serves_both_families(affine_repo: Path) -> None:
+    """PODSERVE_HOST=:: (the chart's server.host for IPv6 clusters) answers over IPv6 and,
+    dual-stack, over IPv4: the kubelet probes whichever address the pod has."""
+    with ServerProcess(affine_repo, workers=2, env={"PODSERVE_HOST": "::"}) as server:
+        for host in ("127.0.0.1", "[::1]"):
+            response = httpx.get(f"http://{host}:{server.port}/v2/health/ready", timeout=10)
+            assert response.status_code == 200, (host, response.text)

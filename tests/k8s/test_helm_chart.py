@@ -600,6 +600,13 @@ def test_cross_field_checks(helm: str, sets: tuple[str, ...], message: str) -> N
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
+def test_listening_address_is_a_value(helm: str) -> None:
+    """0.0.0.0 by default; "::" for IPv6-only clusters, where the kubelet probes over IPv6."""
+    for sets, host in (((), "0.0.0.0"), (("server.host=::",), "::")):
+        pod = one(helm_template(helm, sets=sets), "Deployment", "podserve")["spec"]["template"]
+        assert env_map(pod["spec"]["containers"][0])["PODSERVE_HOST"]["value"] == host
+
+
 def test_set_passes_fractions_through(helm: str) -> None:
     """`--set x=1.5` reaches the chart as the string "1.5"; the schema took only numbers."""
     sets = (

@@ -31,7 +31,7 @@ graceful timeout vs grace period, paths vs mounts) are set here, not in the Conf
 {{- define "podserve.serverEnv" -}}
 {{ include "podserve.downwardEnv" . }}
 - name: PODSERVE_HOST
-  value: "0.0.0.0"
+  value: {{ .Values.server.host | quote }}
 - name: PODSERVE_PORT
   value: {{ .Values.server.port | int64 | quote }}
 # ceil(limits.cpu): one Gunicorn worker per CPU of quota.
