@@ -590,6 +590,11 @@ def test_notes_render(helm: str, tmp_path: Path) -> None:
         (("autoscaling.minReplicas=5", "autoscaling.maxReplicas=3"), "must not exceed"),
         (("server.gracefulTimeoutSeconds=6", "server.drainIdleGraceSeconds=4"), "shorter than"),
         (("server.gracefulTimeoutSeconds=2", "server.drainIdleGraceSeconds=1"), "shorter than"),
+        (("storage.spoolExistingClaim=spool",), "must be a ReadWriteMany volume"),
+        (
+            ("storage.spoolExistingClaim=spool", "autoscaling.enabled=false", "replicaCount=2"),
+            "(up to 2)",
+        ),
     ],
 )
 def test_cross_field_checks(helm: str, sets: tuple[str, ...], message: str) -> None:
@@ -598,6 +603,22 @@ def test_cross_field_checks(helm: str, sets: tuple[str, ...], message: str) -> N
         cmd += ["--set", item]
     proc = run(cmd)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("storage.spoolClaimShared=true",),  # ReadWriteMany: any number of pods
+        ("autoscaling.enabled=false", "replicaCount=1"),  # one pod: ReadWriteOnce will do
+    ],
+)
+def test_a_spool_claim_every_pod_can_mount(helm: str, sets: tuple[str, ...]) -> None:
+    objs = helm_template(helm, sets=("storage.spoolExistingClaim=spool", *sets))
+    volumes = one(objs, "Deployment", "podserve")["spec"]["template"]["spec"]["volumes"]
+    claims = [
+        v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["spool"]
 
 
 def test_listening_address_is_a_value(helm: str) -> None:

@@ -279,6 +279,10 @@ a Deployment "<fullname>-canary".
     (list "locust.spawnRate" .Values.locust.spawnRate 0 false nil)) }}
 {{- include "podserve.decimalWithin" . }}
 {{- end }}
+{{- $replicas := ternary .Values.autoscaling.maxReplicas .Values.replicaCount .Values.autoscaling.enabled }}
+{{- if and .Values.storage.spoolExistingClaim (not .Values.storage.spoolClaimShared) (gt (int $replicas) 1) }}
+{{- fail (printf "storage.spoolExistingClaim is mounted by every pod (up to %v): it must be a ReadWriteMany volume; say so with storage.spoolClaimShared=true, or run one replica" $replicas) }}
+{{- end }}
 {{- /* the worker's drain: ceil(gracefulTimeoutSeconds) - 2, at least 1 (settings.worker_drain_s) */}}
 {{- if ge (float64 .Values.server.drainIdleGraceSeconds) (maxf 1 (subf (ceil .Values.server.gracefulTimeoutSeconds) 2)) }}
 {{- fail "server.drainIdleGraceSeconds must be shorter than the drain: server.gracefulTimeoutSeconds - 2" }}
