@@ -50,7 +50,7 @@ tools: $(VENV)/.installed-test $(CHECKOV_VENV)/.installed
 	PATH=$(BIN):$$PATH sh helm/tools/install-helm $(TOOLS)
 	sh helm/tools/install-promtool $(TOOLS)
 
-# Regenerate the kustomize base (k8s/base/podserve.yaml) from the chart's defaults.
+# Regenerate the kustomize base (k8s/base/podserve.yaml, kustomization.yaml) from the chart's defaults.
 k8s-sync: tools
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python helm/tools/render_k8s_base.py
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from types import ModuleType
 from typing import Any
@@ -33,13 +34,28 @@ def test_kustomize_output_validates_strictly(name: str) -> None:
 
 def test_base_is_in_sync_with_chart(helm: str) -> None:
     generator = load_generator()
-    current = (K8S / "base" / "podserve.yaml").read_text()
-    assert current == generator.render(helm), "k8s/base/podserve.yaml is stale: run `make k8s-sync`"
+    for name, text in generator.render(helm).items():
+        current = (K8S / "base" / name).read_text()
+        assert current == text, f"k8s/base/{name} is stale: run `make k8s-sync`"
+
+
+def unhashed(obj: Obj) -> str:
+    """A generated ConfigMap's name without the hash of its data kustomize appends."""
+    name = obj["metadata"]["name"]
+    return re.sub(r"-[a-z0-9]{10}$", "", name) if obj["kind"] == "ConfigMap" else name
+
+
+def config_map_ref(objs: list[Obj]) -> str:
+    deploy = next(o for o in objs if o["kind"] == "Deployment")
+    (source,) = deploy["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    return source["configMapRef"]["name"]
 
 
 def workload_view(obj: Obj) -> dict[str, Any]:
     """What must agree between the chart and the base for one object."""
-    view: dict[str, Any] = {"kind": obj["kind"], "name": obj["metadata"]["name"]}
+    view: dict[str, Any] = {"kind": obj["kind"], "name": unhashed(obj)}
+    if obj["kind"] == "ConfigMap":
+        view["data"] = obj["data"]
     spec = pod_spec(obj)
     if spec is None:
         return view
@@ -97,3 +113,19 @@ def test_overlays(name: str, namespace: str, workers: str, min_replicas: int) ->
     # Overlays must not change what selects the pods (immutable on a live Deployment).
     base_deploy = next(o for o in kustomize(DIRS["base"]) if o["kind"] == "Deployment")
     assert deploy["spec"]["selector"] == base_deploy["spec"]["selector"]
+
+
+def test_an_overlay_setting_rolls_the_pods() -> None:
+    """kubectl apply -k changes the pod template only if something in it changes: the
+    settings' ConfigMap is generated with a hash of its data in its name, so a setting an
+    overlay merges in renames it, and the Deployment's reference with it."""
+    base, dev = kustomize(DIRS["base"]), kustomize(DIRS["dev"])
+    names = {}
+    for label, objs in (("base", base), ("dev", dev)):
+        (config,) = [o for o in objs if o["kind"] == "ConfigMap" and unhashed(o) == "podserve"]
+        assert config_map_ref(objs) == config["metadata"]["name"] != "podserve", label
+        names[label] = config["metadata"]["name"]
+        if label == "dev":  # merged into the base's settings, not replacing them
+            assert config["data"]["PODSERVE_LOG_LEVEL"] == "debug"
+            assert config["data"]["PODSERVE_MAX_QUEUE_ROWS"] == "256"
+    assert names["base"] != names["dev"]
