@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from podserve import (
 )
 from podserve.logs import gunicorn_logconfig_dict
 from podserve.runtime import resolve_workers
-from podserve.settings import Settings, get_settings
+from podserve.settings import Settings, get_settings, unknown_settings
 
 
 def config_dict(settings: Settings) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         **_optional_settings(),
         # The bind check first: a busy port stops the master before anything is set up.
         **chain_hooks(
+            {"on_starting": _warn_unknown_settings},
             bind_check.gunicorn_hooks(),
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
@@ -101,6 +103,11 @@ def _chained(calls: list[Callable[..., None]]) -> Callable[..., None]:
             call(server, worker)
 
     return on_worker
+
+
+def _warn_unknown_settings(server: Any) -> None:
+    for name in unknown_settings(os.environ):
+        server.log.warning("unknown setting ignored: %s", name)
 
 
 def _balance_hooks(workers: int) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
@@ -197,3 +199,20 @@ def is_secret(field: str) -> bool:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """PODSERVE_* variables that no setting reads, each with the closest setting's name: a
+    typo (PODSERVE_WORKER=3) would otherwise be ignored in silence. PODSERVE_TEST_* are left
+    to test harnesses."""
+    known = [name.upper() for name in Settings.model_fields]
+    found = []
+    for name in sorted(environ):
+        if not name.startswith("PODSERVE_") or name.startswith("PODSERVE_TEST_"):
+            continue
+        setting = name.removeprefix("PODSERVE_")
+        if setting in known:
+            continue
+        close = difflib.get_close_matches(setting, known, n=1, cutoff=0.8)
+        found.append(f"{name} (did you mean PODSERVE_{close[0]}?)" if close else name)
+    return found
