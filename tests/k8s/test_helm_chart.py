@@ -493,6 +493,29 @@ def test_ingress_and_network_policy(helm: str) -> None:
     assert env_map(server_container(objs))["PODSERVE_WORKERS"]["value"] == "4"
 
 
+def test_the_migration_job_has_its_own_network_policy(helm: str) -> None:
+    """A hook like the Job, created before it: the server's policy selects only the server
+    pods, and hooks run before the chart's other objects exist (default-deny namespaces)."""
+    sets = ("networkPolicy.enabled=true", "database.port=6432")
+    objs = helm_template(helm, VALUE_SETS["database"], sets=sets)
+    policy = one(objs, "NetworkPolicy", "podserve-migrate")
+    job = one(objs, "Job", "podserve-migrate")
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    server = one(objs, "Deployment", "podserve")["spec"]["template"]["metadata"]["labels"]
+    assert not policy["spec"]["podSelector"]["matchLabels"].items() <= server.items()
+    egress = {(p["port"], p["protocol"]) for r in policy["spec"]["egress"] for p in r["ports"]}
+    assert egress == {(53, "UDP"), (53, "TCP"), (6432, "TCP")}
+    assert "ingress" not in policy["spec"]  # nothing may connect to the Job
+    hook, job_hook = policy["metadata"]["annotations"], job["metadata"]["annotations"]
+    assert hook["helm.sh/hook"] == job_hook["helm.sh/hook"]
+    assert int(hook["helm.sh/hook-weight"]) < int(job_hook["helm.sh/hook-weight"])
+    assert "hook-succeeded" in hook["helm.sh/hook-delete-policy"]
+    # No database, no migration Job, no policy for it.
+    plain = helm_template(helm, sets=("networkPolicy.enabled=true",))
+    assert [o for o in plain if o["metadata"]["name"] == "podserve-migrate"] == []
+
+
 @pytest.mark.parametrize(
     ("sets", "ports"),
     [
