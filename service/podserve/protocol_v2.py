@@ -413,7 +413,8 @@ def classification_is_large(request: InferRequest, outputs: Tensors) -> bool:
     for wanted in request.outputs or []:
         array = outputs.get(wanted.name)
         if wanted.classification is not None and array is not None and array.ndim:
-            values += array.size // max(1, array.shape[-1]) * wanted.classification
+            classes = max(1, array.shape[-1])
+            values += array.size // classes * min(wanted.classification, classes)
     return values > CLASSIFY_ON_LOOP_MAX_VALUES
 
 
