@@ -51,23 +51,23 @@ class Overloaded(ServiceUnavailable):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-class DeadlineExceeded(PodserveError):
-    status_code = 504
+class StoppedWaiting(PodserveError):
+    """A request that ended before its answer came: its wait is its `queue` phase."""
 
     def __init__(self, message: str, waited_s: float | None = None) -> None:
         super().__init__(message)
         self.waited_s = waited_s  # how long it waited for its batch, where it did
 
 
-class ClientClosedRequest(PodserveError):
+class DeadlineExceeded(StoppedWaiting):
+    status_code = 504
+
+
+class ClientClosedRequest(StoppedWaiting):
     """The client closed its connection while its request waited (nginx's 499): no one reads
     the answer, which is for the metrics and the access log."""
 
     status_code = 499
-
-    def __init__(self, message: str, waited_s: float | None = None) -> None:
-        super().__init__(message)
-        self.waited_s = waited_s  # how long it waited for its batch, where it did
 
 
 class ModelNotReady(ServiceUnavailable):

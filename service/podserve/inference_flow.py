@@ -10,7 +10,7 @@ from starlette.requests import Request
 from podserve.batcher import InferenceOutcome
 from podserve.client_disconnect import client_connection
 from podserve.db.hooks import log_prediction
-from podserve.errors import ClientClosedRequest, DeadlineExceeded
+from podserve.errors import StoppedWaiting
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
@@ -72,7 +72,7 @@ async def predict(
         outcome = await runtime.infer(
             model, inputs, rows, ctx.deadline, link_context(), client_connection(request.scope)
         )
-    except (DeadlineExceeded, ClientClosedRequest) as exc:  # a 504's or 499's wait: queue time
+    except StoppedWaiting as exc:  # a 504's or a 499's wait is queue time
         if exc.waited_s is not None:
             ctx.timings.record("queue", exc.waited_s, submitted_ns)
         raise

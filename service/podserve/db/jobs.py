@@ -485,17 +485,19 @@ class JobRunner:
         try:
             result, log_row = await self._infer(job, execution.run_options)
         except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
             execution.computing = False
-            if execution.lease_lost:  # the renewer terminated it: not ours to fail or requeue
-                self.results_discarded += 1
-            elif execution.run_options.terminate:  # stop() hands the job back: not its failure
+        if execution.lease_lost:  # the renewer found it another's (terminated, or done before
+            self.results_discarded += 1  # the terminate took): nothing to fail, requeue, store
+            return
+        if failure is not None:
+            if execution.run_options.terminate:  # stop() hands the job back: not its failure
                 log.info("job handed back", extra={"job": str(job.id)})
             else:
-                await self._inference_failed(job, exc)
-            return
-        execution.computing = False
-        if execution.lease_lost:  # done before the terminate took effect: store nothing
-            self.results_discarded += 1
+                await self._inference_failed(job, failure)
             return
         await self._store(job, result, log_row)
 
