@@ -340,16 +340,21 @@ def test_job_metrics_are_exported_and_a_scrape_never_waits_on_the_database(
                 "VALUES ($1, 'affine', '\\x7b7d', now() + interval '1 hour')",
                 uuid.uuid4(),
             )
+        # The gauge is counted every 0.2 s, the counters flushed once a second: wait for both.
+        wanted = {"queued": 3, "running": 0, "succeeded": 1, "failed": 1}
         deadline = time.monotonic() + 10
         while True:
             metrics = scrape(server.url)
-            if metrics.value("podserve_jobs_pending", status="queued") == 3:
+            seen = {
+                "queued": metrics.value("podserve_jobs_pending", status="queued"),
+                "running": metrics.value("podserve_jobs_pending", status="running"),
+                "succeeded": metrics.value("podserve_jobs_succeeded_total"),
+                "failed": metrics.value("podserve_jobs_failed_total"),
+            }
+            if seen == wanted:
                 break
-            assert time.monotonic() < deadline, metrics.find("podserve_jobs_pending")
+            assert time.monotonic() < deadline, seen
             time.sleep(0.2)
-        assert metrics.value("podserve_jobs_pending", status="running") == 0
-        assert metrics.value("podserve_jobs_succeeded_total") == 1
-        assert metrics.value("podserve_jobs_failed_total") == 1
         for name in ("requeued", "results_discarded", "claim_errors"):
             assert metrics.find(f"podserve_jobs_{name}_total"), name
 
