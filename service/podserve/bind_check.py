@@ -14,6 +14,7 @@ Gunicorn's own failure, after 5 s of retries, quick and clear.)
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import sys
@@ -60,6 +61,9 @@ def host_port(host: str, port: int) -> str:
 
 def on_starting(server: Any) -> None:
     """Gunicorn hook, in the master before it forks: exit 1 if a bind address is taken."""
+    if server.cfg.reuse_port:
+        # Gunicorn's error logger; its empty line comes right after this hook.
+        logging.getLogger("gunicorn.error").addFilter(_NoEmptyListenerLine())
     if server.master_pid or "LISTEN_FDS" in os.environ:
         # A USR2 re-exec shares the port with the old master's workers on purpose; under
         # systemd socket activation the port is held by systemd, for podserve.
@@ -72,6 +76,20 @@ def on_starting(server: Any) -> None:
             ", ".join(busy),
         )
         sys.exit(1)
+
+
+class _NoEmptyListenerLine(logging.Filter):
+    """Drops Gunicorn's "Listening at:  (pid)": with reuse_port the master holds no
+    listener, and that line, empty, read as if the server listened nowhere."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == _GUNICORN_LISTENING and isinstance(args, tuple) and args[:1] == ("",)
+        )
+
+
+_GUNICORN_LISTENING = "Listening at: %s (%s)"
 
 
 def when_ready(server: Any) -> None:
