@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import re
@@ -769,12 +770,32 @@ def test_locust_autostart_waits_for_every_worker(helm: str) -> None:
     assert not {"--autostart", "--expect-workers=3", "--enable-rebalancing"} & set(manual)
 
 
+def locustfile_default_weights() -> dict[str, int]:
+    tree = ast.parse((CHART / "files" / "locustfile.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "DEFAULT_WEIGHTS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("no DEFAULT_WEIGHTS in the locustfile")
+
+
 @pytest.mark.parametrize(
     "weights", ["bogus=1", "tabular=4\\,Text=2", "tabular=-1", "tabular=1.5", "tabular"]
 )
 def test_locust_weights_schema_knows_the_class_names(helm: str, weights: str) -> None:
     stderr = helm_fails(helm, ("locust.enabled=true", f"locust.weights={weights}"))
     assert "locust.weights: Does not match pattern" in stderr, stderr
+
+
+def test_locust_weights_all_zero_are_refused(helm: str) -> None:
+    """Unset classes keep the locustfile's defaults: zero only those and nothing runs."""
+    defaults = locustfile_default_weights()  # read, not imported: locust patches with gevent
+    zeroed = "\\,".join(f"{name}=0" for name, weight in defaults.items() if weight)
+    stderr = helm_fails(helm, ("locust.enabled=true", f"locust.weights={zeroed}"))
+    assert "leaves every user class at weight 0" in stderr, stderr
+    # One class left at its default weight is enough to run.
+    kept = zeroed.split("\\,", 1)[1]
+    objs = helm_template(helm, sets=("locust.enabled=true", f"locust.weights={kept}"))
+    one(objs, "Deployment", "podserve-locust-master")
 
 
 def test_locust_weights_set_with_escaped_commas(helm: str) -> None:

@@ -283,8 +283,27 @@ a Deployment "<fullname>-canary".
 {{- if and .Values.storage.spoolExistingClaim (not .Values.storage.spoolClaimShared) (gt (int $replicas) 1) }}
 {{- fail (printf "storage.spoolExistingClaim is mounted by every pod (up to %v): it must be a ReadWriteMany volume; say so with storage.spoolClaimShared=true, or run one replica" $replicas) }}
 {{- end }}
+{{- if .Values.locust.enabled }}
+{{- include "podserve.locustWeightsRun" .Values.locust.weights }}
+{{- end }}
 {{- /* the worker's drain: ceil(gracefulTimeoutSeconds) - 2, at least 1 (settings.worker_drain_s) */}}
 {{- if ge (float64 .Values.server.drainIdleGraceSeconds) (maxf 1 (subf (ceil .Values.server.gracefulTimeoutSeconds) 2)) }}
 {{- fail "server.drainIdleGraceSeconds must be shorter than the drain: server.gracefulTimeoutSeconds - 2" }}
+{{- end }}
+{{- end }}
+
+{{/* Fails when locust.weights leaves every user class at 0 over the locustfile's defaults
+(DEFAULT_WEIGHTS in files/locustfile.py): the schema checks each pair, not their sum, and
+Locust itself would only log "No User class found!" in every worker's crash loop. */}}
+{{- define "podserve.locustWeightsRun" -}}
+{{- $weights := dict "tabular" 4 "v1" 1 "text" 2 "entity" 0 "jobs" 0 }}
+{{- range (splitList "," .) }}
+{{- $pair := splitList "=" (trim .) }}
+{{- if eq (len $pair) 2 }}{{- $_ := set $weights (index $pair 0) (atoi (index $pair 1)) }}{{- end }}
+{{- end }}
+{{- $total := 0 }}
+{{- range $name, $weight := $weights }}{{- $total = add $total $weight }}{{- end }}
+{{- if eq (int $total) 0 }}
+{{- fail (printf "locust.weights %q leaves every user class at weight 0 (unset classes keep their defaults: tabular=4, v1=1, text=2): nothing would run" .) }}
 {{- end }}
 {{- end }}
