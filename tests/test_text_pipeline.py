@@ -158,3 +158,38 @@ def test_long_and_short_texts_batched_equal_alone(repository: ModelRepository) -
     for request, outcome in zip(requests, outcomes, strict=True):
         expected = run_alone(model, request)["embedding"]
         np.testing.assert_allclose(outcome.outputs["embedding"], expected, atol=1e-5)
+
+
+def test_the_tokenizer_files_padding_and_truncation_are_kept(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """A file that pads with its own token (RoBERTa: 1 `<pad>`) and truncates from the left
+    keeps both; its fixed padding length gives way to padding per batch, and max_length
+    is the model config's."""
+    from tokenizers import Tokenizer
+
+    from podserve.model_config import TensorSpec
+
+    written = Tokenizer.from_file(str(model_repo / "text" / "tokenizer.json"))
+    pad_id = 5
+    written.enable_padding(pad_id=pad_id, pad_token=written.id_to_token(pad_id), length=512)
+    written.enable_truncation(max_length=512, direction="left")
+    written.save(str(tmp_path / "tokenizer.json"))
+    specs = [TensorSpec(name=name, datatype="INT64", shape=[-1, -1]) for name in TOKEN_INPUTS]
+    pre = TokenizerPreprocessor(tmp_path, specs, max_length=16)
+
+    limit = pre.max_length * PREFIX_CHARS_PER_TOKEN
+    long_text = _long_texts(limit)["prose"] + " returns the value of the attribute"
+    feed = pre([{"text": np.array([long_text, "short"], dtype=object)}])
+
+    reference = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    reference.no_padding()
+    reference.enable_truncation(max_length=16, direction="left")
+    kept_end = reference.encode(long_text).ids
+    reference.enable_truncation(max_length=16, direction="right")
+    assert kept_end != reference.encode(long_text).ids  # the text's end, not its start
+    assert feed["input_ids"].shape == (2, 16)  # the batch's longest, not the file's 512
+    assert feed["input_ids"][0].tolist() == kept_end  # the whole text read, not a prefix
+    short_length = int(feed["attention_mask"][1].sum())
+    assert short_length < 16
+    assert set(feed["input_ids"][1, short_length:].tolist()) == {pad_id}

@@ -73,10 +73,7 @@ class TokenizerPreprocessor:
         if not path.exists():
             raise ValueError(f"tokenizer file {path} does not exist")
         self.tokenizer = Tokenizer.from_file(str(path))
-        self.tokenizer.enable_truncation(max_length=max_length)
-        pad_token = "[PAD]" if self.tokenizer.token_to_id("[PAD]") is not None else None
-        pad_id = self.tokenizer.token_to_id(pad_token) if pad_token else 0
-        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token or "[PAD]")
+        self.keeps_start = _truncate_and_pad(self.tokenizer, max_length)
         self.max_length = max_length
         self.input_name = input_name
         self.feed_names = [spec.name for spec in model_inputs if spec.name in self.FEEDS]
@@ -108,7 +105,7 @@ class TokenizerPreprocessor:
     def __call__(self, batch: Sequence[Tensors]) -> Tensors:
         limit = self.max_length * PREFIX_CHARS_PER_TOKEN
         texts = [
-            self._prefix(text, limit) if len(text) > limit else text
+            self._prefix(text, limit) if len(text) > limit and self.keeps_start else text
             for text in (str(t) for request in batch for t in request[self.input_name])
         ]
         encodings = self.tokenizer.encode_batch(texts)
@@ -127,6 +124,34 @@ class TokenizerPreprocessor:
         space = text.rfind(" ", limit // 2, limit)
         prefix = text[: space if space > 0 else limit]
         return prefix if len(self.tokenizer.encode(prefix).overflowing) >= 2 else text
+
+
+def _truncate_and_pad(tokenizer: Any, max_length: int) -> bool:
+    """Truncation to `max_length` and padding to the batch's longest text, keeping what the
+    tokenizer file says of both (direction, stride, strategy; pad id, token and type: a
+    RoBERTa's pad is 1 `<pad>`, and its position ids count from it). True if truncation
+    keeps a text's start, so that a long text's prefix makes the same tokens."""
+    truncation = tokenizer.truncation or {}
+    tokenizer.enable_truncation(
+        max_length=max_length,
+        stride=truncation.get("stride", 0),
+        strategy=truncation.get("strategy", "longest_first"),
+        direction=truncation.get("direction", "right"),
+    )
+    padding = tokenizer.padding
+    if padding is None:
+        pad_token = next((t for t in _PAD_TOKENS if tokenizer.token_to_id(t) is not None), None)
+        padding = {
+            "pad_id": tokenizer.token_to_id(pad_token) if pad_token else 0,
+            "pad_token": pad_token or "[PAD]",
+        }
+    tokenizer.enable_padding(  # length None: to the batch's longest, not a fixed length
+        **{key: value for key, value in padding.items() if key != "length"}
+    )
+    return tokenizer.truncation["direction"] == "right"
+
+
+_PAD_TOKENS = ("[PAD]", "<pad>")  # BERT's, then RoBERTa's and T5's, when the file names none
 
 
 def _integer_types(model_inputs: list[TensorSpec], names: list[str]) -> dict[str, np.dtype]:
