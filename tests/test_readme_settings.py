@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from podserve.settings import Settings, unknown_settings
 from server_process import ServerProcess
 
@@ -39,3 +42,26 @@ def test_the_server_warns_of_an_unknown_setting_at_start(affine_repo: Path) -> N
         logs = server.logs()
     assert "unknown setting ignored: PODSERVE_GRACEFULL_TIMEOUT_S" in logs, logs[-2000:]
     assert "did you mean PODSERVE_GRACEFUL_TIMEOUT_S?" in logs
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_batch_delay_ms", "inf"),  # the config route answered 500 (int of inf)
+        ("max_batch_delay_ms", "1e20"),  # microseconds past a JSON int64
+        ("max_batch_delay_ms", "60001"),  # past the bound a model's config.yaml has
+        ("request_timeout_ms", "nan"),
+        ("body_read_timeout_s", "inf"),
+    ],
+)
+def test_infinite_and_out_of_bound_values_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(f"PODSERVE_{name.upper()}", value)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
+
+
+def test_the_longest_batch_delay_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PODSERVE_MAX_BATCH_DELAY_MS", "60000")
+    assert Settings().max_batch_delay_ms == 60000

@@ -13,12 +13,15 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from podserve.db.url_check import url_problem
+from podserve.model_config import MAX_BATCH_DELAY_MS
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PODSERVE_", extra="ignore")
+    # No `inf`/`nan` anywhere: a float setting is a duration, a rate or a size, and an
+    # infinite one failed later and elsewhere (an inf batch delay made the config route 500).
+    model_config = SettingsConfigDict(env_prefix="PODSERVE_", extra="ignore", allow_inf_nan=False)
 
     # --- HTTP / Gunicorn -------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
     gc_freeze: bool = Field(True, description="freeze the start-up heap (see gc_tuning.py)")
     gc_gen0_threshold: int = Field(10_000, ge=0, description="0 = Python's default (700)")
     max_batch_size: int = Field(32, ge=1, description="default for models without config")
-    max_batch_delay_ms: float = Field(2.0, ge=0)
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=MAX_BATCH_DELAY_MS, description="<= 60000")
     max_queue_rows: int = Field(256, ge=1, description="per-worker bound on queued rows")
     max_rows_per_request: int = Field(1024, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
