@@ -289,11 +289,11 @@ def test_content_length_must_be_ascii_digits() -> None:
 def test_v1_bytes_predictions_are_strings() -> None:
     """orjson encodes no object array: a single BYTES output was a 500."""
     single = {"y": np.array(["a", b"b", "\u00e9".encode()], dtype=object)}
-    assert encode_predictions(single, ["y"]) == {"predictions": ["a", "b", "é"]}
+    assert encode_predictions(single, ["y"], 3) == {"predictions": ["a", "b", "é"]}
     rows = {"y": np.array([["a", "b"]], dtype=object)}
-    assert encode_predictions(rows, ["y"]) == {"predictions": [["a", "b"]]}
+    assert encode_predictions(rows, ["y"], 1) == {"predictions": [["a", "b"]]}
     several = {"y": np.array([b"a", b"b"], dtype=object), "n": np.array([1, 2], np.int64)}
-    assert encode_predictions(several, ["y", "n"]) == {
+    assert encode_predictions(several, ["y", "n"], 2) == {
         "predictions": [{"y": "a", "n": 1}, {"y": "b", "n": 2}]
     }
 
@@ -307,10 +307,79 @@ def test_v1_named_instances_for_a_single_input() -> None:
     with pytest.raises(BadRequest, match="all values or all objects"):
         parse_predict_doc({"instances": [{"input": [1, 2, 3]}, [4, 5, 6]]}, [spec])
     with pytest.raises(BadRequest, match="missing from some instances"):
-        parse_predict_doc({"instances": [{"other": [1, 2, 3]}]}, [spec])
+        parse_predict_doc({"instances": [{"input": [1, 2, 3]}, {}]}, [spec])
+
+
+def test_v1_outputs_without_a_row_per_instance_are_a_400_not_cut() -> None:
+    """An object per instance needs a row per instance in every output: the second output's
+    extra rows were dropped (200), a first one with more rows, or a scalar, was a 500."""
+    rows = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    doubled = {"rows": rows, "doubled": np.concatenate([rows, rows])}
+    for order in (["rows", "doubled"], ["doubled", "rows"]):
+        with pytest.raises(BadRequest, match="output 'doubled' has shape \\[4, 2\\]"):
+            encode_predictions(doubled, order, 2)
+    scalar = {"total": np.array(10.0, np.float32), "rows": rows}
+    with pytest.raises(BadRequest, match="output 'total' has shape \\[\\]"):
+        encode_predictions(scalar, ["total", "rows"], 2)
+    # A single output is the predictions as they are, a scalar too (orjson: no 0-d array).
+    assert encode_predictions({"total": np.array(10.0, np.float32)}, ["total"], 2) == {
+        "predictions": 10.0
+    }
+
+
+def test_v1_string_instances_may_be_rows_of_strings() -> None:
+    """As numbers may: a [batch, 2] BYTES input took no V1 form at all."""
+    pair = TensorSpec(name="s", datatype="BYTES", shape=[-1, 2])
+    parsed = parse_predict_doc({"instances": [["a", "b"], ["c", "d"]]}, [pair])["s"]
+    assert parsed.shape == (2, 2) and parsed.tolist() == [["a", "b"], ["c", "d"]]
+    for bad, message in (
+        ([["a", "b"], ["c"]], "ragged"),
+        ([["a", "b"], "c"], "ragged"),
+        ([[["a", "b"]], [["c", "d"]]], "nested too deep"),
+        ([["a", 1], ["b", "c"]], "takes strings"),
+        ([["a", ["b"]], ["c", "d"]], "takes strings"),
+    ):
+        with pytest.raises(BadRequest, match=message):
+            parse_predict_doc({"instances": bad}, [pair])
+    one = TensorSpec(name="s", datatype="BYTES", shape=[-1, 1])
+    for instances in (["a", "b"], [["a"], ["b"]]):  # the answer's form is taken back too
+        assert parse_predict_doc({"instances": instances}, [one])["s"].shape == (2, 1)
+
+
+def test_v1_named_instances_with_an_unknown_input_are_a_400() -> None:
+    spec = TensorSpec(name="input", datatype="FP32", shape=[-1, 3])
+    doc = {"instances": [{"input": [1, 2, 3]}, {"input": [4, 5, 6], "inptu": 1}]}
+    with pytest.raises(BadRequest, match=r"instance 1 names unknown inputs \['inptu'\]"):
+        parse_predict_doc(doc, [spec])
+
+
+def test_binary_bool_bytes_other_than_0_and_1_are_a_400() -> None:
+    header = {"inputs": [{"name": "b", "datatype": "BOOL", "shape": [3],
+                          "parameters": {"binary_data_size": 3}}]}  # fmt: skip
+    body, length = _binary_body(header, bytes([1, 0, 1]))
+    assert parse_infer_request(body, length).inputs["b"].tolist() == [True, False, True]
+    body, length = _binary_body(header, bytes([2, 0, 255]))
+    with pytest.raises(BadRequest, match="BOOL binary data must be bytes 0 or 1"):
+        parse_infer_request(body, length)
+
+
+def test_a_raw_binary_request_says_it_is_not_supported() -> None:
+    with pytest.raises(BadRequest, match=r"raw binary request.*not supported"):
+        parse_infer_request(b"\x00" * 16, 0)
 
 
 # --- a real server ----------------------------------------------------------------------------
+def _zeros_model() -> Any:
+    """y = zeros of shape x: a negative dim fails inside ORT's allocation, a 500."""
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["x"], ["y"])],
+        "zeros",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
 @pytest.fixture(scope="module")
 def edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo: Path = tmp_path_factory.mktemp("edge-models")
@@ -318,6 +387,8 @@ def edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     save(_identity("strings1", TensorProto.STRING, ["batch"]), repo, "strings1")
     save(_identity("u64", TensorProto.UINT64, ["batch", 2]), repo, "u64")
     save(affine_model(), repo, "affine")
+    save(affine_model(), repo, "big_batches", config={"max_batch_size": 512})
+    save(_zeros_model(), repo, "zeros")
     with ServerProcess(repo, workers=1) as server:
         yield server
 
@@ -438,3 +509,50 @@ def test_empty_strings_in_binary_form_are_still_fine(edge_server: ServerProcess)
     )
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["data"] == ["", ""]
+
+
+def test_v1_string_rows_round_trip(edge_server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{edge_server.url}/v1/models/strings:predict",
+        json={"instances": [["a", "b"], ["c", "é"]]},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [["a", "b"], ["c", "é"]]}
+
+
+def test_a_500_closes_its_connection_and_says_so(edge_server: ServerProcess) -> None:
+    """uvicorn closes the connection after a 500; without `Connection: close` a keep-alive
+    client sent its next request into the closed socket (a reset)."""
+    url = f"{edge_server.url}/v2/models/zeros/infer"
+    tensor = {"name": "x", "datatype": "INT64", "shape": [2]}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):
+            failed = client.post(url, json={"inputs": [{**tensor, "data": [-1, 2]}]})
+            assert failed.status_code == 500, failed.text
+            assert failed.headers["connection"] == "close"
+            answered = client.post(url, json={"inputs": [{**tensor, "data": [1, 2]}]})
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["outputs"][0]["data"] == [0.0, 0.0]
+
+
+def test_triton_config_shows_the_largest_request_the_server_takes(
+    tc: triton.InferenceServerClient, edge_server: ServerProcess
+) -> None:
+    """A config.yaml max_batch_size of 512 over a queue of 256 rows: perf_analyzer and other
+    clients size requests from the config, and 257 rows are a 413."""
+    assert tc.get_model_config("big_batches")["max_batch_size"] == 256
+    url = f"{edge_server.url}/v2/models/big_batches/infer"
+    for rows, status in ((256, 200), (257, 413)):
+        tensor = {"name": "x", "datatype": "FP32", "shape": [rows, 4], "data": [0.5] * rows * 4}
+        assert httpx.post(url, json={"inputs": [tensor]}, timeout=30).status_code == status
+
+
+def test_a_number_past_fp32s_range_says_why_it_is_inf(edge_server: ServerProcess) -> None:
+    """JSON has no Inf: the cast to FP32 made 1e300 one, and "NaN or Inf" alone puzzled."""
+    tensor = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0, 2.0, 3.0, 1e300]}
+    response = httpx.post(
+        f"{edge_server.url}/v2/models/affine/infer", json={"inputs": [tensor]}, timeout=30
+    )
+    assert response.status_code == 400
+    assert "beyond FP32's range" in response.json()["error"]

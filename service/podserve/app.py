@@ -97,9 +97,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return json_response(
-            {"error": "internal server error"}, 500, error_headers(request.scope, None)
-        )
+        # The error propagates after this answer, and uvicorn then closes the connection:
+        # say so, or a keep-alive client sends its next request into a closed socket.
+        headers = error_headers(request.scope, {"connection": "close"})
+        return json_response({"error": "internal server error"}, 500, headers)
 
 
 def inference_routes() -> list[APIRoute]:

@@ -288,7 +288,11 @@ class OnnxModel:
     def _check_values(self, inputs: Tensors) -> None:
         for name in self._finite_inputs:
             if not np.isfinite(inputs[name]).all():
-                raise BadRequest(f"input '{name}': NaN or Inf values are not allowed")
+                datatype = self._input_by_name[name].datatype
+                raise BadRequest(  # JSON has no NaN or Inf: a number past the type's range
+                    f"input '{name}': NaN or Inf values are not allowed (a JSON number "
+                    f"beyond {datatype}'s range, such as 1e39 for FP32, is Inf)"
+                )
 
     def batch_key(self, inputs: Tensors) -> tuple:
         """Requests can share a batch only if all non-batch dims agree (tokens pad anyway)."""

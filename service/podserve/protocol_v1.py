@@ -31,6 +31,13 @@ def parse_predict_doc(doc: Any, inputs: list[TensorSpec]) -> Tensors:
         if len(inputs) == 1:
             raise BadRequest(f"instances must be all values or all objects naming {names}")
         raise BadRequest(f"model has several inputs {names}: each instance must be an object")
+    names = {spec.name for spec in inputs}
+    for index, row in enumerate(instances):
+        if unknown := row.keys() - names:  # as V2 refuses an unknown input: a typo, surely
+            raise BadRequest(
+                f"instance {index} names unknown inputs {sorted(unknown)}; "
+                f"the model's are {sorted(names)}"
+            )
     return {spec.name: _column(spec, [row.get(spec.name) for row in instances]) for spec in inputs}
 
 
@@ -38,11 +45,7 @@ def _column(spec: TensorSpec, values: list[Any]) -> np.ndarray:
     if any(v is None for v in values):
         raise BadRequest(f"input '{spec.name}' is missing from some instances")
     if spec.datatype == "BYTES":
-        if not all(isinstance(v, str) for v in values):
-            raise BadRequest(f"input '{spec.name}' takes strings")
-        array = np.empty(len(values), dtype=object)
-        array[:] = values
-        return array.reshape([len(values)] + [1] * (len(spec.shape) - 1))
+        return _strings(spec, values)
     try:
         shaped = np.asarray(values)
     except ValueError:
@@ -50,12 +53,40 @@ def _column(spec: TensorSpec, values: list[Any]) -> np.ndarray:
     return numeric_array(spec.name, spec.datatype, values).reshape(shaped.shape)
 
 
-def encode_predictions(outputs: Tensors, order: list[str]) -> dict[str, Any]:
+def _strings(spec: TensorSpec, values: list[Any]) -> np.ndarray:
+    """BYTES instances: a string each, or (nested) lists of strings for a [batch, n] input."""
+    if any(isinstance(v, list) for v in values):
+        try:
+            array = np.array(values, dtype=object)  # the instances' own shape; ragged: 1-d
+        except ValueError:  # a mix numpy cannot place at all
+            array = np.empty(0, dtype=object)
+        if not 2 <= array.ndim <= len(spec.shape):
+            raise BadRequest(f"input '{spec.name}': instances are ragged or nested too deep")
+    else:
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+    if not all(isinstance(v, str) for v in array.flat):
+        raise BadRequest(f"input '{spec.name}' takes strings")
+    if array.ndim == 1:  # one string per instance: each fills the model's trailing dims of 1
+        return array.reshape([len(values)] + [1] * (len(spec.shape) - 1))
+    return array
+
+
+def encode_predictions(outputs: Tensors, order: list[str], rows: int) -> dict[str, Any]:
+    """`rows`: the instances'. Several outputs make an object per instance, so each must
+    have a row per instance (as TF Serving's row format requires)."""
     if len(order) == 1:
         array = outputs[order[0]]
-        # orjson encodes a numeric array itself (OPT_SERIALIZE_NUMPY), but no object array.
-        return {"predictions": array if array.dtype.kind != "O" else _lists(array)}
-    rows = len(outputs[order[0]])
+        # orjson encodes a numeric array itself (OPT_SERIALIZE_NUMPY), but no object array
+        # and no 0-d one.
+        return {"predictions": array if array.dtype.kind != "O" and array.ndim else _lists(array)}
+    for name in order:
+        shape = list(outputs[name].shape)
+        if not shape or shape[0] != rows:
+            raise BadRequest(
+                f"output '{name}' has shape {shape}, not a row for each of the {rows} "
+                "instances, which V1's answer (an object per instance) needs: use V2 infer"
+            )
     columns = {name: _lists(outputs[name]) for name in order}
     return {"predictions": [{name: columns[name][i] for name in order} for i in range(rows)]}
 

@@ -51,6 +51,11 @@ def loads_json(body: bytes | memoryview) -> Any:
 
 
 def parse_infer_request(body: bytes, json_length: int | None = None) -> InferRequest:
+    if json_length == 0:
+        raise BadRequest(
+            "Inference-Header-Content-Length 0 (Triton's raw binary request, no JSON header) "
+            "is not supported: send the inference header as JSON before the binary data"
+        )
     if json_length is not None and not 0 < json_length <= len(body):
         raise BadRequest(
             f"Inference-Header-Content-Length {json_length} is outside the body ({len(body)} bytes)"
@@ -268,6 +273,10 @@ def _binary_tensor(name: str, datatype: str, shape: list[int], chunk: memoryview
             f"bytes, binary data has {len(chunk)}"
         )
     flat = np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+    if datatype == "BOOL" and flat.view(np.uint8).max(initial=0) > 1:
+        # numpy keeps any byte as a bool, and ORT reads 2 as neither true nor false (Not(2)
+        # was true): the spec's BOOL bytes are 0 and 1 only.
+        raise BadRequest(f"input '{name}': BOOL binary data must be bytes 0 or 1")
     return _reshape(name, flat, shape)
 
 

@@ -58,6 +58,7 @@ async def model_predict(request: Request, model_name: str) -> Response:
     outcome = await predict(request, ctx, model, inputs, None)
     with ctx.timings.measure("postprocess"):
         content = orjson.dumps(
-            encode_predictions(outcome.outputs, [s.name for s in model.outputs]), option=OPTIONS
+            encode_predictions(outcome.outputs, [s.name for s in model.outputs], ctx.rows),
+            option=OPTIONS,
         )
     return PreparedResponse(content, [timing_header(ctx), JSON_TYPE])

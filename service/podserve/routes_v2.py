@@ -59,7 +59,8 @@ async def model_version_metadata(request: Request, model_name: str, model_versio
 
 @router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)")
 async def model_config(request: Request, model_name: str) -> Response:
-    return json_response(triton_config(runtime_of(request).model(model_name)))
+    runtime = runtime_of(request)
+    return json_response(triton_config(runtime.model(model_name), runtime.settings.max_queue_rows))
 
 
 @router.get(
@@ -67,7 +68,9 @@ async def model_config(request: Request, model_name: str) -> Response:
     summary="Model configuration of a version (Triton)",
 )
 async def model_version_config(request: Request, model_name: str, model_version: str) -> Response:
-    return json_response(triton_config(runtime_of(request).model(model_name, model_version)))
+    runtime = runtime_of(request)
+    model = runtime.model(model_name, model_version)
+    return json_response(triton_config(model, runtime.settings.max_queue_rows))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness")

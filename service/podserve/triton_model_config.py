@@ -21,8 +21,11 @@ PLATFORM = "onnxruntime_onnx"  # also the V2 model metadata's `platform`
 TRITON_TYPES = {"BYTES": "TYPE_STRING"}
 
 
-def triton_config(model: OnnxModel) -> dict[str, Any]:
+def triton_config(model: OnnxModel, queue_rows: int) -> dict[str, Any]:
+    """`queue_rows`: the worker's queue bound, which no request may exceed (413), whatever
+    the model's own `max_batch_size`: clients size their requests from the value shown."""
     batched = model.batching
+    largest = min(model.max_batch_size, model.max_rows_per_request, queue_rows)
 
     def tensor(spec: TensorSpec) -> dict[str, Any]:
         dims = spec.shape[1:] if batched else spec.shape
@@ -37,7 +40,7 @@ def triton_config(model: OnnxModel) -> dict[str, Any]:
         "platform": PLATFORM,
         "backend": "onnxruntime",
         "version_policy": {"all": {}},  # every version in the repository is served
-        "max_batch_size": model.max_batch_size if batched else 0,
+        "max_batch_size": largest if batched else 0,
         "input": [tensor(spec) | {"format": "FORMAT_NONE"} for spec in model.inputs],
         "output": [tensor(spec) for spec in model.outputs],
         "default_model_filename": model.path.name,
