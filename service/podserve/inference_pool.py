@@ -2,7 +2,8 @@
 
 ONNX Runtime releases the GIL, so one thread per worker keeps a core busy without
 blocking the event loop. Slots are handed out by priority so background jobs never
-delay online requests.
+delay online requests by more than the session run they hold: a job runs in pieces
+(db/jobs.py), and a waiting online batch gets the thread after the current one.
 
 The threads are podserve's own, not a ThreadPoolExecutor behind run_in_executor: a work
 item is a tuple on a SimpleQueue, and the result goes back with one call_soon_threadsafe.
