@@ -257,8 +257,10 @@ BAD_REQUESTS = [
      "Unable to parse 'binary_data'"),
     ("negative dim", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4], [-1, 4]), JSON, 400,
      "non-negative"),
+    ("large shape tiny data", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4],
+     [1000, 4]), JSON, 400, "elements"),
     ("huge shape tiny data", "/v2/models/affine/infer", _infer_body([1, 2, 3, 4],
-     [10**12, 4]), JSON, 400, "elements"),
+     [10**12, 4]), JSON, 413, "rows exceed the limit"),
     ("ragged", "/v2/models/affine/infer", _infer_body([[1, 2], [3]], [1, 4]), JSON, 400,
      "ragged"),
     ("NaN forbidden", "/v2/models/affine/infer", b'{"inputs":[{"name":"x","shape":[1,4],'

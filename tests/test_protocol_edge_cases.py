@@ -363,6 +363,26 @@ def test_binary_bool_bytes_other_than_0_and_1_are_a_400() -> None:
         parse_infer_request(body, length)
 
 
+def test_rows_past_the_limit_are_refused_before_the_data_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Declared rows are checked first: numpy never copies a tensor that is refused anyway."""
+
+    def never(*_: Any) -> None:
+        raise AssertionError("the data was converted")
+
+    monkeypatch.setattr(protocol_v2, "numeric_array", never)
+    tensor = {"name": "x", "datatype": "FP32", "shape": [2000, 4], "data": [0.0] * 8000}
+    with pytest.raises(PayloadTooLarge, match="2000 rows exceed the limit of 1024"):
+        parse_infer_request(json.dumps({"inputs": [tensor]}).encode(), None, 1024)
+    too_much = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 8000}
+    with pytest.raises(BadRequest, match=r"needs 4 elements, data has 8000\+"):
+        parse_infer_request(json.dumps({"inputs": [too_much]}).encode(), None, 1024)
+    spec = TensorSpec(name="x", datatype="FP32", shape=[-1, 4])
+    with pytest.raises(PayloadTooLarge, match="2000 rows exceed the limit of 1024"):
+        parse_predict_doc({"instances": [[0.0] * 4] * 2000}, [spec], 1024)
+
+
 def test_a_raw_binary_request_says_it_is_not_supported() -> None:
     with pytest.raises(BadRequest, match=r"raw binary request.*not supported"):
         parse_infer_request(b"\x00" * 16, 0)

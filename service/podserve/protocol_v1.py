@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from podserve.errors import BadRequest
+from podserve.errors import BadRequest, PayloadTooLarge
 from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
 from podserve.protocol_v2 import loads_json, numeric_array
@@ -16,12 +16,15 @@ def parse_predict_request(body: bytes, inputs: list[TensorSpec]) -> Tensors:
     return parse_predict_doc(loads_json(body), inputs)
 
 
-def parse_predict_doc(doc: Any, inputs: list[TensorSpec]) -> Tensors:
+def parse_predict_doc(doc: Any, inputs: list[TensorSpec], max_rows: int | None = None) -> Tensors:
+    """`max_rows`: the model's limit per request, checked before the instances become arrays."""
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise BadRequest("request body must be a JSON object with an 'instances' list")
     instances = doc["instances"]
     if not instances:
         raise BadRequest("'instances' is empty")
+    if max_rows is not None and len(instances) > max_rows:
+        raise PayloadTooLarge(f"{len(instances)} rows exceed the limit of {max_rows} per request")
     if len(inputs) == 1 and not isinstance(instances[0], dict):  # rows of the one input
         return {inputs[0].name: _column(inputs[0], instances)}
     # Named instances ({"input name": value, ...} per row), as TF Serving's row format allows

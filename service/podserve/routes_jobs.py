@@ -39,7 +39,7 @@ async def _submit(request: Request, model_name: str, model_version: str | None) 
     body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     json_length = binary_header_length(request)
     # Validate now: a malformed job is the client's 400, not a job that fails later.
-    parsed = await parse_body(parse_infer_request, body, json_length)
+    parsed = await parse_body(parse_infer_request, body, json_length, model.max_rows_per_request)
     check_requested_outputs(parsed, model.output_specs)
     lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
     if lookup is not None:

@@ -35,7 +35,8 @@ def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, 
     """A V1 body: entity ids to look up, or the instances as tensors."""
     doc = loads_json(body)
     lookup = entity_lookup(doc, has_inputs=isinstance(doc, dict) and "instances" in doc)
-    return lookup, ({} if lookup else parse_predict_doc(doc, model.inputs))
+    rows = model.max_rows_per_request
+    return lookup, ({} if lookup else parse_predict_doc(doc, model.inputs, rows))
 
 
 @router.post(

@@ -93,7 +93,9 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         model = runtime.model(model_name, model_version)  # first: an unknown model is a 404
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-        parsed = await parse_body(parse_infer_request, body, binary_header_length(request))
+        parsed = await parse_body(
+            parse_infer_request, body, binary_header_length(request), model.max_rows_per_request
+        )
         check_requested_outputs(parsed, model.output_specs)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
         start_deadline(request, ctx)  # before the features phase, which must keep to it
