@@ -205,6 +205,15 @@ def test_bad_requests_leave_the_settings_alone(log_server: ServerProcess) -> Non
             response = http.post("/v2/logging", content=body)
             assert response.status_code == 400, response.text
             assert message in response.json()["error"]
+        # What a cross-site page may send without a preflight: refused, as any non-JSON.
+        change = b'{"log_verbose_level": 1}'
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            for path in ("/v2/logging", "/v2/trace/setting"):
+                headers = {"content-type": content_type}
+                response = http.post(path, content=change, headers=headers)
+                assert response.status_code == 415, response.text
+        response = http.post("/v2/logging", content=change, headers={"content-encoding": "br"})
+        assert response.status_code == 415, response.text
     assert all(s == DEFAULTS for s in _settings_per_worker(log_server).values())
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from podserve import log_control, model_trace_settings, trace_control
 from podserve.errors import Forbidden
-from podserve.http_body import read_body
+from podserve.http_body import check_content_type, read_body
 from podserve.json_response import json_response
 from podserve.protocol_v2 import loads_json
 from podserve.runtime import runtime_of
@@ -26,6 +26,9 @@ async def _change_request(request: Request) -> Any:
             "changing the pod's log and trace settings is turned off "
             "(PODSERVE_ALLOW_SETTINGS_CHANGES=false)"
         )
+    # JSON only: a browser sends text/plain or a form cross-site without asking first, so
+    # with auth off any web page could have changed the pod's logging.
+    check_content_type(request)
     return loads_json(
         await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     )
