@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int | None = Field(None, ge=1, description="default: quota split")
     ort_inter_op_threads: int = Field(1, ge=1)
     ort_allow_spinning: bool = False
+    ort_log_severity: int = Field(
+        4, ge=0, le=4, description="ORT's plain-text stderr log: 0 verbose .. 3 errors, 4 off"
+    )
     gc_freeze: bool = Field(True, description="freeze the start-up heap (see gc_tuning.py)")
     gc_gen0_threshold: int = Field(10_000, ge=0, description="0 = Python's default (700)")
     max_batch_size: int = Field(32, ge=1, description="default for models without config")

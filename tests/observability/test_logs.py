@@ -7,9 +7,13 @@ line carries its trace ids and test_secrets that it names the path.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
+from model_builders import OPSET, save
 from server_process import ServerProcess
 
 TABULAR = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
@@ -58,6 +62,29 @@ def test_python_warnings_are_json_lines_too(server: ServerProcess, client: httpx
     }
     assert client.post("/v2/models/tabular/infer", json=body).status_code == 400
     text = [line for line in server.logs().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in text), [
+        line for line in text if not line.startswith("{")
+    ]
+
+
+def test_onnx_runtimes_own_log_stays_off_stderr(tmp_path: Path) -> None:
+    """ORT prints coloured plain text: a warning per unused initializer at load, an error
+    per failed run. Both broke the one-JSON-object-per-line stream."""
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["x"], ["y"])],
+        "zeros",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+        [numpy_helper.from_array(np.zeros(3, np.float32), "unused")],
+    )
+    save(helper.make_model(graph, opset_imports=OPSET), tmp_path, "zeros")
+    with ServerProcess(tmp_path, workers=1) as server:
+        url = f"{server.url}/v2/models/zeros/infer"
+        tensor = {"name": "x", "datatype": "INT64", "shape": [2], "data": [-1, 2]}
+        assert httpx.post(url, json={"inputs": [tensor]}, timeout=30).status_code == 500
+        logs = server.logs()
+    text = [line for line in logs.splitlines() if line.strip()]
+    assert any("unhandled error" in line for line in text)  # podserve's own record of it
     assert all(line.startswith("{") for line in text), [
         line for line in text if not line.startswith("{")
     ]
