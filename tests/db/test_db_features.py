@@ -81,6 +81,18 @@ def loaded(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     return db_url
 
 
+def test_the_load_says_how_many_entities_repeated_ids_left(loaded: str, tmp_path: Path) -> None:
+    """Three rows of one id store one entity (the last row): "loaded 3 rows" alone misled."""
+    repeats = tmp_path / "repeats.csv"
+    repeats.write_text("entity_id,f0,f1,f2,f3\nr1,1,1,1,1\nr1,2,2,2,2\nr1,3,3,3,3\nr2,4,4,4,4\n")
+    out = _load(repeats, "repeats", loaded)
+    assert "loaded 4 rows" in out and ": 2 entities (2 rows repeated an id" in out, out
+    unique = tmp_path / "unique.csv"
+    unique.write_text("entity_id,f0,f1,f2,f3\nu1,1,1,1,1\nu2,2,2,2,2\n")
+    out = _load(unique, "unique", loaded)
+    assert "loaded 2 rows" in out and "entities" not in out, out
+
+
 @pytest.fixture(scope="module")
 def server(
     loaded: str, proxied_url: str, db_models: Path, tmp_path_factory: pytest.TempPathFactory

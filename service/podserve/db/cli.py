@@ -118,12 +118,15 @@ def _load(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        rows = _run(run())
+        loaded = _run(run())
     except FeatureFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    repeated = loaded.rows_read - loaded.entities_stored
     print(
-        f"loaded {rows} rows into feature set '{args.feature_set}' "
+        f"loaded {loaded.rows_read} rows into feature set '{args.feature_set}' "
         f"in {time.perf_counter() - started:.2f} s"
-    )
+        + (f": {loaded.entities_stored} entities ({repeated} rows repeated an id; the last "
+           "row of an id is kept)" if repeated else "")
+    )  # fmt: skip
     return 0

@@ -157,10 +157,16 @@ def _open_parquet(path: Path, id_column: str | None, batch_rows: int) -> Feature
     return FeatureFile(columns, batches())
 
 
+@dataclass(frozen=True)
+class LoadResult:
+    rows_read: int
+    entities_stored: int  # fewer where ids repeat: the last row of an id is the one kept
+
+
 async def load_features(
     conn: asyncpg.Connection, feature_set: str, file: FeatureFile, replace: bool = False
-) -> int:
-    """Load every row in one transaction; returns the number of rows read."""
+) -> LoadResult:
+    """Load every row in one transaction."""
     total = 0
     async with conn.transaction():
         await conn.execute(_STAGE)
@@ -171,6 +177,6 @@ async def load_features(
             total += len(batch)
         if replace:
             await conn.execute("DELETE FROM podserve_features WHERE feature_set = $1", feature_set)
-        await conn.execute(_UPSERT, feature_set)
+        status = await conn.execute(_UPSERT, feature_set)  # "INSERT 0 <rows>"
         await conn.execute(_SET, feature_set, file.columns)
-    return total
+    return LoadResult(total, int(status.split()[-1]))
