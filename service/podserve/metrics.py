@@ -375,7 +375,7 @@ def write_samples(file: Path, samples: dict[str, tuple[float, float]]) -> None:
 PREDICTION_LOG_TOTALS = {
     "rows_written": (
         "podserve_prediction_log_rows_written",
-        "Prediction-log rows written to PostgreSQL",
+        "Prediction-log rows written to PostgreSQL (online requests' and jobs')",
     ),
     "rows_spooled": ("podserve_prediction_log_rows_spooled", "Prediction-log rows spooled to disk"),
     "rows_rejected": (
@@ -788,6 +788,10 @@ class Metrics:
         if runner is None:
             return
         self._advance_all(runner, self.job_totals)
+        rows_written = self.log_totals["rows_written"]  # a job's row: stored with its result
+        self._advance(
+            "job_log_rows_written", rows_written, getattr(runner, "log_rows_written", None)
+        )
         serial = getattr(runner, "pending_serial", 0)
         counts = getattr(runner, "pending_counts", None)
         if isinstance(counts, dict) and serial != self._jobs_count_serial:

@@ -341,7 +341,8 @@ def test_job_metrics_are_exported_and_a_scrape_never_waits_on_the_database(
                 uuid.uuid4(),
             )
         # The gauge is counted every 0.2 s, the counters flushed once a second: wait for both.
-        wanted = {"queued": 3, "running": 0, "succeeded": 1, "failed": 1}
+        # The good job's prediction-log row is written with its result: counted too.
+        wanted = {"queued": 3, "running": 0, "succeeded": 1, "failed": 1, "log_rows": 1}
         deadline = time.monotonic() + 10
         while True:
             metrics = scrape(server.url)
@@ -350,6 +351,7 @@ def test_job_metrics_are_exported_and_a_scrape_never_waits_on_the_database(
                 "running": metrics.value("podserve_jobs_pending", status="running"),
                 "succeeded": metrics.value("podserve_jobs_succeeded_total"),
                 "failed": metrics.value("podserve_jobs_failed_total"),
+                "log_rows": metrics.value("podserve_prediction_log_rows_written_total"),
             }
             if seen == wanted:
                 break

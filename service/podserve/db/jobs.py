@@ -419,6 +419,7 @@ class JobRunner:
         self.executions: set[asyncio.Task[None]] = set()
         # Running totals; metrics.Metrics turns them into counters once a second.
         self.jobs_succeeded = 0
+        self.log_rows_written = 0  # prediction-log rows, which metrics add to the online ones
         self.jobs_failed = 0
         self.jobs_requeued = 0
         self.results_discarded = 0  # finished after losing the lease: someone else owns it
@@ -563,6 +564,7 @@ class JobRunner:
             return
         if stored:
             self.jobs_succeeded += 1
+            self.log_rows_written += log_row is not None  # in the result's transaction
         else:
             self.results_discarded += 1
             log.warning("job result discarded: lease lost", extra={"job": str(job.id)})
