@@ -52,6 +52,7 @@ def test_the_server_warns_of_an_unknown_setting_at_start(affine_repo: Path) -> N
         ("max_batch_delay_ms", "60001"),  # past the bound a model's config.yaml has
         ("request_timeout_ms", "nan"),
         ("body_read_timeout_s", "inf"),
+        ("forwarded_allow_ips", "10.0.0.0/8,proxy.local"),
     ],
 )
 def test_infinite_and_out_of_bound_values_stop_the_start(

@@ -47,7 +47,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "accesslog": "-" if settings.access_log else None,
         "logconfig_dict": gunicorn_logconfig_dict(settings.log_level, settings.access_log),
         "proc_name": "podserve",
-        "forwarded_allow_ips": "*",
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
         **_optional_settings(),
         # The bind check first: a busy port stops the master before anything is set up.
         **chain_hooks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 from collections.abc import Mapping
 from functools import lru_cache
@@ -26,6 +27,9 @@ class Settings(BaseSettings):
     # --- HTTP / Gunicorn -------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Whose X-Forwarded-For/-Proto are believed: any client's, with "*", could set the
+    # address the access log shows and the scheme and host of redirects.
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="IPs/CIDRs, or *")
     workers: int | None = Field(None, ge=1, description="Gunicorn workers; default: CPU quota")
     graceful_timeout_s: float = Field(25.0, gt=0)
     drain_idle_grace_s: float = Field(
@@ -158,6 +162,17 @@ class Settings(BaseSettings):
         # configure logger 'gunicorn.error'", naming neither the setting nor the value.
         if value.upper() not in LOG_LEVELS:
             raise ValueError(f"unknown log level; use one of {', '.join(LOG_LEVELS).lower()}")
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses_or_star(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is no IP address or network (CIDR)") from None
         return value
 
     @field_validator("database_url")

@@ -7,10 +7,12 @@ line carries its trace ids and test_secrets that it names the path.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_builders import OPSET, save
@@ -88,3 +90,24 @@ def test_onnx_runtimes_own_log_stays_off_stderr(tmp_path: Path) -> None:
     assert all(line.startswith("{") for line in text), [
         line for line in text if not line.startswith("{")
     ]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "shown"), [("10.0.0.0/8", "127.0.0.1:"), ("::1,127.0.0.1", "6.6.6.6:")]
+)
+def test_only_trusted_proxies_name_the_client(affine_repo: Path, trusted: str, shown: str) -> None:
+    """With "*" any client's X-Forwarded-For was the address the access log showed."""
+    env = {"PODSERVE_ACCESS_LOG": "true", "PODSERVE_FORWARDED_ALLOW_IPS": trusted}
+    with ServerProcess(affine_repo, workers=1, env=env) as server:
+        response = httpx.get(f"{server.url}/v2", headers={"x-forwarded-for": "6.6.6.6"})
+        assert response.status_code == 200
+        deadline = time.monotonic() + 10
+        while not (access := _access_lines(server.logs())):
+            assert time.monotonic() < deadline, server.logs()
+            time.sleep(0.1)
+    assert access[0]["msg"].startswith(shown), access
+
+
+def _access_lines(logs: str) -> list[dict]:
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "uvicorn.access" and "/v2 " in line["msg"]]
