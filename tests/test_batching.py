@@ -13,7 +13,13 @@ import pytest
 
 from batch_support import run_alone, run_concurrently
 from podserve.batcher import Batcher, BatchRecord, QueueBudget
-from podserve.errors import BadRequest, DeadlineExceeded, Overloaded, PayloadTooLarge
+from podserve.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    Overloaded,
+    PayloadTooLarge,
+    phases_of,
+)
 from podserve.inference_pool import InferencePool
 from podserve.model_repository import ModelRepository, load_repository
 from podserve.onnx_model import OnnxModel, ThreadBudget
@@ -463,3 +469,40 @@ def test_a_failed_batch_and_its_reruns_reach_the_observers(
     assert [len(record.requests) for record in alone] == [1, 1, 1, 1]
     assert [record.error is not None for record in alone] == [False, False, True, False]
     assert all(record.result is not None for record in alone if record.error is None)
+
+
+def test_a_failed_merged_run_is_queue_time_for_its_reruns(
+    repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request waits until its own rerun: the failed merged run (0.2 s here) is in its
+    queue phase, the bad one's error says how long it waited and ran. Both were missing
+    from Server-Timing (a 400 showed only its parse)."""
+    model = repository.get("affine", "1")
+    run_batch = model.run_batch
+
+    def slow_when_merged(inputs: list, rows: list) -> object:
+        if len(inputs) > 1:
+            time.sleep(0.2)
+        return run_batch(inputs, rows)
+
+    monkeypatch.setattr(model, "run_batch", slow_when_merged)
+
+    async def scenario() -> list:
+        pool = InferencePool(1)
+        batcher = Batcher(model, pool, QueueBudget(100, 1), [])
+        batcher.start()
+        await pool.acquire()  # all of them queue into one batch
+        goods = [model.validate({"x": np.full((1, 4), i, np.float32)}) for i in range(3)]
+        bad = ({"x": np.ones((1, 4), np.float64)}, 1)  # wrong dtype: ORT fails the batch
+        tasks = [asyncio.ensure_future(batcher.submit(*r)) for r in [*goods, bad]]
+        await _until(lambda: batcher.queued_rows == 4)
+        pool.release()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    *goods, bad = asyncio.run(scenario())
+    assert all(outcome.queue_s >= 0.2 for outcome in goods), [o.queue_s for o in goods]
+    assert isinstance(bad, BadRequest)
+    spent = phases_of(bad)
+    assert spent is not None and spent[0] >= 0.2 and spent[1] > 0, spent

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from podserve.client_disconnect import ClientConnection
-from podserve.errors import ClientClosedRequest, DeadlineExceeded, Overloaded, PayloadTooLarge
+from podserve.errors import (
+    ClientClosedRequest,
+    DeadlineExceeded,
+    Overloaded,
+    PayloadTooLarge,
+    note_phases,
+)
 from podserve.inference_pool import ONLINE, InferencePool
 from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
 from podserve.processors import Tensors
@@ -327,14 +333,16 @@ class Batcher:
         for item in batch:
             if self._drop_if_dead(item, time.perf_counter(), release=False):
                 continue
-            start_ns = time.time_ns()
+            start_ns, own_start = time.time_ns(), time.perf_counter()
             result: BatchResult | None = None
             error: BaseException | None = None
             try:
                 result = await self._run_session([item])
             except Exception as exc:
                 error = exc
-            self._resolve([item], result, error, started)
+            # Its queue phase lasts until its own run: the failed merged run and the reruns
+            # before it were waiting too (they were missing from its Server-Timing).
+            self._resolve([item], result, error, own_start)
             self._observe([item], result, start_ns, error)
 
     def _resolve(
@@ -349,7 +357,10 @@ class Batcher:
         first_row = 0
         for index, item in enumerate(batch):
             if result is None:
-                answers.append((item, error or RuntimeError("inference failed")))
+                failure = error or RuntimeError("inference failed")
+                if len(batch) == 1:  # an error of its own: where its time went, as for an answer
+                    note_phases(failure, started - item.enqueued, time.perf_counter() - started)
+                answers.append((item, failure))
                 continue
             outcome = InferenceOutcome(
                 outputs=result.outputs[index],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 
 class PodserveError(Exception):
     status_code = 500
@@ -72,3 +74,14 @@ class ClientClosedRequest(StoppedWaiting):
 
 class ModelNotReady(ServiceUnavailable):
     pass
+
+
+def note_phases(error: BaseException, queue_s: float, infer_s: float) -> None:
+    """A request that failed in its own session run: how long it waited and ran, for its
+    error answer's Server-Timing (`phases_of`)."""
+    with contextlib.suppress(AttributeError):  # a type without a __dict__: no timing
+        error.podserve_phases = (queue_s, infer_s)  # type: ignore[attr-defined]
+
+
+def phases_of(error: BaseException) -> tuple[float, float] | None:
+    return getattr(error, "podserve_phases", None)
