@@ -4,7 +4,9 @@ request_compression_algorithm): inflated within the body limit, corrupt data ref
 from __future__ import annotations
 
 import gzip
+import time
 import zlib
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -12,12 +14,16 @@ import orjson
 import pytest
 import tritonclient.http as triton
 
+from podserve import http_body
 from podserve.errors import BadRequest, PayloadTooLarge
 from podserve.http_body import ENCODINGS, inflate
 from server_process import ServerProcess
 
 PAYLOAD = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                      "data": [1, 2, 3, 4]}]})  # fmt: skip
+# Incompressible, so that its compressed forms span several of inflate's 64 KiB input chunks.
+LARGE = np.random.default_rng(0).bytes(300_000)
+EMPTY_MEMBER = gzip.compress(b"")  # 20 bytes
 
 
 def _raw_deflate(data: bytes) -> bytes:
@@ -53,6 +59,96 @@ def test_inflated(encoding: str, body: bytes) -> None:
 def test_refused(encoding: str, body: bytes, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         inflate(body, ENCODINGS[encoding], 1024)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", gzip.compress(LARGE)),
+        ("gzip", gzip.compress(LARGE[:12345]) + gzip.compress(LARGE[12345:])),
+        ("deflate", zlib.compress(LARGE)),
+        ("deflate", _raw_deflate(LARGE)),
+    ],
+    ids=["gzip", "gzip, two members", "deflate, zlib", "deflate, raw"],
+)
+def test_large_bodies_inflate_in_chunks(encoding: str, body: bytes) -> None:
+    """Inflated from several input chunks: whole, exactly to the limit; 413 one byte short of
+    it; truncated or followed by junk, refused as a whole body is."""
+    wbits = ENCODINGS[encoding]
+    assert inflate(body, wbits, len(LARGE)) == LARGE
+    with pytest.raises(PayloadTooLarge, match="decompressed body exceeds"):
+        inflate(body, wbits, len(LARGE) - 1)
+    with pytest.raises(BadRequest, match="truncated"):
+        inflate(body[:-1000], wbits, len(LARGE))
+    junk = "not valid compressed data" if encoding == "gzip" else "after the end"
+    with pytest.raises(BadRequest, match=junk):
+        inflate(body + b"junk", wbits, len(LARGE))
+
+
+def test_many_empty_members_are_refused_promptly() -> None:
+    """4 MiB of empty 20-byte gzip members: each member used to copy the rest of the body,
+    ~10 s of CPU for this one (minutes for 16 MiB). Now refused past the member cap at once."""
+    body = EMPTY_MEMBER * (4 * 1024 * 1024 // len(EMPTY_MEMBER))
+    started = time.perf_counter()
+    try:
+        inflate(body, ENCODINGS["gzip"], 16 * 1024 * 1024)
+        refusal = ""
+    except BadRequest as exc:
+        refusal = exc.message
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2, f"took {elapsed:.1f} s: quadratic in the number of members again?"
+    assert "gzip members; send it as one gzip stream" in refusal
+
+
+@pytest.mark.parametrize("capped", [True, False], ids=["capped", "cap lifted"])
+def test_inflation_work_is_linear_in_the_body(
+    monkeypatch: pytest.MonkeyPatch, capped: bool
+) -> None:
+    """Counts the compressed bytes handed to zlib (each call copies the input left over when a
+    member ends): a few times the body at most (here 3.2: each 20-byte member is handed a 64-byte
+    chunk), cap or no cap; handed the rest of the body per member, it was ~27 GB for this 1 MiB."""
+    fed = 0
+
+    class CountingInflater:
+        def __init__(self, wbits: int) -> None:
+            self.inflater = zlib.decompressobj(wbits)
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            nonlocal fed
+            fed += len(data)
+            return self.inflater.decompress(data, max_length)
+
+        @property
+        def eof(self) -> bool:
+            return self.inflater.eof
+
+        @property
+        def unused_data(self) -> bytes:
+            return self.inflater.unused_data
+
+    monkeypatch.setattr(http_body, "zlib", SimpleNamespace(decompressobj=CountingInflater,
+                                                           error=zlib.error))  # fmt: skip
+    if not capped:
+        monkeypatch.setattr(http_body, "MAX_GZIP_MEMBERS", 10**9)
+    body = EMPTY_MEMBER * (1024 * 1024 // len(EMPTY_MEMBER))
+    try:
+        assert inflate(body, ENCODINGS["gzip"], 1024) == b""
+    except BadRequest as exc:
+        assert capped and "gzip members" in exc.message
+    assert fed <= 4 * len(body), f"{fed} compressed bytes handed to zlib for {len(body)}"
+
+
+def test_many_members_inflate_up_to_the_cap() -> None:
+    """Non-empty members of all sizes, one of them longer than an input chunk, up to the cap
+    inflate whole; one more member is refused (400) saying why."""
+    cap = http_body.MAX_GZIP_MEMBERS
+    rng = np.random.default_rng(1)
+    pieces = [rng.bytes(1 + i % 300) for i in range(cap)]
+    pieces[cap // 2] = LARGE
+    body = b"".join(gzip.compress(piece) for piece in pieces)
+    assert inflate(body, ENCODINGS["gzip"], 16 * 1024 * 1024) == b"".join(pieces)
+    with pytest.raises(BadRequest, match=f"more than {cap} gzip members"):
+        inflate(body + gzip.compress(b"one too many"), ENCODINGS["gzip"], 16 * 1024 * 1024)
 
 
 def test_a_bomb_stops_at_the_limit() -> None:
@@ -96,3 +192,15 @@ def test_over_http(client: httpx.Client, body: bytes, status: int, message: str)
         assert response.json()["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0]
     else:
         assert message in response.json()["error"]
+
+
+def test_many_members_over_http(client: httpx.Client) -> None:
+    """4 MiB of empty gzip members: a prompt 400, not ~10 s of a worker thread's CPU."""
+    body = EMPTY_MEMBER * (4 * 1024 * 1024 // len(EMPTY_MEMBER))
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    started = time.perf_counter()
+    response = client.post("/v2/models/affine/infer", content=body, headers=headers)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2, f"answered in {elapsed:.1f} s: quadratic in the number of members again?"
+    assert response.status_code == 400, response.text
+    assert "gzip members; send it as one gzip stream" in response.json()["error"]
