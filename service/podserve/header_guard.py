@@ -26,6 +26,20 @@ message begin, headers complete, message complete), not whether the last respons
   PODSERVE_HEADER_READ_TIMEOUT_S of the answer (then the connection closes without a word),
   and the connection then serves its next request or idles for PODSERVE_KEEPALIVE_S.
 
+Requests parsed ahead of the answers, and answers nobody reads (uvicorn bounds neither):
+
+- uvicorn parses every request of a read and queues each behind the one being answered
+  before it pauses reading: one 256 KiB read of small pipelined GETs made ~6000 queued
+  request cycles, +15 MiB of the worker's memory, held for as long as the client did not
+  read. A connection now has at most _MAX_QUEUED requests queued (plus what one slice of a
+  read holds): a longer read is parsed a slice at a time, and once the queue is full the
+  rest of the read is held unparsed, with reading paused, until an answer completes;
+- a client that reads nothing holds its connection for ever (its answer waits for the
+  socket; keep-alive and header timeouts never start): once the transport has asked to
+  stop writing (its buffer is full), the connection is aborted once the client has taken
+  nothing of what waits to be sent for PODSERVE_BODY_READ_TIMEOUT_S (the bound on a client
+  sending its body; like nginx's send_timeout, a slow reader that makes progress stays).
+
 A 408 / 431 is followed by a FIN, and what the client still sends is read and dropped until
 it closes too (at most PODSERVE_HEADER_READ_TIMEOUT_S: nginx's lingering close): closing with
 input unread sends a reset, which drops whatever the kernel has not sent yet, the 408 / 431
@@ -35,11 +49,35 @@ and the end of a pipelined request's answer before it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import sys
+import termios
 from typing import Any
+
+from uvicorn.protocols.http.flow_control import FlowControl
 
 from podserve import log_control
 from podserve.deadline_sweep import sweep_for
+from podserve.settings import get_settings
 from podserve.write_coalescing import CoalescingTransport
+
+# Requests queued behind the one being answered, per connection (uvicorn's `pipeline`). A
+# connection is answered one request at a time, so a longer queue buys a pipelining client
+# nothing: 8 keeps its next requests parsed and ready, and bounds what one connection holds.
+_MAX_QUEUED = 8
+# A longer read is parsed a slice of this at a time, the queue checked in between: a slice
+# queues at most ~230 requests (~500 KiB; 18 bytes is the shortest), a read of an ordinary
+# request is one slice, and a 256 KiB read of a body was measured no slower in 64 slices than
+# whole (1 KiB slices: twice as slow).
+_SLICE_BYTES = 4096
+
+# What a client must take of a stalled answer within the stall bound to keep its connection
+# (16 KiB: the transport's own low-water mark). Not one byte: a client that reads nothing
+# still lets the kernel move a few dozen bytes now and then (window updates).
+_WRITE_PROGRESS_BYTES = 16 * 1024
+# SIOCOUTQ: what a socket's kernel send queue holds, not yet acknowledged by the peer.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -73,16 +111,34 @@ def _reply(status: int, message: str) -> bytes:
     )
 
 
+class _HoldingFlowControl(FlowControl):
+    """uvicorn's flow control, with reading kept paused while the protocol holds unparsed
+    bytes: uvicorn resumes reading whenever an app awaits receive(), and each resume would
+    add a read to what is held."""
+
+    holding = False
+
+    def resume_reading(self) -> None:
+        if not self.holding:
+            super().resume_reading()
+
+
 def has_request_hooks(protocol: type) -> bool:
     """httptools' protocol class calls on_headers_complete per request; h11's has no such hook."""
     return hasattr(protocol, "on_headers_complete")
 
 
 def guarded_protocol(
-    timeout_s: float, max_header_bytes: int, base: type[asyncio.Protocol] | None = None
+    timeout_s: float,
+    max_header_bytes: int,
+    base: type[asyncio.Protocol] | None = None,
+    write_stall_s: float | None = None,
 ) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class with a deadline and a size bound on request headers."""
+    """uvicorn's HTTP protocol class with a deadline and a size bound on request headers, a
+    bound on the requests queued per connection, and on a write stalled by its client
+    (`write_stall_s`; default PODSERVE_BODY_READ_TIMEOUT_S)."""
     parent: Any = base or _auto_protocol()
+    stall_s = get_settings().body_read_timeout_s if write_stall_s is None else write_stall_s
     # httptools' protocol has the parser's callbacks; h11's has none (and h11 refuses headers
     # over h11_max_incomplete_event_size itself): there a request starts once the last
     # response is complete, as uvicorn's h11 protocol reads one request at a time.
@@ -101,6 +157,7 @@ def guarded_protocol(
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.flow = _HoldingFlowControl(transport)  # before any request cycle takes it
             self.transport = CoalescingTransport(transport, self)
             self._guard_deadlines = sweep_for(self.loop, timeout_s)
             self._guard_armed = False
@@ -112,9 +169,12 @@ def guarded_protocol(
             self._guard_body_ended = False  # ... and it ended in the last read
             self._guard_refusal: bytes | None = None  # to write once the answer in flight is
             self._guard_lingering = False  # refused: the rest of the input is dropped
+            self._guard_held = b""  # read but not parsed: the queue was full
+            self._guard_write_stall: asyncio.TimerHandle | None = None
+            self._guard_write_left = 0  # bytes waiting to be sent when last looked at
             self._arm()  # the first request's headers are due from the connect on
 
-        def data_received(self, data: bytes) -> None:
+        def _parse(self, data: bytes) -> None:
             if self._guard_lingering:  # refused and answered: the rest is not read as HTTP
                 return
             if self._guard_refusal is not None:  # refused; waiting for the answer in flight
@@ -139,10 +199,98 @@ def guarded_protocol(
                 # pipelined request): bounded from here on. Its bytes in this read are not
                 # counted (at most one read's worth; a body's cannot be told from them).
                 self._arm()
-                self._guard_tail = data[-3:]
+                self._guard_tail = bytes(data[-3:])  # data may be a slice (memoryview)
             if self._guard_body_ended:
                 self._guard_body_ended = False
                 self._idle_after_discarding()
+
+        if parser_hooks:
+
+            def data_received(self, data: bytes) -> None:
+                if self._guard_held or len(self.pipeline) >= _MAX_QUEUED:
+                    self._hold(data)  # after what is held already: the order is kept
+                elif len(data) <= _SLICE_BYTES:
+                    self._parse(data)
+                else:
+                    self._parse_in_slices(data)
+
+        else:
+            data_received = _parse  # h11: uvicorn reads one request at a time
+
+        def _parse_in_slices(self, data: bytes) -> None:
+            """Parse `data` a slice at a time; hold the rest once the queue is full."""
+            view = memoryview(data)
+            for start in range(0, len(data), _SLICE_BYTES):
+                if len(self.pipeline) >= _MAX_QUEUED:
+                    self._hold(data[start:])
+                    return
+                self._parse(view[start : start + _SLICE_BYTES])
+                if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                    return  # refused, closed or upgraded: the rest is not for this parser
+
+        def _hold(self, data: bytes) -> None:
+            """Keep `data` unparsed, and read nothing more, until the queue shrinks."""
+            self._guard_held += data
+            self.flow.holding = True
+            self.flow.pause_reading()
+            if self._guard_armed:  # headers cut by the slice: the wait is ours, not the client's
+                self._guard_deadlines.disarm(self)
+
+        def _parse_held(self) -> None:
+            """An answer is complete: parse what was held, as far as the queue allows."""
+            if len(self.pipeline) >= _MAX_QUEUED:
+                self.flow.pause_reading()  # uvicorn resumed it; the queue is still full
+                return
+            held = self._guard_held
+            self._drop_held()
+            self.flow.resume_reading()  # as uvicorn meant to; paused again if the queue fills
+            if self._guard_armed:
+                self._guard_deadlines.arm(self, self._expired)
+            self._parse_in_slices(held)
+
+        def _drop_held(self) -> None:
+            self._guard_held = b""
+            self.flow.holding = False
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._guard_write_stall is None:  # the client has stopped reading, for now
+                self._watch_write_stall()
+
+        def _watch_write_stall(self) -> None:
+            self._guard_write_left = self._unsent()
+            self._guard_write_stall = self.loop.call_later(stall_s, self._write_stalled)
+
+        def resume_writing(self) -> None:
+            self._cancel_write_stall()
+            super().resume_writing()
+
+        def _cancel_write_stall(self) -> None:
+            if self._guard_write_stall is not None:
+                self._guard_write_stall.cancel()
+                self._guard_write_stall = None
+
+        def _write_stalled(self) -> None:
+            """Writing is still paused `stall_s` on. A client that took some of the answer
+            meanwhile reads slowly: wait on (as nginx's send_timeout). One that took next to
+            nothing is cut off: abort, as close() would wait to flush the answer for ever."""
+            self._guard_write_stall = None
+            if self._unsent() <= self._guard_write_left - _WRITE_PROGRESS_BYTES:
+                self._watch_write_stall()
+            else:
+                self.transport.abort()
+
+        def _unsent(self) -> int:
+            """Bytes the client has not taken: the transport's and, where the kernel tells
+            (Linux), the socket's. The transport's buffer alone moves only once the kernel's
+            has much room again: megabytes on a fast link, a long wait for a slow reader."""
+            unsent: int = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            if _OUTQ is not None and sock is not None:
+                with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                    queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+                    unsent += int.from_bytes(queued, sys.byteorder, signed=True)
+            return unsent
 
         def _between_requests(self) -> bool:  # h11: it reads one request at a time
             return self.cycle is None or self.cycle.response_complete
@@ -180,6 +328,12 @@ def guarded_protocol(
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if (
+                parser_hooks
+                and (self._guard_held or len(self.pipeline) >= _MAX_QUEUED)
+                and not self.transport.is_closing()
+            ):
+                self._parse_held()
             if self.transport.is_closing() or self._response_pending():
                 return  # closed with its answer, or the next pipelined request runs
             if self._guard_refusal is not None:
@@ -214,6 +368,8 @@ def guarded_protocol(
         def connection_lost(self, exc: Exception | None) -> None:
             self._guard_armed = self._guard_discarding = self._guard_lingering = False
             self._guard_deadlines.disarm(self)
+            self._cancel_write_stall()
+            self._drop_held()
             super().connection_lost(exc)
 
         def _response_pending(self) -> bool:
@@ -272,6 +428,7 @@ def guarded_protocol(
             transport.flush()  # nothing held back (write_coalescing) behind the FIN
             transport.write_eof()
             self._guard_lingering = True
+            self._drop_held()  # what was held back is dropped with the rest
             self.flow.resume_reading()
             self._guard_deadlines.arm(self, self._linger_expired)
 
