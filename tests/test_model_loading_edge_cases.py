@@ -74,7 +74,7 @@ def test_outputs_without_a_row_per_input_row_are_not_batched(
 ) -> None:
     served = _load_one(model, tmp_path)
     assert not served.batchable and not served.batching
-    assert triton_config(served)["max_batch_size"] == 0
+    assert triton_config(served, 256)["max_batch_size"] == 0
     requests = _rows(8)
     outcomes, records = asyncio.run(run_concurrently(served, requests, return_exceptions=True))
     assert all(len(record.requests) == 1 for record in records)
@@ -127,7 +127,7 @@ def test_merged_output_without_a_row_per_row_is_rerun_alone_and_batching_stops(
     assert failed and all(isinstance(r.error, UnsplittableBatch) for r in failed)
     assert all(len(r.requests) > 1 for r in failed)
     assert not served.batching
-    assert triton_config(served)["max_batch_size"] == 0
+    assert triton_config(served, 256)["max_batch_size"] == 0
     assert [r.message for r in caplog.records if r.name == "podserve.onnx_model"] == [
         "model output has no row per input row: batching turned off"
     ]
@@ -222,8 +222,9 @@ def test_out_of_range_numbers_in_config_fail_the_load(tmp_path: Path, config: di
 def test_the_largest_accepted_numbers_still_encode(tmp_path: Path) -> None:
     config = {"max_batch_size": 2**31 - 1, "max_batch_delay_ms": 60_000}
     served = _load_one(affine_model(), tmp_path, config)
-    encoded = orjson.loads(orjson.dumps(triton_config(served)))
-    assert encoded["max_batch_size"] == 2**31 - 1
+    encoded = orjson.loads(orjson.dumps(triton_config(served, 2**31 - 1)))
+    # Shown as the largest request the server takes: the per-request row limit, here.
+    assert encoded["max_batch_size"] == served.max_rows_per_request
     assert encoded["dynamic_batching"] == {"max_queue_delay_microseconds": 60_000_000}
 
 
