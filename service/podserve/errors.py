@@ -76,6 +76,12 @@ class ModelNotReady(ServiceUnavailable):
     pass
 
 
+def check_rows(count: int, limit: int) -> None:
+    """The model's per-request row limit: a 413 past it."""
+    if count > limit:
+        raise PayloadTooLarge(f"{count} rows exceed the limit of {limit} per request")
+
+
 def note_phases(error: BaseException, queue_s: float, infer_s: float) -> None:
     """A request that failed in its own session run: how long it waited and ran, for its
     error answer's Server-Timing (`phases_of`)."""
@@ -83,5 +89,9 @@ def note_phases(error: BaseException, queue_s: float, infer_s: float) -> None:
         error.podserve_phases = (queue_s, infer_s)  # type: ignore[attr-defined]
 
 
-def phases_of(error: BaseException) -> tuple[float, float] | None:
+def phases_of(error: BaseException) -> tuple[float, float | None] | None:
+    """Queue and infer seconds of a request that ended in `error`, where known: a 504's or
+    a 499's wait (it never ran: infer None), or what note_phases noted."""
+    if isinstance(error, StoppedWaiting):
+        return None if error.waited_s is None else (error.waited_s, None)
     return getattr(error, "podserve_phases", None)

@@ -56,8 +56,8 @@ async def parse_body(parse: Callable[..., T], body: bytes, *args: Any) -> T:
     if len(body) <= PARSE_ON_LOOP_MAX_BYTES:
         return parse(body, *args)
     # One large parse at a time per worker: JSON numbers become Python objects first, ~13x
-    # the body (16 MiB of zeros: ~200 MiB), and four at once took a worker's peak memory up
-    # ~700 MiB. The parse holds the GIL, so parses never ran in parallel anyway.
+    # the body (16 MiB of zeros: ~200 MiB), and six at once took a worker's peak memory up
+    # 190-470 MiB more than one did. The parse holds the GIL: they never ran in parallel.
     async with _large_parse_slot():
         return await asyncio.to_thread(parse, body, *args)
 

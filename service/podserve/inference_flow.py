@@ -10,7 +10,7 @@ from starlette.requests import Request
 from podserve.batcher import InferenceOutcome
 from podserve.client_disconnect import client_connection
 from podserve.db.hooks import log_prediction
-from podserve.errors import StoppedWaiting, phases_of
+from podserve.errors import phases_of
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
@@ -72,15 +72,13 @@ async def predict(
         outcome = await runtime.infer(
             model, inputs, rows, ctx.deadline, link_context(), client_connection(request.scope)
         )
-    except StoppedWaiting as exc:  # a 504's or a 499's wait is queue time
-        if exc.waited_s is not None:
-            ctx.timings.record("queue", exc.waited_s, submitted_ns)
-        raise
-    except Exception as exc:  # failed in its own run (a 400 for its shape, a 500)
+    except Exception as exc:  # a 504's or 499's wait; a failed own run's wait and run
         if (spent := phases_of(exc)) is not None:
-            ctx.timings.record("queue", spent[0], submitted_ns)
-            at = None if submitted_ns is None else submitted_ns + int(spent[0] * 1e9)
-            ctx.timings.record("infer", spent[1], at)
+            queue_s, infer_s = spent
+            ctx.timings.record("queue", queue_s, submitted_ns)
+            if infer_s is not None:
+                at = None if submitted_ns is None else submitted_ns + int(queue_s * 1e9)
+                ctx.timings.record("infer", infer_s, at)
         raise
     ctx.outcome = outcome
     _record_inference(ctx.timings, model, outcome, submitted_ns)

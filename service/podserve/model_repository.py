@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnxruntime as ort
-
 from podserve.errors import NotFound
 from podserve.model_config import load_model_config
 from podserve.onnx_model import OnnxModel, ThreadBudget
@@ -113,9 +111,6 @@ def _version_dirs(model_dir: Path) -> dict[str, Path]:
 
 
 def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> ModelRepository:
-    # ORT writes its own log to stderr as coloured plain text, not JSON: a line per unused
-    # initializer at load and per failed run (a client's bad shape too). Off by default.
-    ort.set_default_logger_severity(settings.ort_log_severity)
     if not root.is_dir():
         raise ModelLoadError(f"model repository {root} does not exist or is not a directory")
     models: dict[str, ServedModel] = {}

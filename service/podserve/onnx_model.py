@@ -16,7 +16,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from podserve.classification import load_labels
 from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
-from podserve.errors import BadRequest, PayloadTooLarge
+from podserve.errors import BadRequest, check_rows
 from podserve.model_config import ModelConfig, TensorSpec
 from podserve.processors import (
     Postprocessor,
@@ -242,10 +242,7 @@ class OnnxModel:
         count = rows.pop()
         if count < 1:
             raise BadRequest("inputs have no rows (batch dimension is 0)")
-        if count > self.max_rows_per_request:
-            raise PayloadTooLarge(
-                f"{count} rows exceed the limit of {self.max_rows_per_request} per request"
-            )
+        check_rows(count, self.max_rows_per_request)
         if self.preprocessor:
             inputs = self.preprocessor.validate(inputs)
         return inputs, count

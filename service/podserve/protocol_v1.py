@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from podserve.errors import BadRequest, PayloadTooLarge
+from podserve.errors import BadRequest, check_rows
 from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
 from podserve.protocol_v2 import loads_json, numeric_array
@@ -23,8 +23,8 @@ def parse_predict_doc(doc: Any, inputs: list[TensorSpec], max_rows: int | None =
     instances = doc["instances"]
     if not instances:
         raise BadRequest("'instances' is empty")
-    if max_rows is not None and len(instances) > max_rows:
-        raise PayloadTooLarge(f"{len(instances)} rows exceed the limit of {max_rows} per request")
+    if max_rows is not None:
+        check_rows(len(instances), max_rows)
     if len(inputs) == 1 and not isinstance(instances[0], dict):  # rows of the one input
         return {inputs[0].name: _column(inputs[0], instances)}
     # Named instances ({"input name": value, ...} per row), as TF Serving's row format allows

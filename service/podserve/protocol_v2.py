@@ -18,7 +18,7 @@ import orjson
 
 from podserve.classification import check_classifiable, class_count, top_classes
 from podserve.datatypes import INT_TYPES, V2_TO_NUMPY, numpy_to_v2
-from podserve.errors import BadRequest, PayloadTooLarge
+from podserve.errors import BadRequest, check_rows
 from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
 
@@ -116,8 +116,8 @@ def _parse_inputs(
         name, datatype, shape, params = _tensor_header(item)
         if name in tensors:
             raise BadRequest(f"input '{name}' appears more than once")
-        if max_rows is not None and shape and shape[0] > max_rows:
-            raise PayloadTooLarge(f"{shape[0]} rows exceed the limit of {max_rows} per request")
+        if max_rows is not None and shape:
+            check_rows(shape[0], max_rows)
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:

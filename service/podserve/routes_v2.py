@@ -59,8 +59,7 @@ async def model_version_metadata(request: Request, model_name: str, model_versio
 
 @router.get("/v2/models/{model_name}/config", summary="Model configuration (Triton)")
 async def model_config(request: Request, model_name: str) -> Response:
-    runtime = runtime_of(request)
-    return json_response(triton_config(runtime.model(model_name), runtime.settings.max_queue_rows))
+    return _triton_config(request, model_name, None)
 
 
 @router.get(
@@ -68,6 +67,10 @@ async def model_config(request: Request, model_name: str) -> Response:
     summary="Model configuration of a version (Triton)",
 )
 async def model_version_config(request: Request, model_name: str, model_version: str) -> Response:
+    return _triton_config(request, model_name, model_version)
+
+
+def _triton_config(request: Request, model_name: str, model_version: str | None) -> Response:
     runtime = runtime_of(request)
     model = runtime.model(model_name, model_version)
     return json_response(triton_config(model, runtime.settings.max_queue_rows))

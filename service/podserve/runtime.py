@@ -9,6 +9,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import onnxruntime as ort
+
 from podserve import lifecycle, repository_fingerprint
 from podserve.batcher import Batcher, BatchObserver, InferenceOutcome, QueueBudget
 from podserve.client_disconnect import ClientConnection
@@ -64,6 +66,9 @@ class ServingRuntime:
         self.db = DatabaseServices(settings, self)  # PostgreSQL features; inert without a URL
 
     async def start(self) -> None:
+        # ORT writes its own log to stderr as coloured plain text, not JSON: a line per unused
+        # initializer at load and per failed run (a client's bad shape too). Off by default.
+        ort.set_default_logger_severity(self.settings.ort_log_severity)
         threads = thread_budget(self.settings)
         started = time.perf_counter()
         self.repository = await self.pool.run_apart(self._load_repository, threads)
