@@ -67,6 +67,28 @@ def test_error_answers_carry_the_phases_their_request_went_through(
     assert {"parse", "queue"} <= set(parse_server_timing(late.headers["server-timing"]))
 
 
+def test_v2_timeout_parameter_sets_the_deadline_when_sooner(client: httpx.Client) -> None:
+    """Triton's per-request `timeout` (microseconds, in the body's parameters): the sooner of
+    it and X-Podserve-Timeout-Ms wins; 0 means no deadline of its own."""
+    body = _infer_body([1, 2, 3, 4], [1, 4])
+    url = "/v2/models/affine/infer"
+    soon = client.post(url, json=body | {"parameters": {"timeout": 1}})
+    assert soon.status_code == 504, soon.text
+    assert "deadline" in soon.json()["error"]
+    header_sooner = client.post(
+        url, json=body | {"parameters": {"timeout": 60_000_000}},
+        headers={"x-podserve-timeout-ms": "0.001"},
+    )  # fmt: skip
+    assert header_sooner.status_code == 504, header_sooner.text
+    body_sooner = client.post(
+        url, json=body | {"parameters": {"timeout": 1}}, headers={"x-podserve-timeout-ms": "60000"}
+    )
+    assert body_sooner.status_code == 504, body_sooner.text
+    for roomy in (60_000_000, 0):
+        ok = client.post(url, json=body | {"parameters": {"timeout": roomy}})
+        assert ok.status_code == 200, ok.text
+
+
 def test_infer_specific_version_and_requested_outputs(client: httpx.Client) -> None:
     body = _infer_body([1, 2, 3, 4], [1, 4]) | {"id": "req-7", "outputs": [{"name": "y"}]}
     response = client.post("/v2/models/affine/versions/1/infer", json=body)
@@ -281,6 +303,12 @@ BAD_REQUESTS = [
      "Inference-Header-Content-Length must be a non-negative integer"),
     ("bad timeout header", "/v2/models/affine/infer", VALID,
      {**JSON, "x-podserve-timeout-ms": "soon"}, 400, "Timeout-Ms"),
+    ("string timeout parameter", "/v2/models/affine/infer",
+     VALID | {"parameters": {"timeout": "1000"}}, JSON, 400, "'timeout' must be a non-negative"),
+    ("negative timeout parameter", "/v2/models/affine/infer",
+     VALID | {"parameters": {"timeout": -5}}, JSON, 400, "microseconds, got -5"),
+    ("fractional timeout parameter", "/v2/models/affine/infer",
+     VALID | {"parameters": {"timeout": 1.5}}, JSON, 400, "microseconds, got 1.5"),
     ("unknown content encoding", "/v2/models/affine/infer", VALID,
      {**JSON, "content-encoding": "br"}, 415, "content encoding"),
     ("v1 not instances", "/v1/models/affine:predict", {"inputs": []}, JSON, 400, "instances"),

@@ -116,3 +116,15 @@ def test_errors_surface_with_status(triton_client: triton.InferenceServerClient)
     with pytest.raises(InferenceServerException) as missing:
         triton_client.infer("missing", [tensor])
     assert missing.value.status() == "404"
+
+
+def test_request_timeout_is_the_deadline(triton_client: triton.InferenceServerClient) -> None:
+    """tritonclient's `timeout` (microseconds) bounds the request as X-Podserve-Timeout-Ms does:
+    1 us has passed before any batch runs (504); a minute leaves the answer unchanged."""
+    tensor = triton.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
+    with pytest.raises(InferenceServerException) as late:
+        triton_client.infer("affine", [tensor], timeout=1)
+    assert late.value.status() == "504"
+    result = triton_client.infer("affine", [tensor], timeout=60_000_000)
+    assert result.as_numpy("y").shape == (1, 4)

@@ -45,12 +45,13 @@ class RequestContext:
         return ctx
 
 
-def start_deadline(request: Request, ctx: RequestContext) -> None:
-    """The request's deadline (X-Podserve-Timeout-Ms, else PODSERVE_REQUEST_TIMEOUT_MS),
-    worked out once, before the first phase that waits: the feature lookup must keep to it
-    as the queue does. No clock read: it counts from ctx.started."""
-    timeout = request_headers(request.scope).get(TIMEOUT_HEADER)
-    ctx.deadline = runtime_of(request).deadline(ctx.started, timeout)
+def start_deadline(request: Request, ctx: RequestContext, timeout_ms: float | None = None) -> None:
+    """The request's deadline (X-Podserve-Timeout-Ms, else PODSERVE_REQUEST_TIMEOUT_MS; the
+    body's own `timeout_ms`, V2's `timeout` parameter, when sooner), worked out once, before
+    the first phase that waits: the feature lookup must keep to it as the queue does. No
+    clock read: it counts from ctx.started."""
+    header = request_headers(request.scope).get(TIMEOUT_HEADER)
+    ctx.deadline = runtime_of(request).deadline(ctx.started, header, timeout_ms)
 
 
 async def predict(

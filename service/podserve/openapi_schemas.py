@@ -26,7 +26,15 @@ V2_INFER_REQUEST: dict[str, Any] = {
         "id": {"type": "string"},
         "parameters": {
             "type": "object",
-            "properties": {"entity_ids": _ENTITY_IDS, "feature_set": {"type": "string"}},
+            "properties": {
+                "entity_ids": _ENTITY_IDS,
+                "feature_set": {"type": "string"},
+                "timeout": {
+                    "description": "Deadline in microseconds (Triton's); 0 = none of its own",
+                    "type": "integer",
+                    "minimum": 0,
+                },
+            },
         },
         "inputs": {
             "type": "array",

@@ -41,6 +41,7 @@ class InferRequest:
     datatypes: dict[str, str]
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
+    timeout_ms: float | None = None  # Triton's `timeout` parameter (microseconds), in ms
 
 
 def loads_json(body: bytes | memoryview) -> Any:
@@ -84,6 +85,7 @@ def parse_infer_request(
         datatypes=datatypes,
         outputs=_parse_outputs(doc.get("outputs")),
         binary_output=_flag(parameters, "binary_data_output"),
+        timeout_ms=_timeout_ms(parameters),
     )
 
 
@@ -94,6 +96,19 @@ def _flag(params: dict[str, Any], key: str) -> bool:
     if value is True or value is False:
         return value
     raise BadRequest(f"Unable to parse '{key}': it must be true or false")
+
+
+def _timeout_ms(params: dict[str, Any]) -> float | None:
+    """Triton's per-request `timeout` (tritonclient's `infer(timeout=...)`): microseconds, an
+    unsigned integer; 0 or absent leaves the deadline to the header or the default."""
+    value = params.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(
+            f"parameter 'timeout' must be a non-negative integer of microseconds, got {value!r}"
+        )
+    return value / 1000 if value else None
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

@@ -101,7 +101,7 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         )
         check_requested_outputs(parsed, model.output_specs)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
-        start_deadline(request, ctx)  # before the features phase, which must keep to it
+        start_deadline(request, ctx, parsed.timeout_ms)  # before the features phase
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
         parsed.inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, parsed.inputs, parsed.datatypes)

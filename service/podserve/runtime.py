@@ -115,8 +115,11 @@ class ServingRuntime:
     def model(self, name: str, version: str | None = None) -> OnnxModel:
         return self.served().get(name, version)
 
-    def deadline(self, started: float, header: str | None) -> float | None:
-        """Absolute perf_counter deadline from the request header or the default setting."""
+    def deadline(
+        self, started: float, header: str | None, body_timeout_ms: float | None = None
+    ) -> float | None:
+        """Absolute perf_counter deadline from the request header or the default setting, or
+        from the body's own timeout (V2's `timeout` parameter) when that is sooner."""
         timeout_ms = self.settings.request_timeout_ms
         if header:
             try:
@@ -127,6 +130,8 @@ class ServingRuntime:
                 ) from None
             if not math.isfinite(timeout_ms) or timeout_ms <= 0:
                 raise BadRequest("X-Podserve-Timeout-Ms must be a positive number")
+        if body_timeout_ms is not None and (timeout_ms <= 0 or body_timeout_ms < timeout_ms):
+            timeout_ms = body_timeout_ms
         return started + timeout_ms / 1000 if timeout_ms > 0 else None
 
     async def infer(
