@@ -71,16 +71,25 @@ def test_unknown_processor_fails_startup(tmp_path: Path) -> None:
     assert "unknown preprocessor 'magic'" in _serve_expecting_failure(tmp_path)
 
 
-def test_bad_settings_are_one_line_each_not_a_traceback(tmp_path: Path) -> None:
+GUNICORN_DIRECT = [
+    sys.executable, "-m", "gunicorn", "-c", "python:podserve.gunicorn_conf",
+    "podserve.app:create_app()",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command", [[*PODSERVE, "serve"], GUNICORN_DIRECT], ids=["cli", "gunicorn"]
+)
+def test_bad_settings_are_one_line_each_not_a_traceback(command: list[str]) -> None:
+    """`gunicorn -c python:podserve.gunicorn_conf` (the README's direct form) printed
+    pydantic's traceback, under Gunicorn's own, where `podserve serve` printed one line."""
     env = {
         **os.environ,
         "PODSERVE_PORT": "abc",
         "PODSERVE_WORKERS": "0",
         "PODSERVE_LOG_LEVEL": "loud",
     }
-    out = subprocess.run(
-        [*PODSERVE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "error: PODSERVE_PORT='abc': Input should be a valid integer" in out.stderr
     assert "error: PODSERVE_WORKERS='0': Input should be greater than or equal to 1" in out.stderr

@@ -95,27 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
+    from podserve.settings import report_invalid
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ValidationError as exc:  # PODSERVE_* settings: one line each, not a traceback
-        for line in settings_errors(exc):
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-
-
-def settings_errors(exc: Any) -> list[str]:
-    """`PODSERVE_PORT='abc': Input should be a valid integer` per invalid setting."""
-    from podserve.settings import is_secret
-
-    lines = []
-    for error in exc.errors():
-        field = str(error["loc"][0]) if error.get("loc") else ""
-        name = f"PODSERVE_{field.upper()}" if field else "settings"
-        shown = field and not is_secret(field) and not isinstance(error.get("input"), dict)
-        given = f"={error['input']!r}" if shown else ""
-        lines.append(f"{name}{given}: {error['msg']}")
-    return lines
+        return report_invalid(exc)
 
 
 if __name__ == "__main__":

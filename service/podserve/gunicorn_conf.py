@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from podserve import (
     bind_check,
     deferred_listen,
@@ -24,7 +26,7 @@ from podserve import (
 )
 from podserve.logs import gunicorn_logconfig_dict
 from podserve.runtime import resolve_workers
-from podserve.settings import Settings, get_settings, unknown_settings
+from podserve.settings import Settings, get_settings, report_invalid, unknown_settings
 
 
 def config_dict(settings: Settings) -> dict[str, Any]:
@@ -136,4 +138,13 @@ def _optional_settings() -> dict[str, Any]:
     return {"control_socket_disable": True} if "control_socket_disable" in known else {}
 
 
-globals().update(config_dict(get_settings()))
+def _settings_or_exit() -> Settings:
+    """`gunicorn -c python:podserve.gunicorn_conf` imports this module itself, outside
+    `podserve serve`'s handler: a bad setting is one line each, not Gunicorn's traceback."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise SystemExit(report_invalid(exc)) from None
+
+
+globals().update(config_dict(_settings_or_exit()))

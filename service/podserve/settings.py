@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import sys
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from podserve.db.url_check import url_problem
@@ -220,6 +221,25 @@ def is_secret(field: str) -> bool:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_errors(exc: ValidationError) -> list[str]:
+    """`PODSERVE_PORT='abc': Input should be a valid integer` per invalid setting."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error.get("loc") else ""
+        name = f"PODSERVE_{field.upper()}" if field else "settings"
+        shown = field and not is_secret(field) and not isinstance(error.get("input"), dict)
+        given = f"={error['input']!r}" if shown else ""
+        lines.append(f"{name}{given}: {error['msg']}")
+    return lines
+
+
+def report_invalid(exc: ValidationError) -> int:
+    """Print each invalid setting on one line (not pydantic's traceback); the exit status."""
+    for line in settings_errors(exc):
+        print(f"error: {line}", file=sys.stderr)
+    return 2
 
 
 def unknown_settings(environ: Mapping[str, str]) -> list[str]:
