@@ -104,6 +104,17 @@ def background_span(name: str, attributes: Attributes = None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def phase_span(name: str) -> Iterator[None]:
+    """A child of the current span, timed as it runs: a phase of background work (a job's
+    `features`, `infer`), where requests record theirs afterwards; a no-op untraced."""
+    if _tracer is None:
+        yield
+        return
+    with _tracer.start_as_current_span(name):
+        yield
+
+
 def link_context() -> SpanContext | None:
     """The current request span, for the batch span to link to (None: nothing to link)."""
     if not _active:

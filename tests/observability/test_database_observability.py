@@ -103,6 +103,50 @@ def test_prediction_log_rows_carry_trace_ids_and_are_counted(
     assert any(w.name == "prediction_log.write" and not w.parent_span_id for w in writes)
 
 
+def test_a_job_attempt_is_one_trace_of_its_phases_and_queries(
+    server: ServerProcess, db_url: str, receiver: OtlpReceiver
+) -> None:
+    """A job's run was untraced: its feature lookup and result store (asyncpg spans) were
+    dropped as lone queries, and its prediction-log row had no trace id to look up."""
+    body = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1] * 8}]}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        good = http.post("/v2/models/affine/jobs", json=body)
+        bad = http.post("/v2/models/affine/jobs", json={"parameters": {"entity_ids": ["no"]}})
+        assert (good.status_code, bad.status_code) == (202, 202), (good.text, bad.text)
+        deadline = time.monotonic() + 20
+        for response in (good, bad):
+            while http.get(response.headers["location"]).json()["status"] in ("queued", "running"):
+                assert time.monotonic() < deadline, "jobs never finished"
+                time.sleep(0.05)
+    good_id, bad_id = good.json()["id"], bad.json()["id"]
+
+    def runs(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
+        return {
+            s.attributes["podserve.job.id"]: s
+            for s in spans
+            if s.name == "job.run" and s.attributes.get("podserve.job.id") in (good_id, bad_id)
+        }
+
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        done = runs(spans)
+        return len(done) == 2 and any(s.parent_span_id == done[good_id].span_id for s in spans)
+
+    spans = receiver.wait_for(arrived)
+    run, failed = runs(spans)[good_id], runs(spans)[bad_id]
+    assert not run.parent_span_id and run.attributes["podserve.model"] == "affine"
+    assert run.attributes["podserve.job.outcome"] == "succeeded"
+    assert run.attributes["podserve.rows"] == 2 and run.attributes["podserve.job.attempt"] == 1
+    assert failed.attributes["podserve.job.outcome"] == "failed"
+    assert failed.status_code == 2  # STATUS_CODE_ERROR
+    children = [s for s in spans if s.parent_span_id == run.span_id]
+    assert "infer" in {s.name for s in children}
+    assert any(_is_query(s) for s in children)  # the result's store
+    logged = postgres.query(
+        db_url, "SELECT trace_id FROM podserve_prediction_log WHERE request_id = $1", good_id
+    )
+    assert [row["trace_id"] for row in logged] == [run.trace_id]
+
+
 def _is_query(span: ReceivedSpan) -> bool:
     """An asyncpg instrumentation span (the prediction-log writer's COPY/INSERT)."""
     return span.attributes.get("db.system") == "postgresql"

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import numpy as np
 import onnxruntime as ort
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
 
 from podserve import connection_balance
 from podserve.db.features import FeatureStore, entity_lookup
@@ -48,6 +50,7 @@ from podserve.protocol_v2 import (
     parse_infer_request,
 )
 from podserve.settings import Settings
+from podserve.tracing import background_span, current_trace_id, phase_span
 
 if TYPE_CHECKING:
     from podserve.onnx_model import OnnxModel
@@ -376,6 +379,25 @@ def _join_pieces(pieces: Sequence[Tensors], rows: Sequence[int]) -> Tensors | No
     return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
 
 
+def _job_attributes(job: ClaimedJob) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "podserve.job.id": str(job.id),
+        "podserve.job.attempt": job.attempts,
+        "podserve.model": job.model,
+    }
+    if job.version is not None:
+        attributes["podserve.model.version"] = job.version
+    return attributes
+
+
+def _note_outcome(outcome: str, error: str | None = None) -> None:
+    """On the attempt's job.run span (none untraced: a no-op): how it ended, and why not well."""
+    span = trace.get_current_span()
+    span.set_attribute("podserve.job.outcome", outcome)
+    if error is not None:
+        span.set_status(StatusCode.ERROR, error)
+
+
 def _store_error_cause(exc: BaseException) -> BaseException:
     """The error that made storing fail. A statement timeout shows up as the InterfaceError of
     the rollback that follows it ("connection is closed"), with the TimeoutError as context."""
@@ -502,7 +524,9 @@ class JobRunner:
         execution = Execution(job)
         self.running[execution.key] = execution
         try:
-            await self._run(execution)
+            # One trace per attempt: its phases and queries under it, not lone query spans.
+            with background_span("job.run", _job_attributes(job)):
+                await self._run(execution)
         except Exception as exc:  # the database went away while finishing: the lease expires
             log.warning("job not finished", extra={"job": str(job.id), "error": repr(exc)})
         finally:
@@ -527,10 +551,12 @@ class JobRunner:
             execution.computing = False
         if execution.lease_lost:  # the renewer found it another's (terminated, or done before
             self.results_discarded += 1  # the terminate took): nothing to fail, requeue, store
+            _note_outcome("discarded")
             return
         if failure is not None:
             if execution.run_options.terminate:  # stop() hands the job back: not its failure
                 log.info("job handed back", extra={"job": str(job.id)})
+                _note_outcome("handed_back")
             else:
                 await self._inference_failed(job, failure)
             return
@@ -565,8 +591,10 @@ class JobRunner:
         if stored:
             self.jobs_succeeded += 1
             self.log_rows_written += log_row is not None  # in the result's transaction
+            _note_outcome("succeeded")
         else:
             self.results_discarded += 1
+            _note_outcome("discarded")
             log.warning("job result discarded: lease lost", extra={"job": str(job.id)})
 
     def _describe(self, cause: BaseException, size: int) -> str:
@@ -584,10 +612,12 @@ class JobRunner:
             delay = min(60.0, 2.0**job.attempts)
             await self.store.requeue(job, self.owner, delay, refund=False, error=reason)
             self.jobs_requeued += 1
+            _note_outcome("requeued", reason)
         else:
             await self._fail(job, reason)
 
     async def _fail(self, job: ClaimedJob, message: str, refund: bool = False) -> None:
+        _note_outcome("failed", message)
         if await self.store.fail(job, self.owner, message, refund):
             self.jobs_failed += 1
 
@@ -606,11 +636,14 @@ class JobRunner:
             if self.features is None:
                 raise ServiceUnavailable("feature lookup is not available")
             started = time.perf_counter()
-            inputs = await self.features.tensor(model, lookup)
+            with phase_span("features"):
+                inputs = await self.features.tensor(model, lookup)
             timings["features"] = time.perf_counter() - started
         inputs, rows = model.validate(inputs, parsed.datatypes)
+        trace.get_current_span().set_attribute("podserve.rows", rows)
         started = time.perf_counter()
-        outputs = await self._run_in_pieces(model, inputs, rows, run_options)
+        with phase_span("infer"):
+            outputs = await self._run_in_pieces(model, inputs, rows, run_options)
         timings["infer"] = time.perf_counter() - started
         args = (model, parsed, inputs, outputs, timings, str(job.id))
         small = _tensor_bytes(outputs) <= ENCODE_ON_LOOP_MAX_BYTES
@@ -676,8 +709,8 @@ class JobRunner:
         if self.log_inputs is None:
             return content, None
         log_row = make_row(
-            job_id, parsed.id, model.name, model.version, inputs, outputs, timings, None,
-            self.log_inputs,
+            job_id, parsed.id, model.name, model.version, inputs, outputs, timings,
+            current_trace_id(), self.log_inputs,
         )  # fmt: skip
         return content, log_row
 
