@@ -287,6 +287,17 @@ def test_a_model_directory_with_no_versions_fails_the_load(tmp_path: Path) -> No
     with pytest.raises(ModelLoadError, match="version directories must be numbers") as caught:
         _load(tmp_path)
     assert f"{tmp_path / 'empty'}: no version directory" in str(caught.value)
+    assert "modelConfigs" not in str(caught.value)  # it has other content: no Helm hint
+
+
+def test_a_lone_config_yaml_names_the_chart_s_model_configs(tmp_path: Path) -> None:
+    """What the chart's modelConfigs entry for a model missing from the image mounts: the
+    pod crash-looped on a message that did not say where the directory came from."""
+    save(affine_model(), tmp_path, "good")
+    (tmp_path / "ghost").mkdir()
+    (tmp_path / "ghost" / "config.yaml").write_text("max_batch_size: 8\n")
+    with pytest.raises(ModelLoadError, match="Helm modelConfigs entry for a model the image"):
+        _load(tmp_path)
 
 
 def test_a_folder_that_is_no_model_is_skipped(

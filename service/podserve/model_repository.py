@@ -103,9 +103,13 @@ def _version_dirs(model_dir: Path) -> dict[str, Path]:
             )
         versions[version] = path
     if not versions:
+        # The chart mounts each modelConfigs entry over <repository>/<model>/config.yaml:
+        # one naming a model the image lacks makes such a directory, and a crash loop.
+        lone = not others and [p.name for p in model_dir.iterdir()] == ["config.yaml"]
+        hint = "; only a config.yaml: is a Helm modelConfigs entry for a model the image lacks?"
         raise ModelLoadError(
             f"{model_dir}: no version directory (version directories must be numbers, "
-            f"e.g. {model_dir}/1/model.onnx; found {others or 'none'})"
+            f"e.g. {model_dir}/1/model.onnx; found {others or 'none'}){hint if lone else ''}"
         )
     return dict(sorted(versions.items(), key=lambda item: int(item[0])))
 
