@@ -64,9 +64,15 @@ V2_INFER_REQUEST: dict[str, Any] = {
 
 V1_PREDICT_REQUEST: dict[str, Any] = {
     "type": "object",
-    "description": "Send `instances`, or `entity_ids` (and `feature_set`) instead",
+    "description": (
+        "Send `instances` (rows: answered with `predictions`), `inputs` (columns: a tensor, "
+        "or an object naming each input's tensor; answered with `outputs`), or `entity_ids` "
+        "(and `feature_set`) instead"
+    ),
     "properties": {
         "instances": {"type": "array", "minItems": 1, "items": {}},
+        "inputs": {"type": ["array", "object"]},
+        "signature_name": {"type": "string"},
         "entity_ids": _ENTITY_IDS,
         "feature_set": {"type": "string"},
     },

@@ -19,7 +19,7 @@ from podserve.json_response import JSON_TYPE, OPTIONS, PreparedResponse, json_re
 from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
 from podserve.processors import Tensors
-from podserve.protocol_v1 import encode_predictions, parse_predict_doc
+from podserve.protocol_v1 import encode_outputs, encode_predictions, parse_columns, parse_rows
 from podserve.protocol_v2 import loads_json
 
 router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
@@ -31,12 +31,19 @@ async def model_status(request: Request, model_name: str) -> Response:
     return json_response({"name": model.name, "version": model.version, "ready": True})
 
 
-def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, Tensors]:
-    """A V1 body: entity ids to look up, or the instances as tensors."""
+def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, Tensors, bool]:
+    """A V1 body: entity ids to look up, or tensors as rows (`instances`) or columns
+    (`inputs`); and whether it was columns, which the answer's form follows."""
     doc = loads_json(body)
-    lookup = entity_lookup(doc, has_inputs=isinstance(doc, dict) and "instances" in doc)
+    is_object = isinstance(doc, dict)
+    columnar = is_object and "inputs" in doc  # = is_columnar: rows pay one dict key check
+    lookup = entity_lookup(doc, has_inputs=columnar or (is_object and "instances" in doc))
+    if lookup:
+        return lookup, {}, False
     rows = model.max_rows_per_request
-    return lookup, ({} if lookup else parse_predict_doc(doc, model.inputs, rows))
+    if columnar:
+        return None, parse_columns(doc, model.inputs, rows), True
+    return None, parse_rows(doc, model.inputs, rows), False
 
 
 @router.post(
@@ -52,14 +59,17 @@ async def model_predict(request: Request, model_name: str) -> Response:
         model = runtime.model(model_name)  # first: an unknown model is a 404, whatever the body
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-        lookup, inputs = await parse_body(_parse_predict, body, model)
+        lookup, inputs, columnar = await parse_body(_parse_predict, body, model)
         start_deadline(request, ctx)  # before the features phase, which must keep to it
     if lookup is not None:  # `features` phase: entity ids -> tensor from PostgreSQL
         inputs = await fetch_features(request, ctx, model, lookup)
     outcome = await predict(request, ctx, model, inputs, None)
     with ctx.timings.measure("postprocess"):
-        content = orjson.dumps(
-            encode_predictions(outcome.outputs, [s.name for s in model.outputs], ctx.rows),
-            option=OPTIONS,
+        order = [s.name for s in model.outputs]
+        answer = (
+            encode_outputs(outcome.outputs, order)
+            if columnar
+            else encode_predictions(outcome.outputs, order, ctx.rows)
         )
+        content = orjson.dumps(answer, option=OPTIONS)
     return PreparedResponse(content, [timing_header(ctx), JSON_TYPE])
