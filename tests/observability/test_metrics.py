@@ -213,10 +213,14 @@ def test_a_dead_workers_gauges_go_and_its_counts_stay(
     served = before.value("podserve_requests_total", model="affine", route=INFER)
     victim = server.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)  # no clean shutdown: only the master's hook can clean up
-    after = _wait_for(
-        server.url,
-        lambda s: s.value("podserve_workers") == 2 and str(victim) not in _worker_pids(server),
-    )
+    # Its replacement first: the master cleans up (child_exit) before it forks a new worker.
+    # A scrape taken before that clean-up counted the dead worker's gauge, so the next test's
+    # scrape could see 1 worker while the new one started.
+    deadline = time.monotonic() + 30
+    while len(pids := _worker_pids(server)) != 2 or str(victim) in pids:
+        assert time.monotonic() < deadline, f"worker {victim} not replaced: {pids}"
+        time.sleep(0.1)
+    after = _wait_for(server.url, lambda s: s.value("podserve_workers") == 2)
     # Its files are gone, its counts folded into the archives (test_metrics_archive.py).
     assert not list(metrics_dir.glob(f"*_{victim}.db"))
     assert list(metrics_dir.glob("counter_archive.db"))
