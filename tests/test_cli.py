@@ -108,6 +108,18 @@ def test_a_bad_database_url_stops_the_start_before_models_load(tmp_path: Path) -
     assert "s3cret" not in out.stderr
 
 
+@pytest.mark.parametrize("url", ["", "  "])
+def test_an_empty_database_url_stops_the_start(url: str) -> None:
+    """asyncpg read "" as libpq's defaults: the workers connected to a local database without
+    podserve's schema, and prediction-log rows spooled to disk for ever (38 MB in 2 min)."""
+    env = {**os.environ, "PODSERVE_DATABASE_URL": url}
+    out = subprocess.run(
+        [*PODSERVE, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "error: PODSERVE_DATABASE_URL: Value error, is empty: leave it unset" in out.stderr
+
+
 def test_empty_repository_fails_startup(tmp_path: Path) -> None:
     assert "holds no <model>/<version>/model.onnx" in _serve_expecting_failure(tmp_path)
 

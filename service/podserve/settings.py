@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _usable_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            # asyncpg reads "" as libpq's defaults (a local socket, the user's own database):
+            # a database without podserve's schema, and a prediction log spooling for ever.
+            raise ValueError("is empty: leave it unset to run without PostgreSQL")
         problem = value and url_problem(value.get_secret_value())
         if problem:
             raise ValueError(problem)

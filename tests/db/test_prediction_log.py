@@ -153,6 +153,25 @@ def test_row_content(server: ServerProcess, db_url: str) -> None:
     assert abs(row["logged_at"].timestamp() - time.time()) < 60
 
 
+def test_a_long_client_request_id_is_kept_to_its_first_256_characters(
+    server: ServerProcess, db_url: str
+) -> None:
+    """A 60 KB X-Request-Id was stored whole in every row (and held in the buffer while the
+    database was away): 64 KB per row instead of ~600 B."""
+    long_id = "long-id-" + "x" * 60_000
+    with httpx.Client(base_url=server.url) as http:
+        response = http.post(
+            "/v2/models/affine/infer", json=BODY, headers={"x-request-id": long_id}
+        )
+    assert response.status_code == 200, response.text
+    assert _wait_for_rows(db_url, "long-id-", 1) == 1
+    stored = postgres.scalar(
+        db_url, "SELECT client_request_id FROM podserve_prediction_log WHERE client_request_id "
+        "LIKE 'long-id-%'"
+    )  # fmt: skip
+    assert stored == long_id[:256]
+
+
 def _start(models: Path, url: str, spool: Path, **env: str) -> ServerProcess:
     # Nothing is written before shutdown: only the SIGTERM flush can save these rows.
     settings = postgres.server_env(

@@ -89,7 +89,7 @@ def make_row(
     full = inputs_mode == "full"
     return [
         request_id,
-        None if client_request_id is None else pg_text(client_request_id),
+        None if client_request_id is None else pg_text(client_request_id[:CLIENT_ID_MAX_CHARS]),
         model,
         version,
         orjson.dumps(_tensors_json(inputs), option=_JSON).decode() if full else None,
@@ -99,6 +99,12 @@ def make_row(
         trace_id,
         time.time(),
     ]
+
+
+# A client's own request id (X-Request-Id; a job's `id`) is kept to this many characters: a
+# header may be 64 KiB and a job's `id` megabytes, each stored with every row and held in the
+# buffer meanwhile. Ids are UUIDs or trace ids in practice, well under it.
+CLIENT_ID_MAX_CHARS = 256
 
 
 def pg_text(text: str) -> str:
