@@ -384,6 +384,13 @@ PREDICTION_LOG_TOTALS = {
     ),
     "write_errors": ("podserve_prediction_log_write_errors", "Failed prediction-log writes"),
 }
+# db.log_retention.LogRetention's, in the one worker per pod that purges.
+LOG_RETENTION_TOTALS = {
+    "rows_purged": (
+        "podserve_prediction_log_rows_purged",
+        "Prediction-log rows older than PODSERVE_PREDICTION_LOG_RETENTION_S deleted",
+    ),
+}
 JOB_TOTALS = {  # db.jobs.JobRunner's, in the workers that run jobs
     "jobs_succeeded": ("podserve_jobs_succeeded", "Background jobs run and their result stored"),
     "jobs_failed": (
@@ -589,6 +596,7 @@ class Metrics:
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.log_totals = _counters(PREDICTION_LOG_TOTALS, r)
+        self.log_retention_totals = _counters(LOG_RETENTION_TOTALS, r)
         self.job_totals = _counters(JOB_TOTALS, r)
         # A count of the whole database, the same for every worker and pod: the pod shows
         # its workers' latest count (take max, not sum, over pods).
@@ -756,7 +764,8 @@ class Metrics:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
 
         Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting` and `db.prediction_log`
-        (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, spool_bytes).
+        (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, spool_bytes),
+        and `db.log_retention` (rows_purged) in the worker that purges old rows.
         """
         services = getattr(runtime, "db", None)
         database = getattr(services, "database", None)
@@ -768,6 +777,9 @@ class Metrics:
         waiting = getattr(database, "waiting", None)
         if isinstance(waiting, int):
             self.db_pool_waiting.set(waiting)
+        retention = getattr(services, "log_retention", None)  # db.log_retention.LogRetention
+        if retention is not None:
+            self._advance_all(retention, self.log_retention_totals)
         plog = getattr(services, "prediction_log", None)
         if plog is None:
             return

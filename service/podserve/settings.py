@@ -112,9 +112,17 @@ class Settings(BaseSettings):
     prediction_log_inputs: Literal["full", "digest"] = "digest"
     prediction_log_journal: bool = Field(True, description="survive SIGKILL: see db/journal.py")
     prediction_log_buffer_rows: int = Field(10_000, ge=1)
+    # Rows of big content (full inputs, large outputs) filled memory long before the row
+    # bound: spill at this many bytes of row text too (refuse at twice either bound).
+    prediction_log_buffer_bytes: int = Field(
+        64 * 2**20, ge=1024, description="in-memory row bytes per worker, then spool"
+    )
     prediction_log_batch_rows: int = Field(1_000, ge=1)
     prediction_log_flush_ms: float = Field(200.0, gt=0)
     prediction_log_max_backoff_s: float = Field(5.0, gt=0)
+    prediction_log_retention_s: float = Field(
+        0.0, ge=0, description="delete rows older than this (db/log_retention.py); 0 = keep"
+    )
     spool_dir: Path = Path("./spool")
     jobs_enabled: bool = True
     jobs_concurrency: int = Field(1, ge=0, description="jobs run at once per worker; 0 = API only")

@@ -4,7 +4,10 @@ The request path appends each row to the in-memory buffer *and* writes it to thi
 journal file with one `write()` (no fsync): once the syscall returns, the data is in the
 kernel's page cache and survives the process being SIGKILLed (not a node crash; the spool's
 fsync'd segments cover rows that wait longer). Journal segments are deleted once every row in
-them reached PostgreSQL or the spool. A starting worker converts the journals of dead workers
+them reached PostgreSQL or the spool. A segment is full after ROTATE_ROWS rows or
+ROTATE_BYTES bytes (the next row starts a new one), and a full one is deleted once durable,
+the last one too: after an outage the journal does not keep its last segment (up to 2,000
+big rows) on disk until shutdown. A starting worker converts the journals of dead workers
 (whose `flock` the kernel released) into spool segments, which are then replayed; replaying a
 row the database already has is a no-op (idempotent on request id).
 
@@ -30,6 +33,10 @@ import orjson
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jnl"
+ROTATE_ROWS = 2000
+# Bytes per segment: bounds what a durable last segment keeps on disk, and, with the
+# buffer's byte bound, how many segments (open files) an outage needs (128 MiB / 8 MiB).
+ROTATE_BYTES = 8 * 2**20
 
 
 @dataclass
@@ -47,9 +54,12 @@ class _Segment:
 
 
 class Journal:
-    def __init__(self, directory: Path, rotate_rows: int = 2000) -> None:
+    def __init__(
+        self, directory: Path, rotate_rows: int = ROTATE_ROWS, rotate_bytes: int = ROTATE_BYTES
+    ) -> None:
         self.directory = directory
         self.rotate_rows = rotate_rows
+        self.rotate_bytes = rotate_bytes
         self.next_seq = 0
         self._segments: list[_Segment] = []
         self._count = 0
@@ -76,9 +86,9 @@ class Journal:
         OSError (disk full, read-only, I/O error): the row is not in the journal, and no
         part of it is; the next append tries again.
         """
-        if not self._segments:  # its volume failed at start-up: try again now
+        if not self._segments:  # the volume failed at start-up, or the last one was released
             self.open()
-        elif self._segments[-1].rows >= self.rotate_rows or self._segments[-1].torn:
+        elif self._done(self._segments[-1]):
             self._start_segment()  # before the write: a failed rotation loses no row written
         current = self._segments[-1]
         _write_line(current, orjson.dumps(row) + b"\n")
@@ -87,10 +97,22 @@ class Journal:
         current.rows += 1
         return seq
 
+    def _done(self, segment: _Segment) -> bool:
+        """No row is written to it any more: full (rows or bytes), or torn."""
+        return segment.rows >= self.rotate_rows or segment.size >= self.rotate_bytes or segment.torn
+
     def release(self, oldest_pending_seq: int) -> None:
-        """Delete the segments whose rows are all durable (seq < oldest_pending_seq)."""
-        while len(self._segments) > 1 and self._segments[0].end_seq <= oldest_pending_seq:
-            self._drop(self._segments.pop(0))
+        """Delete the segments whose rows are all durable (seq < oldest_pending_seq).
+
+        The last (current) segment goes too once it is done: no row will be written to it
+        again (the next append starts a new one, as it would anyway), so deleting it loses
+        nothing, and its bytes do not stay on disk until the next append or shutdown. One
+        that is not full is kept, or every flush would delete and create a file."""
+        segments = self._segments
+        while segments and segments[0].end_seq <= oldest_pending_seq:
+            if len(segments) == 1 and not self._done(segments[0]):
+                return
+            self._drop(segments.pop(0))
 
     def close(self, all_durable: bool) -> None:
         """At shutdown: delete everything if every row is durable, else keep it for recovery."""

@@ -57,6 +57,9 @@ COLUMNS = (
     "logged_at",
 )
 _LOGGED_AT = COLUMNS.index("logged_at")
+_CLIENT_ID = COLUMNS.index("client_request_id")
+_INPUTS = COLUMNS.index("inputs")
+_OUTPUTS = COLUMNS.index("outputs")
 _CREATE_STAGE = f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {TABLE}) ON COMMIT DELETE ROWS"
 _MOVE_STAGE = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM {STAGE} "
@@ -151,6 +154,26 @@ def tensors_digest(tensors: Tensors) -> str:
     return digest.hexdigest()
 
 
+# What a row holds in memory besides its inputs, outputs and client id: the list, the uuid,
+# digest, timings and trace id strings (each with a ~50-byte header), the float, the deque
+# slot and the journal's pending entry. Measured (tracemalloc, make_row in digest mode):
+# ~540 bytes, ~640 with the pending entry. The bound need not be exact, only follow memory.
+ROW_OVERHEAD_BYTES = 640
+
+
+def row_bytes(row: Row) -> int:
+    """About the memory a buffered row holds: its variable text's length (from the strings
+    make_row already built, not re-encoded: this runs on every request) plus a constant.
+    A row's size never changes, so adding it in and taking it out again stays exact."""
+    inputs, client_id = row[_INPUTS], row[_CLIENT_ID]
+    size = ROW_OVERHEAD_BYTES + len(row[_OUTPUTS])
+    if inputs is not None:
+        size += len(inputs)
+    if client_id is not None:
+        size += len(client_id)
+    return size
+
+
 def to_record(row: Row) -> tuple[Any, ...]:
     """A buffered/spooled row as asyncpg wants it (timestamptz needs a datetime)."""
     record = list(row)
@@ -163,6 +186,10 @@ class PredictionLog:
         self.db = db
         self.spool = spool
         self.capacity = settings.prediction_log_buffer_rows
+        # The same bound in bytes (row_bytes): big rows spill, and are refused, at the byte
+        # bound long before the row bound. A batch (one COPY) takes at most a quarter of it.
+        self.capacity_bytes = settings.prediction_log_buffer_bytes
+        self.batch_bytes = max(1, self.capacity_bytes // 4)
         self.batch_rows = settings.prediction_log_batch_rows
         self.flush_s = settings.prediction_log_flush_ms / 1000
         self.max_backoff_s = settings.prediction_log_max_backoff_s
@@ -170,6 +197,7 @@ class PredictionLog:
         self._begin_sql = f"{db.bound_transaction_sql}; {_CREATE_STAGE}"  # one round trip
         self.inputs_mode = settings.prediction_log_inputs
         self.buffer: deque[Row] = deque()
+        self.buffer_bytes = 0  # row_bytes of the rows in self.buffer, kept with every move
         # Crash safety: each buffered row is also in the journal until it is durable.
         journal_on = settings.prediction_log_journal
         self.journal = Journal(spool.directory / "journal") if journal_on else None
@@ -211,18 +239,52 @@ class PredictionLog:
 
     # --- request path ----------------------------------------------------------------
     def append(self, row: Row) -> None:
-        """O(1), no I/O. Full twice over means the spool cannot keep up: refuse to answer."""
-        if len(self.buffer) >= 2 * self.capacity:
+        """O(1), no I/O. Full twice over (rows or bytes) means the spool cannot keep up:
+        refuse to answer."""
+        depth, size = len(self.buffer), self.buffer_bytes
+        if depth >= 2 * self.capacity or size >= 2 * self.capacity_bytes:
             raise ServiceUnavailable("prediction log is full (database and spool both failing)")
         if self.journal is not None:
             self._journal(row)
         self.buffer.append(row)
+        depth += 1
+        size += row_bytes(row)
+        self.buffer_bytes = size
         self.rows_appended += 1
-        depth = len(self.buffer)
-        if depth >= self.capacity:
+        if depth >= self.capacity or size >= self.capacity_bytes:
             self._full.set()
-        elif depth >= self.batch_rows and self.failures == 0:
+        elif (depth >= self.batch_rows or size >= self.batch_bytes) and self.failures == 0:
             self._wake.set()
+
+    # --- moving rows out of (and back into) the buffer, bytes counted ------------------
+    def _take_batch(self) -> list[Row]:
+        """The oldest rows, up to batch_rows and batch_bytes (at least one row)."""
+        batch: list[Row] = []
+        size = 0
+        while self.buffer and len(batch) < self.batch_rows and size < self.batch_bytes:
+            row = self.buffer.popleft()
+            size += row_bytes(row)
+            batch.append(row)
+        self.buffer_bytes -= size
+        return batch
+
+    def _take_to_spill(self) -> list[Row]:
+        """The oldest rows, until half the buffer's row and byte bounds are left."""
+        rows_left, bytes_left = self.capacity // 2, self.capacity_bytes // 2
+        taken: list[Row] = []
+        while self.buffer and (len(self.buffer) > rows_left or self.buffer_bytes > bytes_left):
+            row = self.buffer.popleft()
+            self.buffer_bytes -= row_bytes(row)
+            taken.append(row)
+        return taken
+
+    def _put_back(self, rows: list[Row]) -> None:
+        """Rows that could not be written or spooled: back in front, order kept."""
+        self.buffer.extendleft(reversed(rows))
+        self.buffer_bytes += sum(map(row_bytes, rows))
+
+    def _over_capacity(self) -> bool:
+        return len(self.buffer) >= self.capacity or self.buffer_bytes >= self.capacity_bytes
 
     def _journal(self, row: Row) -> None:
         """Crash safety for a row, best effort: a journal that cannot be written must not
@@ -332,6 +394,7 @@ class PredictionLog:
                 log.warning("prediction log flush failed", extra={"error": repr(flush.exception())})
         rows = [*stranded, *self._inflight, *self.buffer]
         self.buffer.clear()
+        self.buffer_bytes = 0
         try:
             await self._spool_at_shutdown(rows)
         finally:
@@ -391,13 +454,12 @@ class PredictionLog:
 
     async def _drain_buffer(self) -> None:
         while self.buffer:
-            count = min(self.batch_rows, len(self.buffer))
-            batch = [self.buffer.popleft() for _ in range(count)]
+            batch = self._take_batch()
             self._inflight = batch
             try:
                 await self._write_or_set_aside(batch)
             except BaseException:
-                self.buffer.extendleft(reversed(batch))  # back in front, order kept
+                self._put_back(batch)
                 raise
             finally:
                 self._inflight = []
@@ -475,18 +537,18 @@ class PredictionLog:
         while not self._closing:
             await self._full.wait()
             self._full.clear()
-            while len(self.buffer) >= self.capacity and not self._closing:
-                if not await self._spill(len(self.buffer) - self.capacity // 2):
+            while self._over_capacity() and not self._closing:
+                if not await self._spill():
                     await asyncio.sleep(1.0)  # the disk failed: try again shortly
                     self._full.set()
                     break
 
-    async def _spill(self, count: int) -> bool:
-        rows = [self.buffer.popleft() for _ in range(count)]
+    async def _spill(self) -> bool:
+        rows = self._take_to_spill()
         try:
             await asyncio.to_thread(self.spool.write, rows)
         except Exception as exc:  # a full or read-only disk: keep the rows, try again later
-            self.buffer.extendleft(reversed(rows))
+            self._put_back(rows)
             log.error("cannot write the prediction-log spool", extra={"error": repr(exc)})
             return False
         self._mark_durable(rows)
@@ -494,7 +556,12 @@ class PredictionLog:
         self._spool_pending = True
         log.warning(
             "prediction log buffer full: rows spooled to disk",
-            extra={"rows": len(rows), "spool_bytes": self.spool.bytes},
+            extra={
+                "rows": len(rows),
+                "buffer_rows": len(self.buffer),
+                "buffer_bytes": self.buffer_bytes,
+                "spool_bytes": self.spool.bytes,
+            },
         )
         return True
 

@@ -1,4 +1,5 @@
-"""Everything PostgreSQL in one worker: pool, feature store, prediction log, job runner.
+"""Everything PostgreSQL in one worker: pool, feature store, prediction log (and its
+retention purger), job runner.
 
 Without PODSERVE_DATABASE_URL all of them stay None: raw-tensor inference works as before
 and the database features answer 503 saying they are not configured.
@@ -10,8 +11,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from podserve import connection_balance
 from podserve.db.features import FeatureStore
 from podserve.db.jobs import JobRunner, JobStore
+from podserve.db.log_retention import LogRetention
 from podserve.db.migrations import schema_status
 from podserve.db.pool import CONNECTION_ERRORS, Database
 from podserve.db.prediction_log import PredictionLog
@@ -31,6 +34,7 @@ class DatabaseServices:
         self.database: Database | None = None
         self.features: FeatureStore | None = None
         self.prediction_log: PredictionLog | None = None
+        self.log_retention: LogRetention | None = None
         self.jobs: JobStore | None = None
         self.job_runner: JobRunner | None = None
 
@@ -51,6 +55,12 @@ class DatabaseServices:
         if settings.prediction_log:
             self.prediction_log = PredictionLog(self.database, Spool(settings.spool_dir), settings)
             await self.prediction_log.start()
+        # Old rows are deleted whether or not this pod logs (rows of earlier runs, other
+        # pods). One worker per pod (slot 0, which a replacement takes over); the purger's
+        # advisory lock lets one purger of all pods delete at a time.
+        if settings.prediction_log_retention_s > 0 and connection_balance.own_slot() in (None, 0):
+            self.log_retention = LogRetention(self.database, settings)
+            self.log_retention.start()
         if settings.jobs_enabled:
             self.jobs = JobStore(self.database, settings)
             if settings.jobs_concurrency > 0:  # 0: this pod accepts jobs, others run them
@@ -64,6 +74,8 @@ class DatabaseServices:
         """Lifespan shutdown, first thing (requests are done, so no more log rows come):
         running jobs go back to the queue, the prediction log goes to the database or the
         spool. Before the inference pool drains, which a long job inference could delay."""
+        if self.log_retention is not None:
+            await self.log_retention.stop()
         if self.job_runner is not None:
             await self.job_runner.stop()
         if self.prediction_log is not None:
