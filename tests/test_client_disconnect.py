@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import httpx
 import orjson
 
 from metrics_support import scrape
+from model_builders import save, slow_model
 from server_process import ServerProcess
 
 SLOW = "/v2/models/slow/infer"
@@ -34,13 +36,28 @@ def _slow_stats(url: str) -> dict:
     return stat
 
 
-async def _occupy_then_leave(url: str, port: int, leavers: int) -> tuple[float, float, int]:
-    """One long request takes the worker's inference thread; `leavers` clients queue a
-    request each behind it and close their connections before it ends. Returns when the
-    leavers closed, when the long request ended, and its status."""
+def _busy_rows(url: str, seconds: float = 2.0, most: int = 200) -> int:
+    """Rows for a request that keeps the inference thread for about `seconds` on this host
+    (a fixed 128 rows took 0.38 s on a faster one: less than the test's own waits). At most
+    `most`, so the leavers' rows still fit the queue (PODSERVE_MAX_QUEUE_ROWS, 256)."""
+    headers = {"content-type": "application/json"}
+    httpx.post(f"{url}{SLOW}", content=_slow_body(8), headers=headers, timeout=60)  # warm-up
+    started = time.perf_counter()
+    response = httpx.post(f"{url}{SLOW}", content=_slow_body(8), headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    per_row = (time.perf_counter() - started) / 8
+    return max(8, min(most, math.ceil(seconds / per_row)))
+
+
+async def _occupy_then_leave(
+    url: str, port: int, leavers: int, rows: int
+) -> tuple[float, float, int]:
+    """One long request (`rows`) takes the worker's inference thread; `leavers` clients
+    queue a request each behind it and close their connections before it ends. Returns
+    when the leavers closed, when the long request ended, and its status."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         headers = {"content-type": "application/json"}
-        busy = asyncio.create_task(client.post(SLOW, content=_slow_body(128), headers=headers))
+        busy = asyncio.create_task(client.post(SLOW, content=_slow_body(rows), headers=headers))
         await asyncio.sleep(0.2)  # it is running: the one inference thread is taken
         writers = []
         for _ in range(leavers):
@@ -56,11 +73,14 @@ async def _occupy_then_leave(url: str, port: int, leavers: int) -> tuple[float, 
         return closed_at, time.monotonic(), response.status_code
 
 
-def test_a_queued_request_whose_client_left_never_runs(model_repo: Path) -> None:
-    with ServerProcess(model_repo, workers=1) as server:
+def test_a_queued_request_whose_client_left_never_runs(tmp_path: Path) -> None:
+    # Four times the shared slow model's layers: the long request needs fewer rows.
+    save(slow_model(layers=96), tmp_path, "slow", 1, {"max_batch_size": 8})
+    with ServerProcess(tmp_path, workers=1) as server:
+        rows = _busy_rows(server.url)
         before = _slow_stats(server.url)
         closed_at, busy_ended_at, busy_status = asyncio.run(
-            _occupy_then_leave(server.url, server.port, leavers=5)
+            _occupy_then_leave(server.url, server.port, leavers=5, rows=rows)
         )
         assert busy_status == 200
         assert busy_ended_at > closed_at + 0.1, "the long request ended before the clients left"
@@ -76,16 +96,16 @@ def test_a_queued_request_whose_client_left_never_runs(model_repo: Path) -> None
         while (statuses := _statuses(server.url)).get("499", 0) < 5:
             assert time.monotonic() < deadline, statuses
             time.sleep(0.2)
-        assert statuses.get("200") == 2 and statuses.get("499") == 5, statuses
+        assert statuses.get("200") == 4 and statuses.get("499") == 5, statuses  # 2 calibrate
         after = _slow_stats(server.url)
         # The long request and the live one ran; the 5 queued behind them never did.
         assert after["execution_count"] - before["execution_count"] == 2
-        assert after["inference_count"] - before["inference_count"] == 129
+        assert after["inference_count"] - before["inference_count"] == rows + 1
         metrics = scrape(server.url)
         assert metrics.value("podserve_queue_rows") == 0  # their rows were freed, too
         # Their wait is in the queue phase, as a 504's is: 2 served + 5 gone.
         queued = metrics.value("podserve_phase_duration_seconds_count", model="slow", phase="queue")
-        assert queued == 7, queued
+        assert queued == 9, queued  # and the 2 that calibrated
 
 
 def _statuses(url: str) -> dict[str, float]:
