@@ -10,11 +10,7 @@ import numpy as np
 from podserve.errors import BadRequest, check_rows
 from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
-from podserve.protocol_v2 import loads_json, numeric_array
-
-
-def parse_predict_request(body: bytes, inputs: list[TensorSpec]) -> Tensors:
-    return parse_predict_doc(loads_json(body), inputs)
+from podserve.protocol_v2 import numeric_array
 
 
 def parse_predict_doc(doc: Any, inputs: list[TensorSpec], max_rows: int | None = None) -> Tensors:
