@@ -19,7 +19,13 @@ from podserve.json_response import JSON_TYPE, OPTIONS, PreparedResponse, json_re
 from podserve.onnx_model import OnnxModel
 from podserve.openapi_schemas import ERROR_RESPONSES, V1_PREDICT_REQUEST, json_body
 from podserve.processors import Tensors
-from podserve.protocol_v1 import encode_outputs, encode_predictions, parse_columns, parse_rows
+from podserve.protocol_v1 import (
+    encode_outputs,
+    encode_predictions,
+    is_columnar,
+    parse_columns,
+    parse_rows,
+)
 from podserve.protocol_v2 import loads_json
 
 router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
@@ -36,7 +42,7 @@ def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, 
     (`inputs`); and whether it was columns, which the answer's form follows."""
     doc = loads_json(body)
     is_object = isinstance(doc, dict)
-    columnar = is_object and "inputs" in doc  # = is_columnar: rows pay one dict key check
+    columnar = is_columnar(doc)
     lookup = entity_lookup(doc, has_inputs=columnar or (is_object and "instances" in doc))
     if lookup:
         return lookup, {}, False

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
@@ -166,12 +167,8 @@ class LogRetention:
     async def _find(self) -> tuple[datetime, list[str]] | None:
         """The cutoff (the database's clock, the same for every pod) and the models with
         rows older than it; None if another purger holds the lock."""
-        async with (
-            asyncio.timeout(self.timeout_s),
-            self.db.background(self.timeout_s) as conn,
-            conn.transaction(),
-        ):
-            if not await self._lock(conn):
+        async with self._locked() as conn:
+            if conn is None:
                 return None
             cutoff: datetime = await conn.fetchval(_CUTOFF, self.retention_s)
             models = [row["model"] for row in await conn.fetch(_MODELS, cutoff)]
@@ -181,12 +178,8 @@ class LogRetention:
         """One short transaction; None if the lock is taken."""
         started = time.monotonic()
         try:
-            async with (
-                asyncio.timeout(self.timeout_s),
-                self.db.background(self.timeout_s) as conn,
-                conn.transaction(),
-            ):
-                if not await self._lock(conn):
+            async with self._locked() as conn:
+                if conn is None:
                     return None
                 status = await conn.execute(_DELETE, model, cutoff, limit)
         except (TimeoutError, asyncpg.QueryCanceledError):
@@ -200,6 +193,13 @@ class LogRetention:
             self.batch_rows = min(BATCH_ROWS_MAX, limit * 2)  # fast: back up towards the max
         return deleted
 
-    async def _lock(self, conn: asyncpg.Connection) -> bool:
-        await conn.execute(self._begin_sql)  # SET LOCAL idle_in_transaction_session_timeout
-        return bool(await conn.fetchval(_TRY_LOCK, LOCK_KEY))
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[asyncpg.Connection | None]:
+        """One short transaction holding the purge lock, or None if another purger has it."""
+        async with (
+            asyncio.timeout(self.timeout_s),
+            self.db.background(self.timeout_s) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(self._begin_sql)  # SET LOCAL idle_in_transaction_session_timeout
+            yield conn if await conn.fetchval(_TRY_LOCK, LOCK_KEY) else None
