@@ -589,6 +589,11 @@ class Metrics:
         self.log_buffer_rows = gauge(
             "podserve_prediction_log_buffer_rows", "Prediction-log rows waiting to be written"
         )
+        self.log_buffer_bytes = gauge(
+            "podserve_prediction_log_buffer_bytes",
+            "Estimated memory of the prediction-log rows waiting to be written (the measure "
+            "PODSERVE_PREDICTION_LOG_BUFFER_BYTES bounds)",
+        )
         # Every worker reports the pod's spool directory as it last measured it (a segment
         # one worker spilled may be replayed by another): the largest is the pod's.
         self.log_spool_bytes = Gauge(
@@ -764,7 +769,8 @@ class Metrics:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
 
         Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting` and `db.prediction_log`
-        (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, spool_bytes),
+        (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, buffer_bytes,
+        spool_bytes),
         and `db.log_retention` (rows_purged) in the worker that purges old rows.
         """
         services = getattr(runtime, "db", None)
@@ -784,6 +790,7 @@ class Metrics:
         if plog is None:
             return
         for attr, gauge in (("buffer_depth", self.log_buffer_rows),
+                            ("buffer_bytes", self.log_buffer_bytes),
                             ("spool_bytes", self.log_spool_bytes)):  # fmt: skip
             value = getattr(plog, attr, None)
             if isinstance(value, int | float):

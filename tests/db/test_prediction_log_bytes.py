@@ -295,3 +295,61 @@ def test_the_byte_bound_setting() -> None:
     assert Settings().prediction_log_buffer_bytes == 64 * 2**20
     with pytest.raises(ValueError, match="prediction_log_buffer_bytes"):
         Settings(prediction_log_buffer_bytes=0)
+
+
+def _gauges(http: httpx.Client) -> dict[str, float]:
+    """The prediction log's backlog gauges from a /metrics scrape (one worker: no sum)."""
+    wanted = ("podserve_prediction_log_buffer_rows", "podserve_prediction_log_buffer_bytes")
+    values = dict.fromkeys(wanted, -1.0)
+    for line in http.get("/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
+def _until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_the_buffer_bytes_gauge_follows_the_rows_waiting_in_memory(
+    db_url: str, db_models: Path, tmp_path: Path
+) -> None:
+    """podserve_prediction_log_buffer_bytes shows the measure the byte bound acts on: above
+    zero, and at least a row's overhead per buffered row, while the database is cut off;
+    zero again once the rows are written."""
+    prefix = f"gauge-{uuid.uuid4().hex[:6]}-"
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    with TcpProxy(*postgres.host_port(db_url)) as proxy:
+        env = postgres.server_env(
+            postgres.with_port(db_url, proxy.port),
+            tmp_path,
+            PODSERVE_PREDICTION_LOG_INPUTS="full",
+            PODSERVE_PREDICTION_LOG_FLUSH_MS="50",
+        )
+        with (
+            ServerProcess(db_models, workers=1, env=env) as server,
+            httpx.Client(base_url=server.url, timeout=10) as http,
+        ):
+            proxy.cut()
+            for i in range(20):
+                answer = http.post(
+                    "/v2/models/affine/infer", json=body, headers={"x-request-id": f"{prefix}{i}"}
+                )
+                assert answer.status_code == 200, answer.text
+            gauges: dict[str, float] = {}
+
+            def backlog_seen() -> bool:
+                gauges.update(_gauges(http))
+                return gauges["podserve_prediction_log_buffer_rows"] == 20
+
+            assert _until(backlog_seen, 10), gauges
+            assert gauges["podserve_prediction_log_buffer_bytes"] >= 20 * ROW_OVERHEAD_BYTES, gauges
+            proxy.restore()
+            assert _until(lambda: _count(db_url, prefix) == 20, 20)
+            assert _until(lambda: set(_gauges(http).values()) == {0.0}, 10), _gauges(http)
