@@ -31,6 +31,7 @@ from podserve.auth import api_keys, install_auth
 from podserve.direct_routes import DirectRoutes
 from podserve.errors import PodserveError
 from podserve.gc_tuning import tune_collector
+from podserve.head_requests import HeadAsGet
 from podserve.inference_flow import error_headers
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
@@ -148,6 +149,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Tracing is podserve's own (tracing.py, opentelemetry-instrumentation-fastapi);
         # FastAPI's native telemetry would only add a provider lookup to every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # A trailing slash is a 404, not a 307 whose Location is built from the request's
+        # Host header (reflected as sent) and scheme (http:// behind a TLS ingress that is
+        # not a trusted proxy): clients call the documented paths.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     app.state.observability = observability
@@ -165,4 +170,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside observability too: its 503 for a request cut off by the drain is what is counted.
     app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)
     observability.install(app, [route for module in routers for route in module.router.routes])
+    app.add_middleware(HeadAsGet)  # outermost: every layer, metrics included, sees the GET
     return app

@@ -76,6 +76,13 @@ class ModelNotReady(ServiceUnavailable):
     pass
 
 
+class NotConfigured(PodserveError):
+    """A feature this pod was not set up for (no database, jobs off): retrying cannot help,
+    so not a 503, which clients and meshes (Istio's default retry policy) retry."""
+
+    status_code = 501
+
+
 def check_rows(count: int, limit: int) -> None:
     """The model's per-request row limit: a 413 past it."""
     if count > limit:

@@ -102,6 +102,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Unknown model or version",
         413: "Body or batch too large",
         415: "Unsupported content type",
+        501: "Not set up on this pod (entity ids or jobs without a database, jobs off)",
         503: "Overloaded or not ready (see Retry-After)",
         504: "Deadline exceeded",
     }.items()

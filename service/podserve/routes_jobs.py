@@ -12,7 +12,7 @@ from podserve.db.features import checked_lookup, entity_lookup
 from podserve.db.hooks import services_of
 from podserve.db.jobs import JobStore
 from podserve.db.pool import NOT_CONFIGURED
-from podserve.errors import NotFound, ServiceUnavailable
+from podserve.errors import NotConfigured, NotFound
 from podserve.http_body import binary_header_length, check_content_type, parse_body, read_body
 from podserve.inference_flow import runtime_of
 from podserve.json_response import json_response
@@ -26,7 +26,7 @@ def _store(request: Request) -> JobStore:
     store = services_of(request).jobs
     if store is None:
         reason = NOT_CONFIGURED if not services_of(request).configured else "PODSERVE_JOBS_ENABLED"
-        raise ServiceUnavailable(f"background jobs unavailable: {reason}")
+        raise NotConfigured(f"background jobs unavailable: {reason}")
     return store
 
 

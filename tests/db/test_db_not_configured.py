@@ -19,12 +19,14 @@ RAW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1,
     ],
     ids=["v2 entity ids", "v1 entity ids", "submit job"],
 )
-def test_database_features_answer_503_not_configured(
+def test_database_features_answer_501_not_configured(
     client: httpx.Client, method: str, path: str, body: dict | None
 ) -> None:
+    """501, not 503: retrying cannot help, and meshes and clients retry a 503."""
     response = client.request(method, path, json=body)
-    assert response.status_code == 503, response.text
+    assert response.status_code == 501, response.text
     assert "PODSERVE_DATABASE_URL" in response.json()["error"]
+    assert "retry-after" not in response.headers
 
 
 def test_no_job_can_exist_without_a_database(client: httpx.Client) -> None:

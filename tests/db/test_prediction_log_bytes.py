@@ -127,8 +127,9 @@ def test_big_rows_spill_and_are_refused_by_bytes_and_the_count_returns_to_zero(
         for _ in range(40):
             try:
                 plog.append(_row(prefix, appended))
-            except ServiceUnavailable:
+            except ServiceUnavailable as exc:
                 refused_at = (len(plog.buffer), plog.buffer_bytes)
+                stats["retry_after"] = exc.headers
                 break
             appended += 1
         stats["refused"] = refused_at is not None and refused_at[1] >= 20 * size
@@ -159,6 +160,7 @@ def test_big_rows_spill_and_are_refused_by_bytes_and_the_count_returns_to_zero(
     assert spooled >= 5 and segments >= 1, stats  # at 10 rows of a 1,000-row buffer
     assert stats["after_spill"] == (True, True), stats
     assert stats["refused"], stats
+    assert stats["retry_after"] == {"Retry-After": "1"}, stats  # PODSERVE_RETRY_AFTER_S
     assert stats["refused_rows"] < 30, stats  # twice the bytes, nowhere near 2 x 1,000 rows
     assert stats["consistent_when_full"] and stats["consistent_after_failures"], stats
     appended = stats["appended"]

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from podserve.db.features import EntityLookup
 from podserve.db.pool import NOT_CONFIGURED
 from podserve.db.prediction_log import make_row, new_request_id
-from podserve.errors import ServiceUnavailable
+from podserve.errors import NotConfigured
 from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
@@ -42,7 +42,7 @@ async def fetch_features(
     own timeout."""
     store = services_of(request).features
     if store is None:
-        raise ServiceUnavailable(f"feature lookup unavailable: {NOT_CONFIGURED}")
+        raise NotConfigured(f"feature lookup unavailable: {NOT_CONFIGURED}")
     with ctx.timings.measure("features"):
         return await store.tensor(model, lookup, ctx.deadline)
 

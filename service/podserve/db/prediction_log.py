@@ -196,6 +196,7 @@ class PredictionLog:
         self.write_timeout_s = settings.db_command_timeout_s + settings.db_connect_timeout_s
         self._begin_sql = f"{db.bound_transaction_sql}; {_CREATE_STAGE}"  # one round trip
         self.inputs_mode = settings.prediction_log_inputs
+        self._full_headers = {"Retry-After": str(settings.retry_after_s)}  # for the 503
         self.buffer: deque[Row] = deque()
         self.buffer_bytes = 0  # row_bytes of the rows in self.buffer, kept with every move
         # Crash safety: each buffered row is also in the journal until it is durable.
@@ -243,7 +244,9 @@ class PredictionLog:
         refuse to answer."""
         depth, size = len(self.buffer), self.buffer_bytes
         if depth >= 2 * self.capacity or size >= 2 * self.capacity_bytes:
-            raise ServiceUnavailable("prediction log is full (database and spool both failing)")
+            raise ServiceUnavailable(
+                "prediction log is full (database and spool both failing)", self._full_headers
+            )
         if self.journal is not None:
             self._journal(row)
         self.buffer.append(row)
