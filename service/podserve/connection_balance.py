@@ -209,7 +209,9 @@ def balanced_protocol(base: type[asyncio.Protocol], balancer: ConnectionBalancer
                 return
             if not self._balance_closing and cycle.keep_alive and balancer.should_close():
                 self._balance_closing = True
-                cycle.keep_alive = False  # uvicorn: `connection: close`, close once answered
+                # uvicorn: `connection: close`, close once answered (lingering, if the
+                # body is not read yet: header_guard)
+                cycle.keep_alive = False
 
         def handle_websocket_upgrade(self) -> None:
             super().handle_websocket_upgrade()

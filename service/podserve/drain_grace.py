@@ -76,7 +76,9 @@ def drain_grace_protocol(base: type[asyncio.Protocol], grace_s: float) -> type[a
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             if self._draining and self.cycle is not None:
-                self.cycle.keep_alive = False  # answered, then closed: the client goes elsewhere
+                # Answered, then closed (lingering while input is unread: header_guard):
+                # the client goes elsewhere.
+                self.cycle.keep_alive = False
 
         def shutdown(self) -> None:
             idle = self.cycle is None or self.cycle.response_complete

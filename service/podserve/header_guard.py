@@ -40,10 +40,22 @@ Requests parsed ahead of the answers, and answers nobody reads (uvicorn bounds n
   nothing of what waits to be sent for PODSERVE_BODY_READ_TIMEOUT_S (the bound on a client
   sending its body; like nginx's send_timeout, a slow reader that makes progress stays).
 
-A 408 / 431 is followed by a FIN, and what the client still sends is read and dropped until
-it closes too (at most PODSERVE_HEADER_READ_TIMEOUT_S: nginx's lingering close): closing with
-input unread sends a reset, which drops whatever the kernel has not sent yet, the 408 / 431
-and the end of a pipelined request's answer before it.
+Every close of a connection that still has input coming is a lingering close (nginx's; RFC
+9112 9.6): the answer, then a FIN, and what the client still sends is read and dropped until
+it closes too, for at most PODSERVE_HEADER_READ_TIMEOUT_S and twice PODSERVE_MAX_BODY_BYTES
+(then it is closed: one that sends on and never reads cannot hold the worker's loop). Closing
+with input unread sends a reset, which drops whatever the kernel has not sent yet: the answer.
+That was the fate of a `Connection: close` request (urllib sends it on every request; HTTP/1.0)
+answered before its body was read (404, 405, 413 by Content-Length: measured, 5 of 5 such
+answers to 8 MB bodies lost), of one answered so while podserve closes the connection itself
+(draining, connection_balance), of a 400 for an unparsable request, and of the guard's own
+408 / 431. Input is coming when the parser is inside a request (its body, or the headers of
+a pipelined one), or the kernel holds bytes not read yet (FIONREAD: one ioctl per close, and
+only where the parser is between requests); a close with none is an ordinary close.
+
+Errors found before the app, by the parser (uvicorn answers those in text/plain), are
+answered in JSON as the app's are ({"error": ...}, the V2 protocol's shape), with the
+parser's reason, and the guard's answers carry uvicorn's cached Date (RFC 9110 6.6.1).
 """
 
 from __future__ import annotations
@@ -53,12 +65,14 @@ import contextlib
 import fcntl
 import sys
 import termios
+from http import HTTPStatus
 from typing import Any
 
-from podserve import log_control
+import orjson
+
+from podserve import log_control, write_coalescing
 from podserve.deadline_sweep import sweep_for
 from podserve.settings import get_settings
-from podserve.write_coalescing import CoalescingTransport
 
 # Requests queued behind the one being answered, per connection (uvicorn's `pipeline`). A
 # connection is answered one request at a time, so a longer queue buys a pipelining client
@@ -76,8 +90,14 @@ _SLICE_BYTES = 4096
 _WRITE_PROGRESS_BYTES = 16 * 1024
 # SIOCOUTQ: what a socket's kernel send queue holds, not yet acknowledged by the peer.
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+# SIOCINQ: what its receive queue holds, not read yet.
+_INQ: int | None = getattr(termios, "FIONREAD", None)
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# The first byte of a TLS handshake record (and of an SSLv2-style ClientHello), and the start
+# of HTTP/2's connection preface: a client that speaks those to a plain HTTP/1.1 port.
+_TLS_FIRST_BYTES = (0x16, 0x80)
+_H2_PREFACE = b"PRI * HTTP/2.0"
+_PLAIN_PORT = "this port speaks plain HTTP/1.1"
 
 # Where the parser is on a connection (httptools' callbacks move it; h11 stays at _IDLE).
 _IDLE = 0  # between requests: the next byte starts one
@@ -96,17 +116,48 @@ def _auto_protocol() -> type[asyncio.Protocol]:
     return HttpToolsProtocol
 
 
-def _reply(status: int, message: str) -> bytes:
-    body = b'{"error":"' + message.encode("ascii") + b'"}'
-    return b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-            body,
-        ]
-    )
+def _reply(status: int, message: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """An error answer as the app's ({"error": ...}) that closes the connection, with uvicorn's
+    default headers: its Date (cached, renewed each second) and Server, as on every answer."""
+    body = orjson.dumps({"error": message})
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+    head += [b"%s: %s\r\n" % header for header in default_headers]
+    head += [
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+    ]
+    return b"".join([*head, body])
+
+
+def _parse_error_message(error: BaseException | None, data: bytes | memoryview) -> str:
+    """What a 400 for an unparsable request says: the parser's reason, or what the client
+    seems to speak instead (`data`: the read in which the parser failed)."""
+    if data[:1] and data[0] in _TLS_FIRST_BYTES:
+        return f"TLS handshake received: {_PLAIN_PORT}, without TLS"
+    reason = str(error) if error is not None else ""
+    if bytes(data[: len(_H2_PREFACE)]) == _H2_PREFACE or reason == "Pause on PRI/Upgrade":
+        return f"HTTP/2 connection preface received: {_PLAIN_PORT} only"
+    return f"invalid HTTP request: {reason}" if reason else "invalid HTTP request"
+
+
+class CoalescingTransport(write_coalescing.CoalescingTransport):
+    """write_coalescing's transport, whose close() is its protocol's: a lingering close while
+    input is still coming. While it lingers it is closing to everyone (uvicorn then neither
+    arms its keep-alive timer nor starts a queued request, and the guard reads no HTTP)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        self._protocol._close_connection()
+
+    def is_closing(self) -> bool:
+        return self._protocol._guard_lingering or self._transport.is_closing()
+
+
+def _close_now(transport: Any) -> None:
+    """Close at once (its held write flushed first), whatever the wrapper's close() does."""
+    write_coalescing.CoalescingTransport.close(transport)
 
 
 def has_request_hooks(protocol: type) -> bool:
@@ -119,18 +170,25 @@ def guarded_protocol(
     max_header_bytes: int,
     base: type[asyncio.Protocol] | None = None,
     write_stall_s: float | None = None,
+    linger_max_bytes: int | None = None,
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a deadline and a size bound on request headers, a
     bound on the requests queued per connection, and on a write stalled by its client
-    (`write_stall_s`; default PODSERVE_BODY_READ_TIMEOUT_S)."""
+    (`write_stall_s`; default PODSERVE_BODY_READ_TIMEOUT_S), and lingering closes, bounded by
+    `timeout_s` and `linger_max_bytes` (default: twice PODSERVE_MAX_BODY_BYTES, the rest of
+    any body the server takes and as much again of one it refuses)."""
     parent: Any = base or _auto_protocol()
-    stall_s = get_settings().body_read_timeout_s if write_stall_s is None else write_stall_s
+    settings = get_settings()
+    stall_s = settings.body_read_timeout_s if write_stall_s is None else write_stall_s
+    linger_bytes = 2 * settings.max_body_bytes if linger_max_bytes is None else linger_max_bytes
     # httptools' protocol has the parser's callbacks; h11's has none (and h11 refuses headers
     # over h11_max_incomplete_event_size itself): there a request starts once the last
     # response is complete, as uvicorn's h11 protocol reads one request at a time.
     parser_hooks = has_request_hooks(parent)
 
     class HeaderGuardProtocol(parent):  # type: ignore[misc, valid-type]
+        _guard_lingering = False  # (read by the transport's is_closing from its creation on)
+
         # uvicorn decides once per connection whether to write access-log lines; podserve's
         # switch (POST /v2/logging, log_control.py) holds for open connections too.
         @property
@@ -151,16 +209,20 @@ def guarded_protocol(
             self._guard_tail = b""
             self._guard_phase = _IDLE
             self._guard_discarding = False  # reading the rest of a body answered early
-            self._guard_body_ended = False  # ... and it ended in the last read
+            self._guard_body_ended = False  # ... and it ended in the last read (or the parser
+            # failed there: _guard_parse_error)
             self._guard_refusal: bytes | None = None  # to write once the answer in flight is
-            self._guard_lingering = False  # refused: the rest of the input is dropped
+            self._guard_lingering = False  # closing: the rest of the input is dropped
+            self._guard_linger_left = 0  # bytes it may still drop
+            self._guard_parse_error: BaseException | None = None  # to answer (400)
             self._guard_held = b""  # read but not parsed: the queue was full
             self._guard_write_stall: asyncio.TimerHandle | None = None
             self._guard_write_left = 0  # bytes waiting to be sent when last looked at
             self._arm()  # the first request's headers are due from the connect on
 
         def _parse(self, data: bytes) -> None:
-            if self._guard_lingering:  # refused and answered: the rest is not read as HTTP
+            if self._guard_lingering:  # answered and closing: the rest is not read as HTTP
+                self._drop_lingering(len(data))
                 return
             if self._guard_refusal is not None:  # refused; waiting for the answer in flight
                 self.flow.pause_reading()  # (the app's receive() may have resumed reading)
@@ -185,9 +247,12 @@ def guarded_protocol(
                 # counted (at most one read's worth; a body's cannot be told from them).
                 self._arm()
                 self._guard_tail = bytes(data[-3:])  # data may be a slice (memoryview)
-            if self._guard_body_ended:
+            if self._guard_body_ended:  # (or the parser failed: one check for both)
                 self._guard_body_ended = False
-                self._idle_after_discarding()
+                if self._guard_parse_error is not None:
+                    self._answer_parse_error(data)
+                else:
+                    self._idle_after_discarding()
 
         if parser_hooks:
 
@@ -211,6 +276,8 @@ def guarded_protocol(
                     return
                 self._parse(view[start : start + _SLICE_BYTES])
                 if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                    if self._guard_lingering:  # the rest of the read is dropped too
+                        self._drop_lingering(max(0, len(data) - start - _SLICE_BYTES))
                     return  # refused, closed or upgraded: the rest is not for this parser
 
         def _hold(self, data: bytes) -> None:
@@ -349,7 +416,7 @@ def guarded_protocol(
         def _discarding_expired(self) -> None:  # called by the sweep
             self._guard_discarding = False
             if not self.transport.is_closing():
-                self.transport.close()  # answered already: no second response
+                _close_now(self.transport)  # answered already: no second response
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._guard_armed = self._guard_discarding = self._guard_lingering = False
@@ -359,8 +426,12 @@ def guarded_protocol(
             super().connection_lost(exc)
 
         def _response_pending(self) -> bool:
-            """A request's response (the last one parsed: uvicorn answers in order) is due."""
-            return self.cycle is not None and not self.cycle.response_complete
+            """A request's response (the last one parsed: uvicorn answers in order) is due;
+            if that request was dropped (_drop_request), one queued before it."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return False
+            return not cycle.disconnected or (parser_hooks and bool(self.pipeline))
 
         def _arm(self) -> None:
             self._guard_cycle = self.cycle
@@ -381,13 +452,44 @@ def guarded_protocol(
             if self._guard_bytes == 0 and self._guard_phase != _HEADERS:
                 self._close_after(b"")  # never sent a byte: close quietly, as nginx does
             else:
-                self._close_after(
-                    _reply(408, f"request headers not received within {timeout_s:g} s")
-                )
+                self._refuse(408, f"request headers not received within {timeout_s:g} s")
 
         def _refuse(self, status: int, message: str) -> None:
             self._disarm()
-            self._close_after(_reply(status, message))
+            self._close_after(_reply(status, message, self.server_state.default_headers))
+
+        def send_400_response(self, msg: str) -> None:
+            """The parser failed (uvicorn calls this from its data_received, handling the
+            parser's exception): answered, in JSON with the reason, once _parse has the read
+            at hand (whether it looks like TLS or HTTP/2 is in its first bytes)."""
+            self._guard_parse_error = sys.exc_info()[1] or ValueError(msg)
+            self._guard_body_ended = True  # _parse's check after the parser: see there
+            self.loop.call_soon(self._answer_parse_error, b"")  # h11 also parses elsewhere
+
+        def _answer_parse_error(self, data: bytes | memoryview) -> None:
+            error, self._guard_parse_error = self._guard_parse_error, None
+            if error is None or self.transport.is_closing():
+                return  # answered already
+            self._disarm()
+            message = _parse_error_message(error, data)
+            reply = _reply(400, message, self.server_state.default_headers)
+            cycle = self.cycle
+            if self._guard_phase == _BODY and cycle is not None:  # a body the parser refused
+                if cycle.response_complete:
+                    self._linger()  # answered before its body was read: no second answer
+                    return
+                self._drop_request(cycle)  # it can never be read: its app gets a disconnect
+                if cycle.response_started:
+                    self._linger()  # no status line in the middle of an answer
+                    return
+            self._close_after(reply)  # after the answer in flight, if one is
+
+        def _drop_request(self, cycle: Any) -> None:
+            """uvicorn's own way of ending a request whose client left: its app's receive()
+            says disconnect and its sends are dropped. If it is queued, it stays queued (its
+            app starts, and ends at once): the answers before it are due first."""
+            cycle.disconnected = True
+            cycle.message_event.set()
 
         def _close_after(self, reply: bytes) -> None:
             """Write `reply` and close; after the response in flight, if one is (pipelining)."""
@@ -398,27 +500,72 @@ def guarded_protocol(
                 self._write_and_close(reply)
 
         def _write_and_close(self, reply: bytes) -> None:
-            """Write `reply` and close. With input still coming (the rest of an oversized
-            header, a pipelined request), closing at once would reset the connection, and a
-            reset drops what the kernel has not sent yet: this reply, and the end of the
-            response before it. So, as nginx's lingering close: the reply, then a FIN, and
-            what still comes is read and dropped until the client closes too, for at most
-            PODSERVE_HEADER_READ_TIMEOUT_S."""
-            transport = self.transport
-            if not reply or not transport.can_write_eof():
-                if reply:
-                    transport.write(reply)
-                transport.close()
-                return
-            transport.write(reply)
-            transport.flush()  # nothing held back (write_coalescing) behind the FIN
-            transport.write_eof()
-            self._guard_lingering = True
-            self._drop_held()  # what was held back is dropped with the rest
-            self.flow.resume_reading()
-            self._guard_deadlines.arm(self, self._linger_expired)
+            """Write `reply` and close: lingering, as input is still coming (the rest of an
+            oversized header or of a bad request, a pipelined request); at once for no reply
+            (a silent connection's)."""
+            if reply:
+                self.transport.write(reply)
+                self._linger()
+            else:
+                _close_now(self.transport)
 
-        def _linger_expired(self) -> None:  # called by the sweep
-            self.transport.close()
+        def _close_connection(self) -> None:
+            """Every close of the connection by uvicorn (the answer to a request that is not
+            kept alive, the keep-alive timeout, a drain) comes here: lingering if input is
+            still coming, else at once as before."""
+            if self._guard_lingering:
+                return  # it ends when the client closes, or at the linger's bounds
+            transport = self.transport
+            if (
+                transport.is_closing()
+                or transport.get_protocol() is not self  # upgraded: the WebSocket's close
+                or not self._input_coming()
+            ):
+                _close_now(transport)
+            else:
+                self._linger()
+
+        def _input_coming(self) -> bool:
+            """Inside a request (its body, or a pipelined one's headers), bytes held back, or
+            bytes in the kernel's receive queue not read yet."""
+            if self._guard_phase != _IDLE or self._guard_held:
+                return True
+            sock = self.transport.get_extra_info("socket")
+            if _INQ is None or sock is None:
+                return False
+            try:
+                queued = fcntl.ioctl(sock.fileno(), _INQ, b"\0\0\0\0")
+            except (OSError, ValueError):  # closed meanwhile
+                return False
+            return int.from_bytes(queued, sys.byteorder, signed=True) > 0
+
+        def _linger(self) -> None:
+            """Close after what was written, nginx's lingering close: a FIN, and what the client
+            still sends is read and dropped until it closes too (eof_received: the transport
+            closes), for at most `timeout_s` and `linger_bytes`. Closing at once would reset
+            the connection, and a reset drops what the kernel has not sent yet: the answer."""
+            transport = self.transport
+            if not transport.can_write_eof():
+                _close_now(transport)
+                return
+            transport.flush()  # nothing held back (write_coalescing) behind the FIN
+            transport.write_eof()  # after what the transport still buffers
+            self._guard_lingering = True
+            self._guard_linger_left = linger_bytes
+            self._guard_armed = self._guard_discarding = False
+            self._drop_held()  # what was held back is dropped with the rest,
+            if parser_hooks:
+                self.pipeline.clear()  # and so are requests queued, never to be answered
+            self.flow.resume_reading()
+            self._guard_deadlines.arm(self, self._linger_expired)  # replaces any other
+
+        def _drop_lingering(self, dropped: int) -> None:
+            self._guard_linger_left -= dropped
+            if self._guard_linger_left < 0:  # a client that sends on and never reads
+                self._linger_expired()
+
+        def _linger_expired(self) -> None:  # called by the sweep, or past the byte bound
+            self._guard_deadlines.disarm(self)
+            _close_now(self.transport)
 
     return HeaderGuardProtocol

@@ -132,7 +132,12 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             chunks.append(chunk)
     except asyncio.CancelledError:
         if expired and task.uncancel() == 0:  # our deadline, and nobody else's cancel
-            raise RequestTimeout(f"request body not received within {timeout_s:g} s") from None
+            # Half a body read: the connection cannot carry another request. Say so (RFC
+            # 9110 15.5.9), and the server closes it (lingering: the rest may still come).
+            raise RequestTimeout(
+                f"request body not received within {timeout_s:g} s",
+                headers={"connection": "close"},
+            ) from None
         raise
     finally:
         sweep.disarm(task)
