@@ -4,6 +4,8 @@ Python HTTP clients cost CPU that the server needs on a 2-core machine (httpx: ~
 request). This one pre-encodes the request once and parses only the status line,
 `Content-Length` and `Server-Timing`: ~0.1-0.2 ms CPU per request. Its own CPU time is
 measured and reported, because it shares the cores with the server under test.
+Requests carry no `Accept-Encoding`, so podserve answers them uncompressed (it compresses only
+for clients that ask: response_compression.py).
 Loopback only; every run is bounded in time and in request count.
 """
 

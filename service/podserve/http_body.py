@@ -3,8 +3,7 @@
 A body sent with `Content-Encoding: gzip` or `deflate` (tritonclient's
 `request_compression_algorithm`) is inflated here, and the inflated size is held to the same
 limit as a plain body, so a small compressed body cannot expand past it (a "zip bomb").
-Answers are sent uncompressed, which HTTP allows whatever `Accept-Encoding` says; tritonclient
-reads both.
+Answers are compressed only when the client asks (Accept-Encoding): response_compression.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from typing import Any
 import orjson
 from fastapi import Response
 
+from podserve.response_compression import CompressibleResponse
+
 OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 JSON_TYPE = (b"content-type", b"application/json")
 BINARY_TYPE = (b"content-type", b"application/octet-stream")
@@ -29,7 +31,8 @@ class PreparedResponse(Response):
 def json_response(
     content: Any, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return Response(
+    """Compressed as it is sent when the request asks and it is large enough (a 200)."""
+    return CompressibleResponse(
         orjson.dumps(content, option=OPTIONS),
         status_code=status_code,
         headers=headers,

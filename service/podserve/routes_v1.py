@@ -27,6 +27,7 @@ from podserve.protocol_v1 import (
     parse_rows,
 )
 from podserve.protocol_v2 import loads_json
+from podserve.response_compression import ANSWER_HEADERS, accepted_coding, compress_answer
 
 router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
 
@@ -78,4 +79,10 @@ async def model_predict(request: Request, model_name: str) -> Response:
             else encode_predictions(outcome.outputs, order, ctx.rows)
         )
         content = orjson.dumps(answer, option=OPTIONS)
-    return PreparedResponse(content, [timing_header(ctx), JSON_TYPE])
+        coding = accepted_coding(request.scope, settings, len(content))
+        if coding is not None:
+            content, coding = await compress_answer(content, coding)
+    raw_headers = [timing_header(ctx), JSON_TYPE]
+    if settings.response_compression:
+        raw_headers += ANSWER_HEADERS[coding]
+    return PreparedResponse(content, raw_headers)

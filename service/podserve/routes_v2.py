@@ -26,6 +26,7 @@ from podserve.protocol_v2 import (
     encode_infer_response,
     parse_infer_request,
 )
+from podserve.response_compression import ANSWER_HEADERS, accepted_coding, compress_answer
 from podserve.triton_model_config import PLATFORM, triton_config
 
 router = APIRouter(tags=["v2"], responses=ERROR_RESPONSES)
@@ -114,10 +115,15 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
             content, headers = await asyncio.to_thread(encode)
         else:
             content, headers = encode()
+        coding = accepted_coding(request.scope, settings, len(content))
+        if coding is not None:  # the whole body; the header length stays the JSON's own
+            content, coding = await compress_answer(content, coding)
     raw_headers = [timing_header(ctx), JSON_TYPE]
     if headers:  # the binary extension's header length: the body is JSON, then raw tensors
         raw_headers[1] = BINARY_TYPE
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    if settings.response_compression:
+        raw_headers += ANSWER_HEADERS[coding]
     return PreparedResponse(content, raw_headers)
 
 

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(0.0, ge=0, description="deadline per request; 0 = none")
     allow_nonfinite: bool = False
     retry_after_s: int = Field(1, ge=1)
+    # Answers compressed when the client asks (Accept-Encoding; response_compression.py).
+    # Two knobs only: on/off, and the size below which compressing costs more CPU (~5-10 us
+    # fixed) than the bytes it saves are worth; the level is fixed at zlib's 1 (measured).
+    response_compression: bool = Field(True, description="gzip/deflate answers when asked")
+    response_compression_min_bytes: int = Field(
+        1024, ge=0, description="smaller answers are sent uncompressed"
+    )
 
     # --- PostgreSQL (issue 3) ------------------------------------------------------
     database_url: SecretStr | None = None
