@@ -80,3 +80,13 @@ def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(
     assert response.status_code == 404, response.headers
     assert "location" not in response.headers
     assert response.json()["error"]
+
+
+def test_get_on_v1_predict_is_405_allowing_post(client: httpx.Client) -> None:
+    """It matched the model-status route as a model named "affine:predict": a 404 that
+    said no such model, where the method was what was wrong."""
+    response = client.get("/v1/models/affine:predict")
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == "POST"
+    assert "POST" in response.json()["error"]
+    assert client.get("/v1/models/nope").status_code == 404

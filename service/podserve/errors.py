@@ -76,6 +76,13 @@ class ModelNotReady(ServiceUnavailable):
     pass
 
 
+class MethodNotAllowed(PodserveError):
+    status_code = 405
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message, headers={"Allow": allow})
+
+
 class NotConfigured(PodserveError):
     """A feature this pod was not set up for (no database, jobs off): retrying cannot help,
     so not a 503, which clients and meshes (Istio's default retry policy) retry."""

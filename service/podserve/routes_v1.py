@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from podserve.db.features import EntityLookup, entity_lookup
 from podserve.db.hooks import fetch_features
+from podserve.errors import MethodNotAllowed, NotFound
 from podserve.http_body import check_content_type, parse_body, read_body
 from podserve.inference_flow import (
     RequestContext,
@@ -34,7 +35,14 @@ router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
 
 @router.get("/v1/models/{model_name}", summary="Model status")
 async def model_status(request: Request, model_name: str) -> Response:
-    model = runtime_of(request).model(model_name)
+    try:
+        model = runtime_of(request).model(model_name)
+    except NotFound:
+        # `GET /v1/models/m:predict` matches this route with the name "m:predict": say
+        # what is wrong (the method), not that no model has that name.
+        if model_name.endswith(":predict"):
+            raise MethodNotAllowed("predict takes POST, with a JSON body", "POST") from None
+        raise
     return json_response({"name": model.name, "version": model.version, "ready": True})
 
 
