@@ -432,11 +432,11 @@ def test_a_failed_batch_and_its_reruns_reach_the_observers(
     run_batch, runs = model.run_batch, []
     gone = threading.Event()
 
-    def counting(inputs: list, rows: list) -> object:
+    def counting(inputs: list, rows: list, *options: object) -> object:
         runs.append(len(inputs))
         if len(inputs) > 1:
             assert gone.wait(30)  # the batch fails after one of its requests gave up
-        return run_batch(inputs, rows)
+        return run_batch(inputs, rows, *options)
 
     monkeypatch.setattr(model, "run_batch", counting)
 
@@ -480,10 +480,10 @@ def test_a_failed_merged_run_is_queue_time_for_its_reruns(
     model = repository.get("affine", "1")
     run_batch = model.run_batch
 
-    def slow_when_merged(inputs: list, rows: list) -> object:
+    def slow_when_merged(inputs: list, rows: list, *options: object) -> object:
         if len(inputs) > 1:
             time.sleep(0.2)
-        return run_batch(inputs, rows)
+        return run_batch(inputs, rows, *options)
 
     monkeypatch.setattr(model, "run_batch", slow_when_merged)
 

@@ -74,8 +74,9 @@ async def _occupy_then_leave(
 
 
 def test_a_queued_request_whose_client_left_never_runs(tmp_path: Path) -> None:
-    # Four times the shared slow model's layers: the long request needs fewer rows.
-    save(slow_model(layers=96), tmp_path, "slow", 1, {"max_batch_size": 8})
+    # Four times the shared slow model's layers: the long request needs fewer rows. Batches
+    # of up to 256 rows: the long request runs as one session run, not in pieces.
+    save(slow_model(layers=96), tmp_path, "slow", 1, {"max_batch_size": 256})
     with ServerProcess(tmp_path, workers=1) as server:
         rows = _busy_rows(server.url)
         before = _slow_stats(server.url)

@@ -3,16 +3,29 @@
 A batch closes at `max_batch_size` rows, at `max_batch_delay_ms`, or at once when an
 inference thread is idle: waiting for rows only pays off while the thread is busy
 (measured: a fixed delay costs its full length at low load and gains nothing).
+
+A request of more rows than `max_batch_size` (of a model whose rows are independent:
+pieces.piece_rows) queues as pieces of at most that many rows, one piece at a time: each is
+batched like any request, and the next joins the queue's tail once it is answered, so other
+models' and clients' batches get the thread between two of its pieces (one 256-row request
+to a slow model held a worker's only thread for 1.8-2.9 s).
+
+Each session run has its own ort.RunOptions: once every request of a running batch has
+given up (deadline passed, client gone, its request's other piece failed), the run is
+terminated instead of holding the thread for answers nobody reads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import onnxruntime as ort
 
 from podserve.client_disconnect import ClientConnection
 from podserve.errors import (
@@ -20,11 +33,15 @@ from podserve.errors import (
     DeadlineExceeded,
     Overloaded,
     PayloadTooLarge,
+    StoppedWaiting,
     note_phases,
 )
 from podserve.inference_pool import ONLINE, InferencePool
 from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
+from podserve.pieces import join_pieces, piece_rows, slice_rows
 from podserve.processors import Tensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # identity: a request is found in the queue by `is`, not by its arrays
@@ -36,6 +53,37 @@ class PendingRequest:
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float | None = None
     context: Any = None  # opaque to the batcher: the request's trace context
+    run: SessionRun | None = None  # the session run it is (or was last) in
+
+
+class SessionRun:
+    """One session run of a batch. Its RunOptions let the batcher end the run early once
+    every request in it has given up (`terminate`); they are the run's alone while it runs
+    (those of an earlier run that was not terminated: making one costs ~1 us)."""
+
+    __slots__ = ("options", "requests", "running", "started")
+
+    def __init__(
+        self, requests: Sequence[PendingRequest], started: float, options: ort.RunOptions
+    ) -> None:
+        self.requests = requests
+        self.started = started  # perf_counter: when its batch began (its requests' queue end)
+        self.options = options
+        self.running = True
+
+    def abandoned(self) -> bool:
+        """Still running, not terminated yet, and nobody waits for any of its requests'
+        answers any more."""
+        return (
+            self.running
+            and not self.options.terminate
+            and all(item.future.done() for item in self.requests)
+        )
+
+
+class RunTerminated(RuntimeError):
+    """A session run ended early because every request of its batch had given up: nobody
+    gets this error (their futures are done), observers see it on the batch."""
 
 
 @dataclass
@@ -57,6 +105,70 @@ class InferenceOutcome:
             return None
         start, stop = self.feed_rows
         return {name: array[start:stop] for name, array in self.batch_feed.items()}
+
+
+@dataclass
+class SplitOutcome(InferenceOutcome):
+    """A request run in pieces: its outputs joined in order. Its phases (see
+    SplitRequest.phases): `queue`, the time none of its pieces ran (before the first, and
+    between pieces waiting for the thread again); `preprocess`, `infer`, `postprocess`, the
+    sums over its pieces' runs. batch_rows and batch_requests: those of its largest batch."""
+
+    pieces: list[InferenceOutcome] = field(default_factory=list)
+
+    def model_inputs(self) -> Tensors | None:
+        """The pieces' session inputs joined, where they fit together (token ids padded to
+        each piece's longest do not: None)."""
+        parts = [piece.model_inputs() for piece in self.pieces]
+        if not parts or any(part is None for part in parts):
+            return None
+        rows = [piece.feed_rows[1] - piece.feed_rows[0] for piece in self.pieces]
+        return join_pieces(parts, rows)  # type: ignore[arg-type]
+
+
+class SplitRequest:
+    """A request queued as pieces; `future` is done once every piece is, or at the first
+    piece that fails (its error is the request's)."""
+
+    __slots__ = ("future", "left", "pieces", "queued")
+
+    def __init__(self, pieces: list[PendingRequest], future: asyncio.Future[None]) -> None:
+        self.pieces = pieces
+        self.future = future
+        self.queued = 0  # pieces[:queued] have entered the queue: their rows are its
+        self.left = len(pieces)
+
+    def phases(self, now: float) -> tuple[float, float]:
+        """Seconds its pieces waited for the thread while none of them ran (up to `now`),
+        and seconds some piece of it ran (they run one after another; should two overlap,
+        the time they ran together counts once)."""
+        intervals = sorted(
+            span for piece in self.pieces if (span := _run_span(piece, now)) is not None
+        )
+        ran, covered = 0.0, self.pieces[0].enqueued
+        for start, end in intervals:
+            start = max(start, covered)
+            if end > start:
+                ran += end - start
+                covered = end
+        elapsed = now - self.pieces[0].enqueued
+        return elapsed - ran, ran
+
+    def end(self) -> float:
+        """When its last piece's run ended (all pieces answered)."""
+        return max(_run_span(piece, 0.0)[1] for piece in self.pieces)  # type: ignore[index]
+
+
+def _run_span(piece: PendingRequest, now: float) -> tuple[float, float] | None:
+    """When a piece's run started and ended (`now` while it runs or where it failed); None
+    if it never started."""
+    future = piece.future
+    if future.done() and not future.cancelled() and future.exception() is None:
+        outcome = future.result()
+        start = piece.enqueued + outcome.queue_s
+        return start, start + outcome.preprocess_s + outcome.infer_s + outcome.postprocess_s
+    run = piece.run
+    return None if run is None else (run.started, max(now, run.started))
 
 
 @dataclass
@@ -117,6 +229,8 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
+        self.runs_terminated = 0  # session runs ended early: all their requests gave up
+        self._spare_options: list[ort.RunOptions] = []  # of runs that ended unterminated
 
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="batcher")
@@ -137,6 +251,8 @@ class Batcher:
     ) -> InferenceOutcome:
         if client is not None and client.lost:  # gone during an earlier phase: nothing to run
             raise ClientClosedRequest(_CLIENT_GONE)
+        if rows > self.model.max_batch_size and (size := piece_rows(self.model)) is not None:
+            return await self._submit_split(inputs, rows, size, deadline, context, client)
         self.budget.reserve(rows)
         loop = asyncio.get_running_loop()
         item = PendingRequest(
@@ -157,10 +273,7 @@ class Batcher:
                 return await item.future
             return await asyncio.wait_for(item.future, max(0.0, deadline - time.perf_counter()))
         except TimeoutError:
-            waited = time.perf_counter() - item.enqueued
-            raise DeadlineExceeded(
-                "request deadline exceeded before inference finished", waited
-            ) from None
+            raise DeadlineExceeded(_LATE, *_spent(item, time.perf_counter())) from None
         finally:
             if client is not None:
                 client.on_lost = None
@@ -168,6 +281,136 @@ class Batcher:
                 item.future.cancel()
             if item.future.cancelled():  # gave up (deadline, cancelled): maybe still queued
                 self._withdraw(item)
+
+    # --- requests in pieces -------------------------------------------------------
+    async def _submit_split(
+        self,
+        inputs: Tensors,
+        rows: int,
+        size: int,
+        deadline: float | None,
+        context: Any,
+        client: ClientConnection | None,
+    ) -> InferenceOutcome:
+        """A request of more rows than one run takes, in pieces of `size` rows. Admission
+        reserves all its rows at once, and each piece frees its own when its batch takes it
+        (the rows still to run are queued work: podserve_queue_rows counts them); one
+        deadline and one client for all; the first piece that fails fails the request, and
+        the others are dropped (a run of only given-up requests is terminated)."""
+        self.budget.reserve(rows)
+        split = self._make_split(inputs, rows, size, deadline, context)
+        self._queue_next_piece(split)
+        if client is not None:
+            client.on_lost = lambda: self._abandon_split(split)
+        try:
+            if deadline is None:
+                await split.future
+            else:
+                await asyncio.wait_for(split.future, max(0.0, deadline - time.perf_counter()))
+        except TimeoutError:
+            raise DeadlineExceeded(_LATE, *split.phases(time.perf_counter())) from None
+        except Exception as exc:  # a piece's: where the whole request's time went
+            _note_split_phases(exc, *split.phases(time.perf_counter()))
+            raise
+        finally:
+            if client is not None:
+                client.on_lost = None
+            self._drop_pieces(split)
+        outcomes = [piece.future.result() for piece in split.pieces]
+        outputs = join_pieces([o.outputs for o in outcomes], [p.rows for p in split.pieces])
+        if outputs is None:
+            return await self._run_whole(inputs, rows, deadline, context, client)
+        return _joined(split, outcomes, outputs)
+
+    def _make_split(
+        self, inputs: Tensors, rows: int, size: int, deadline: float | None, context: Any
+    ) -> SplitRequest:
+        loop = asyncio.get_running_loop()
+        key = self.model.batch_key(inputs)
+        now = time.perf_counter()  # every piece's `enqueued`: the request's
+        pieces = [
+            PendingRequest(
+                slice_rows(inputs, start, start + size),
+                min(size, rows - start),
+                key,
+                loop.create_future(),
+                now,
+                deadline,
+                context,
+            )
+            for start in range(0, rows, size)
+        ]
+        split = SplitRequest(pieces, loop.create_future())
+        for piece in pieces:
+            piece.future.add_done_callback(lambda done: self._piece_done(split, done))
+        return split
+
+    def _piece_done(self, split: SplitRequest, piece: asyncio.Future[InferenceOutcome]) -> None:
+        """A piece answered: the request fails with it, or its next piece queues, or it is
+        whole."""
+        if piece.cancelled():  # dropped once the request was over
+            return
+        error = piece.exception()  # retrieved even when the request is over already
+        if split.future.done():
+            return
+        if error is not None:
+            split.future.set_exception(error)
+            return
+        split.left -= 1
+        if split.left:
+            self._queue_next_piece(split)
+        else:
+            split.future.set_result(None)
+
+    def _queue_next_piece(self, split: SplitRequest) -> None:
+        """Its next piece joins the queue's tail once the one before is answered: the
+        request waits its turn again, behind what arrived meanwhile for this model and for
+        the thread (a batch of another model already waiting for it runs first). One piece
+        at a time, a request never holds more than one of the pool's threads."""
+        if split.queued == len(split.pieces):
+            return
+        piece = split.pieces[split.queued]
+        split.queued += 1
+        self._queue.append(piece)
+        self._queued_rows += piece.rows
+        self._arrived.set()
+
+    def _drop_pieces(self, split: SplitRequest) -> None:
+        """The request is over: pieces never queued give their rows back, queued ones leave
+        the queue, and a run of its pieces that nobody else waits for is terminated."""
+        never = split.pieces[split.queued :]
+        split.queued = len(split.pieces)  # no more pieces join the queue
+        if never:
+            self.budget.release(sum(piece.rows for piece in never))
+        for piece in split.pieces:
+            if not piece.future.done():
+                piece.future.cancel()
+                self._withdraw(piece)
+
+    def _abandon_split(self, split: SplitRequest) -> None:
+        """Its client is gone: the request ends now (submit drops its pieces)."""
+        if not split.future.done():
+            phases = split.phases(time.perf_counter())
+            split.future.set_exception(ClientClosedRequest(_CLIENT_GONE, *phases))
+
+    async def _run_whole(
+        self,
+        inputs: Tensors,
+        rows: int,
+        deadline: float | None,
+        context: Any,
+        client: ClientConnection | None,
+    ) -> InferenceOutcome:
+        """Rare: the pieces' outputs do not fit together (the warm-up found a row per input
+        row for 2 and 3 rows, these rows make others). As when a merged batch shows it,
+        the model is served unbatched from now on, and the request runs again as one."""
+        if self.model.batching:
+            self.model.batching = False
+            log.warning(
+                "model outputs have no row per input row: batching turned off",
+                extra={"model": self.model.name, "version": self.model.version, "rows": rows},
+            )
+        return await self.submit(inputs, rows, deadline, context, client)
 
     # --- dispatch ---------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -261,21 +504,29 @@ class Batcher:
         try:
             self._queue.remove(item)
         except ValueError:  # already taken into a batch, which released its rows then
+            self._end_if_abandoned(item.run)
             return
         self._forget(item)
 
     def _abandon(self, item: PendingRequest) -> None:
-        """Its client is gone: out of the queue, unless its batch has started (then its
-        answer is moments away and the rows are already released)."""
+        """Its client is gone: out of the queue, or out of its batch if that has started
+        (answered 499 now; the run goes on for its batch-mates, if any still wait)."""
         if item.future.done():
             return
         try:
             self._queue.remove(item)
-        except ValueError:
+        except ValueError:  # taken into a batch, which released its rows then
+            item.future.set_exception(ClientClosedRequest(_CLIENT_GONE, *_spent(item)))
+            self._end_if_abandoned(item.run)
             return
         self._forget(item)
         waited = time.perf_counter() - item.enqueued
         item.future.set_exception(ClientClosedRequest(_CLIENT_GONE, waited))
+
+    def _end_if_abandoned(self, run: SessionRun | None) -> None:
+        """A request of `run` gave up: terminate the run if none of its requests waits."""
+        if run is not None and run.abandoned():
+            run.options.terminate = True
 
     async def _run(self, batch: list[PendingRequest]) -> None:
         started = time.perf_counter()
@@ -316,17 +567,42 @@ class Batcher:
         """One session run for the batch. Requests whose values the model refuses (NaN, Inf)
         are answered with their error and removed from `batch`; the others run as one."""
         try:
-            return await self._run_session(batch)
+            return await self._run_session(batch, started)
         except RejectedRequests as rejected:
             for index, error in rejected.errors.items():
                 self._resolve([batch[index]], None, error, started)
             batch[:] = [item for index, item in enumerate(batch) if index not in rejected.errors]
-            return await self._run_session(batch) if batch else None
+            return await self._run_session(batch, started) if batch else None
 
-    async def _run_session(self, batch: list[PendingRequest]) -> BatchResult:
-        return await self.pool.run_in_slot(
-            self.model.run_batch, [item.inputs for item in batch], [item.rows for item in batch]
-        )
+    async def _run_session(self, batch: list[PendingRequest], started: float) -> BatchResult:
+        spare = self._spare_options
+        run = SessionRun(batch, started, spare.pop() if spare else ort.RunOptions())
+        for item in batch:
+            item.run = run
+        try:
+            return await self.pool.run_in_slot(
+                self.model.run_batch,
+                [item.inputs for item in batch],
+                [item.rows for item in batch],
+                run.options,
+            )
+        except RejectedRequests:  # nothing ran: the requests with bad values get their 400s
+            raise
+        except Exception:
+            if not run.options.terminate:
+                raise
+            # Every request of the batch had given up: the error is nobody's (not a failure
+            # of the model, no 500, not counted as an inference error).
+            self.runs_terminated += 1
+            raise RunTerminated(
+                f"session run terminated after {time.perf_counter() - started:.3f} s: every "
+                "request of its batch had given up"
+            ) from None
+        finally:
+            run.running = False  # from now on nothing sets its options' terminate
+            run.requests = _NOBODY  # no cycle with its requests (each keeps `run`): no GC
+            if not run.options.terminate:
+                spare.append(run.options)
 
     async def _run_alone(self, batch: list[PendingRequest], started: float) -> None:
         """Each request in a session run of its own; those answered meanwhile are skipped."""
@@ -337,7 +613,7 @@ class Batcher:
             result: BatchResult | None = None
             error: BaseException | None = None
             try:
-                result = await self._run_session([item])
+                result = await self._run_session([item], own_start)
             except Exception as exc:
                 error = exc
             # Its queue phase lasts until its own run: the failed merged run and the reruns
@@ -383,7 +659,45 @@ class Batcher:
 
 
 Answer = tuple["PendingRequest", "InferenceOutcome | BaseException"]
-_CLIENT_GONE = "the client closed the connection before its request was run"
+_NOBODY: tuple[PendingRequest, ...] = ()
+_CLIENT_GONE = "the client closed the connection before its request was answered"
+_LATE = "request deadline exceeded before inference finished"
+
+
+def _spent(item: PendingRequest, now: float | None = None) -> tuple[float, float | None]:
+    """Queue and infer seconds of a request that gives up now: its wait, and how long its
+    batch has run if it is running (a request waiting for a rerun alone is queued)."""
+    now = time.perf_counter() if now is None else now
+    run = item.run
+    if run is None or not run.running:
+        return now - item.enqueued, None
+    return run.started - item.enqueued, now - run.started
+
+
+def _note_split_phases(error: BaseException, queue_s: float, infer_s: float) -> None:
+    """A piece's error is its whole request's: with the whole request's phases."""
+    if isinstance(error, StoppedWaiting):
+        error.waited_s, error.ran_s = queue_s, infer_s or None
+    else:
+        note_phases(error, queue_s, infer_s)
+
+
+def _joined(
+    split: SplitRequest, outcomes: list[InferenceOutcome], outputs: Tensors
+) -> SplitOutcome:
+    """The whole request's outcome: the phases SplitOutcome describes."""
+    queue_s, _ = split.phases(split.end())
+    largest = max(outcomes, key=lambda outcome: outcome.batch_rows)
+    return SplitOutcome(
+        outputs=outputs,
+        queue_s=queue_s,
+        preprocess_s=sum(o.preprocess_s for o in outcomes),
+        infer_s=sum(o.infer_s for o in outcomes),
+        postprocess_s=sum(o.postprocess_s for o in outcomes),
+        batch_rows=largest.batch_rows,
+        batch_requests=largest.batch_requests,
+        pieces=outcomes,
+    )
 
 
 def _wake_in_turn(answers: Iterator[Answer]) -> None:

@@ -8,7 +8,8 @@ give up, those runs took the inference threads from live requests and held queue
 shed live ones with 503s. The connection now tells the batcher when it is lost: a request
 still waiting for its batch is withdrawn and answered 499 (nginx's "client closed request",
 counted in the metrics and the access log; nobody is left to read it). A request whose batch
-has started runs to the end.
+has started is answered 499 too; its run goes on for its batch-mates, and is terminated once
+none of its requests is waited for (batcher.py).
 
 The protocol class below marks the connection on every request's scope (httptools' parser
 hook; uvicorn's h11 protocol has none and keeps the old behaviour). One uvicorn connection

@@ -54,11 +54,15 @@ class Overloaded(ServiceUnavailable):
 
 
 class StoppedWaiting(PodserveError):
-    """A request that ended before its answer came: its wait is its `queue` phase."""
+    """A request that ended before its answer came: its wait is its `queue` phase, and the
+    time its batch had been running when it gave up (if it had started) its `infer` phase."""
 
-    def __init__(self, message: str, waited_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, waited_s: float | None = None, ran_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.waited_s = waited_s  # how long it waited for its batch, where it did
+        self.ran_s = ran_s  # how long its batch had run, where it had started
 
 
 class DeadlineExceeded(StoppedWaiting):
@@ -105,7 +109,8 @@ def note_phases(error: BaseException, queue_s: float, infer_s: float) -> None:
 
 def phases_of(error: BaseException) -> tuple[float, float | None] | None:
     """Queue and infer seconds of a request that ended in `error`, where known: a 504's or
-    a 499's wait (it never ran: infer None), or what note_phases noted."""
+    a 499's wait and, if its batch had started, how long that had run (infer None: it never
+    ran), or what note_phases noted."""
     if isinstance(error, StoppedWaiting):
-        return None if error.waited_s is None else (error.waited_s, None)
+        return None if error.waited_s is None else (error.waited_s, error.ran_s)
     return getattr(error, "podserve_phases", None)

@@ -576,6 +576,12 @@ class Metrics:
             "podserve_inference_errors", "Requests whose inference failed with a server error",
             ["model"], registry=r,
         )  # fmt: skip
+        self.batch_runs_terminated = Counter(
+            "podserve_batch_runs_terminated",
+            "Session runs ended early because every request of the batch had given up "
+            "(deadline passed, client gone)",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
         self.inflight = gauge("podserve_inflight_requests", "Requests being served (not scrapes)")
         self.queue_rows = gauge("podserve_queue_rows", "Rows waiting for an inference batch")
         self.pool_busy = gauge("podserve_pool_busy_threads", "Inference threads running a batch")
@@ -754,6 +760,7 @@ class Metrics:
         self.pool_threads.set(runtime.pool.capacity)
         self._refresh_database(runtime)
         self._refresh_jobs(runtime)
+        self._refresh_batchers(runtime)
         self._refresh_connections()
         self.workers.set(1)  # last: a worker counts once its other gauges are written
 
@@ -817,6 +824,15 @@ class Metrics:
             self._jobs_count_serial = serial
             for status, count in counts.items():
                 self._child(self.jobs_pending, (status,)).set(count)
+
+    def _refresh_batchers(self, runtime: Any) -> None:
+        """Duck-typed: `runtime.batchers` ((model, version) -> batcher.Batcher), each with
+        its running total `runs_terminated`; a model's series appears with its first one."""
+        for model, batcher in getattr(runtime, "batchers", {}).items():
+            total = getattr(batcher, "runs_terminated", 0)
+            if total:
+                child = self._child(self.batch_runs_terminated, model)
+                self._advance(f"runs_terminated:{model}", child, total)
 
     def _advance_all(self, source: object, counters: dict[str, Counter]) -> None:
         """Each running total `source.<attribute>` into its counter."""

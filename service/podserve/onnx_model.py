@@ -304,8 +304,9 @@ class OnnxModel:
         rows: Sequence[int],
         run_options: ort.RunOptions | None = None,
     ) -> BatchResult:
-        """`run_options`: a background job's, so that its runner can stop the session run
-        (`terminate`) when the worker shuts down; online batches pass none (ORT's default)."""
+        """`run_options`: set `terminate` on them to stop the session run: a background job's
+        runner does when the worker shuts down or the lease is lost, the batcher when every
+        request of an online batch has given up."""
         start = time.perf_counter()
         feed = self._feed(batch)
         preprocessed = time.perf_counter()

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import numpy as np
 import onnxruntime as ort
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
@@ -42,6 +41,7 @@ from podserve.db.prediction_log import INSERT_ONE, Row, make_row, to_record
 from podserve.errors import Overloaded, PayloadTooLarge, PodserveError, ServiceUnavailable
 from podserve.http_body import PARSE_ON_LOOP_MAX_BYTES, parse_body
 from podserve.inference_pool import BACKGROUND
+from podserve.pieces import join_pieces, piece_rows, slice_rows
 from podserve.processors import Tensors
 from podserve.protocol_v2 import (
     InferRequest,
@@ -348,37 +348,6 @@ def _tensor_bytes(tensors: Tensors) -> int:
     return sum(array.nbytes for array in tensors.values())
 
 
-def _piece_rows(model: OnnxModel) -> int | None:
-    """Rows per session run of a job; None: the job runs whole.
-
-    Only a model whose requests the batcher merges (`batching`: its rows are independent
-    and each output has a row per input row) is split, into pieces of its max_batch_size:
-    a piece then holds the thread no longer than a full online batch of the model does,
-    and the runs are of the size the model is tuned for. Not a model whose pre-processor
-    pads each run's rows to their longest (tokens) while an output keeps that padded dim:
-    its pieces' outputs would not fit together."""
-    if not model.batching:
-        return None
-    if model.preprocessor is not None and any(
-        dim < 0 for spec in model.outputs for dim in spec.shape[1:]
-    ):
-        return None
-    return model.max_batch_size
-
-
-def _join_pieces(pieces: Sequence[Tensors], rows: Sequence[int]) -> Tensors | None:
-    """The pieces' outputs concatenated along dim 0, in order: as one run would have made
-    them. None where an output of some piece has no row per input row or other dims than
-    the other pieces' (dims that depend on values): no concatenation is one run's output."""
-    for name in pieces[0]:
-        shapes = [piece[name].shape for piece in pieces]
-        if any(shape[:1] != (count,) for shape, count in zip(shapes, rows, strict=True)):
-            return None
-        if len({shape[1:] for shape in shapes}) != 1:
-            return None
-    return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
-
-
 def _job_attributes(job: ClaimedJob) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "podserve.job.id": str(job.id),
@@ -654,12 +623,12 @@ class JobRunner:
     async def _run_in_pieces(
         self, model: OnnxModel, inputs: Tensors, rows: int, run_options: ort.RunOptions
     ) -> Tensors:
-        """The job's outputs, from session runs of at most _piece_rows(model) rows, each
+        """The job's outputs, from session runs of at most piece_rows(model) rows, each
         awaiting the pool at BACKGROUND priority: an online batch that arrives meanwhile
         gets the thread after the current piece, not after the whole job (one run of 1,024
         rows of a slow model held it for 6.5 s). The pieces' outputs, concatenated in
         order, are what one run makes."""
-        size = _piece_rows(model)
+        size = piece_rows(model)
         if size is None or rows <= size:
             return await self._run_piece(model, inputs, rows, run_options)
         pieces: list[Tensors] = []
@@ -667,10 +636,10 @@ class JobRunner:
         for start in range(0, rows, size):
             if run_options.terminate:  # lease lost or shutting down: not even a next piece
                 raise RuntimeError("job run terminated between two pieces")
-            piece = {name: array[start : start + size] for name, array in inputs.items()}
+            piece = slice_rows(inputs, start, start + size)
             counts.append(min(size, rows - start))
             pieces.append(await self._run_piece(model, piece, counts[-1], run_options))
-        joined = _join_pieces(pieces, counts)
+        joined = join_pieces(pieces, counts)
         if joined is None:  # rare: the warm-up found a row per input row for 2 and 3 rows
             log.warning(
                 "job outputs have no row per input row: run again as one piece",
