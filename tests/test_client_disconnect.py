@@ -50,11 +50,12 @@ def _busy_rows(url: str, seconds: float = 2.0, most: int = 200) -> int:
 
 
 async def _occupy_then_leave(
-    url: str, port: int, leavers: int, rows: int
+    url: str, port: int, leavers: int, rows: int, leaver_body: bytes | None = None
 ) -> tuple[float, float, int]:
     """One long request (`rows`) takes the worker's inference thread; `leavers` clients
-    queue a request each behind it and close their connections before it ends. Returns
-    when the leavers closed, when the long request ended, and its status."""
+    queue a request each (`leaver_body`, default one row) behind it and close their
+    connections before it ends. Returns when the leavers closed, when the long request
+    ended, and its status."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         headers = {"content-type": "application/json"}
         busy = asyncio.create_task(client.post(SLOW, content=_slow_body(rows), headers=headers))
@@ -62,7 +63,7 @@ async def _occupy_then_leave(
         writers = []
         for _ in range(leavers):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(_raw_request(port, _slow_body(1)))
+            writer.write(_raw_request(port, leaver_body or _slow_body(1)))
             await writer.drain()
             writers.append(writer)
         await asyncio.sleep(0.3)  # read, parsed and queued behind the long request
@@ -107,6 +108,33 @@ def test_a_queued_request_whose_client_left_never_runs(tmp_path: Path) -> None:
         # Their wait is in the queue phase, as a 504's is: 2 served + 5 gone.
         queued = metrics.value("podserve_phase_duration_seconds_count", model="slow", phase="queue")
         assert queued == 9, queued  # and the 2 that calibrated
+
+
+def test_a_queued_request_with_a_large_body_whose_client_left_never_runs(
+    tmp_path: Path,
+) -> None:
+    # uvicorn pauses reading once a body buffers past 64 KiB and resumes only on the app's
+    # next receive(), which never comes after the last chunk: the client's close went unseen
+    # and the request ran. 256 KiB of trailing whitespace (valid JSON) makes the body large.
+    save(slow_model(layers=96), tmp_path, "slow", 1, {"max_batch_size": 256})
+    large = _slow_body(1) + b" " * (256 * 1024)
+    with ServerProcess(tmp_path, workers=1) as server:
+        rows = _busy_rows(server.url)
+        before = _slow_stats(server.url)
+        closed_at, busy_ended_at, busy_status = asyncio.run(
+            _occupy_then_leave(server.url, server.port, leavers=1, rows=rows, leaver_body=large)
+        )
+        assert busy_status == 200
+        assert busy_ended_at > closed_at + 0.1, "the long request ended before the client left"
+        deadline = time.monotonic() + 10
+        while (statuses := _statuses(server.url)).get("499", 0) < 1:
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.2)
+        assert statuses.get("200") == 3 and statuses.get("499") == 1, statuses  # 2 calibrate
+        after = _slow_stats(server.url)
+        assert after["execution_count"] - before["execution_count"] == 1  # the long one only
+        assert after["inference_count"] - before["inference_count"] == rows
+        assert scrape(server.url).value("podserve_queue_rows") == 0
 
 
 def _statuses(url: str) -> dict[str, float]:

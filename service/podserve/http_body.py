@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from podserve.client_disconnect import body_read
 from podserve.deadline_sweep import sweep_for
 from podserve.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from podserve.request_headers import request_headers
@@ -44,6 +45,8 @@ INFLATE_CHUNK_BYTES = 64 * 1024
 # decompressor, ~2 us for an empty one: uncapped, 16 MiB of them would still take 1-2 s of CPU,
 # where the cap refuses such a body after a few ms.
 MAX_GZIP_MEMBERS = 1000
+# uvicorn's HIGH_WATER_LIMIT: it pauses reading once a body buffers past this.
+READ_PAUSE_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -140,6 +143,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         raise
     finally:
         sweep.disarm(task)
+    if total > READ_PAUSE_BYTES:  # uvicorn may have paused reading: see client_disconnect.py
+        body_read(request.scope)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     encoding = headers.get("content-encoding")
     if encoding is None:
