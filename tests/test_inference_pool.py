@@ -11,7 +11,7 @@ import httpx
 
 from model_builders import affine_model, save
 from podserve import inference_pool
-from podserve.inference_pool import BACKGROUND, ONLINE, InferencePool
+from podserve.inference_pool import BACKGROUND, ONLINE, InferencePool, Turn
 from server_process import ServerProcess
 
 
@@ -120,6 +120,37 @@ def test_online_work_is_served_before_background_work() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["online", "job"]
+
+
+def test_a_freed_thread_goes_to_the_model_that_ran_longest_ago() -> None:
+    """A backlogged model asks for its next slot as soon as its batch starts, so it asks
+    before another model's batch is ready; first-come first-served gave it that slot too."""
+
+    async def scenario() -> list[str]:
+        pool = InferencePool(1)
+        flooded, fast = Turn(), Turn()
+        order: list[str] = []
+
+        async def batch(turn: Turn, name: str, priority: int = ONLINE) -> None:
+            await pool.acquire(priority, turn)
+            order.append(name)
+            pool.release()
+
+        await batch(fast, "fast ran")  # the fast model ran before the flooded one
+        await pool.acquire(ONLINE, flooded)  # the flooded model's batch runs now
+        waiting = [asyncio.ensure_future(batch(flooded, "flooded"))]  # asks first
+        await asyncio.sleep(0)
+        waiting.append(asyncio.ensure_future(batch(Turn(), "job", BACKGROUND)))  # never ran
+        await asyncio.sleep(0)
+        waiting.append(asyncio.ensure_future(batch(fast, "fast")))
+        await asyncio.sleep(0.01)
+        pool.release()
+        await asyncio.gather(*waiting)
+        pool.shutdown()
+        return order
+
+    # Online before background whatever their turns; among online, the older turn first.
+    assert asyncio.run(scenario()) == ["fast ran", "fast", "flooded", "job"]
 
 
 def _fail(message: str) -> None:

@@ -36,7 +36,7 @@ from podserve.errors import (
     StoppedWaiting,
     note_phases,
 )
-from podserve.inference_pool import ONLINE, InferencePool
+from podserve.inference_pool import ONLINE, InferencePool, Turn
 from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
 from podserve.pieces import join_pieces, piece_rows, slice_rows
 from podserve.processors import Tensors
@@ -231,6 +231,7 @@ class Batcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self.runs_terminated = 0  # session runs ended early: all their requests gave up
         self._spare_options: list[ort.RunOptions] = []  # of runs that ended unterminated
+        self._turn = Turn()  # the pool serves the model that ran longest ago first
 
     def start(self) -> None:
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="batcher")
@@ -419,7 +420,7 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            await self.pool.acquire(ONLINE)
+            await self.pool.acquire(ONLINE, self._turn)
             await self._wait_for_fill()
             batch = self._take_batch()
             if not batch:
