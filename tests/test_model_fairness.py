@@ -74,6 +74,10 @@ def test_a_fast_models_request_waits_at_most_the_running_batch_of_a_flooded_mode
 
     # Slow batches answered while each fast request was under way: the one running when it
     # arrived, not also the next one (booked by the slow model before the fast one asked).
+    # A probe sent just as a slow batch ends reaches the server after the next one has
+    # taken the thread, fairly: it sees two. First come, first served made every probe see
+    # two or more ([2, 2, 2, 2, 2, 2]); turns make most see one (one run: [2, 1, 1, 1, 1, 1]).
     overlapped = [sum(sent < t < answered for t in done) for sent, answered in spans]
     assert len(done) > 3 * len(spans), done  # the slow model stayed flooded throughout
-    assert max(overlapped) <= 1, overlapped
+    assert max(overlapped) <= 2, overlapped
+    assert sum(count == 2 for count in overlapped) <= 2, overlapped
