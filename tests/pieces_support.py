@@ -14,13 +14,12 @@ import orjson
 
 from metrics_support import scrape
 from model_builders import affine_model, save, slow_model
+from podserve.phases import parse_server_timing
 
 WIDTH = 256  # slow_model's row width
 LAYERS = 96  # four times slow_model's default: rows within the queue bound take seconds
-# uvicorn stops reading a connection once a request's body has buffered more than 64 KiB
-# and resumes only when the app reads again: after the last chunk of a larger body it never
-# does, so the loss of that client goes unseen until the answer is written. The tests of
-# clients that leave send smaller bodies.
+# The tests of clients that leave send bodies under uvicorn's 64 KiB high-water mark, where
+# reading never pauses (the larger-body case is tests/test_client_disconnect.py's).
 SMALL_BODY_BYTES = 65536
 
 
@@ -92,21 +91,22 @@ def zeros_body(rows: int) -> bytes:
     return orjson.dumps({"inputs": [tensor]})
 
 
+def _by_label(url: str, metric: str, model: str, label: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for sample in scrape(url).find(metric, model=model):
+        key = sample.labels[label]
+        counts[key] = counts.get(key, 0) + sample.value
+    return counts
+
+
 def runs(url: str, model: str) -> dict[str, float]:
     """podserve_batch_runs_total of `model` by batch size (rows per session run)."""
-    counts: dict[str, float] = {}
-    for sample in scrape(url).find("podserve_batch_runs_total", model=model):
-        size = sample.labels["batch_size"]
-        counts[size] = counts.get(size, 0) + sample.value
-    return counts
+    return _by_label(url, "podserve_batch_runs_total", model, "batch_size")
 
 
 def statuses(url: str, model: str) -> dict[str, float]:
-    counts: dict[str, float] = {}
-    for sample in scrape(url).find("podserve_requests_total", model=model):
-        status = sample.labels["status"]
-        counts[status] = counts.get(status, 0) + sample.value
-    return counts
+    """podserve_requests_total of `model` by status."""
+    return _by_label(url, "podserve_requests_total", model, "status")
 
 
 def wait_for_metric(url: str, name: str, want: float, timeout: float = 10, **labels: str) -> float:
@@ -119,9 +119,4 @@ def wait_for_metric(url: str, name: str, want: float, timeout: float = 10, **lab
 
 def server_timing(response: httpx.Response) -> dict[str, float]:
     """Server-Timing's phases, in ms."""
-    phases: dict[str, float] = {}
-    for entry in response.headers.get("server-timing", "").split(","):
-        name, _, duration = entry.strip().partition(";dur=")
-        if duration:
-            phases[name] = float(duration)
-    return phases
+    return parse_server_timing(response.headers.get("server-timing", ""))

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import postgres
+from metrics_support import scrape
 from podserve.db.journal import Journal
 from podserve.db.pool import Database
 from podserve.db.prediction_log import ROW_OVERHEAD_BYTES, PredictionLog, row_bytes
@@ -299,15 +300,12 @@ def test_the_byte_bound_setting() -> None:
         Settings(prediction_log_buffer_bytes=0)
 
 
-def _gauges(http: httpx.Client) -> dict[str, float]:
-    """The prediction log's backlog gauges from a /metrics scrape (one worker: no sum)."""
-    wanted = ("podserve_prediction_log_buffer_rows", "podserve_prediction_log_buffer_bytes")
-    values = dict.fromkeys(wanted, -1.0)
-    for line in http.get("/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in values:
-            values[name] = float(value)
-    return values
+def _gauges(url: str) -> dict[str, float]:
+    """The prediction log's backlog gauges (rows, bytes) from a /metrics scrape."""
+    found = scrape(url)
+    names = ("podserve_prediction_log_buffer_rows", "podserve_prediction_log_buffer_bytes")
+    assert set(names) <= found.names
+    return {name: found.value(name) for name in names}
 
 
 def _until(predicate: Any, timeout: float) -> bool:
@@ -347,11 +345,13 @@ def test_the_buffer_bytes_gauge_follows_the_rows_waiting_in_memory(
             gauges: dict[str, float] = {}
 
             def backlog_seen() -> bool:
-                gauges.update(_gauges(http))
+                gauges.update(_gauges(server.url))
                 return gauges["podserve_prediction_log_buffer_rows"] == 20
 
             assert _until(backlog_seen, 10), gauges
             assert gauges["podserve_prediction_log_buffer_bytes"] >= 20 * ROW_OVERHEAD_BYTES, gauges
             proxy.restore()
             assert _until(lambda: _count(db_url, prefix) == 20, 20)
-            assert _until(lambda: set(_gauges(http).values()) == {0.0}, 10), _gauges(http)
+            assert _until(lambda: set(_gauges(server.url).values()) == {0.0}, 10), _gauges(
+                server.url
+            )
