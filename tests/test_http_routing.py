@@ -90,3 +90,12 @@ def test_get_on_v1_predict_is_405_allowing_post(client: httpx.Client) -> None:
     assert response.headers["allow"] == "POST"
     assert "POST" in response.json()["error"]
     assert client.get("/v1/models/nope").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/models/nope", "/metrics"])
+def test_answers_do_not_name_the_server_stack(client: httpx.Client, path: str) -> None:
+    """uvicorn added `server: uvicorn` to every answer: it tells a scanner which stack (and
+    which advisories) to try, and costs every answer its bytes. `Date` stays (RFC 9110 6.6.1)."""
+    response = client.get(path)
+    assert "server" not in response.headers, response.headers
+    assert "date" in response.headers

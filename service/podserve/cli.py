@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             log_config=None,
+            server_header=False,
         )
         return 0
     _gunicorn_application().run()

@@ -163,7 +163,8 @@ class DrainingServer(Server):
 
 
 class PodserveWorker(UvicornWorker):
-    CONFIG_KWARGS = {"loop": "auto", "http": "auto"}
+    # No `server: uvicorn` on every answer: it names the stack to scanners and costs bytes.
+    CONFIG_KWARGS = {"loop": "auto", "http": "auto", "server_header": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
