@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,30 +186,64 @@ class BatchRecord:
 BatchObserver = Callable[[BatchRecord], None]
 
 
-class QueueBudget:
-    """Per-worker bound on rows waiting for a batch, shared by all models."""
+ModelKey = tuple[str, str]  # (name, version): the model whose rows a reservation holds
+_ONLY_MODEL: ModelKey = ("", "")  # a budget used for one model only
 
-    def __init__(self, max_rows: int, retry_after_s: int) -> None:
+
+class QueueBudget:
+    """Per-worker bound on rows waiting for a batch, shared by all models.
+
+    While more than one model is served (`models`: the runtime's batchers, read at each
+    reservation, so the rule follows what is loaded), a model may also hold no more queued
+    rows than were free before its request: a dynamic threshold (Choudhury and Hahne's, as
+    switches share a buffer; alpha 1). n flooded models settle at about max_rows/(n+1) each,
+    and the rows left free admit a quiet model's request (one of up to max_rows/2 rows
+    beside a lone flooder), so a flood sheds its own model's requests, not its neighbours'
+    (one flooded model had shed 26-33% of another's). A lone model queues about half the
+    bound in a pod of several, the whole bound in a pod of one."""
+
+    def __init__(self, max_rows: int, retry_after_s: int, models: Sized = ()) -> None:
         self.max_rows = max_rows
         self.retry_after_s = retry_after_s
+        self.models = models
         self.queued_rows = 0
+        self._held: dict[ModelKey, int] = {}  # queued rows by model; none at 0
 
-    def reserve(self, rows: int) -> None:
+    def reserve(self, rows: int, model: ModelKey = _ONLY_MODEL) -> None:
         if rows > self.max_rows:
             raise PayloadTooLarge(  # it could never be admitted: say what to do instead
                 f"{rows} rows exceed the queue capacity of {self.max_rows} rows per worker "
                 "(PODSERVE_MAX_QUEUE_ROWS); send fewer rows per request, or submit them as a "
                 "background job"
             )
-        if self.queued_rows + rows > self.max_rows:
+        free = self.max_rows - self.queued_rows
+        if rows > free:
             raise Overloaded(
-                f"server busy: {self.queued_rows} rows queued (limit {self.max_rows}); retry later",
+                f"server busy: {self.queued_rows} rows queued in this worker (limit "
+                f"{self.max_rows}, PODSERVE_MAX_QUEUE_ROWS); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        held = self._held.get(model, 0)
+        if held + rows > free and len(self.models) > 1:
+            raise Overloaded(
+                f"server busy: model '{model[0]}' version {model[1]} holds {held} of the "
+                f"{self.queued_rows} rows queued in this worker, and {rows} more would exceed "
+                f"its share while other models are served (at most the {free} rows free); "
+                "retry later",
                 retry_after_s=self.retry_after_s,
             )
         self.queued_rows += rows
+        self._held[model] = held + rows
 
-    def release(self, rows: int) -> None:
+    def release(self, rows: int, model: ModelKey = _ONLY_MODEL) -> None:
         self.queued_rows -= rows
+        held = self._held.pop(model, 0) - rows
+        if held > 0:
+            self._held[model] = held
+
+    def held(self, model: ModelKey) -> int:
+        """Rows `model`'s requests hold in the queue."""
+        return self._held.get(model, 0)
 
 
 class Batcher:
@@ -223,6 +257,7 @@ class Batcher:
         self.model = model
         self.pool = pool
         self.budget = budget
+        self._model_key = (model.name, model.version)  # its rows' owner in the budget
         self.observers = observers if observers is not None else []
         self._queue: deque[PendingRequest] = deque()
         self._queued_rows = 0
@@ -254,7 +289,7 @@ class Batcher:
             raise ClientClosedRequest(_CLIENT_GONE)
         if rows > self.model.max_batch_size and (size := piece_rows(self.model)) is not None:
             return await self._submit_split(inputs, rows, size, deadline, context, client)
-        self.budget.reserve(rows)
+        self.budget.reserve(rows, self._model_key)
         loop = asyncio.get_running_loop()
         item = PendingRequest(
             inputs,
@@ -298,7 +333,7 @@ class Batcher:
         (the rows still to run are queued work: podserve_queue_rows counts them); one
         deadline and one client for all; the first piece that fails fails the request, and
         the others are dropped (a run of only given-up requests is terminated)."""
-        self.budget.reserve(rows)
+        self.budget.reserve(rows, self._model_key)
         split = self._make_split(inputs, rows, size, deadline, context)
         self._queue_next_piece(split)
         if client is not None:
@@ -382,7 +417,7 @@ class Batcher:
         never = split.pieces[split.queued :]
         split.queued = len(split.pieces)  # no more pieces join the queue
         if never:
-            self.budget.release(sum(piece.rows for piece in never))
+            self.budget.release(sum(piece.rows for piece in never), self._model_key)
         for piece in split.pieces:
             if not piece.future.done():
                 piece.future.cancel()
@@ -497,7 +532,7 @@ class Batcher:
 
     def _forget(self, item: PendingRequest) -> None:
         self._queued_rows -= item.rows
-        self.budget.release(item.rows)
+        self.budget.release(item.rows, self._model_key)
 
     def _withdraw(self, item: PendingRequest) -> None:
         """A request that gave up while queued frees its rows at once: left in the queue until

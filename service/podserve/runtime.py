@@ -58,8 +58,10 @@ class ServingRuntime:
             settings.inference_thread_idle,
             settings.thread_slice_us,
         )
-        self.budget = QueueBudget(settings.max_queue_rows, settings.retry_after_s)
         self.batchers: dict[tuple[str, str], Batcher] = {}
+        # The budget shares the queue between models while it serves several: it counts them
+        # in this dict, so whatever adds or removes a batcher changes its rule too.
+        self.budget = QueueBudget(settings.max_queue_rows, settings.retry_after_s, self.batchers)
         self.batch_observers: list[BatchObserver] = []
         self.inflight = 0
         self.loaded = False
