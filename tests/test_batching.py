@@ -425,9 +425,9 @@ def test_requests_that_give_up_while_queued_free_their_rows_at_once(
 def test_a_failed_batch_and_its_reruns_reach_the_observers(
     repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch that fails is rerun request by request: every session run is a record (the
-    metrics' batch sizes, Triton's execution counts, the batch spans), and a request that
-    gave up meanwhile is not rerun for nobody."""
+    """A batch that fails is rerun in halves: every session run is a record (the metrics'
+    batch sizes, Triton's execution counts, the batch spans), and a request that gave up
+    meanwhile is not rerun for nobody."""
     model = repository.get("affine", "1")
     run_batch, runs = model.run_batch, []
     gone = threading.Event()
@@ -459,16 +459,17 @@ def test_a_failed_batch_and_its_reruns_reach_the_observers(
         return results, records
 
     results, records = asyncio.run(scenario())
-    assert runs == [5, 1, 1, 1, 1]  # the cancelled request was not rerun
+    # The cancelled request was not rerun: the 4 others in halves, then the failed half's two.
+    assert runs == [5, 2, 2, 1, 1]
     assert isinstance(results[1], asyncio.CancelledError)
     assert isinstance(results[3], Exception)  # the bad one
     for index, value in ((0, 0), (2, 2), (4, 3)):  # the good ones: x * 2 + 1
         np.testing.assert_array_equal(results[index].outputs["y"], np.full((1, 4), value * 2 + 1))
-    failed, *alone = records
+    failed, *reruns = records
     assert len(failed.requests) == 5 and failed.error is not None and failed.result is None
-    assert [len(record.requests) for record in alone] == [1, 1, 1, 1]
-    assert [record.error is not None for record in alone] == [False, False, True, False]
-    assert all(record.result is not None for record in alone if record.error is None)
+    assert [len(record.requests) for record in reruns] == [2, 2, 1, 1]
+    assert [record.error is not None for record in reruns] == [False, True, True, False]
+    assert all(record.result is not None for record in reruns if record.error is None)
 
 
 def test_a_failed_merged_run_is_queue_time_for_its_reruns(

@@ -578,9 +578,9 @@ class Batcher:
             return
         if error is not None and len(batch) > 1:
             self._observe(batch, None, start_ns, error)  # the failed run counts too
-            # One bad request must not fail its batch-mates: rerun each alone.
+            # One bad request must not fail its batch-mates: rerun the batch in halves.
             try:
-                await self._run_alone(batch, started)
+                await self._rerun_in_halves(batch)
             finally:
                 self.pool.release()
             return
@@ -640,22 +640,58 @@ class Batcher:
             if not run.options.terminate:
                 spare.append(run.options)
 
-    async def _run_alone(self, batch: list[PendingRequest], started: float) -> None:
-        """Each request in a session run of its own; those answered meanwhile are skipped."""
-        for item in batch:
-            if self._drop_if_dead(item, time.perf_counter(), release=False):
-                continue
-            start_ns, own_start = time.time_ns(), time.perf_counter()
-            result: BatchResult | None = None
-            error: BaseException | None = None
-            try:
-                result = await self._run_session([item], own_start)
-            except Exception as exc:
-                error = exc
-            # Its queue phase lasts until its own run: the failed merged run and the reruns
-            # before it were waiting too (they were missing from its Server-Timing).
-            self._resolve([item], result, error, own_start)
-            self._observe([item], result, start_ns, error)
+    async def _rerun_in_halves(self, failed: list[PendingRequest]) -> None:
+        """Bisect a failed session run: each half (contiguous requests in batch order) is one
+        session run, and a half that fails is halved again. One bad request among n costs
+        ~2*log2(n) reruns instead of n (each alone held the thread while the others waited).
+        When both halves fail, most of the batch is bad (a model that fails every input, a
+        client repeating a bad payload): their requests rerun alone, as halving on would cost
+        up to twice as many runs; so a batch never costs more than two runs a level over
+        rerunning each alone. Requests answered meanwhile are left out; a model that stopped
+        batching (a merged output it could not split) reruns each request alone."""
+        live = [item for item in failed if not self._gave_up(item)]
+        if len(live) < 3 or not self.model.batching:
+            for item in live:
+                await self._rerun([item])
+            return
+        middle = len(live) // 2
+        first = await self._rerun(live[:middle])
+        second = await self._rerun(live[middle:])
+        if first and second:
+            for item in first + second:
+                await self._rerun([item])
+            return
+        await self._rerun_in_halves(first or second)
+
+    async def _rerun(self, part: list[PendingRequest]) -> list[PendingRequest]:
+        """One session run for part of a failed batch; observed like any run (a failed one
+        too: each rerun is a record, as the merged run was). Returns the part when its run
+        failed and it holds more than one request (unanswered, to be split), else []."""
+        part = [item for item in part if not self._gave_up(item)]  # while earlier parts ran
+        if not part:
+            return []
+        start_ns, own_start = time.time_ns(), time.perf_counter()
+        result: BatchResult | None = None
+        error: BaseException | None = None
+        try:
+            result = await self._run_valid(part, own_start)
+        except Exception as exc:
+            error = exc
+        if not part:  # every request was rejected for its values: no session ran
+            return []
+        if error is not None and len(part) > 1:
+            self._observe(part, None, start_ns, error)
+            return part
+        # Its queue phase lasts until its own run: the failed runs before it were waiting
+        # too (they were missing from its Server-Timing).
+        self._resolve(part, result, error, own_start)
+        self._observe(part, result, start_ns, error)
+        return []
+
+    def _gave_up(self, item: PendingRequest) -> bool:
+        """Answered already, or its deadline has passed (then answered now): not rerun. Its
+        rows were released when its batch took it."""
+        return self._drop_if_dead(item, time.perf_counter(), release=False)
 
     def _resolve(
         self,
@@ -702,7 +738,7 @@ _LATE = "request deadline exceeded before inference finished"
 
 def _spent(item: PendingRequest, now: float | None = None) -> tuple[float, float | None]:
     """Queue and infer seconds of a request that gives up now: its wait, and how long its
-    batch has run if it is running (a request waiting for a rerun alone is queued)."""
+    batch has run if it is running (a request waiting for its rerun is queued)."""
     now = time.perf_counter() if now is None else now
     run = item.run
     if run is None or not run.running:

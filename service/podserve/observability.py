@@ -107,7 +107,7 @@ class Observability:
         result = record.result
         if result is None or record.error is not None:
             # Successful runs only, as Triton counts executions: a failed batch's rows are
-            # counted again when its requests are rerun alone. Its span shows the error.
+            # counted again when its requests are rerun. Its span shows the error.
             return
         rows = sum(item.rows for item in record.requests)
         stages = (result.preprocess_s, result.infer_s, result.postprocess_s)  # BATCH_STAGES
