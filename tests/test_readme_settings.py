@@ -36,6 +36,21 @@ def test_unknown_names_are_reported_with_the_closest_setting() -> None:
     ]
 
 
+def test_names_are_matched_regardless_of_case_as_pydantic_settings_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PODSERVE_Max_Batch_Size is applied, so it is no unknown setting; podserve_worker is
+    a typo like PODSERVE_WORKER."""
+    environ = {
+        "PODSERVE_Max_Batch_Size": "3",
+        "podserve_worker": "3",
+        "podserve_test_anything": "x",
+    }
+    assert unknown_settings(environ) == ["podserve_worker (did you mean PODSERVE_WORKERS?)"]
+    monkeypatch.setenv("PODSERVE_Max_Batch_Size", "3")
+    assert Settings().max_batch_size == 3
+
+
 def test_the_server_warns_of_an_unknown_setting_at_start(affine_repo: Path) -> None:
     env = {"PODSERVE_GRACEFULL_TIMEOUT_S": "5"}
     with ServerProcess(affine_repo, workers=1, env=env) as server:

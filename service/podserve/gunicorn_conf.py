@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +26,20 @@ from podserve import (
     trace_control,
 )
 from podserve.logs import gunicorn_logconfig_dict
-from podserve.runtime import resolve_workers
-from podserve.settings import Settings, get_settings, report_invalid, unknown_settings
+from podserve.runtime import resolve_workers, thread_oversubscription
+from podserve.settings import (
+    Settings,
+    get_settings,
+    host_resolution_problem,
+    report_invalid,
+    unknown_settings,
+)
 
 
 def config_dict(settings: Settings) -> dict[str, Any]:
     workers = resolve_workers(settings)  # reads the cgroup quota: once
     return {
-        "bind": [bind_check.host_port(settings.host, settings.port)],
+        "bind": [bind_check.host_port(_resolvable_host(settings.host), settings.port)],
         "workers": workers,
         "worker_class": "podserve.worker.PodserveWorker",
         # One SO_REUSEPORT socket per worker spreads connections evenly. A lone worker gets
@@ -54,6 +61,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         # The bind check first: a busy port stops the master before anything is set up.
         **chain_hooks(
             {"on_starting": _warn_unknown_settings},
+            _thread_hooks(settings, workers),
             bind_check.gunicorn_hooks(),
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
@@ -110,6 +118,34 @@ def _chained(calls: list[Callable[..., None]]) -> Callable[..., None]:
 def _warn_unknown_settings(server: Any) -> None:
     for name in unknown_settings(os.environ):
         server.log.warning("unknown setting ignored: %s", name)
+
+
+def _resolvable_host(host: str) -> str:
+    """A host name that does not resolve stops the start here, naming the setting: Gunicorn
+    retried its bind 5 times (~6 s), then named neither the setting nor the cause."""
+    problem = host_resolution_problem(host)
+    if problem:
+        print(f"error: PODSERVE_HOST={host!r}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return host
+
+
+def _thread_hooks(settings: Settings, workers: int) -> dict[str, Any]:
+    """on_starting: one warning when the inference threads outnumber the quota's CPUs (they
+    then preempt each other, and every batch runs slower)."""
+    counts = thread_oversubscription(settings, workers)
+    if counts is None:
+        return {}
+    message = (
+        "inference threads oversubscribe the CPU quota: {workers} workers (PODSERVE_WORKERS) "
+        "x {pool_threads} pool threads (PODSERVE_POOL_THREADS) x {intra_op_threads} ORT "
+        "intra-op threads (PODSERVE_ORT_INTRA_OP_THREADS) = {threads} threads for {cpus} CPUs"
+    ).format(**counts)
+
+    def on_starting(server: Any) -> None:
+        server.log.warning(message, extra=counts)
+
+    return {"on_starting": on_starting}
 
 
 def _balance_hooks(workers: int) -> dict[str, Any]:

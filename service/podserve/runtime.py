@@ -39,13 +39,34 @@ def resolve_workers(settings: Settings) -> int:
     return int(env) if env.isascii() and env.isdigit() and int(env) > 0 else default_workers()
 
 
-def thread_budget(settings: Settings) -> ThreadBudget:
-    """workers x pool threads x intra-op threads never exceeds the quota (unless overridden)."""
-    workers = resolve_workers(settings)
+def thread_budget(
+    settings: Settings, workers: int | None = None, cpus: int | None = None
+) -> ThreadBudget:
+    """workers x pool threads x intra-op threads never exceeds the quota (unless overridden).
+    `cpus`: the quota rounded up, as the default worker count is."""
     intra = settings.ort_intra_op_threads or intra_op_threads(
-        workers, settings.pool_threads, math.ceil(cpu_limit())
+        workers or resolve_workers(settings),
+        settings.pool_threads,
+        cpus or math.ceil(cpu_limit()),
     )
     return ThreadBudget(intra, settings.ort_inter_op_threads, settings.ort_allow_spinning)
+
+
+def thread_oversubscription(settings: Settings, workers: int) -> dict[str, int] | None:
+    """The thread counts when workers x pool threads x intra-op threads exceed the quota's
+    CPUs (rounded up, as the default worker count and split are: the defaults never do)."""
+    cpus = math.ceil(cpu_limit())
+    intra = thread_budget(settings, workers, cpus).intra_op
+    threads = workers * settings.pool_threads * intra
+    if threads <= cpus:
+        return None
+    return {
+        "workers": workers,
+        "pool_threads": settings.pool_threads,
+        "intra_op_threads": intra,
+        "threads": threads,
+        "cpus": cpus,
+    }
 
 
 class ServingRuntime:

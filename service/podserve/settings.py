@@ -5,19 +5,41 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import re
+import socket
 import sys
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from podserve.db.url_check import url_problem
+from podserve.loop_watch import TICK_S
 from podserve.model_config import MAX_BATCH_DELAY_MS
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# Five ticks: a late tick or two on a busy CPU is no stall (the other workers would take
+# over the worker's connections), and the watchdog wakes at most 8 times a second.
+MIN_LOOP_STALL_S = 5 * TICK_S
+# Path("") is "." : a blank path setting meant the working directory (the metrics dir's
+# clean-up deleted every *.db file there, the spool wrote its journal there).
+_PATH_DEFAULTS = {
+    "model_repository": "./model_repository",
+    "spool_dir": "./spool",
+    "prometheus_multiproc_dir": "a fresh temporary directory per server",
+    "api_keys_file": "no key file",
+}
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123
 
 
 class Settings(BaseSettings):
@@ -180,6 +202,48 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown log level; use one of {', '.join(LOG_LEVELS).lower()}")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _address_or_host_name(cls, value: str) -> str:
+        # Gunicorn read "" as every interface, "HOST:PORT" as its own port (PODSERVE_PORT
+        # ignored), and a URL as an unclear bind error.
+        if not value.strip():
+            raise ValueError("is empty: leave it unset for 127.0.0.1 (0.0.0.0 or :: for all)")
+        if not _is_ip_address(value) and not _is_host_name(value):
+            raise ValueError(
+                "is neither an IP address (IPv6 without brackets) nor a host name: no port "
+                "(that is PODSERVE_PORT), scheme, path or spaces"
+            )
+        return value
+
+    @field_validator(*_PATH_DEFAULTS, mode="before")
+    @classmethod
+    def _no_blank_path(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and not value.strip():
+            default = _PATH_DEFAULTS[str(info.field_name)]
+            raise ValueError(
+                f"is empty, which would be the working directory: leave it unset for {default}"
+            )
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_when_set(cls, value: SecretStr | None) -> SecretStr | None:
+        # A Kubernetes secretKeyRef to an empty key gives "": that turned authentication off.
+        if value is not None and not value.get_secret_value().replace(",", " ").strip():
+            raise ValueError("holds no key: leave it unset to run without authentication")
+        return value
+
+    @field_validator("loop_stall_s")
+    @classmethod
+    def _stall_longer_than_ticks(cls, value: float) -> float:
+        if 0 < value < MIN_LOOP_STALL_S:
+            raise ValueError(
+                f"must be 0 (off) or at least {MIN_LOOP_STALL_S:g} s: the loop ticks every "
+                f"{TICK_S:g} s, and a shorter bound takes a late tick for a stall"
+            )
+        return value
+
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _addresses_or_star(cls, value: str) -> str:
@@ -231,6 +295,40 @@ class Settings(BaseSettings):
         return self
 
 
+def _is_ip_address(value: str) -> bool:
+    if "%" in value:  # an IPv6 zone (fe80::1%eth0): Gunicorn's bind cannot parse it
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_name(value: str) -> bool:
+    """RFC 1123 labels; an all-numeric last label is a mistyped IPv4 address (10.0.0.256)."""
+    labels = value.removesuffix(".").split(".")
+    return (
+        len(value) <= 253
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def host_resolution_problem(host: str) -> str | None:
+    """Why PODSERVE_HOST cannot be bound by name (None for an IP address or a known name).
+
+    Checked once in the Gunicorn master, not in the validator: every worker, and every
+    Settings() of a tool or test, would otherwise ask the resolver again."""
+    if _is_ip_address(host):
+        return None
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:  # socket.gaierror
+        return f"cannot be resolved ({exc.args[-1] if exc.args else type(exc).__name__})"
+    return None
+
+
 def is_secret(field: str) -> bool:
     """A setting whose value is never printed (a password in a URL, API keys)."""
     info = Settings.model_fields.get(field)
@@ -268,9 +366,11 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
     known = [name.upper() for name in Settings.model_fields]
     found = []
     for name in sorted(environ):
-        if not name.startswith("PODSERVE_") or name.startswith("PODSERVE_TEST_"):
+        # pydantic-settings matches names case-insensitively: podserve_workers is applied.
+        upper = name.upper()
+        if not upper.startswith("PODSERVE_") or upper.startswith("PODSERVE_TEST_"):
             continue
-        setting = name.removeprefix("PODSERVE_")
+        setting = upper.removeprefix("PODSERVE_")
         if setting in known:
             continue
         close = difflib.get_close_matches(setting, known, n=1, cutoff=0.8)
