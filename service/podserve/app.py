@@ -26,6 +26,7 @@ from podserve import (
     routes_statistics,
     routes_v1,
     routes_v2,
+    startup_failure,
 )
 from podserve.auth import api_keys, install_auth
 from podserve.direct_routes import DirectRoutes
@@ -126,9 +127,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        await observability.start()
-        pod_follower.start()
+        try:
+            await runtime.start()
+            await observability.start()
+            pod_follower.start()
+        except startup_failure.KNOWN as exc:  # a bad model, setting, path or database
+            raise startup_failure.logged(exc, settings) from exc  # one line, not a traceback
         tune_collector(settings.gc_gen0_threshold, settings.gc_freeze)  # all loaded now
         shorten_slice(settings.thread_slice_us, "event loop")  # lifespan runs on the loop
         try:
@@ -157,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.observability = observability
     _install_error_handlers(app)
+    app.add_middleware(startup_failure.QuietStartupFailure)  # innermost: lifespan only
     # routes_statistics before routes_v2: /v2/models/stats is not a model named "stats".
     routers = (
         routes_health, routes_statistics, routes_v2, routes_v1, routes_repository, routes_jobs,

@@ -98,14 +98,20 @@ def prepare_multiproc_dir(configured: Path | None) -> tuple[Path, bool]:
     (returned with created=True so the master removes it on exit).
     """
     existing = configured or multiproc_dir()
-    if existing is None:
-        path, created = Path(tempfile.mkdtemp(prefix="podserve-metrics-")), True
-    else:
-        path, created = existing, False
-        path.mkdir(parents=True, exist_ok=True)
-        # Samples of a previous server (container restart), and what a fold left half done.
-        for stale in [*path.glob("*.db"), *path.glob(".*.db.tmp"), path / GENERATION_FILE]:
-            stale.unlink(missing_ok=True)
+    try:
+        if existing is None:
+            path, created = Path(tempfile.mkdtemp(prefix="podserve-metrics-")), True
+        else:
+            path, created = existing, False
+            path.mkdir(parents=True, exist_ok=True)
+            # Samples of a previous server (container restart), and what a fold left half done.
+            for stale in [*path.glob("*.db"), *path.glob(".*.db.tmp"), path / GENERATION_FILE]:
+                stale.unlink(missing_ok=True)
+    except OSError as exc:  # in the master, before any worker: one line, not a traceback
+        source = PODSERVE_ENV_DIR if configured else ENV_DIR if existing else "TMPDIR"
+        problem = f"{source}: cannot create or empty the metrics directory: {exc}"
+        log.error("start-up failed", extra={"error": problem})
+        raise SystemExit(1) from None
     os.environ[ENV_DIR] = str(path)
     os.environ[PODSERVE_ENV_DIR] = str(path)
     _use_multiprocess_values()

@@ -13,6 +13,9 @@ from podserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The names model_config.load_model_config reads, in its order.
+CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
+
 
 class ModelLoadError(RuntimeError):
     """Start-up must fail loudly, naming the file and the reason."""
@@ -75,11 +78,20 @@ def _ignored(path: Path) -> bool:
 
 
 def _looks_like_a_model(model_dir: Path) -> bool:
-    """A config.yaml, or a folder holding a model.onnx: meant as a model, so any mistake in
-    its versions fails the start; other folders beside the models are left alone."""
-    return (model_dir / "config.yaml").exists() or any(
+    """A model config, an *.onnx file, or a folder holding a model.onnx: meant as a model, so
+    any mistake in its layout fails the start; other folders beside the models are left alone."""
+    return bool(_configs(model_dir) or _loose_onnx(model_dir)) or any(
         (path / "model.onnx").exists() for path in model_dir.iterdir() if path.is_dir()
     )
+
+
+def _configs(model_dir: Path) -> list[str]:
+    return [name for name in CONFIG_NAMES if (model_dir / name).exists()]
+
+
+def _loose_onnx(folder: Path) -> list[Path]:
+    """*.onnx files directly in `folder` (any case: model.ONNX is no model.onnx either)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
 
 
 def _version_dirs(model_dir: Path) -> dict[str, Path]:
@@ -103,6 +115,11 @@ def _version_dirs(model_dir: Path) -> dict[str, Path]:
             )
         versions[version] = path
     if not versions:
+        loose = _loose_onnx(model_dir)
+        if loose:  # the flat layout of other servers: repo/<model>/model.onnx
+            raise ModelLoadError(
+                f"{loose[0]}: a model must be in a version folder: {model_dir}/1/model.onnx"
+            )
         # The chart mounts each modelConfigs entry over <repository>/<model>/config.yaml:
         # one naming a model the image lacks makes such a directory, and a crash loop.
         lone = not others and [p.name for p in model_dir.iterdir()] == ["config.yaml"]
@@ -114,13 +131,21 @@ def _version_dirs(model_dir: Path) -> dict[str, Path]:
     return dict(sorted(versions.items(), key=lambda item: int(item[0])))
 
 
+def _misnamed(version_dir: Path) -> str:
+    """The hint for a version directory without a model.onnx."""
+    found = [p.name for p in _loose_onnx(version_dir)]
+    if found:
+        return f" (found {', '.join(found)}: the file must be named model.onnx)"
+    return " (every version directory needs a model.onnx)"
+
+
 def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> ModelRepository:
     if not root.is_dir():
         raise ModelLoadError(f"model repository {root} does not exist or is not a directory")
     models: dict[str, ServedModel] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p)):
         if not _looks_like_a_model(model_dir):  # a shared tokenizer's folder, docs, ...
-            log.warning("not a model (no config.yaml, no <version>/model.onnx): skipped",
+            log.warning("not a model (no config file, no *.onnx): skipped",
                         extra={"directory": str(model_dir)})  # fmt: skip
             continue
         served = _load_model(model_dir, settings, threads)
@@ -131,6 +156,9 @@ def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> Mo
 
 
 def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> ServedModel:
+    configs = _configs(model_dir)
+    if len(configs) > 1:  # only the first would be read, the others silently ignored
+        raise ModelLoadError(f"{model_dir}: more than one model config ({', '.join(configs)})")
     try:
         config = load_model_config(model_dir)
     except ValueError as exc:
@@ -139,7 +167,7 @@ def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> S
     for version, version_dir in _version_dirs(model_dir).items():
         path = version_dir / "model.onnx"
         if not path.exists():
-            raise ModelLoadError(f"{path}: missing (every version directory needs a model.onnx)")
+            raise ModelLoadError(f"{path}: missing{_misnamed(version_dir)}")
         try:
             model = OnnxModel(
                 name=model_dir.name,

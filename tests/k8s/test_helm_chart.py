@@ -652,6 +652,36 @@ def test_listening_address_is_a_value(helm: str) -> None:
         assert env_map(pod["spec"]["containers"][0])["PODSERVE_HOST"]["value"] == host
 
 
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0:8080", "http://0.0.0.0", "[::1]", "10.0.0.256", "pod local", "fe80::1%eth0"]
+)
+def test_listening_address_without_port_or_scheme(helm: str, host: str) -> None:
+    """The server refuses these (PODSERVE_HOST): the chart rendered them, and pods crash-looped."""
+    assert "server.host" in helm_fails(helm, (f"server.host={host}",))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "fd00::a:1", "10.1.2.3", "pod-1.local"])
+def test_listening_addresses_the_server_takes_render(helm: str, host: str) -> None:
+    pod = one(helm_template(helm, sets=(f"server.host={host}",)), "Deployment", "podserve")
+    assert (
+        env_map(pod["spec"]["template"]["spec"]["containers"][0])["PODSERVE_HOST"]["value"] == host
+    )
+
+
+@pytest.mark.parametrize("delay", ["60001", "60000.5", "100000"])
+def test_batch_delay_above_the_servers_bound_fails(helm: str, delay: str) -> None:
+    """The server exits on a PODSERVE_MAX_BATCH_DELAY_MS above 60000: the chart rendered it."""
+    assert "maxBatchDelayMs" in helm_fails(helm, (f"inference.maxBatchDelayMs={delay}",))
+
+
+@pytest.mark.parametrize("delay", ["60000", "60000.0", "59999.5", "0"])
+def test_batch_delay_up_to_the_servers_bound_renders(helm: str, delay: str) -> None:
+    config = one(
+        helm_template(helm, sets=(f"inference.maxBatchDelayMs={delay}",)), "ConfigMap", "podserve"
+    )
+    assert config["data"]["PODSERVE_MAX_BATCH_DELAY_MS"] == delay
+
+
 def test_set_passes_fractions_through(helm: str) -> None:
     """`--set x=1.5` reaches the chart as the string "1.5"; the schema took only numbers."""
     sets = (

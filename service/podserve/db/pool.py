@@ -104,6 +104,8 @@ class Database:
         try:
             self.pool = await self._create_pool(self.settings.db_pool_min)
             return True
+        except asyncpg.ClientConfigurationError:  # an InterfaceError too, but no outage:
+            raise  # every connection would fail the same way, so the start fails, naming it
         except (*CONNECTION_ERRORS, TimeoutError) as exc:
             log.warning(
                 "database unreachable at start-up; connecting on demand", extra={"error": repr(exc)}

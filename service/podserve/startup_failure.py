@@ -1,0 +1,128 @@
+"""A known start-up error in a worker (a model, a config value, a path, the database): one line.
+
+uvicorn logged a failed lifespan start as the traceback starlette formats: 1.5-5.5 KB of
+framework frames in one log line's `msg`, the reason on its last line (a bad model config's
+ended with pydantic's "For further information visit ..."). An error an operator fixes is
+logged once, as its reason, and the traceback is dropped; any other exception is a bug and
+keeps its traceback. The boot fails as before (the worker exits, the master with code 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from podserve.model_repository import ModelLoadError
+from podserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# What a bad setting, file or database raises. (ValueError: a model config, a setting, and
+# asyncpg's ClientConfigurationError, a bad DSN option; OSError: a path.)
+KNOWN: tuple[type[BaseException], ...] = (
+    ModelLoadError,
+    ValueError,
+    OSError,
+    asyncpg.PostgresError,  # no such database, unknown role, wrong password
+)
+
+
+class StartupFailed(RuntimeError):
+    """A known start-up error, already logged: QuietStartupFailure drops its traceback."""
+
+
+def logged(exc: BaseException, settings: Settings) -> StartupFailed:
+    """Log `exc` as one line; the exception to raise in its place."""
+    text = reason(exc, settings)
+    log.error("start-up failed", extra={"error": text, "error_type": type(exc).__name__})
+    return StartupFailed(text)
+
+
+def reason(exc: BaseException, settings: Settings) -> str:
+    """The error's message on one line, after the setting it is about where that is known."""
+    text = _one_line(exc)
+    source = _source(exc, settings)
+    return f"{source}: {text}" if source else text
+
+
+def _one_line(exc: BaseException) -> str:
+    """pydantic's errors as `field: message`, without its "For further information" URLs."""
+    text = str(exc)
+    for cause in _chain(exc):
+        if isinstance(cause, ValidationError):  # quoted whole in the model config's error
+            text = text.replace(str(cause), _fields(cause))
+    lines = (line.strip() for line in text.splitlines())
+    return " ".join(line for line in lines if line and not line.startswith("For further"))
+
+
+def _source(exc: BaseException, settings: Settings) -> str | None:
+    """'database "x" does not exist', "[Errno 17] File exists: './spool'": set where?"""
+    if isinstance(exc, asyncpg.PostgresError):
+        return "PODSERVE_DATABASE_URL"
+    if isinstance(exc, asyncpg.ClientConfigurationError):  # the URL itself passed url_problem
+        return "PODSERVE_DATABASE_URL or a PG* environment variable"
+    return _path_setting(exc, settings)
+
+
+def _path_setting(exc: BaseException, settings: Settings) -> str | None:
+    """The PODSERVE_* path setting an OSError's file is, or is inside of."""
+    filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if not isinstance(filename, str | os.PathLike):
+        return None
+    path = Path(os.path.abspath(filename))
+    for name, value in settings:
+        if isinstance(value, Path):
+            root = Path(os.path.abspath(value))
+            if path == root or root in path.parents:
+                return f"PODSERVE_{name.upper()}"
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _fields(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, item['loc'])) or 'the config'}: {item['msg']}"
+        for item in error.errors(include_url=False)
+    )
+
+
+class QuietStartupFailure:
+    """Drops the traceback starlette sends with a StartupFailed (uvicorn would log it).
+
+    Innermost ASGI layer, beside the router: HTTP requests only pass through it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            send = _quiet(send)
+        await self.app(scope, receive, send)
+
+
+def _quiet(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        # Sent from starlette's `except` block: the exception being handled is the failure.
+        if message["type"] == "lifespan.startup.failed" and isinstance(
+            sys.exception(), StartupFailed
+        ):
+            message = {"type": message["type"], "message": ""}
+        await send(message)
+
+    return wrapped
