@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from podserve.datatypes import V2_TO_NUMPY
 
+CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")  # read in this order
+
 # Upper bounds keep every number a served config echoes (metadata, Triton's config: delay
 # in microseconds) finite and within 64 bits, and far above any sensible value.
 MAX_INT32 = 2**31 - 1
@@ -58,7 +60,7 @@ class ModelConfig(BaseModel):
 
 def load_model_config(model_dir: Path) -> ModelConfig:
     """Read config.yaml / config.yml / config.json, or defaults if none exists."""
-    for name in ("config.yaml", "config.yml", "config.json"):
+    for name in CONFIG_NAMES:
         path = model_dir / name
         if not path.exists():
             continue

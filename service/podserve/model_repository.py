@@ -7,14 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from podserve.errors import NotFound
-from podserve.model_config import load_model_config
+from podserve.model_config import CONFIG_NAMES, load_model_config
 from podserve.onnx_model import OnnxModel, ThreadBudget
 from podserve.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# The names model_config.load_model_config reads, in its order.
-CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
 
 
 class ModelLoadError(RuntimeError):
