@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,3 +37,12 @@ def run_alone(model: OnnxModel, request: dict[str, np.ndarray]) -> dict[str, np.
     """One request's outputs from a session run of its own."""
     inputs, rows = model.validate(request)
     return model.run_batch([inputs], [rows]).outputs[0]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` every millisecond, for up to ~3 s (a test's batcher state)."""
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")

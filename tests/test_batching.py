@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from batch_support import run_alone, run_concurrently
+from batch_support import run_alone, run_concurrently, until
 from podserve.batcher import Batcher, BatchRecord, QueueBudget
 from podserve.errors import (
     BadRequest,
@@ -261,14 +260,6 @@ def _gated(monkeypatch: pytest.MonkeyPatch, model: OnnxModel) -> threading.Event
     return gate
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(3000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the condition never held")
-
-
 def test_waits_for_more_rows_only_while_the_pool_is_busy(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,7 +276,7 @@ def test_waits_for_more_rows_only_while_the_pool_is_busy(
         heavy = asyncio.ensure_future(
             batcher.submit(*model.validate({"x": np.ones((8, 256), np.float32)}))
         )
-        await _until(lambda: pool.busy == 1 and not batcher.queued_rows)  # thread 1 is busy
+        await until(lambda: pool.busy == 1 and not batcher.queued_rows)  # thread 1 is busy
         small = []
         for _ in range(3):
             small.append(asyncio.ensure_future(batcher.submit(*model.validate(one_row))))
@@ -316,11 +307,11 @@ def test_a_thread_freeing_up_ends_the_wait_for_more_rows(
         heavy = asyncio.ensure_future(
             batcher.submit(*model.validate({"x": np.ones((8, 256), np.float32)}))
         )
-        await _until(lambda: pool.busy == 1 and not batcher.queued_rows)
+        await until(lambda: pool.busy == 1 and not batcher.queued_rows)
         small = asyncio.ensure_future(
             batcher.submit(*model.validate({"x": np.ones((1, 256), np.float32)}))
         )
-        await _until(lambda: pool.busy == 2)  # the dispatcher holds a thread, and waits
+        await until(lambda: pool.busy == 2)  # the dispatcher holds a thread, and waits
         gate.set()
         await heavy
         outcome = await asyncio.wait_for(small, 15)  # the whole delay would be 30 s
@@ -398,7 +389,7 @@ def test_requests_that_give_up_while_queued_free_their_rows_at_once(
         await pool.acquire()  # the only thread is busy: requests stay queued
         queued = []
         cancelled = [asyncio.ensure_future(batcher.submit(*one_row)) for _ in range(8)]
-        await _until(lambda: budget.queued_rows == 8)
+        await until(lambda: budget.queued_rows == 8)
         for task in cancelled:
             task.cancel()
         await asyncio.gather(*cancelled, return_exceptions=True)
@@ -409,7 +400,7 @@ def test_requests_that_give_up_while_queued_free_their_rows_at_once(
         )
         queued.append(budget.queued_rows)
         live = asyncio.ensure_future(batcher.submit(*one_row))  # admitted: nothing is queued
-        await _until(lambda: budget.queued_rows == 1)
+        await until(lambda: budget.queued_rows == 1)
         pool.release()
         outcome = await live
         queued.append(budget.queued_rows)
@@ -449,9 +440,9 @@ def test_a_failed_batch_and_its_reruns_reach_the_observers(
         goods = [model.validate({"x": np.full((1, 4), i, np.float32)}) for i in range(4)]
         bad = ({"x": np.ones((1, 4), np.float64)}, 1)  # wrong dtype: ORT fails the batch
         tasks = [asyncio.ensure_future(batcher.submit(*r)) for r in [*goods[:3], bad, goods[3]]]
-        await _until(lambda: batcher.queued_rows == 5)
+        await until(lambda: batcher.queued_rows == 5)
         pool.release()
-        await _until(lambda: runs == [5])  # the batch is running
+        await until(lambda: runs == [5])  # the batch is running
         tasks[1].cancel()
         tasks[1].add_done_callback(lambda _: gone.set())
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -496,7 +487,7 @@ def test_a_failed_merged_run_is_queue_time_for_its_reruns(
         goods = [model.validate({"x": np.full((1, 4), i, np.float32)}) for i in range(3)]
         bad = ({"x": np.ones((1, 4), np.float64)}, 1)  # wrong dtype: ORT fails the batch
         tasks = [asyncio.ensure_future(batcher.submit(*r)) for r in [*goods, bad]]
-        await _until(lambda: batcher.queued_rows == 4)
+        await until(lambda: batcher.queued_rows == 4)
         pool.release()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.stop()

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from batch_support import until
 from model_builders import affine_model, save, slow_model
 from pieces_support import rows_body, statuses
 from podserve.batcher import Batcher, QueueBudget
@@ -127,14 +128,6 @@ class _Connection:
             callback()
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(3000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("the condition never held")
-
-
 def test_each_models_count_returns_to_zero_on_every_path(repository: ModelRepository) -> None:
     """Served whole and in pieces, given up while queued (cancelled, deadline, client gone,
     pieces never queued), failed and terminated runs: each model's rows are given back."""
@@ -170,7 +163,7 @@ def test_each_models_count_returns_to_zero_on_every_path(repository: ModelReposi
         connection = _Connection()
         left = asyncio.ensure_future(on_slow.submit(*wide, client=connection))
         late = asyncio.ensure_future(on_slow.submit(*one_slow, time.perf_counter() + 0.5))
-        await _until(lambda: budget.queued_rows == 40 + 24 + 1)
+        await until(lambda: budget.queued_rows == 40 + 24 + 1)
         note()  # pieces hold all their rows, queued or not
         cancelled.cancel()
         connection.close()
@@ -186,12 +179,12 @@ def test_each_models_count_returns_to_zero_on_every_path(repository: ModelReposi
         connection = _Connection()
         eight = slow.validate({"x": np.ones((8, 256), np.float32)})  # one run, ~70 ms
         running = asyncio.ensure_future(on_slow.submit(*eight, client=connection))
-        await _until(lambda: pool.busy == 1)
+        await until(lambda: pool.busy == 1)
         await asyncio.sleep(0.02)  # its run has begun (the thread is taken just before)
         connection.close()
         with pytest.raises(ClientClosedRequest):
             await running
-        await _until(lambda: not pool.busy)
+        await until(lambda: not pool.busy)
         note()
         for batcher in batchers.values():
             await batcher.stop()

@@ -567,12 +567,7 @@ class Batcher:
     async def _run(self, batch: list[PendingRequest]) -> None:
         started = time.perf_counter()
         start_ns = time.time_ns()
-        result: BatchResult | None = None
-        error: BaseException | None = None
-        try:
-            result = await self._run_valid(batch, started)
-        except Exception as exc:
-            error = exc
+        result, error = await self._attempt(batch, started)
         if not batch:  # every request was rejected for its values: no session ran
             self.pool.release()
             return
@@ -598,6 +593,15 @@ class Batcher:
         record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
         for observer in self.observers:
             observer(record)
+
+    async def _attempt(
+        self, batch: list[PendingRequest], started: float
+    ) -> tuple[BatchResult | None, Exception | None]:
+        """_run_valid's result, or the error it raised (the caller decides who gets it)."""
+        try:
+            return await self._run_valid(batch, started), None
+        except Exception as exc:
+            return None, exc
 
     async def _run_valid(self, batch: list[PendingRequest], started: float) -> BatchResult | None:
         """One session run for the batch. Requests whose values the model refuses (NaN, Inf)
@@ -671,12 +675,7 @@ class Batcher:
         if not part:
             return []
         start_ns, own_start = time.time_ns(), time.perf_counter()
-        result: BatchResult | None = None
-        error: BaseException | None = None
-        try:
-            result = await self._run_valid(part, own_start)
-        except Exception as exc:
-            error = exc
+        result, error = await self._attempt(part, own_start)
         if not part:  # every request was rejected for its values: no session ran
             return []
         if error is not None and len(part) > 1:
