@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+import yaml
 from onnx import TensorProto, helper
 
 from batch_support import run_alone, run_concurrently
@@ -158,6 +160,47 @@ def test_long_and_short_texts_batched_equal_alone(repository: ModelRepository) -
     for request, outcome in zip(requests, outcomes, strict=True):
         expected = run_alone(model, request)["embedding"]
         np.testing.assert_allclose(outcome.outputs["embedding"], expected, atol=1e-5)
+
+
+def _raw_states_variant(model_repo: Path, dest: Path) -> Path:
+    """The demo `text` model without its post-processor: it answers the encoder's token
+    states `[B, S, 32]` as they are, S padded to the run's longest text (as NER logits)."""
+    shutil.copytree(model_repo / "text", dest / "text_raw")
+    path = dest / "text_raw" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    del config["postprocessor"], config["outputs"]
+    path.write_text(yaml.safe_dump(config))
+    return dest
+
+
+def test_a_model_answering_the_padded_token_dim_is_not_batched(
+    repository: ModelRepository,
+    model_repo: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Merged with a long text, a short one was answered `[1, 128, 32]` instead of its own
+    `[1, 7, 32]`: tokens it never sent. Each request of such a model runs alone, though
+    its config (the demo model's) says `batching: true`."""
+    with caplog.at_level(logging.INFO, logger="podserve.onnx_model"):
+        raw = load_repository(_raw_states_variant(model_repo, tmp_path), Settings(), THREADS)
+    model = raw.get("text_raw")
+    assert model.batching is False and model.outputs[0].shape == [-1, -1, 32]
+    (line,) = [r for r in caplog.records if "padded dim" in r.message]
+    assert line.outputs == ["last_hidden_state"]  # type: ignore[attr-defined]
+    long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 10)
+    requests = [
+        {"text": np.array(texts, dtype=object)}
+        for texts in (["hello world"], [long_text] * 4, ["hello world"], [long_text])
+    ]
+    outcomes, records = asyncio.run(run_concurrently(model, requests))
+    assert all(len(record.requests) == 1 for record in records)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        expected = run_alone(model, request)["last_hidden_state"]
+        np.testing.assert_array_equal(outcome.outputs["last_hidden_state"], expected)
+    # The demo model pools the states away: its output has no padded dim, it still batches
+    # (test_long_and_short_texts_batched_equal_alone: its requests merge).
+    assert repository.get("text").batching
 
 
 def test_the_tokenizer_files_padding_and_truncation_are_kept(

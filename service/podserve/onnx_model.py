@@ -108,6 +108,16 @@ def batchable(inputs: Sequence[ort.NodeArg], outputs: Sequence[ort.NodeArg]) -> 
     return len({dim for dim in dims if dim is not None}) <= 1
 
 
+def padded_outputs(preprocessor: Preprocessor | None, outputs: Sequence[TensorSpec]) -> list[str]:
+    """The outputs that keep a dim the pre-processor pads per run. The tokenizer pads a run's
+    texts to their longest, so such an output `[B, S, ...]` (token logits, raw hidden states)
+    of merged requests would answer each with its batch-mates' length, and the model's values
+    at positions the client never sent: that model's requests must run alone (and whole)."""
+    if preprocessor is None:
+        return []
+    return [spec.name for spec in outputs if any(dim < 0 for dim in spec.shape[1:])]
+
+
 def check_output_overrides(configured: list[TensorSpec], actual: list[TensorSpec]) -> None:
     """`outputs:` in config.yaml describes tensors the model makes, it cannot rename or cast
     them: a name the model lacks failed every request (500), a wrong datatype or shape made
@@ -184,6 +194,12 @@ class OnnxModel:
             check_output_overrides(config.outputs, self._public_outputs())
         self.outputs = config.outputs or self._public_outputs()
         self.batchable = batchable(self.session.get_inputs(), self.session.get_outputs())
+        if self.batchable and (padded := padded_outputs(self.preprocessor, self.outputs)):
+            self.batchable = False  # whatever `batching:` says: the padding is per run
+            log.info(
+                "model output keeps the pre-processor's padded dim: served unbatched",
+                extra={"model": name, "version": version, "outputs": padded},
+            )
         self.batching = config.batching and self.batchable
         self.max_batch_size = config.max_batch_size or default_max_batch_size
         delay = config.max_batch_delay_ms
@@ -292,7 +308,8 @@ class OnnxModel:
                 )
 
     def batch_key(self, inputs: Tensors) -> tuple:
-        """Requests can share a batch only if all non-batch dims agree (tokens pad anyway)."""
+        """Requests can share a batch only if all non-batch dims agree (tokens pad anyway:
+        a model whose output keeps the padded dim is not batched, see padded_outputs)."""
         if self.preprocessor:
             return ()
         return tuple((name, a.shape[1:]) for name, a in sorted(inputs.items()))

@@ -26,16 +26,10 @@ def piece_rows(model: OnnxModel) -> int | None:
     Only a model whose requests the batcher merges (`batching`: its rows are independent
     and each output has a row per input row) is split, into pieces of its max_batch_size:
     a piece then holds the thread no longer than a full online batch of the model does,
-    and the runs are of the size the model is tuned for. Not a model whose pre-processor
-    pads each run's rows to their longest (tokens) while an output keeps that padded dim:
-    its pieces' outputs would not fit together."""
-    if not model.batching:
-        return None
-    if model.preprocessor is not None and any(
-        dim < 0 for spec in model.outputs for dim in spec.shape[1:]
-    ):
-        return None
-    return model.max_batch_size
+    and the runs are of the size the model is tuned for. A model whose output keeps its
+    pre-processor's padded dim is not batched (onnx_model.padded_outputs): its pieces'
+    outputs would not fit together either."""
+    return model.max_batch_size if model.batching else None
 
 
 def slice_rows(inputs: Tensors, start: int, stop: int) -> Tensors:
