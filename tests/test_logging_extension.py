@@ -181,6 +181,7 @@ def test_a_replacement_worker_takes_the_pods_setting(log_server: ServerProcess) 
     assert all(s == expected for s in _wait_for_pod(log_server, expected).values())
     before = set(log_server.worker_pids())
     victim = min(before)
+    logged_before = len(log_server.logs().splitlines())
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -192,6 +193,17 @@ def test_a_replacement_worker_takes_the_pods_setting(log_server: ServerProcess) 
     seen = _settings_per_worker(log_server)
     assert str(victim) not in seen
     assert all(s == expected for s in seen.values()), seen
+    # Its own start-up too ("Started server process", "model loaded", "models ready"): it
+    # logged them at PODSERVE_LOG_LEVEL, before its first look at the pod's setting.
+    new = set(log_server.worker_pids()) - before
+    lines = [json.loads(line) for line in log_server.logs().splitlines()[logged_before:]
+             if line.startswith("{")]  # fmt: skip
+    chatter = [  # Gunicorn's own "Booting worker" line comes before any podserve code runs
+        r["msg"]
+        for r in lines
+        if r.get("pid") in new and r["level"] == "info" and r.get("logger") != "gunicorn.error"
+    ]
+    assert new and not chatter, chatter
 
 
 def test_bad_requests_leave_the_settings_alone(log_server: ServerProcess) -> None:

@@ -120,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.access_log)
     log_control.apply(log_control.from_settings(settings.log_level, settings.access_log))
+    # A worker forked after a change (a recycle, a crash) logs its start-up at the pod's level.
+    log_control.POD_SETTING.follow()
     keys = api_keys(settings)  # first: a broken key file stops the boot before threads start
     runtime = ServingRuntime(settings)
     observability = Observability(settings, runtime)  # in the worker: after Gunicorn's fork
