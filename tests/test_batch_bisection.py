@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batch_support import until
 from podserve.batcher import Batcher, BatchRecord, QueueBudget
 from podserve.errors import BadRequest
 from podserve.inference_pool import InferencePool
@@ -55,10 +56,7 @@ def _run_batch_of(
             for i in range(REQUESTS)
         ]
         tasks = [asyncio.ensure_future(batcher.submit(*request)) for request in requests]
-        for _ in range(3000):
-            if batcher.queued_rows == REQUESTS:
-                break
-            await asyncio.sleep(0.001)
+        await until(lambda: batcher.queued_rows == REQUESTS)
         pool.release()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.stop()

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,21 +193,24 @@ _ONLY_MODEL: ModelKey = ("", "")  # a budget used for one model only
 class QueueBudget:
     """Per-worker bound on rows waiting for a batch, shared by all models.
 
-    While more than one model is served (`models`: the runtime's batchers, read at each
-    reservation, so the rule follows what is loaded), a model may also hold no more queued
-    rows than were free before its request: a dynamic threshold (Choudhury and Hahne's, as
+    While more than one model is served (`models`: the runtime's batchers' (name, version)
+    keys, read when the rule applies, so it follows what is loaded; a model's versions are
+    one model, with one share), a model may also hold no more queued rows than were free
+    before its request: a dynamic threshold (Choudhury and Hahne's, as
     switches share a buffer; alpha 1). n flooded models settle at about max_rows/(n+1) each,
     and the rows left free admit a quiet model's request (one of up to max_rows/2 rows
     beside a lone flooder), so a flood sheds its own model's requests, not its neighbours'
     (one flooded model had shed 26-33% of another's). A lone model queues about half the
     bound in a pod of several, the whole bound in a pod of one."""
 
-    def __init__(self, max_rows: int, retry_after_s: int, models: Sized = ()) -> None:
+    def __init__(
+        self, max_rows: int, retry_after_s: int, models: Collection[ModelKey] = ()
+    ) -> None:
         self.max_rows = max_rows
         self.retry_after_s = retry_after_s
         self.models = models
         self.queued_rows = 0
-        self._held: dict[ModelKey, int] = {}  # queued rows by model; none at 0
+        self._held: dict[str, int] = {}  # queued rows by model name (all versions); none at 0
 
     def reserve(self, rows: int, model: ModelKey = _ONLY_MODEL) -> None:
         if rows > self.max_rows:
@@ -223,27 +226,30 @@ class QueueBudget:
                 f"{self.max_rows}, PODSERVE_MAX_QUEUE_ROWS); retry later",
                 retry_after_s=self.retry_after_s,
             )
-        held = self._held.get(model, 0)
-        if held + rows > free and len(self.models) > 1:
+        name = model[0]
+        held = self._held.get(name, 0)
+        if held + rows > free and self._several_models():
             raise Overloaded(
-                f"server busy: model '{model[0]}' version {model[1]} holds {held} of the "
-                f"{self.queued_rows} rows queued in this worker, and {rows} more would exceed "
-                f"its share while other models are served (at most the {free} rows free); "
-                "retry later",
+                f"server busy: model '{name}' holds {held} of the {self.queued_rows} rows "
+                f"queued in this worker, and {rows} more would exceed its share while other "
+                f"models are served (at most the {free} rows free); retry later",
                 retry_after_s=self.retry_after_s,
             )
         self.queued_rows += rows
-        self._held[model] = held + rows
+        self._held[name] = held + rows
 
     def release(self, rows: int, model: ModelKey = _ONLY_MODEL) -> None:
         self.queued_rows -= rows
-        held = self._held.pop(model, 0) - rows
+        held = self._held.pop(model[0], 0) - rows
         if held > 0:
-            self._held[model] = held
+            self._held[model[0]] = held
 
     def held(self, model: ModelKey) -> int:
-        """Rows `model`'s requests hold in the queue."""
-        return self._held.get(model, 0)
+        """Rows the requests of `model` (any of its versions) hold in the queue."""
+        return self._held.get(model[0], 0)
+
+    def _several_models(self) -> bool:
+        return len({name for name, _version in self.models}) > 1
 
 
 class Batcher:
