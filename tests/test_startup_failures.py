@@ -15,6 +15,7 @@ from uvicorn.lifespan.on import LifespanOn
 
 from model_builders import affine_model, save
 from podserve.app import create_app
+from podserve.errors import NotFound
 from podserve.model_repository import ModelLoadError, load_repository
 from podserve.onnx_model import ThreadBudget
 from podserve.runtime import ServingRuntime
@@ -84,17 +85,23 @@ def _uvicorn_startup_errors(settings: Settings) -> list[str]:
     return [r.getMessage() for r in handler.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize(
+    "bug",
+    [KeyError("a bug"), ValueError("too many values to unpack"), TimeoutError()],
+    ids=["KeyError", "ValueError", "TimeoutError"],  # the last two had been taken as known
+)
 def test_a_bug_at_start_up_keeps_its_traceback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bug: Exception
 ) -> None:
     save(affine_model(), tmp_path, "affine")
 
     async def broken(self: ServingRuntime) -> None:
-        raise KeyError("a bug")
+        raise bug
 
     monkeypatch.setattr(ServingRuntime, "start", broken)
     errors = _uvicorn_startup_errors(Settings(model_repository=tmp_path))
-    assert any(e.startswith("Traceback") and "KeyError: 'a bug'" in e for e in errors), errors
+    name = type(bug).__name__
+    assert any(e.startswith("Traceback") and f"{name}" in e for e in errors), errors
 
 
 def test_a_known_error_in_process_has_no_traceback(tmp_path: Path) -> None:
@@ -136,10 +143,27 @@ def test_a_config_yml_or_json_marks_a_model(tmp_path: Path, config: str) -> None
     )
 
 
-def test_two_model_configs_fail_naming_both(tmp_path: Path) -> None:
-    """Before: config.json was ignored without a word."""
+def test_two_yaml_model_configs_fail_naming_both(tmp_path: Path) -> None:
+    """Before: config.yml was ignored without a word."""
     save(affine_model(), tmp_path, "affine", config={"max_batch_size": 16})
-    (tmp_path / "affine" / "config.json").write_text('{"max_batch_size": 2}')
+    (tmp_path / "affine" / "config.yml").write_text("max_batch_size: 2\n")
     assert _load_fails(tmp_path) == (
-        f"{tmp_path / 'affine'}: more than one model config (config.yaml, config.json)"
+        f"{tmp_path / 'affine'}: more than one model config (config.yaml, config.yml)"
     )
+
+
+HF_CONFIG = '{"architectures": ["BertModel"], "hidden_size": 384, "vocab_size": 30522}'
+
+
+def test_a_hugging_face_config_json_is_no_model_and_no_second_config(tmp_path: Path) -> None:
+    """Exporters write Hugging Face's config.json beside tokenizer.json: a shared tokenizer
+    folder is skipped, and a model's config.yaml is read beside it, as before."""
+    save(affine_model(), tmp_path, "affine", config={"max_batch_size": 16})
+    (tmp_path / "affine" / "config.json").write_text(HF_CONFIG)
+    (tmp_path / "shared-tokenizer").mkdir()
+    (tmp_path / "shared-tokenizer" / "config.json").write_text(HF_CONFIG)
+    (tmp_path / "shared-tokenizer" / "tokenizer.json").write_text("{}")
+    repository = load_repository(tmp_path, Settings(), THREADS)
+    assert repository.get("affine", "1").max_batch_size == 16
+    with pytest.raises(NotFound):
+        repository.get("shared-tokenizer", "1")

@@ -133,7 +133,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.start()
             await observability.start()
             pod_follower.start()
-        except startup_failure.KNOWN as exc:  # a bad model, setting, path or database
+        except Exception as exc:
+            if not startup_failure.is_known(exc):  # a bug: its traceback
+                raise
             raise startup_failure.logged(exc, settings) from exc  # one line, not a traceback
         tune_collector(settings.gc_gen0_threshold, settings.gc_freeze)  # all loaded now
         shorten_slice(settings.thread_slice_us, "event loop")  # lifespan runs on the loop

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from podserve.datatypes import V2_TO_NUMPY
 
-CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")  # read in this order
+# Read in this order: the first that exists (a config.json beside a YAML one may be Hugging
+# Face's, as exporters write it next to the tokenizer).
+CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
 
 # Upper bounds keep every number a served config echoes (metadata, Triton's config: delay
 # in microseconds) finite and within 64 bits, and far above any sensible value.

@@ -75,15 +75,18 @@ def _ignored(path: Path) -> bool:
 
 
 def _looks_like_a_model(model_dir: Path) -> bool:
-    """A model config, an *.onnx file, or a folder holding a model.onnx: meant as a model, so
-    any mistake in its layout fails the start; other folders beside the models are left alone."""
-    return bool(_configs(model_dir) or _loose_onnx(model_dir)) or any(
-        (path / "model.onnx").exists() for path in model_dir.iterdir() if path.is_dir()
+    """A YAML model config, an *.onnx file, or a folder holding one: meant as a model, so any
+    mistake in its layout fails the start; other folders beside the models are left alone.
+    A config.json alone is no sign: Hugging Face writes one beside a shared tokenizer."""
+    return bool(_yaml_configs(model_dir) or _loose_onnx(model_dir)) or any(
+        _loose_onnx(path) for path in model_dir.iterdir() if path.is_dir()
     )
 
 
-def _configs(model_dir: Path) -> list[str]:
-    return [name for name in CONFIG_NAMES if (model_dir / name).exists()]
+def _yaml_configs(model_dir: Path) -> list[str]:
+    """config.yaml and config.yml: podserve's own (a config.json may be Hugging Face's, and
+    is read only where neither exists)."""
+    return [name for name in CONFIG_NAMES[:2] if (model_dir / name).exists()]
 
 
 def _loose_onnx(folder: Path) -> list[Path]:
@@ -153,8 +156,8 @@ def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> Mo
 
 
 def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> ServedModel:
-    configs = _configs(model_dir)
-    if len(configs) > 1:  # only the first would be read, the others silently ignored
+    configs = _yaml_configs(model_dir)
+    if len(configs) > 1:  # only the first would be read, the other silently ignored
         raise ModelLoadError(f"{model_dir}: more than one model config ({', '.join(configs)})")
     try:
         config = load_model_config(model_dir)

@@ -24,14 +24,16 @@ from podserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# What a bad setting, file or database raises. (ValueError: a model config, a setting, and
-# asyncpg's ClientConfigurationError, a bad DSN option; OSError: a path.)
-KNOWN: tuple[type[BaseException], ...] = (
-    ModelLoadError,
-    ValueError,
-    OSError,
-    asyncpg.PostgresError,  # no such database, unknown role, wrong password
-)
+
+def is_known(exc: BaseException) -> bool:
+    """A bad model, database or configured path: an operator fixes it from its reason. Any
+    other exception (a ValueError from a bug, a TimeoutError with no message) keeps its
+    traceback: its file and line are what whoever fixes it needs."""
+    if isinstance(
+        exc, ModelLoadError | asyncpg.PostgresError | asyncpg.ClientConfigurationError
+    ):  # no such database, unknown role, wrong password; a bad DSN option
+        return True
+    return isinstance(exc, OSError) and getattr(exc, "filename", None) is not None
 
 
 class StartupFailed(RuntimeError):
@@ -54,7 +56,7 @@ def reason(exc: BaseException, settings: Settings) -> str:
 
 def _one_line(exc: BaseException) -> str:
     """pydantic's errors as `field: message`, without its "For further information" URLs."""
-    text = str(exc)
+    text = str(exc) or repr(exc)
     for cause in _chain(exc):
         if isinstance(cause, ValidationError):  # quoted whole in the model config's error
             text = text.replace(str(cause), _fields(cause))

@@ -39,6 +39,7 @@ def _failure(output: str) -> dict:
         ("ssl_min_protocol_version=SSLv3", "ssl_min_protocol_version"),
         ("ssl_max_protocol_version=TLSv2", "ssl_max_protocol_version"),
         ("sslmode=prefer&sslnegotiation=direct", "sslnegotiation=direct"),
+        ("sslnegotiation=direct", "sslnegotiation=direct"),  # asyncpg's default is prefer
     ],
 )
 def test_an_option_value_asyncpg_rejects_is_a_url_problem(query: str, option: str) -> None:
@@ -60,6 +61,7 @@ def test_a_query_asyncpg_cannot_parse_is_a_url_problem() -> None:
         "sslmode=verify-full&sslnegotiation=direct",
         "ssl_min_protocol_version=TLSv1.2&ssl_max_protocol_version=TLSv1_3&gsslib=gssapi",
         "application_name=x&foo=bar",  # server settings: PostgreSQL judges those
+        "ssl_min_protocol_version=MINIMUM_SUPPORTED&ssl_max_protocol_version=MAXIMUM_SUPPORTED",
     ],
 )
 def test_options_asyncpg_takes_pass_the_check(query: str) -> None:

@@ -7,6 +7,7 @@ asyncpg, at the server's start-up (after its models loaded) or from `podserve db
 
 from __future__ import annotations
 
+import os
 from urllib.parse import parse_qs, urlsplit
 
 SCHEMES = ("postgresql", "postgres")
@@ -14,7 +15,7 @@ SCHEMES = ("postgresql", "postgres")
 # The query options asyncpg reads itself (connect_utils), and the values it accepts (libpq's
 # spellings): any other is a ClientConfigurationError at every connection. Other options are
 # sent to the server as settings, where PostgreSQL judges them.
-TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "MINIMUM_SUPPORTED", "MAXIMUM_SUPPORTED")
 VERIFIED = ("require", "verify-ca", "verify-full")  # the sslmodes direct TLS takes
 SESSION_ATTRIBUTES = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 OPTION_VALUES: dict[str, tuple[str, ...]] = {
@@ -58,7 +59,9 @@ def _option_problem(query: str) -> str | None:
         values = options.get(name)
         if values and _normalized(name, values[-1]) not in allowed:  # asyncpg takes the last
             return f"the database URL's {name} must be one of: {', '.join(allowed)}"
-    sslmode = _normalized("sslmode", options.get("sslmode", ["require"])[-1])
+    # Without one in the URL, asyncpg takes PGSSLMODE, else prefer.
+    default_mode = os.environ.get("PGSSLMODE") or "prefer"
+    sslmode = _normalized("sslmode", options.get("sslmode", [default_mode])[-1])
     if options.get("sslnegotiation", [""])[-1] == "direct" and sslmode not in VERIFIED:
         return "the database URL's sslnegotiation=direct needs sslmode=require or verify-*"
     return None
@@ -69,7 +72,7 @@ def _normalized(name: str, value: str) -> str:
     if name == "sslmode":
         return value.replace("_", "-")
     if OPTION_VALUES[name] is TLS_VERSIONS:
-        return value.replace("_", ".")
+        return value.replace("_", ".") if value.startswith("TLS") else value
     return value
 
 
