@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from podserve import (
     __version__,
+    batching_demotion,
     drain_grace,
     log_control,
     pod_settings,
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await runtime.start()
+            batching_demotion.serve(runtime.served().all_versions())  # demoted by another worker
             await observability.start()
             pod_follower.start()
         except Exception as exc:

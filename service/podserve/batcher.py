@@ -27,6 +27,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from podserve import batching_demotion
 from podserve.client_disconnect import ClientConnection
 from podserve.errors import (
     ClientClosedRequest,
@@ -452,6 +453,7 @@ class Batcher:
                 "model outputs have no row per input row: batching turned off",
                 extra={"model": self.model.name, "version": self.model.version, "rows": rows},
             )
+            batching_demotion.publish(self.model)  # the pod's other workers follow
         return await self.submit(inputs, rows, deadline, context, client)
 
     # --- dispatch ---------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from podserve import (
+    batching_demotion,
     bind_check,
     deferred_listen,
     log_control,
@@ -68,6 +69,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             _balance_hooks(workers),
             slot_listeners.gunicorn_hooks(workers),  # after the slots are claimed / released
             pod_settings.gunicorn_hooks(
+                batching_demotion.POD_SETTING,
                 log_control.POD_SETTING,
                 trace_control.POD_SETTING,
                 model_trace_settings.POD_SETTING,

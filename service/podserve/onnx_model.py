@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
+from podserve import batching_demotion
 from podserve.classification import load_labels
 from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
 from podserve.errors import BadRequest, check_rows
@@ -415,6 +416,7 @@ class OnnxModel:
                     "rows": rows,
                 },
             )
+            batching_demotion.publish(self)  # the pod's other workers follow
         raise UnsplittableBatch(
             f"model '{self.name}' output '{output}' has shape {list(shape)} for {rows} rows "
             "of merged requests: it cannot be split by request"
