@@ -152,3 +152,16 @@ def test_a_full_table_still_demotes_in_the_worker(
     assert [r.message for r in caplog.records if r.name == "podserve.batching_demotion"] == [
         "batching demotions table full: the pod's other workers keep batching the model"
     ]
+
+
+def test_a_reload_forgets_the_demotions(tmp_path: Path) -> None:
+    """A HUP reads the repository again, and the new workers may serve another file at the
+    same path: the table is emptied, as a pod restart would (it had kept every demotion)."""
+    save(zero_hits_model(), tmp_path, "m", 1, BATCHED)
+    threads = ThreadBudget(intra_op=1, inter_op=1, allow_spinning=False)
+    served = load_repository(tmp_path, Settings(), threads).get("m")
+    table = batching_demotion.POD_SETTING.shared
+    batching_demotion.publish(served)
+    assert batching_demotion.model_key(served) in batching_demotion._keys(table.read()[1])
+    batching_demotion.gunicorn_hooks()["on_reload"](None)
+    assert not any(table.read()[1])

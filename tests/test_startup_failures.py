@@ -167,3 +167,13 @@ def test_a_hugging_face_config_json_is_no_model_and_no_second_config(tmp_path: P
     assert repository.get("affine", "1").max_batch_size == 16
     with pytest.raises(NotFound):
         repository.get("shared-tokenizer", "1")
+
+
+def test_ignored_folders_are_no_sign_of_a_model(tmp_path: Path) -> None:
+    """lost+found (unreadable to a non-root user on a fresh volume) and hidden folders are
+    not looked into: a docs folder holding one is skipped, as before."""
+    save(affine_model(), tmp_path, "affine")
+    for ignored in ("lost+found", ".cache"):
+        (tmp_path / "docs" / ignored).mkdir(parents=True)
+        (tmp_path / "docs" / ignored / "stray.onnx").write_bytes(b"")
+    assert sorted(load_repository(tmp_path, Settings(), THREADS).models) == ["affine"]

@@ -203,6 +203,34 @@ def test_a_model_answering_the_padded_token_dim_is_not_batched(
     assert repository.get("text").batching
 
 
+def test_a_pooled_model_whose_hidden_size_is_not_inferred_still_batches(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """Mean pooling takes the padded dim away: a hidden size ONNX Runtime cannot infer
+    (`embedding [-1, -1]`) is no padding (it had turned batching off)."""
+    shutil.copytree(model_repo / "text", tmp_path / "text")
+    config_path = tmp_path / "text" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    del config["outputs"]  # the served output is the post-processor's, from the model's
+    config_path.write_text(yaml.safe_dump(config))
+    model_path = tmp_path / "text" / "1" / "model.onnx"
+    graph_model = onnx.load(model_path)
+    graph = graph_model.graph
+    (last,) = [node for node in graph.node if "last_hidden_state" in node.output]
+    last.output[0] = "states"  # reshaped by its own shape: a hidden dim nothing infers
+    graph.node.extend([
+        helper.make_node("Shape", ["states"], ["states_shape"]),
+        helper.make_node("Reshape", ["states", "states_shape"], ["last_hidden_state"]),
+    ])  # fmt: skip
+    hidden = graph.output[0].type.tensor_type.shape.dim[2]
+    hidden.ClearField("dim_value")
+    hidden.dim_param = "hidden"
+    onnx.save(graph_model, model_path)
+    model = load_repository(tmp_path, Settings(), THREADS).get("text")
+    assert model.outputs[0].shape == [-1, -1]
+    assert model.batching
+
+
 def test_the_tokenizer_files_padding_and_truncation_are_kept(
     model_repo: Path, tmp_path: Path
 ) -> None:

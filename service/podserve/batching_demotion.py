@@ -18,7 +18,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from podserve import pod_settings
 
@@ -73,6 +73,16 @@ POD_SETTING = pod_settings.register("batching-demotion", MAX_MODELS * ENTRY, _ap
 # Demotions come from pool threads (onnx_model) and the event loop (batcher): the memory
 # file's record lock serialises processes, not the threads of one.
 _WRITING = threading.Lock()
+
+
+def gunicorn_hooks() -> dict[str, Any]:
+    """on_reload (HUP): the new workers may serve other files at the same paths (the
+    repository is read again), so the pod forgets its demotions, as a restart would."""
+
+    def on_reload(_server: Any) -> None:
+        POD_SETTING.shared.update(lambda values: (0,) * len(values))
+
+    return {"on_reload": on_reload}
 
 
 def serve(models: Iterable[OnnxModel]) -> None:

@@ -75,6 +75,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
                 model_trace_settings.POD_SETTING,
             ),
             trace_control.gunicorn_hooks(),
+            batching_demotion.gunicorn_hooks(),
             repository_fingerprint.gunicorn_hooks(settings.model_repository),
         ),
     }

@@ -79,7 +79,7 @@ def _looks_like_a_model(model_dir: Path) -> bool:
     mistake in its layout fails the start; other folders beside the models are left alone.
     A config.json alone is no sign: Hugging Face writes one beside a shared tokenizer."""
     return bool(_yaml_configs(model_dir) or _loose_onnx(model_dir)) or any(
-        _loose_onnx(path) for path in model_dir.iterdir() if path.is_dir()
+        _loose_onnx(path) for path in model_dir.iterdir() if path.is_dir() and not _ignored(path)
     )
 
 
@@ -145,7 +145,7 @@ def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> Mo
     models: dict[str, ServedModel] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p)):
         if not _looks_like_a_model(model_dir):  # a shared tokenizer's folder, docs, ...
-            log.warning("not a model (no config file, no *.onnx): skipped",
+            log.warning("not a model (no config.yaml or config.yml, no *.onnx): skipped",
                         extra={"directory": str(model_dir)})  # fmt: skip
             continue
         served = _load_model(model_dir, settings, threads)

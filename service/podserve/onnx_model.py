@@ -109,12 +109,18 @@ def batchable(inputs: Sequence[ort.NodeArg], outputs: Sequence[ort.NodeArg]) -> 
     return len({dim for dim in dims if dim is not None}) <= 1
 
 
-def padded_outputs(preprocessor: Preprocessor | None, outputs: Sequence[TensorSpec]) -> list[str]:
+def padded_outputs(
+    preprocessor: Preprocessor | None,
+    postprocessor: Postprocessor | None,
+    outputs: Sequence[TensorSpec],
+) -> list[str]:
     """The outputs that keep a dim the pre-processor pads per run. The tokenizer pads a run's
     texts to their longest, so such an output `[B, S, ...]` (token logits, raw hidden states)
     of merged requests would answer each with its batch-mates' length, and the model's values
-    at positions the client never sent: that model's requests must run alone (and whole)."""
-    if preprocessor is None:
+    at positions the client never sent: that model's requests must run alone (and whole).
+    A post-processor (mean pooling) takes that dim away: its outputs' dynamic dims (a hidden
+    size ONNX Runtime could not infer) are no padding."""
+    if preprocessor is None or postprocessor is not None:
         return []
     return [spec.name for spec in outputs if any(dim < 0 for dim in spec.shape[1:])]
 
@@ -195,7 +201,9 @@ class OnnxModel:
             check_output_overrides(config.outputs, self._public_outputs())
         self.outputs = config.outputs or self._public_outputs()
         self.batchable = batchable(self.session.get_inputs(), self.session.get_outputs())
-        if self.batchable and (padded := padded_outputs(self.preprocessor, self.outputs)):
+        if self.batchable and (
+            padded := padded_outputs(self.preprocessor, self.postprocessor, self.outputs)
+        ):
             self.batchable = False  # whatever `batching:` says: the padding is per run
             log.info(
                 "model output keeps the pre-processor's padded dim: served unbatched",
