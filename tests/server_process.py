@@ -113,6 +113,17 @@ class ServerProcess:
         )
         return [int(pid) for pid in out.stdout.split()]
 
+    def replace_worker(self, victim: int, timeout: float = 60) -> None:
+        """SIGKILL worker `victim` (a crash, an OOM kill); back once its replacement serves."""
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = set(self.worker_pids())
+            if victim not in pids and len(pids) == self.workers:
+                break
+            time.sleep(0.1)
+        self.wait_ready(timeout)
+
     def client_per_worker(self) -> list[httpx.Client]:
         """One keep-alive client connected to each worker (the caller closes them)."""
         clients: dict[str, httpx.Client] = {}

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,17 +103,6 @@ def _wait_for_pod(server: ServerProcess, expected: tuple) -> dict[str, tuple]:
         time.sleep(0.1)
 
 
-def _replace_worker(server: ServerProcess, victim: int) -> None:
-    os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = set(server.worker_pids())
-        if victim not in pids and len(pids) == 2:
-            break
-        time.sleep(0.1)
-    server.wait_ready(60)
-
-
 def test_a_demotion_holds_for_every_worker_and_a_replacement(hits_server: ServerProcess) -> None:
     before = _configs(hits_server)
     assert all(config[0] == 8 for config in before.values()), before
@@ -128,7 +115,7 @@ def test_a_demotion_holds_for_every_worker_and_a_replacement(hits_server: Server
                 if "batching turned off: another worker of the pod saw" in line]  # fmt: skip
     assert [str(record["pid"]) for record in followed] == [other], followed
     # The worker that saw it dies; its replacement learns the demotion at its start.
-    _replace_worker(hits_server, int(demoting))
+    hits_server.replace_worker(int(demoting))
     seen = _configs(hits_server)
     assert demoting not in seen
     assert all(config == DEMOTED for config in seen.values()), seen

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,14 +180,7 @@ def test_a_replacement_worker_takes_the_pods_setting(log_server: ServerProcess) 
     before = set(log_server.worker_pids())
     victim = min(before)
     logged_before = len(log_server.logs().splitlines())
-    os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = set(log_server.worker_pids())
-        if victim not in pids and len(pids) == 2:
-            break
-        time.sleep(0.1)
-    log_server.wait_ready(60)
+    log_server.replace_worker(victim)
     seen = _settings_per_worker(log_server)
     assert str(victim) not in seen
     assert all(s == expected for s in seen.values()), seen

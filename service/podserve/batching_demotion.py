@@ -48,17 +48,15 @@ def _keys(values: Words) -> frozenset[Key]:
     return frozenset(key for key in entries if key != (0, 0))
 
 
-class _Served:
-    """The models this process serves (held weakly: a stopped app's are not kept alive)."""
-
-    models: weakref.WeakSet[OnnxModel] = weakref.WeakSet()
+# The models this process serves (held weakly: a stopped app's are not kept alive).
+_served: weakref.WeakSet[OnnxModel] = weakref.WeakSet()
 
 
 def _apply_table(values: Words) -> None:
     demoted = _keys(values)
     if not demoted:
         return
-    for model in list(_Served.models):
+    for model in list(_served):
         if model.batching and model_key(model) in demoted:
             model.batching = False
             log.info(
@@ -88,7 +86,7 @@ def gunicorn_hooks() -> dict[str, Any]:
 def serve(models: Iterable[OnnxModel]) -> None:
     """The models this process serves from now on (an app's, once loaded): the pod's
     demotions apply to them now, later ones at the pod-settings follower's looks."""
-    _Served.models.update(models)
+    _served.update(models)
     _apply_table(POD_SETTING.shared.read()[1])
 
 
