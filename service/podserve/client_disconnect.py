@@ -12,8 +12,8 @@ has started is answered 499 too; its run goes on for its batch-mates, and is ter
 none of its requests is waited for (batcher.py).
 
 The protocol class below marks the connection on every request's scope (httptools' parser
-hook; uvicorn's h11 protocol has none and keeps the old behaviour). One uvicorn connection
-serves one request at a time (pipelined ones wait their turn), so it holds one callback.
+hook). One uvicorn connection serves one request at a time (pipelined ones wait their turn),
+so it holds one callback.
 
 A close is seen only while the connection is reading. uvicorn pauses reading once a body
 has buffered past its high-water mark (64 KiB) and resumes on the app's next receive(),

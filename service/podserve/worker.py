@@ -33,7 +33,7 @@ from uvicorn_worker import UvicornWorker
 
 from podserve import connection_balance, drain_grace, lifecycle, slot_listeners
 from podserve.client_disconnect import disconnect_watch_protocol
-from podserve.header_guard import guarded_protocol, has_request_hooks
+from podserve.header_guard import guarded_protocol
 from podserve.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ class DrainingServer(Server):
 
 class PodserveWorker(UvicornWorker):
     # No `server: uvicorn` on every answer: it names the stack to scanners and costs bytes.
-    CONFIG_KWARGS = {"loop": "auto", "http": "auto", "server_header": False}
+    # (uvicorn-worker's own loop/http "auto" are uvicorn's defaults; `http` is set below.)
+    CONFIG_KWARGS = {"server_header": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -172,15 +173,14 @@ class PodserveWorker(UvicornWorker):
         # Finish in-flight requests and run lifespan shutdown (log flush) before the
         # arbiter's SIGKILL at graceful_timeout.
         self.config.timeout_graceful_shutdown = settings.worker_drain_s
-        # Bound the reading of request headers (uvicorn has no setting for it).
         # The inference thread runs Python between ORT calls (tokenizer, pooling, splits);
         # the loop thread waits up to the switch interval for the GIL (CPython: 5 ms), which
         # would show up in every awaited I/O call. A short interval bounds that wait.
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+        # Bound the reading of request headers (uvicorn has no setting for it).
         http = guarded_protocol(settings.header_read_timeout_s, settings.max_header_bytes)
-        if has_request_hooks(http):
-            http = drain_grace.drain_grace_protocol(http, settings.drain_idle_grace_s)
-            http = disconnect_watch_protocol(http)  # a queued request leaves with its client
+        http = drain_grace.drain_grace_protocol(http, settings.drain_idle_grace_s)
+        http = disconnect_watch_protocol(http)  # a queued request leaves with its client
         self.config.http = http
 
     def load_wsgi(self) -> None:
@@ -214,7 +214,7 @@ class PodserveWorker(UvicornWorker):
     def _balance_connections(self) -> None:
         """After fork: count this worker's connections in its slot, close surplus ones if on."""
         slot, base = getattr(self, "podserve_slot", None), self.config.http
-        if slot is None or not has_request_hooks(base):
+        if slot is None:
             return
         balanced = connection_balance.install(base, slot, get_settings().balance_connections)
         if balanced is not None:
