@@ -131,13 +131,12 @@ def test_docs_can_be_switched_off(tmp_path: Path) -> None:
         assert httpx.get(f"{server.url}/docs").status_code == 404
 
 
-@pytest.mark.parametrize("flag", ["--dev"])
-def test_dev_server_serves(tmp_path: Path, flag: str) -> None:
+def test_dev_server_serves(tmp_path: Path) -> None:
     save(affine_model(), tmp_path, "affine")
     port = free_port()
     env = {**os.environ, "PODSERVE_MODEL_REPOSITORY": str(tmp_path)}
     proc = subprocess.Popen(
-        [*PODSERVE, "serve", flag, "--port", str(port)],
+        [*PODSERVE, "serve", "--dev", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -13,6 +13,7 @@ from podserve.app import create_app, inference_routes
 from podserve.direct_routes import DirectRoutes
 from podserve.errors import BadRequest
 from podserve.json_response import json_response
+from podserve.settings import Settings
 
 seen: list[dict] = []
 
@@ -84,3 +85,23 @@ def test_podserve_serves_exactly_the_inference_routes() -> None:
     ]
     app = create_app()
     assert any(m.cls is DirectRoutes for m in app.user_middleware)
+
+
+def test_a_request_before_the_models_are_loaded_is_a_503_with_retry_after() -> None:
+    """ModelNotReady is a retryable 503 like the others: it says when to retry
+    (PODSERVE_RETRY_AFTER_S), as the OpenAPI schema's 503 promises. The lifespan is not run,
+    so the models are still loading; both a direct route and one through FastAPI's router."""
+
+    async def go() -> list[httpx.Response]:
+        app = create_app(Settings(retry_after_s=3))
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.post("/v2/models/affine/infer", json={"inputs": []}),
+                await client.get("/v2/models/affine"),
+            ]
+
+    for response in asyncio.run(go()):
+        assert response.status_code == 503, response.text
+        assert response.json() == {"error": "models are still loading"}
+        assert response.headers["retry-after"] == "3"

@@ -45,8 +45,10 @@ from podserve.time_slice import shorten_slice
 log = logging.getLogger(__name__)
 
 
-class InflightMiddleware:
-    """Counts requests in flight (an autoscaling signal); optionally names the worker."""
+class RuntimeScopeMiddleware:
+    """Per HTTP request: puts the worker's ServingRuntime in the scope (RUNTIME_SCOPE_KEY),
+    adds the X-Podserve-Worker header when PODSERVE_EXPOSE_WORKER_ID is on, and answers 503
+    for a request cancelled at the end of the drain (drain_grace.answer_cut_off)."""
 
     def __init__(self, app: ASGIApp, runtime: ServingRuntime, expose_worker: bool) -> None:
         self.app = app
@@ -61,7 +63,6 @@ class InflightMiddleware:
         if self.expose_worker:
             send = _add_worker_header(send, self.worker_header)
         scope[RUNTIME_SCOPE_KEY] = self.runtime
-        self.runtime.inflight += 1
         try:
             await self.app(scope, receive, send)
         except asyncio.CancelledError:
@@ -69,8 +70,6 @@ class InflightMiddleware:
                 raise
             log.warning("request cut off at the end of the drain: answered 503",
                         extra={"path": scope["path"]})  # fmt: skip
-        finally:
-            self.runtime.inflight -= 1
 
 
 def _add_worker_header(send: Send, header: tuple[bytes, bytes]) -> Send:
@@ -175,11 +174,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )  # fmt: skip
     for module in routers:
         app.include_router(module.router)
-    # Innermost: the inference endpoints skip FastAPI's router (see direct_routes.py).
+    # Inside every layer but QuietStartupFailure (which HTTP requests only pass through): the
+    # inference endpoints skip FastAPI's router (see direct_routes.py).
     app.add_middleware(DirectRoutes, fastapi_app=app, routes=inference_routes())
     install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
     # Inside observability too: its 503 for a request cut off by the drain is what is counted.
-    app.add_middleware(InflightMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id)
+    app.add_middleware(
+        RuntimeScopeMiddleware, runtime=runtime, expose_worker=settings.expose_worker_id
+    )
     observability.install(app, [route for module in routers for route in module.router.routes])
     app.add_middleware(HeadAsGet)  # outermost: every layer, metrics included, sees the GET
     return app

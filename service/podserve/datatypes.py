@@ -51,8 +51,3 @@ def numpy_to_v2(dtype: np.dtype) -> str:
     if name is None:
         raise ValueError(f"no Open Inference Protocol datatype for numpy dtype {dtype}")
     return name
-
-
-def element_size(datatype: str) -> int:
-    """Bytes per element in the binary tensor extension (BYTES has no fixed size)."""
-    return V2_TO_NUMPY[datatype].itemsize

@@ -3,9 +3,10 @@
 Per request, FastAPI's routing (every route's regex in turn), dependency solving and its
 exception and exit-stack layers cost about as much CPU as the whole tabular inference
 (measured in-process: ~180 of ~500 us per request). The inference endpoints take only the
-Request and their path parameters, so they can be called directly: this middleware, the
-innermost one, matches POSTs to those routes with the routes' own compiled patterns and
-runs the endpoint with the app's own exception handlers. Everything else, and every other
+Request and their path parameters, so they can be called directly: this middleware, inside
+every other (but QuietStartupFailure, which HTTP requests only pass through), matches POSTs
+to those routes with the routes' own compiled patterns and runs the endpoint with the app's
+own exception handlers. Everything else, and every other
 method on those paths, goes through FastAPI as before; the routes stay registered there,
 so OpenAPI, tracing's route names and the metrics' route label are unchanged.
 """

@@ -34,10 +34,6 @@ class UnsupportedMediaType(PodserveError):
     status_code = 415
 
 
-class Unauthorized(PodserveError):
-    status_code = 401
-
-
 class Forbidden(PodserveError):
     status_code = 403
 
@@ -77,7 +73,10 @@ class ClientClosedRequest(StoppedWaiting):
 
 
 class ModelNotReady(ServiceUnavailable):
-    pass
+    """The models are still loading: the client should retry after a short while."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class MethodNotAllowed(PodserveError):

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from podserve import (
     batching_demotion,
     bind_check,
+    connection_balance,
     deferred_listen,
     log_control,
     model_trace_settings,
@@ -59,14 +60,17 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         "proc_name": "podserve",
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         **_optional_settings(),
-        # The bind check first: a busy port stops the master before anything is set up.
+        # The bind check before anything is set up (only the warnings of unknown settings
+        # and of thread oversubscription come before it): a busy port stops the master there.
         **chain_hooks(
             {"on_starting": _warn_unknown_settings},
             _thread_hooks(settings, workers),
             bind_check.gunicorn_hooks(),
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
-            _balance_hooks(workers),
+            # The shared table of per-worker connection counts and states (counted for the
+            # metrics even with PODSERVE_BALANCE_CONNECTIONS=false).
+            connection_balance.gunicorn_hooks(workers),
             slot_listeners.gunicorn_hooks(workers),  # after the slots are claimed / released
             pod_settings.gunicorn_hooks(
                 batching_demotion.POD_SETTING,
@@ -149,14 +153,6 @@ def _thread_hooks(settings: Settings, workers: int) -> dict[str, Any]:
         server.log.warning(message, extra=counts)
 
     return {"on_starting": on_starting}
-
-
-def _balance_hooks(workers: int) -> dict[str, Any]:
-    """pre_fork / child_exit / nworkers_changed: the shared table of per-worker connection
-    counts and states (counted for the metrics even with PODSERVE_BALANCE_CONNECTIONS=false)."""
-    from podserve.connection_balance import gunicorn_hooks
-
-    return gunicorn_hooks(workers)
 
 
 def _metrics_hooks(settings: Settings) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from podserve.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unsuppo
 from podserve.request_headers import request_headers
 
 JSON_TYPES = ("application/json", "application/octet-stream")
+# The binary tensor extension's request header: the JSON header's length in the body.
+BINARY_HEADER = "inference-header-content-length"
 # Content-Encoding -> zlib wbits: gzip's header, or zlib's (RFC 9110 "deflate"; raw deflate
 # streams, which some clients send under that name, are tried when zlib's header is missing).
 ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
@@ -201,7 +203,7 @@ def _inflate_members(body: bytes, wbits: int, max_bytes: int) -> bytes:
 
 
 def binary_header_length(request: Request) -> int | None:
-    value = request_headers(request.scope).get("inference-header-content-length")
+    value = request_headers(request.scope).get(BINARY_HEADER)
     if value is None:
         return None
     # isascii: "²" is a digit to isdigit() but not to int(); int() stops at 4300 digits.

@@ -10,16 +10,13 @@ import time
 from typing import Any
 
 import orjson
+from opentelemetry import trace
 
 # Record attributes that are not user-supplied `extra` fields (uvicorn adds color_message).
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 def _trace_fields() -> dict[str, str]:
-    try:
-        from opentelemetry import trace
-    except ImportError:  # pragma: no cover - opentelemetry is a dependency
-        return {}
     ctx = trace.get_current_span().get_span_context()
     if not ctx.is_valid:
         return {}

@@ -22,7 +22,6 @@ from podserve.errors import BadRequest, check_rows
 from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
 
-BINARY_HEADER = "inference-header-content-length"
 MAX_DIMS = 32
 
 

@@ -84,7 +84,6 @@ class ServingRuntime:
         # in this dict, so whatever adds or removes a batcher changes its rule too.
         self.budget = QueueBudget(settings.max_queue_rows, settings.retry_after_s, self.batchers)
         self.batch_observers: list[BatchObserver] = []
-        self.inflight = 0
         self.loaded = False
         self.db = DatabaseServices(settings, self)  # PostgreSQL features; inert without a URL
 
@@ -132,7 +131,7 @@ class ServingRuntime:
     def served(self) -> ModelRepository:
         """The loaded repository; 503 while the models are still loading."""
         if self.repository is None:
-            raise ModelNotReady("models are still loading")
+            raise ModelNotReady("models are still loading", self.settings.retry_after_s)
         return self.repository
 
     def model(self, name: str, version: str | None = None) -> OnnxModel:

@@ -16,6 +16,7 @@ from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
 from podserve.request_headers import as_utf8, request_headers
 from podserve.runtime import runtime_of
+from podserve.tracing import current_trace_id
 
 if TYPE_CHECKING:
     from podserve.db.services import DatabaseServices
@@ -72,13 +73,8 @@ def log_prediction(
 
 def trace_id(request: Request) -> str | None:
     """The active OpenTelemetry trace, else the caller's `traceparent`, else None."""
-    try:
-        from opentelemetry import trace
-
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:
-            return f"{span.trace_id:032x}"
-    except ImportError:  # pragma: no cover - opentelemetry is a dependency
-        pass
+    active = current_trace_id()
+    if active is not None:
+        return active
     match = _TRACEPARENT.match(request_headers(request.scope).get("traceparent", ""))
     return match[1] if match and match[1] != "0" * 32 else None

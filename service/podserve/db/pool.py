@@ -150,8 +150,7 @@ class Database:
         left of the request's own deadline, so running out of it says nothing about the
         database and does not count toward the breaker.
         """
-        if self.pool is None:
-            raise ServiceUnavailable(NOT_CONFIGURED)
+        assert self.pool is not None  # open() ran first: it sets the pool or raises
         retry = {"Retry-After": str(max(1, round(self.breaker.reset_s)))}
         if self.waiting >= self.max_waiting:
             raise ServiceUnavailable("database busy: too many requests waiting", retry)
@@ -243,8 +242,7 @@ class Database:
     @asynccontextmanager
     async def background(self, timeout_s: float) -> AsyncIterator[asyncpg.Connection]:
         """A connection for background work: no breaker, errors propagate to the caller's retry."""
-        if self.pool is None:
-            raise ServiceUnavailable(NOT_CONFIGURED)
+        assert self.pool is not None  # open() ran first: it sets the pool or raises
         conn: asyncpg.Connection | None = await self.pool.acquire(timeout=timeout_s)
         try:
             yield conn

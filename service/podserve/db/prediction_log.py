@@ -211,8 +211,9 @@ class PredictionLog:
         self.rows_unjournaled = 0  # rows buffered while the journal was failing
         self.rows_recovered = 0  # rows of dead workers' journals moved to the spool
         self._inflight: list[Row] = []  # the batch being written (out of the buffer)
-        # Plain counters for metrics (exported by the observability code).
-        self.rows_appended = 0
+        # Running totals: rows_written, rows_spooled, rows_rejected and write_errors are
+        # exported (metrics.PREDICTION_LOG_TOTALS); rows_duplicate and rows_replayed are
+        # kept for the tests.
         self.rows_written = 0  # inserted into PostgreSQL by this worker
         self.rows_duplicate = 0  # re-sent rows the database already had
         self.rows_spooled = 0
@@ -253,7 +254,6 @@ class PredictionLog:
         depth += 1
         size += row_bytes(row)
         self.buffer_bytes = size
-        self.rows_appended += 1
         if depth >= self.capacity or size >= self.capacity_bytes:
             self._full.set()
         elif (depth >= self.batch_rows or size >= self.batch_bytes) and self.failures == 0:

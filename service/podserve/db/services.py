@@ -2,7 +2,8 @@
 retention purger), job runner.
 
 Without PODSERVE_DATABASE_URL all of them stay None: raw-tensor inference works as before
-and the database features answer 503 saying they are not configured.
+and the database features answer 501 (errors.NotConfigured) saying they are not
+configured (a job's status: 404, as no job can exist).
 """
 
 from __future__ import annotations

@@ -53,7 +53,6 @@ class Spool:
         self.directory = directory
         self._seq = itertools.count()
         self.bytes = 0  # spooled and not yet replayed (as far as this process knows)
-        self.segments_written = 0
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -104,7 +103,6 @@ class Spool:
         record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
         final = self._write_file(record, SUFFIX)
         self.measure()
-        self.segments_written += 1
         return final
 
     def set_aside(self, rows: list[Any], error: str) -> Path:
