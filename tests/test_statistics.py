@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from server_process import ServerProcess
 
 ROWS = np.random.default_rng(7).normal(size=(2, 30)).astype(np.float32)
-PHASES_RUN = ("queue", "compute_infer", "compute_output")  # tabular: no pre-processor
+PHASES_RUN = ("queue", "compute_input", "compute_infer", "compute_output")  # every model has all
 STAGES = ("compute_input", "compute_infer", "compute_output")  # of a batch: every model has all
 
 
@@ -104,7 +104,6 @@ def test_every_request_of_every_worker_is_counted(
         phase = _delta(after, before, key)
         assert phase["count"] == 40, key
         assert 0 < phase["ns"] < success["ns"], key
-    assert _delta(after, before, "compute_input") == {"count": 0, "ns": 0}  # a phase it lacks
     compute = sum(_delta(after, before, key)["ns"] for key in PHASES_RUN)
     assert compute < success["ns"]  # the phases are parts of the requests' time
     assert _delta(after, before, "fail")["count"] == 0

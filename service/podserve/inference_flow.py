@@ -95,7 +95,9 @@ def _record_inference(
     at = submitted_ns
     for phase, seconds, ran in (
         ("queue", outcome.queue_s, True),
-        ("preprocess", outcome.preprocess_s, bool(model.preprocessor)),
+        # Every model's: the batch's feed (concatenation, NaN/Inf check), and the
+        # pre-processor if it has one.
+        ("preprocess", outcome.preprocess_s, True),
         ("infer", outcome.infer_s, True),
         ("postprocess", outcome.postprocess_s, bool(model.postprocessor)),
     ):
@@ -105,8 +107,14 @@ def _record_inference(
             at += int(seconds * 1e9)
 
 
+def server_timing(ctx: RequestContext) -> str:
+    """The phases, then `total`: the in-app time from the request's arrival in the app
+    (ctx.started) to now; what is in no phase is `total` minus their sum."""
+    return ctx.timings.server_timing(time.perf_counter() - ctx.started)
+
+
 def timing_header(ctx: RequestContext) -> tuple[bytes, bytes]:
-    return (b"server-timing", ctx.timings.server_timing().encode("latin-1"))
+    return (b"server-timing", server_timing(ctx).encode("latin-1"))
 
 
 def error_headers(scope: dict, headers: dict[str, str] | None) -> dict[str, str] | None:
@@ -115,4 +123,4 @@ def error_headers(scope: dict, headers: dict[str, str] | None) -> dict[str, str]
     ctx: RequestContext | None = scope.get(CONTEXT_SCOPE_KEY)
     if ctx is None or not ctx.timings.durations:
         return headers
-    return {**(headers or {}), "server-timing": ctx.timings.server_timing()}
+    return {**(headers or {}), "server-timing": server_timing(ctx)}

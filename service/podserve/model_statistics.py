@@ -8,8 +8,8 @@ a scrape reads, so the two never disagree and the hot path records nothing twice
   200 / with an error status, and their total time (`podserve_request_duration_seconds`);
 - queue, compute_input, compute_infer, compute_output: the `queue`, `preprocess`, `infer` and
   `postprocess` phases (`podserve_phase_duration_seconds`); like Triton's, a batch's run
-  counts once for each request in it; a phase a model does not have (no pre-processor: no
-  `preprocess`) keeps a count of 0;
+  counts once for each request in it; every model has a `preprocess` (the batch's feed:
+  its requests' inputs joined and checked, then the pre-processor if it has one);
 - inference_count / execution_count: rows inferred / inference session runs of online
   requests (`podserve_batch_size`, the batcher's runs; background jobs run apart and are
   not counted);

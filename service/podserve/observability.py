@@ -206,10 +206,15 @@ class ObservabilityMiddleware:
         reason = scope.get(ERROR_SCOPE_KEY)
         if reason is not None:
             metrics.count_rejection(reason)
-        if ctx is not None and ctx.model is not None:
+        if ctx is None:
+            return
+        # Every phase its Server-Timing showed, whether or not the request got as far as a
+        # valid input (a 504 or 404 in `features`, a 400 in `parse`), under the request's
+        # own model label: a slow database's 504s show in the `features` histogram.
+        if ctx.timings.durations:
             metrics.observe_phases(model, ctx.timings.durations, trace_id)
-            if failed and ctx.outcome is None:  # an unhandled error out of inference
-                metrics.count_inference_error(model[0])
+        if ctx.model is not None and failed and ctx.outcome is None:
+            metrics.count_inference_error(model[0])  # an unhandled error out of inference
 
 
 _ANSWERED_BEFORE_ROUTING = frozenset({401, 403})  # authentication answers before the router

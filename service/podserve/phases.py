@@ -6,6 +6,9 @@ import time
 from types import TracebackType
 
 PHASES = ("parse", "features", "preprocess", "queue", "infer", "postprocess", "log")
+# Server-Timing's last entry, not a phase: the request's in-app time until the header was
+# built, so the share in no phase shows (no span, no histogram: the request's own have it).
+TOTAL = "total"
 
 
 class PhaseTimings:
@@ -36,12 +39,16 @@ class PhaseTimings:
         """`with timings.measure("parse"): ...` records the block's duration, errors included."""
         return _PhaseClock(self, phase)
 
-    def server_timing(self) -> str:
-        """`parse;dur=0.081, infer;dur=2.3` (milliseconds), phases that ran, in phase order."""
+    def server_timing(self, total_s: float | None = None) -> str:
+        """`parse;dur=0.081, infer;dur=2.3, total;dur=2.9` (milliseconds): the phases that
+        ran, in phase order, then `total` when given (the request's time so far)."""
         durations = self.durations
-        return ", ".join(
-            [f"{phase};dur={durations[phase] * 1000:.3f}" for phase in PHASES if phase in durations]
-        )
+        parts = [
+            f"{phase};dur={durations[phase] * 1000:.3f}" for phase in PHASES if phase in durations
+        ]
+        if total_s is not None:
+            parts.append(f"{TOTAL};dur={total_s * 1000:.3f}")
+        return ", ".join(parts)
 
 
 class _PhaseClock:
@@ -67,13 +74,17 @@ class _PhaseClock:
         self._timings.record(self._phase, time.perf_counter() - self._start, self._start_ns)
 
 
-def parse_server_timing(header: str) -> dict[str, float]:
-    """Inverse of PhaseTimings.server_timing (milliseconds), for clients and tests."""
+def parse_server_timing(header: str, with_total: bool = False) -> dict[str, float]:
+    """Inverse of PhaseTimings.server_timing (milliseconds), for clients and tests: the
+    phases only (their values add up to the phases' time), unless `with_total`."""
     result: dict[str, float] = {}
     for part in header.split(","):
         name, _, params = part.strip().partition(";")
+        name = name.strip()
+        if name == TOTAL and not with_total:
+            continue
         for param in params.split(";"):
             key, _, value = param.partition("=")
             if key.strip() == "dur":
-                result[name.strip()] = float(value)
+                result[name] = float(value)
     return result
