@@ -35,8 +35,15 @@ $(MODEL_REPOSITORY)/.built: $(VENV)/.installed
 
 demo-models: $(MODEL_REPOSITORY)/.built
 
+# With PODSERVE_MODEL_REPOSITORY set (your own models), `make run` serves that folder and
+# builds no demo; otherwise it builds the demo models into $(MODEL_REPOSITORY) and serves them.
+ifdef PODSERVE_MODEL_REPOSITORY
+run: $(VENV)/.installed
+	$(BIN)/podserve serve
+else
 run: $(MODEL_REPOSITORY)/.built
 	PODSERVE_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/podserve serve
+endif
 
 $(CHECKOV_VENV)/.installed:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
@@ -71,10 +78,6 @@ MINILM := loadtests/models/minilm/1/model.onnx
 LOADTEST_ARGS ?= --users 16 --run-time 30s
 BENCH_ARGS ?=
 
-$(VENV)/.installed-bench: $(VENV)/.installed-test
-	$(BIN)/pip install -q -e '.[demo,test,bench]'
-	touch $@
-
 # The build venv lives only for the export: torch (~1 GB, with test files in Python 3.12
 # syntax) is not left inside the project tree; a failed export's venv is replaced next time.
 $(MINILM): loadtests/export_minilm.py | $(VENV)/.installed
@@ -90,11 +93,13 @@ bench-model: $(MINILM)
 
 # No $(MINILM) here: run_locust uses MiniLM only when `make bench-model` has built it, and
 # the demo `text` model otherwise (building MiniLM installs torch).
-loadtest: $(VENV)/.installed-bench
+loadtest: $(VENV)/.installed-test
 	$(BIN)/python -m loadtests.run_locust $(LOADTEST_ARGS)
 
-bench: $(VENV)/.installed-bench $(MINILM)
+bench: $(VENV)/.installed-test $(MINILM)
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
+# The model repository goes only if `make demo-models` built it (never a folder of your own).
 clean:
-	rm -rf $(VENV) $(TOOLS) $(CHECKOV_VENV) $(MODEL_REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) $(CHECKOV_VENV) .pytest_cache
+	if [ -f $(MODEL_REPOSITORY)/.built ]; then rm -rf $(MODEL_REPOSITORY); fi
