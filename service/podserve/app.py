@@ -31,7 +31,7 @@ from podserve import (
 )
 from podserve.auth import api_keys, install_auth
 from podserve.direct_routes import DirectRoutes
-from podserve.errors import PodserveError
+from podserve.errors import PodserveError, routing_error_message
 from podserve.gc_tuning import tune_collector
 from podserve.head_requests import HeadAsGet
 from podserve.inference_flow import error_headers
@@ -93,8 +93,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return json_response({"error": str(exc.detail)}, exc.status_code, exc.headers)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        allow = (exc.headers or {}).get("Allow")
+        message = routing_error_message(
+            exc.status_code, str(exc.detail), request.method, request.scope["path"], allow,
+            request.app.docs_url,
+        )  # fmt: skip
+        return json_response({"error": message}, exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

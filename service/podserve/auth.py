@@ -122,6 +122,26 @@ def credentials(headers: list[tuple[bytes, bytes]]) -> list[str]:
     return found
 
 
+_HOW = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+def _what_is_missing(headers: list[tuple[bytes, bytes]]) -> str:
+    """Why a request offered no credential, for its 401; never echoes what it sent (a key
+    sent without its scheme is still a key)."""
+    values = [value.strip() for name, value in headers if name == b"authorization"]
+    if not values or not any(values):
+        return _HOW
+    scheme, space, _ = values[0].partition(b" ")
+    if scheme.lower() == b"bearer":  # nothing after it (a token would have been taken)
+        return f"the Authorization header's Bearer scheme carries no key: {_HOW}"
+    if not space:  # `Authorization: <key>`: the scheme forgotten
+        return (
+            "the Authorization header needs the Bearer scheme: send 'Authorization: Bearer "
+            "<key>', not the key alone, or 'X-API-Key: <key>'"
+        )
+    return f"only the Bearer scheme is accepted in the Authorization header: {_HOW}"
+
+
 class AuthMiddleware:
     def __init__(self, app: ASGIApp, keys: ApiKeys, open_paths: frozenset[str]) -> None:
         self.app = app
@@ -141,7 +161,7 @@ class AuthMiddleware:
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, missing: bool) -> None:
         if missing:
-            message = "missing credentials: send 'Authorization: Bearer <key>' or 'X-API-Key'"
+            message = f"missing credentials: {_what_is_missing(scope['headers'])}"
             challenge = _CHALLENGE
         else:
             message = "invalid credentials"

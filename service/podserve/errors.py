@@ -93,6 +93,28 @@ class NotConfigured(PodserveError):
     status_code = 501
 
 
+def routing_error_message(
+    status: int, detail: str, method: str, path: str, allow: str | None, docs_url: str | None
+) -> str:
+    """The message of a 404 or 405 from routing (Starlette's bare "Not Found" and "Method Not
+    Allowed"): the route asked for, and what the server has there or at all. Any other
+    detail is kept as it is (a handler's own words)."""
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    if status == 405 and detail == "Method Not Allowed":
+        if not allow:
+            return f"Method Not Allowed: {method} {shown}"
+        return f"Method Not Allowed: {shown} takes {allow}, not {method}"
+    if status == 404 and detail == "Not Found":
+        slash = " (drop the trailing '/')" if len(path) > 1 and path.endswith("/") else ""
+        docs = f", docs at {docs_url}" if docs_url else ""
+        return (
+            f"Not Found: no route {method} {shown}{slash}; the APIs are under /v2 (Open "
+            f"Inference Protocol: /v2/models/<model>/infer) and /v1 (KServe V1: "
+            f"/v1/models/<model>:predict){docs}"
+        )
+    return detail
+
+
 def check_rows(count: int, limit: int) -> None:
     """The model's per-request row limit: a 413 past it."""
     if count > limit:

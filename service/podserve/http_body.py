@@ -87,7 +87,12 @@ def check_content_type(request: Request) -> None:
     if content_type not in JSON_TYPES:  # the exact common values skip the parsing below
         content_type = content_type.split(";")[0].strip().lower()
         if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
-            raise UnsupportedMediaType(f"content type {content_type!r} is not supported; send JSON")
+            raise UnsupportedMediaType(
+                f"content type {content_type!r} is not supported: send the header "
+                "'Content-Type: application/json' (curl's -d sends a form type unless given "
+                "-H 'Content-Type: application/json'), or, for V2's binary tensor extension, "
+                "'Content-Type: application/octet-stream' with Inference-Header-Content-Length"
+            )
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity") and encoding not in ENCODINGS:
         raise UnsupportedMediaType(

@@ -57,12 +57,21 @@ def parse_rows(doc: Any, inputs: list[TensorSpec], max_rows: int | None = None) 
     return {spec.name: _column(spec, [row.get(spec.name) for row in instances]) for spec in inputs}
 
 
-def parse_columns(doc: dict[str, Any], inputs: list[TensorSpec], max_rows: int | None) -> Tensors:
+def parse_columns(
+    doc: dict[str, Any], inputs: list[TensorSpec], max_rows: int | None, model: str = "<model>"
+) -> Tensors:
     """The column format: {"inputs": value} for a model with one input, or {"inputs":
     {"name": value, ...}}; each value is that input's whole tensor, batch dimension first
     (a scalar for a 0-d input). TF Serving lets the inputs' batch sizes differ; podserve
     counts, limits and batches a request's rows on dim 0 of every input (OnnxModel.validate,
-    as for V2), so they must agree: a scalar counts as 1 row, as there."""
+    as for V2), so they must agree: a scalar counts as 1 row, as there. `model`: the name
+    the messages give."""
+    if is_v2_inputs(doc["inputs"]):
+        raise BadRequest(
+            "this looks like a V2 (Open Inference Protocol) request, 'inputs' as a list of "
+            f"named tensors: POST it to /v2/models/{model}/infer, or send V1's "
+            '{"instances": [...]} (rows) or {"inputs": <tensor>} (columns) here'
+        )
     if "instances" in doc:
         raise BadRequest(
             "send either 'instances' (row format) or 'inputs' (column format), not both"
@@ -77,6 +86,17 @@ def parse_columns(doc: dict[str, Any], inputs: list[TensorSpec], max_rows: int |
             "rows along dim 0 of every input, so each must have the same number of rows"
         )
     return {spec.name: _tensor(spec, columns[spec.name]) for spec in inputs}
+
+
+def is_v2_inputs(value: Any) -> bool:
+    """V2's tensor list, [{"name": ..., "shape": ..., "datatype": ..., "data": ...}, ...]: no
+    V1 column value (a tensor holds no objects, and several inputs make an object)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, dict) and "name" in item for item in value)
+        and any(key in value[0] for key in ("shape", "datatype", "data"))
+    )
 
 
 def _named_columns(value: Any, inputs: list[TensorSpec]) -> dict[str, Any]:
@@ -171,9 +191,16 @@ def _json_tensor(array: np.ndarray) -> Any:
 
 
 def _lists(array: np.ndarray) -> Any:
-    """Nested lists orjson can encode: tolist() for numbers (orjson cannot encode every numpy
-    scalar type, e.g. longlong from ORT); str for BYTES elements, bytes read as UTF-8 as in
-    the V2 JSON answer."""
+    """A row per item (or the value of a 0-d array) that orjson can encode: FP32 (and FP16,
+    widened as V2 does) as float32 rows and scalars, which orjson writes as V2 and the column
+    answer do, each float32's shortest form (0.76690227, where tolist()'s float64 printed
+    0.7669022679328918); tolist() for other numbers (orjson cannot encode every numpy scalar
+    type, e.g. longlong from ORT); str for BYTES elements, bytes read as UTF-8 as in the V2
+    JSON answer."""
+    if array.dtype.kind == "f" and array.dtype.itemsize <= 4:
+        if not array.ndim:  # (ascontiguousarray would make it 1-d)
+            return np.float32(array[()])
+        return list(np.ascontiguousarray(array, dtype=np.float32))  # orjson: C-contiguous only
     if array.dtype.kind != "O":
         return array.tolist()
     texts = np.empty(array.shape, dtype=object)

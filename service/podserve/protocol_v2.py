@@ -73,6 +73,7 @@ def parse_infer_request(
     if doc.get("inputs") is None and "entity_ids" in parameters:
         inputs, datatypes = {}, {}  # features are fetched by entity id (podserve.db.features)
     else:
+        _check_not_v1(doc)
         inputs, datatypes = _parse_inputs(doc.get("inputs"), binary, max_rows)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -85,6 +86,23 @@ def parse_infer_request(
         outputs=_parse_outputs(doc.get("outputs")),
         binary_output=_flag(parameters, "binary_data_output"),
         timeout_ms=_timeout_ms(parameters),
+    )
+
+
+def _check_not_v1(doc: dict[str, Any]) -> None:
+    """A KServe V1 body sent here: rows ({"instances": [...]}) or columns ({"inputs": a
+    tensor or an object naming them}) -- say so, not only that the tensors are wrong."""
+    raw = doc.get("inputs")
+    if raw is None and "instances" in doc:
+        form = "rows, 'instances'"
+    elif isinstance(raw, dict) or (isinstance(raw, list) and raw and not isinstance(raw[0], dict)):
+        form = "columns, 'inputs' as a tensor or an object naming tensors"
+    else:
+        return
+    raise BadRequest(
+        f"this looks like a KServe V1 request ({form}): POST it to /v1/models/<model>:predict, "
+        'or send V2\'s {"inputs": [{"name": ..., "shape": [...], "datatype": ..., '
+        '"data": [...]}]} here'
     )
 
 

@@ -33,19 +33,6 @@ from podserve.response_compression import ANSWER_HEADERS, accepted_coding, compr
 router = APIRouter(tags=["v1"], responses=ERROR_RESPONSES)
 
 
-@router.get("/v1/models/{model_name}", summary="Model status")
-async def model_status(request: Request, model_name: str) -> Response:
-    try:
-        model = runtime_of(request).model(model_name)
-    except NotFound:
-        # `GET /v1/models/m:predict` matches this route with the name "m:predict": say
-        # what is wrong (the method), not that no model has that name.
-        if model_name.endswith(":predict"):
-            raise MethodNotAllowed("predict takes POST, with a JSON body", "POST") from None
-        raise
-    return json_response({"name": model.name, "version": model.version, "ready": True})
-
-
 def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, Tensors, bool]:
     """A V1 body: entity ids to look up, or tensors as rows (`instances`) or columns
     (`inputs`); and whether it was columns, which the answer's form follows."""
@@ -57,7 +44,7 @@ def _parse_predict(body: bytes, model: OnnxModel) -> tuple[EntityLookup | None, 
         return lookup, {}, False
     rows = model.max_rows_per_request
     if columnar:
-        return None, parse_columns(doc, model.inputs, rows), True
+        return None, parse_columns(doc, model.inputs, rows, model.name), True
     return None, parse_rows(doc, model.inputs, rows), False
 
 
@@ -94,3 +81,18 @@ async def model_predict(request: Request, model_name: str) -> Response:
     if settings.response_compression:
         raw_headers += ANSWER_HEADERS[coding]
     return PreparedResponse(content, raw_headers)
+
+
+# After predict: a PUT to /v1/models/m:predict matches both paths, and Starlette's 405
+# names the methods of the first route that does (GET, from this one, said the Allow).
+@router.get("/v1/models/{model_name}", summary="Model status")
+async def model_status(request: Request, model_name: str) -> Response:
+    try:
+        model = runtime_of(request).model(model_name)
+    except NotFound:
+        # `GET /v1/models/m:predict` matches this route with the name "m:predict": say
+        # what is wrong (the method), not that no model has that name.
+        if model_name.endswith(":predict"):
+            raise MethodNotAllowed("predict takes POST, with a JSON body", "POST") from None
+        raise
+    return json_response({"name": model.name, "version": model.version, "ready": True})

@@ -373,6 +373,57 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
         setting = upper.removeprefix("PODSERVE_")
         if setting in known:
             continue
-        close = difflib.get_close_matches(setting, known, n=1, cutoff=0.8)
-        found.append(f"{name} (did you mean PODSERVE_{close[0]}?)" if close else name)
+        close = " or ".join(f"PODSERVE_{match}" for match in closest_settings(setting, known))
+        found.append(f"{name} (did you mean {close}?)" if close else name)
     return found
+
+
+# Names other servers and habits use for a setting podserve names otherwise (Triton's
+# --model-repository, TorchServe's model store, libpq's DSN): no spelling rule finds these.
+SETTING_ALIASES = {
+    "MODEL_DIR": "MODEL_REPOSITORY",
+    "MODELS_DIR": "MODEL_REPOSITORY",
+    "MODEL_PATH": "MODEL_REPOSITORY",
+    "MODELS_PATH": "MODEL_REPOSITORY",
+    "MODEL_STORE": "MODEL_REPOSITORY",
+    "MODELS": "MODEL_REPOSITORY",
+    "DSN": "DATABASE_URL",
+    "DB_DSN": "DATABASE_URL",
+    "DATABASE_DSN": "DATABASE_URL",
+    "POSTGRES_URL": "DATABASE_URL",
+    "POSTGRES_DSN": "DATABASE_URL",
+    "PG_DSN": "DATABASE_URL",
+    "API_TOKEN": "API_KEYS",
+    "API_TOKENS": "API_KEYS",
+}
+
+
+def _abbreviates(short: str, word: str) -> bool:
+    """`short` is `word` shortened: its letters in order, the first the same (DB: DATABASE,
+    REPO: REPOSITORY, WORKER: WORKERS)."""
+    if not short or short[0] != word[0]:
+        return False
+    letters = iter(word)
+    return all(letter in letters for letter in short)  # `in` consumes: a subsequence
+
+
+def closest_settings(setting: str, known: list[str]) -> list[str]:
+    """The setting an unknown name (without PODSERVE_) most likely meant: a known alias;
+    else the closest spelling (PROT: PORT), both of two as close (DB_POOL: DB_POOL_MAX, _MIN);
+    else the one setting whose words the name's words each abbreviate (DB_URL: DATABASE_URL,
+    MODEL_REPO: MODEL_REPOSITORY). A name like none of them gets no guess: []."""
+    if setting in SETTING_ALIASES:
+        return [SETTING_ALIASES[setting]]
+    close = difflib.get_close_matches(setting, known, n=2, cutoff=0.75)
+    if close:
+        ratios = [difflib.SequenceMatcher(None, setting, name).ratio() for name in close]
+        return sorted(close) if len(close) == 2 and ratios[0] == ratios[1] else close[:1]
+    words = setting.split("_")
+    if any(len(word) < 2 for word in words):
+        return []
+    matches = [
+        name
+        for name in known
+        if len(parts := name.split("_")) == len(words) and all(map(_abbreviates, words, parts))
+    ]
+    return matches if len(matches) == 1 else []
