@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from model_builders import affine_model, save
@@ -154,3 +156,106 @@ def test_dev_server_serves(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# --- hints for a new user (from a new-user review) ---------------------------------------
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PODSERVE, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture()
+def unmigrated_db(pg_server: object) -> Iterator[str]:
+    import postgres
+
+    with postgres.fresh_database(pg_server.admin_url) as url:  # type: ignore[attr-defined]
+        yield url
+
+
+def test_db_status_of_a_fresh_database_says_to_migrate(unmigrated_db: str) -> None:
+    """Before: `schema version 0, packaged 2` and exit 1, with no word of what to do."""
+    out = _cli("db", "status", "--database-url", unmigrated_db)
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.endswith(": behind, run `podserve db migrate`\n"), out.stdout
+    assert out.stdout.startswith("schema version 0, packaged ")
+
+
+def test_features_load_into_a_fresh_database_says_to_migrate(
+    unmigrated_db: str, tmp_path: Path
+) -> None:
+    """Before: `error: UndefinedTableError: relation "podserve_features" does not exist`."""
+    csv = tmp_path / "users.csv"
+    csv.write_text("entity_id,a,b\nu1,1,2\n")
+    out = _cli("features", "load", str(csv), "--set", "tabular", "--database-url", unmigrated_db)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == (
+        "error: database schema is missing: run `podserve db migrate` "
+        '(relation "podserve_features" does not exist)\n'
+    )
+
+
+def test_build_demo_into_a_file_is_one_line(tmp_path: Path) -> None:
+    """Before: a FileExistsError traceback from Path.mkdir."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = _cli("models", "build-demo", str(blocker))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == f"error: {blocker} exists and is not a directory\n"
+    out = _cli("models", "build-demo", str(blocker / "repo"))  # a file on the way there
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"error: cannot write the demo models to {blocker / 'repo'}: ")
+
+
+def test_a_bad_serve_flag_is_named_as_the_flag() -> None:
+    """Before: `error: PODSERVE_WORKERS='0': ...` for `podserve serve --workers 0`."""
+    out = _cli("serve", "--workers", "0", "--port", "70000")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines() == [
+        "error: --port (PODSERVE_PORT)='70000': Input should be less than or equal to 65535",
+        "error: --workers (PODSERVE_WORKERS)='0': Input should be greater than or equal to 1",
+    ]
+    # From the environment, the variable is what the user set: named alone, as before.
+    out = _cli("serve", env={"PODSERVE_WORKERS": "0"})
+    assert out.stderr == (
+        "error: PODSERVE_WORKERS='0': Input should be greater than or equal to 1\n"
+    ), out.stderr
+
+
+def test_dev_server_logs_its_address(tmp_path: Path) -> None:
+    """Before: --dev logged no address: uvicorn's "Uvicorn running on ..." is logged by the
+    reloader's process, which had no log handler (log_config=None)."""
+    save(affine_model(), tmp_path, "affine")
+    port = free_port()
+    log_path = tmp_path / "dev.log"
+    env = {**os.environ, "PODSERVE_MODEL_REPOSITORY": str(tmp_path)}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [*PODSERVE, "serve", "--dev", "--port", str(port)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            for _ in range(200):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            else:
+                pytest.fail("dev server never became ready")
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    lines = [orjson.loads(line) for line in log_path.read_text().splitlines() if line[:1] == "{"]
+    running = [line for line in lines if line["msg"].startswith("Uvicorn running on ")]
+    assert len(running) == 1, log_path.read_text()
+    assert running[0]["msg"].startswith(f"Uvicorn running on http://127.0.0.1:{port} ")
+    assert not [line for line in lines if line["logger"].startswith("watchfiles")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
+    flags: dict[str, str] = {}  # PODSERVE_WORKERS: --workers, for the flags given
     for flag, env in (
         ("host", "PODSERVE_HOST"),
         ("port", "PODSERVE_PORT"),
@@ -18,13 +20,29 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             os.environ[env] = str(value)
-    from podserve.settings import get_settings
+            flags[env] = f"--{flag}"
+    from pydantic import ValidationError
+
+    from podserve.settings import get_settings, settings_errors
 
     get_settings.cache_clear()
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # a flag's value: named as the flag, and its setting
+        for line in settings_errors(exc):
+            print(f"error: {_with_flag(line, flags)}", file=sys.stderr)
+        return 2
     if args.dev:
         import uvicorn
 
+        from podserve.logs import configure_logging
+
+        # The reloader's process logs the address ("Uvicorn running on ..."): in the JSON
+        # lines the server's own process writes, not dropped for want of a handler.
+        configure_logging(settings.log_level, settings.access_log)
+        # "N changes detected" at info for every file written under the folder (a log, an
+        # editor's swap file), whether or not it reloads: uvicorn logs the reloads it does.
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
         uvicorn.run(
             "podserve.app:create_app",
             factory=True,
@@ -37,6 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     _gunicorn_application().run()
     return 0
+
+
+def _with_flag(line: str, flags: dict[str, str]) -> str:
+    """`PODSERVE_WORKERS='0': ...` as `--workers (PODSERVE_WORKERS)='0': ...` when the value
+    came from the flag: the user typed --workers, not the variable."""
+    for env, flag in flags.items():
+        if line.startswith((f"{env}=", f"{env}:")):
+            return f"{flag} ({env}){line[len(env) :]}"
+    return line
 
 
 def _gunicorn_application() -> Any:
@@ -61,10 +88,17 @@ def _gunicorn_application() -> Any:
 def _build_demo(args: argparse.Namespace) -> int:
     from podserve.demo_models import MissingBuildDependency, build_demo_repository
 
+    directory = Path(args.directory)
+    if directory.exists() and not directory.is_dir():
+        print(f"error: {directory} exists and is not a directory", file=sys.stderr)
+        return 2
     try:
-        names = build_demo_repository(Path(args.directory))
+        names = build_demo_repository(directory)
     except MissingBuildDependency as exc:  # the runtime image has no build tools: one line
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file in the way, no permission: one line, not a traceback
+        print(f"error: cannot write the demo models to {directory}: {exc}", file=sys.stderr)
         return 2
     print(f"demo models written to {args.directory}: {', '.join(names)}")
     return 0

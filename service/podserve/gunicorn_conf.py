@@ -25,6 +25,7 @@ from podserve import (
     pod_settings,
     repository_fingerprint,
     slot_listeners,
+    startup_failure,
     trace_control,
 )
 from podserve.logs import gunicorn_logconfig_dict
@@ -66,6 +67,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
             {"on_starting": _warn_unknown_settings},
             _thread_hooks(settings, workers),
             bind_check.gunicorn_hooks(),
+            startup_failure.gunicorn_hooks(),  # workers failing to boot: one halt, exit 3
             deferred_listen.gunicorn_hooks() if settings.defer_listen else {},
             _metrics_hooks(settings),
             # The shared table of per-worker connection counts and states (counted for the

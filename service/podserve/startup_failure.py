@@ -4,7 +4,8 @@ uvicorn logged a failed lifespan start as the traceback starlette formats: 1.5-5
 framework frames in one log line's `msg`, the reason on its last line (a bad model config's
 ended with pydantic's "For further information visit ..."). An error an operator fixes is
 logged once, as its reason, and the traceback is dropped; any other exception is a bug and
-keeps its traceback. The boot fails as before (the worker exits, the master with code 3).
+keeps its traceback. The boot fails as before (the worker exits, the master with code 3),
+also when several workers fail at once (gunicorn_hooks: the master's halt is not cut short).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from pydantic import ValidationError
@@ -128,3 +130,41 @@ def _quiet(send: Send) -> Send:
         await send(message)
 
     return wrapped
+
+
+def _stop_through_boot_errors(server: Any) -> None:
+    """The master's stop() reaps the workers as they exit, and Gunicorn's reap_workers raises
+    HaltServer for each that exits with a boot error. A halt for the first worker's boot error
+    stops the others, which fail to boot too if they have not yet: their HaltServer escaped
+    halt() as a second, chained traceback, cutting the rest of stop() short (the SIGKILL of
+    stragglers, the last reap, the on_exit hooks), and the master exited 1 instead of 3 (about
+    1 start in 2 with 4 workers). While stopping, the halt is already under way with the
+    first failure's reason and status: the others are only reaped."""
+    from gunicorn.errors import HaltServer
+
+    original_stop = getattr(server, "stop", None)
+    original_reap = getattr(server, "reap_workers", None)
+    if original_stop is None or original_reap is None:  # not Gunicorn's Arbiter (a test's)
+        return
+
+    def reap_workers() -> None:
+        while True:  # a raise ends Gunicorn's reaping loop: the next exited worker waits
+            try:
+                original_reap()
+                return
+            except HaltServer:
+                continue
+
+    def stop(graceful: bool = True) -> None:
+        server.reap_workers = reap_workers
+        try:
+            original_stop(graceful)
+        finally:
+            server.reap_workers = original_reap
+
+    server.stop = stop
+
+
+def gunicorn_hooks() -> dict[str, Any]:
+    """on_starting (master): several workers failing to boot end in one halt."""
+    return {"on_starting": _stop_through_boot_errors}

@@ -67,10 +67,14 @@ def _run(coro: Any) -> Any:
     """asyncio.run, with database failures as one line on stderr (exit 1), not a traceback."""
     import asyncpg
 
+    from podserve.db.features import SCHEMA_MISSING
     from podserve.db.migrations import MigrationError
 
     try:
         return asyncio.run(coro)
+    except asyncpg.UndefinedTableError as exc:  # a database never migrated: say what to do
+        print(f"error: {SCHEMA_MISSING} ({exc})", file=sys.stderr)
+        raise SystemExit(1) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, MigrationError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -99,7 +103,13 @@ def _status(args: argparse.Namespace) -> int:
             await conn.close()
 
     applied, latest = _run(run())
-    print(f"schema version {applied}, packaged {latest}")
+    if applied < latest:
+        hint = ": behind, run `podserve db migrate`"
+    elif applied > latest:
+        hint = ": ahead, migrated by a newer podserve than this one"
+    else:
+        hint = ""
+    print(f"schema version {applied}, packaged {latest}{hint}")
     return 0 if applied == latest else 1
 
 

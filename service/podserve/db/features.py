@@ -4,7 +4,7 @@ All rows of a request come from one query (`entity_id = ANY($2)`). An optional b
 in-process TTL cache saves the round trip for hot entities. Time budget: connection plus
 query within PODSERVE_FEATURES_TIMEOUT_S, or within what is left of the request's deadline
 (X-Podserve-Timeout-Ms, PODSERVE_REQUEST_TIMEOUT_MS) when that is sooner; a slow query is a
-504, no database a 503.
+504, a database that is down a 503, none configured a 501.
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ FETCH_SQL = (
     "WHERE feature_set = $1 AND entity_id = ANY($2::text[])"
 )
 MAX_LISTED = 50  # unknown ids named in a 404
+SCHEMA_MISSING = "database schema is missing: run `podserve db migrate`"
+
+
+def schema_missing(retry_after_s: int) -> ServiceUnavailable:
+    """The 503 of a request whose table is not there (UndefinedTableError): the database was
+    never migrated, or not yet (a migration hook that runs as the pods start). Not a 500 and
+    its traceback: the operator's fix is the message, and the request can be retried."""
+    return ServiceUnavailable(SCHEMA_MISSING, {"Retry-After": str(retry_after_s)})
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class FeatureStore:
         size = settings.features_cache_size
         self.cache = TtlCache(size, settings.features_cache_ttl_s) if size > 0 else None
         self.queries = 0  # round trips to PostgreSQL (the cache saves some)
+        self.retry_after_s = settings.retry_after_s
 
     async def tensor(
         self, model: OnnxModel, lookup: EntityLookup, deadline: float | None = None
@@ -181,9 +190,7 @@ class FeatureStore:
                 remaining = max(0.001, started + budget - time.perf_counter())
                 rows = await conn.fetch(FETCH_SQL, feature_set, ids, timeout=remaining)
         except asyncpg.UndefinedTableError:
-            raise ServiceUnavailable(
-                "database schema is missing: run `podserve db migrate`"
-            ) from None
+            raise schema_missing(self.retry_after_s) from None
         return {row["entity_id"]: np.asarray(row["values"], np.float32) for row in rows}
 
     def _budget(self, now: float, deadline: float | None) -> tuple[float, str, bool]:

@@ -35,7 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from podserve import connection_balance
-from podserve.db.features import FeatureStore, entity_lookup
+from podserve.db.features import SCHEMA_MISSING, FeatureStore, entity_lookup, schema_missing
 from podserve.db.pool import CONNECTION_ERRORS, Database
 from podserve.db.prediction_log import INSERT_ONE, Row, make_row, to_record
 from podserve.errors import Overloaded, PayloadTooLarge, PodserveError, ServiceUnavailable
@@ -222,10 +222,13 @@ class JobStore:
         self, model: str, version: str, body: bytes, json_length: int | None
     ) -> uuid.UUID:
         job_id = uuid.uuid4()
-        async with self.db.connection(self.timeout_s) as conn:
-            status = await conn.execute(
-                _INSERT, job_id, model, version, body, json_length, self.max_queued
-            )
+        try:
+            async with self.db.connection(self.timeout_s) as conn:
+                status = await conn.execute(
+                    _INSERT, job_id, model, version, body, json_length, self.max_queued
+                )
+        except asyncpg.UndefinedTableError:
+            raise schema_missing(self.retry_after_s) from None
         if status.endswith(" 0"):
             raise Overloaded(
                 f"job queue full: {self.max_queued} jobs queued (PODSERVE_JOBS_MAX_QUEUED); "
@@ -235,8 +238,11 @@ class JobStore:
         return job_id
 
     async def get(self, job_id: uuid.UUID) -> asyncpg.Record | None:
-        async with self.db.connection(self.timeout_s) as conn:
-            return await conn.fetchrow(_GET, job_id)
+        try:
+            async with self.db.connection(self.timeout_s) as conn:
+                return await conn.fetchrow(_GET, job_id)
+        except asyncpg.UndefinedTableError:
+            raise schema_missing(self.retry_after_s) from None
 
     async def claim(self, owner: str, limit: int = 1) -> list[ClaimedJob]:
         async with self.db.background(self.timeout_s) as conn:
@@ -325,6 +331,33 @@ class JobStore:
             row = await conn.fetchrow(_COUNT)
         assert row is not None  # an aggregate always has a row
         return {"queued": row["queued"], "running": row["running"]}
+
+
+def _background_error(exc: BaseException) -> str:
+    """A background query's failure, for its log line: what to do, where that is known."""
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return SCHEMA_MISSING
+    return repr(exc)
+
+
+class _Failing:
+    """A background loop's failures in the log: a warning with the first one's reason, nothing
+    more while they go on (an outage's errors vary), and a line once the loop works again.
+    An unmigrated database failed the purge with a warning every minute, for ever."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # "claim jobs": "cannot claim jobs"
+        self.reason: str | None = None  # the first of the failures going on; None: none
+
+    def failed(self, exc: BaseException) -> None:
+        if self.reason is None:
+            self.reason = _background_error(exc)
+            log.warning(f"cannot {self.what}", extra={"error": self.reason})
+
+    def succeeded(self) -> None:
+        if self.reason is not None:
+            log.info(f"can {self.what} again", extra={"error_was": self.reason})
+        self.reason = None
 
 
 def _claimed(row: asyncpg.Record) -> ClaimedJob:
@@ -461,17 +494,18 @@ class JobRunner:
     # --- claiming ----------------------------------------------------------------------
     async def _claim_forever(self) -> None:
         failures = 0
+        failing = _Failing("claim jobs")
         while True:
             await self.slots.acquire()
             try:
                 jobs = await self.store.claim(self.owner)
                 failures = 0
+                failing.succeeded()
             except Exception as exc:
                 self.slots.release()
                 failures += 1
                 self.claim_errors += 1
-                if failures == 1:
-                    log.warning("cannot claim jobs", extra={"error": repr(exc)})
+                failing.failed(exc)
                 await self._idle(min(5.0, self.poll_s * 2**failures))
                 continue
             if not jobs:
@@ -712,13 +746,15 @@ class JobRunner:
 
     async def _purge_forever(self) -> None:
         period = min(60.0, max(1.0, self.store.ttl_s / 2))
+        failing = _Failing("purge expired jobs")
         while True:
             await asyncio.sleep(period * random.uniform(0.8, 1.2))
             try:
                 purged = await self._purge_pass()
             except Exception as exc:
-                log.warning("cannot purge expired jobs", extra={"error": repr(exc)})
+                failing.failed(exc)
                 continue
+            failing.succeeded()
             if purged:
                 log.info("expired jobs purged", extra={"jobs": purged})
 
