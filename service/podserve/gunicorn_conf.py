@@ -21,6 +21,7 @@ from podserve import (
     connection_balance,
     deferred_listen,
     log_control,
+    malloc_tuning,
     model_trace_settings,
     pod_settings,
     repository_fingerprint,
@@ -65,6 +66,7 @@ def config_dict(settings: Settings) -> dict[str, Any]:
         # and of thread oversubscription come before it): a busy port stops the master there.
         **chain_hooks(
             {"on_starting": _warn_unknown_settings},
+            malloc_tuning.gunicorn_hooks(settings.malloc_mmap_threshold_bytes),  # before fork
             _thread_hooks(settings, workers),
             bind_check.gunicorn_hooks(),
             startup_failure.gunicorn_hooks(),  # workers failing to boot: one halt, exit 3

@@ -3,12 +3,17 @@
 A body sent with `Content-Encoding: gzip` or `deflate` (tritonclient's
 `request_compression_algorithm`) is inflated here, and the inflated size is held to the same
 limit as a plain body, so a small compressed body cannot expand past it (a "zip bomb").
+The bytes of all bodies a worker holds at once, read and inflated, are held to
+PODSERVE_MAX_BODY_BYTES_IN_FLIGHT: past it a request is refused (503) before more is read or
+inflated, so many concurrent large (or small compressed) bodies cannot take a worker's memory
+past its limit. A request's share is given back when its task ends, on every path.
 Answers are compressed only when the client asks (Accept-Encoding): response_compression.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 import zlib
 from collections.abc import Callable
@@ -18,7 +23,13 @@ from starlette.requests import Request
 
 from podserve.client_disconnect import body_read
 from podserve.deadline_sweep import sweep_for
-from podserve.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from podserve.errors import (
+    BadRequest,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from podserve.request_headers import request_headers
 
 JSON_TYPES = ("application/json", "application/octet-stream")
@@ -41,6 +52,9 @@ PARSE_ON_LOOP_MAX_BYTES = 64 * 1024
 # what is handed past a member's end is at most its own size plus 64 bytes: linear.
 INFLATE_FIRST_CHUNK_BYTES = 64
 INFLATE_CHUNK_BYTES = 64 * 1024
+# Inflated output per zlib call, reserved from the in-flight budget before the call: 64 KiB of
+# input could inflate to 64 MiB in one call.
+INFLATE_OUT_BYTES = 1024 * 1024
 # Members in one gzip body, past which it is refused (400). Clients send one (tritonclient,
 # curl, Python's gzip), concatenated files a few, and bgzip, the commonest writer of many, one
 # per 64 KiB inflated: 256 within the default 16 MiB limit. Each member costs a fresh
@@ -49,6 +63,79 @@ INFLATE_CHUNK_BYTES = 64 * 1024
 MAX_GZIP_MEMBERS = 1000
 # uvicorn's HIGH_WATER_LIMIT: it pauses reading once a body buffers past this.
 READ_PAUSE_BYTES = 64 * 1024
+# runtime.RUNTIME_SCOPE_KEY (not imported: runtime imports the jobs, which import this module).
+_RUNTIME_SCOPE_KEY = "podserve.runtime"
+
+# This process's (a worker's) request-body bytes held: one count for all its requests. A lock:
+# inflation reserves from a thread.
+_budget_lock = threading.Lock()
+_held_bytes = 0
+
+
+def body_bytes_held() -> int:
+    """Request-body bytes this worker holds now (PODSERVE_MAX_BODY_BYTES_IN_FLIGHT's count)."""
+    return _held_bytes
+
+
+class BodyHold:
+    """One request's share of the in-flight budget: taken as its body is read and inflated,
+    all given back by end() (its task's done callback) on every path; a take after end()
+    (an inflation thread outliving a cancelled request) is refused, so nothing leaks."""
+
+    __slots__ = ("amount", "ended", "limit", "retry_after_s")
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.amount = 0
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.ended = False
+
+    def take(self, amount: int) -> None:
+        """Reserve `amount` more bytes, or 503 (Retry-After) if the worker holds too many.
+        A request holding all that is held may go past the limit (its compressed body and
+        what it inflates, both up to PODSERVE_MAX_BODY_BYTES): one alone is never refused."""
+        global _held_bytes
+        with _budget_lock:
+            if not self.ended and (
+                _held_bytes + amount <= self.limit or _held_bytes == self.amount
+            ):
+                _held_bytes += amount
+                self.amount += amount
+                return
+            held = _held_bytes
+        raise Overloaded(
+            f"this worker holds {held} bytes of request bodies, and {amount} more would pass "
+            f"PODSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.limit}); retry shortly",
+            self.retry_after_s,
+        )
+
+    def give(self, amount: int) -> None:
+        global _held_bytes
+        with _budget_lock:
+            amount = min(amount, self.amount)
+            _held_bytes -= amount
+            self.amount -= amount
+
+    def end(self, _task: object = None) -> None:
+        global _held_bytes
+        with _budget_lock:
+            _held_bytes -= self.amount
+            self.amount = 0
+            self.ended = True
+
+
+def _hold_for(request: Request, max_bytes: int, task: asyncio.Task[Any]) -> BodyHold:
+    """This request's hold, given back when its task ends (after the answer is sent, or on
+    any error or cancellation)."""
+    runtime = request.scope.get(_RUNTIME_SCOPE_KEY)
+    if runtime is not None:
+        settings = runtime.settings
+        hold = BodyHold(settings.body_bytes_in_flight_limit, settings.retry_after_s)
+    else:  # a bare scope (unit tests): the default
+        hold = BodyHold(4 * max_bytes, 1)
+    task.add_done_callback(hold.end)
+    return hold
+
 
 T = TypeVar("T")
 
@@ -62,21 +149,21 @@ async def parse_body(parse: Callable[..., T], body: bytes, *args: Any) -> T:
     # One large parse at a time per worker: JSON numbers become Python objects first, ~13x
     # the body (16 MiB of zeros: ~200 MiB), and six at once took a worker's peak memory up
     # 190-470 MiB more than one did. The parse holds the GIL: they never ran in parallel.
-    async with _large_parse_slot():
+    async with _large_slot(_LARGE_PARSES):
         return await asyncio.to_thread(parse, body, *args)
 
 
-_LARGE_PARSES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
+_Slots = weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+_LARGE_PARSES: _Slots = weakref.WeakKeyDictionary()
+_LARGE_INFLATES: _Slots = weakref.WeakKeyDictionary()
 
 
-def _large_parse_slot() -> asyncio.Semaphore:
+def _large_slot(slots: _Slots) -> asyncio.Semaphore:
     """The running loop's own (a semaphore belongs to the first loop that waits on it)."""
     loop = asyncio.get_running_loop()
-    slot = _LARGE_PARSES.get(loop)
+    slot = slots.get(loop)
     if slot is None:
-        slot = _LARGE_PARSES[loop] = asyncio.Semaphore(1)
+        slot = slots[loop] = asyncio.Semaphore(1)
     return slot
 
 
@@ -111,12 +198,18 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         # isascii: "²" is a digit to isdigit() but not to int(); HTTP allows only 0-9.
         if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a non-negative integer")
-        if len(declared) > 4000 or int(declared) > max_bytes:  # int() stops at 4300 digits
+        if len(declared) > 4000 or (size := int(declared)) > max_bytes:  # int(): 4300 digits
             raise PayloadTooLarge(f"body of {declared[:40]} bytes exceeds the limit of {max_bytes}")
-    chunks: list[bytes] = []
-    total = 0
     task = asyncio.current_task()
     assert task is not None
+    # The in-flight budget counts a body past what uvicorn buffers per connection anyway
+    # (READ_PAUSE_BYTES, before the app reads a byte): small plain bodies cost nothing here.
+    hold = None
+    if declared is not None and size > READ_PAUSE_BYTES:  # reserved before reading any of it
+        hold = _hold_for(request, max_bytes, task)
+        hold.take(size)
+    chunks: list[bytes] = []
+    total = 0
     expired = False
 
     def expire() -> None:
@@ -138,6 +231,12 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             total += len(chunk)
             if total > max_bytes:
                 raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+            if declared is None and total > READ_PAUSE_BYTES:  # chunked: as it arrives
+                if hold is None:
+                    hold = _hold_for(request, max_bytes, task)
+                    hold.take(total)
+                else:
+                    hold.take(len(chunk))
             chunks.append(chunk)
     except asyncio.CancelledError:
         if expired and task.uncancel() == 0:  # our deadline, and nobody else's cancel
@@ -159,25 +258,40 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     wbits = ENCODINGS.get(encoding.strip().lower())
     if wbits is None:  # identity; an unknown coding was refused by check_content_type
         return body
+    body_held = 0  # the compressed body's reservation, given back once it is inflated
+    if hold is None:
+        hold = _hold_for(request, max_bytes, task)
+    else:
+        body_held = hold.amount
     if len(body) <= INFLATE_ON_LOOP_MAX_BYTES:
-        return inflate(body, wbits, max_bytes)
-    return await asyncio.to_thread(inflate, body, wbits, max_bytes)  # CPU: off the loop
+        inflated = inflate(body, wbits, max_bytes, hold)
+    else:
+        # CPU: off the loop. One at a time, as parses are: inflations reserving the budget
+        # side by side starved each other (64 at once, each 1 MiB short: 63 refused).
+        async with _large_slot(_LARGE_INFLATES):
+            inflated = await asyncio.to_thread(inflate, body, wbits, max_bytes, hold)
+    hold.give(body_held)  # the compressed body is dropped on return; the inflated is held
+    return inflated
 
 
-def inflate(body: bytes, wbits: int, max_bytes: int) -> bytes:
-    """Decompress, never producing more than `max_bytes` (413), or 400 for corrupt data."""
+def inflate(body: bytes, wbits: int, max_bytes: int, hold: BodyHold | None = None) -> bytes:
+    """Decompress, never producing more than `max_bytes` (413), or 400 for corrupt data; the
+    output is reserved from `hold` before each zlib call (503 when the worker has no room)."""
+    held = hold.amount if hold is not None else 0
     try:
-        return _inflate_members(body, wbits, max_bytes)
+        return _inflate_members(body, wbits, max_bytes, hold)
     except zlib.error as exc:
+        if hold is not None:
+            hold.give(hold.amount - held)  # what the failed try produced is dropped
         if wbits == ENCODINGS["deflate"]:  # no zlib header: try a raw deflate stream
             try:
-                return _inflate_members(body, -15, max_bytes)
+                return _inflate_members(body, -15, max_bytes, hold)
             except zlib.error:
                 pass
         raise BadRequest(f"request body is not valid compressed data ({exc})") from None
 
 
-def _inflate_members(body: bytes, wbits: int, max_bytes: int) -> bytes:
+def _inflate_members(body: bytes, wbits: int, max_bytes: int, hold: BodyHold | None) -> bytes:
     out = bytearray()
     view = memoryview(body)  # slices of it are not copies
     start = 0  # where the current member begins
@@ -185,11 +299,24 @@ def _inflate_members(body: bytes, wbits: int, max_bytes: int) -> bytes:
     while True:  # gzip allows several members one after the other (RFC 1952 2.2)
         inflater = zlib.decompressobj(wbits)
         offset, size = start, INFLATE_FIRST_CHUNK_BYTES
-        while not inflater.eof and offset < len(body):
-            chunk = view[offset : offset + size]
-            offset += len(chunk)
-            size = min(2 * size, INFLATE_CHUNK_BYTES)
-            out += inflater.decompress(chunk, max_bytes + 1 - len(out))
+        full = False  # the last call filled its output: input (or output) may be left in zlib
+        while not inflater.eof:
+            if full:  # a suffix of the last chunk (or b"": output zlib still holds)
+                chunk = inflater.unconsumed_tail
+            elif offset < len(body):
+                chunk = view[offset : offset + size]
+                offset += len(chunk)
+                size = min(2 * size, INFLATE_CHUNK_BYTES)
+            else:
+                break
+            step = min(max_bytes + 1 - len(out), INFLATE_OUT_BYTES)
+            if hold is not None:
+                hold.take(step)
+            piece = inflater.decompress(chunk, step)
+            if hold is not None and len(piece) < step:
+                hold.give(step - len(piece))
+            full = len(piece) == step
+            out += piece
             if len(out) > max_bytes:
                 raise PayloadTooLarge(f"decompressed body exceeds the limit of {max_bytes} bytes")
         if not inflater.eof:

@@ -23,6 +23,8 @@ from podserve.model_config import TensorSpec
 from podserve.processors import Tensors
 
 MAX_DIMS = 32
+# The request 'id' (echoed in the answer), in UTF-8 bytes.
+MAX_REQUEST_ID_BYTES = 1024
 
 
 @dataclass
@@ -76,8 +78,17 @@ def parse_infer_request(
         _check_not_v1(doc)
         inputs, datatypes = _parse_inputs(doc.get("inputs"), binary, max_rows)
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest("'id' must be a string")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise BadRequest("'id' must be a string")
+        # Echoed in the answer: unbounded, 16 KB of gzip made a 16 MB answer per request.
+        if len(request_id) > MAX_REQUEST_ID_BYTES // 4 and (
+            len(request_id.encode("utf-8", "surrogatepass")) > MAX_REQUEST_ID_BYTES
+        ):
+            raise BadRequest(
+                f"'id' is longer than {MAX_REQUEST_ID_BYTES} bytes (UTF-8): it is echoed in the "
+                "answer; send a short correlation id (a UUID is 36)"
+            )
     return InferRequest(
         id=request_id,
         parameters=parameters,

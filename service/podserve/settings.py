@@ -101,11 +101,19 @@ class Settings(BaseSettings):
     )
     gc_freeze: bool = Field(True, description="freeze the start-up heap (see gc_tuning.py)")
     gc_gen0_threshold: int = Field(10_000, ge=0, description="0 = Python's default (700)")
+    # glibc's M_MMAP_THRESHOLD (malloc_tuning.py); mallopt refuses more than 32 MiB on 64-bit.
+    malloc_mmap_threshold_bytes: int = Field(
+        1024 * 1024, ge=0, le=32 * 1024 * 1024, description="glibc; 0 = its default"
+    )
     max_batch_size: int = Field(32, ge=1, description="default for models without config")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=MAX_BATCH_DELAY_MS, description="<= 60000")
     max_queue_rows: int = Field(256, ge=1, description="per-worker bound on queued rows")
     max_rows_per_request: int = Field(1024, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Request-body bytes one worker holds at once (read, and inflated); past it: 503 (http_body).
+    max_body_bytes_in_flight: int = Field(
+        0, ge=0, description="per worker; 0 = 4 x max_body_bytes; >= max_body_bytes"
+    )
     body_read_timeout_s: float = Field(30.0, gt=0)
     header_read_timeout_s: float = Field(10.0, gt=0, description="slow-drip headers -> 408")
     max_header_bytes: int = Field(65536, ge=1024, description="larger headers -> 431")
@@ -282,6 +290,20 @@ class Settings(BaseSettings):
                 "request cut off by the drain nor for lifespan shutdown"
             )
         return value
+
+    @property
+    def body_bytes_in_flight_limit(self) -> int:
+        return self.max_body_bytes_in_flight or 4 * self.max_body_bytes
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> Settings:
+        # A smaller budget would refuse a lone body that PODSERVE_MAX_BODY_BYTES allows.
+        if 0 < self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}), or 0 for 4 x max_body_bytes"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grace_within_the_drain(self) -> Settings:
