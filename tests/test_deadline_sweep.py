@@ -76,3 +76,29 @@ def test_a_body_in_time_is_read_whole() -> None:
         return parts.pop(0)
 
     assert asyncio.run(read_body(_request(receive), 1024, 0.2)) == b"abcd"
+
+
+def test_a_raising_callback_neither_stops_the_sweep_nor_the_deadlines_beside_it() -> None:
+    """One on_expiry that raises (a bug) is logged; the deadlines expiring with it still fire,
+    and later ones too (the sweep is rescheduled): the guard stays on for the worker's life."""
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        loop = asyncio.get_running_loop()
+        unhandled: list[str] = []
+        loop.set_exception_handler(lambda _loop, ctx: unhandled.append(str(ctx.get("message"))))
+        sweep = DeadlineSweep(loop, 0.05)
+        fired: list[str] = []
+
+        def boom() -> None:
+            raise RuntimeError("callback bug")
+
+        sweep.arm("a", boom)
+        sweep.arm("b", lambda: fired.append("b"))  # expires in the same sweep, after "a"
+        await asyncio.sleep(0.2)
+        sweep.arm("c", lambda: fired.append("c"))  # armed after the failure
+        await asyncio.sleep(0.2)
+        return fired, unhandled
+
+    fired, unhandled = asyncio.run(scenario())
+    assert fired == ["b", "c"]
+    assert unhandled == []  # caught and logged by the sweep, not left to the loop

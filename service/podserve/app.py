@@ -148,9 +148,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await pod_follower.stop()
-            await runtime.stop()
-            await observability.stop()  # after the last batch: its spans are flushed too
+            # In this order, each step even if one before it fails (logged with its name): a
+            # follower's failure must not skip the prediction log's flush, the jobs' requeue
+            # or the pool's close. Observability after the last batch: its spans are flushed.
+            steps = (
+                ("pod-settings follower", pod_follower.stop),
+                ("runtime", runtime.stop),
+                ("observability", observability.stop),
+            )
+            for step, stop in steps:
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("shutdown step failed; the next ones run", extra={"step": step})
 
     app = FastAPI(
         title="podserve",

@@ -580,10 +580,20 @@ class Batcher:
             self.pool.release()
             return
         if error is not None and len(batch) > 1:
-            self._observe(batch, None, start_ns, error)  # the failed run counts too
             # One bad request must not fail its batch-mates: rerun the batch in halves.
+            # Whatever fails meanwhile (an observer that raises included), the slot is given
+            # back (else one thread: the worker hangs) and no request is left unanswered.
             try:
+                try:
+                    self._observe(batch, None, start_ns, error)  # the failed run counts too
+                except Exception:
+                    log.exception("a batch observer failed", extra={"model": self.model.name})
                 await self._rerun_in_halves(batch)
+            except Exception:
+                log.exception("rerunning a failed batch failed", extra={"model": self.model.name})
+                self._resolve(
+                    [item for item in batch if not item.future.done()], None, error, started
+                )
             finally:
                 self.pool.release()
             return

@@ -10,8 +10,11 @@ tenth of its timeout (at most 1 s) after it passes: nginx-like precision for a g
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Callable, Hashable
+
+log = logging.getLogger(__name__)
 
 
 class DeadlineSweep:
@@ -34,12 +37,19 @@ class DeadlineSweep:
     def _sweep(self) -> None:
         now = self.loop.time()
         expired = [key for key, (deadline, _) in self._pending.items() if deadline <= now]
-        for key in expired:
-            _, on_expiry = self._pending.pop(key)
-            on_expiry()
-        self._sweep_handle = (
-            self.loop.call_later(self.interval_s, self._sweep) if self._pending else None
-        )
+        try:
+            for key in expired:
+                entry = self._pending.pop(key, None)  # a callback may have disarmed it
+                if entry is None:
+                    continue
+                try:
+                    entry[1]()
+                except Exception:  # one callback's bug must not fail the deadlines after it
+                    log.exception("a deadline's expiry callback failed", extra={"key": repr(key)})
+        finally:  # the next sweep, always: else no deadline of this timeout fires again
+            self._sweep_handle = (
+                self.loop.call_later(self.interval_s, self._sweep) if self._pending else None
+            )
 
 
 _sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, DeadlineSweep]] = (

@@ -11,14 +11,16 @@ words are the process's own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
+import logging
 import mmap
 import os
 from collections.abc import Callable
 from typing import Any
 
 from podserve.errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 FOLLOW_INTERVAL_S = 0.5
 
@@ -100,8 +102,10 @@ class PodSetting:
     def follow(self) -> None:
         generation, values = self.shared.read()
         if generation != self.applied_generation:
-            self._apply(values)
-            self.applied_generation = generation
+            try:
+                self._apply(values)
+            finally:  # a change this worker cannot apply is not retried (and logged) each look
+                self.applied_generation = generation
 
 
 _SETTINGS: list[PodSetting] = []
@@ -124,8 +128,16 @@ def register(name: str, fields: int, apply: Callable[[tuple[int, ...]], None]) -
 
 
 def follow_all() -> None:
+    """Each setting's change, one failing to apply (logged with its name) not keeping this
+    worker from following it, or the others, later."""
     for setting in _SETTINGS:
-        setting.follow()
+        try:
+            setting.follow()
+        except Exception:
+            log.exception(
+                "cannot apply a pod setting changed on another worker; still following",
+                extra={"setting": setting.name},
+            )
 
 
 class Follower:
@@ -139,15 +151,24 @@ class Follower:
         self._task = asyncio.create_task(self._follow_forever(), name="pod-settings")
 
     async def stop(self) -> None:
+        """Never raises the loop's failure (it was logged): the shutdown steps after it
+        (the prediction log's flush, the jobs' requeue) must run."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the pod-settings follower had failed")
 
     @staticmethod
     async def _follow_forever() -> None:
         while True:
-            follow_all()
+            try:
+                follow_all()
+            except Exception:  # follow_all logs a setting's failure; anything else here too
+                log.exception("pod-settings follower: a look failed; still following")
             await asyncio.sleep(FOLLOW_INTERVAL_S)
 
 

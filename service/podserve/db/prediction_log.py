@@ -33,8 +33,8 @@ import orjson
 
 from podserve.datatypes import numpy_to_v2
 from podserve.db.journal import Journal, forget, recover_dead_journals
-from podserve.db.pool import Database
-from podserve.db.spool import Spool
+from podserve.db.pool import CONNECTION_ERRORS, Database
+from podserve.db.spool import ClaimedSegment, Spool
 from podserve.errors import ServiceUnavailable
 from podserve.processors import Tensors
 from podserve.settings import Settings
@@ -72,6 +72,16 @@ INSERT_ONE = (
 SHUTDOWN_FLUSH_S = 1.0  # of the worker's graceful budget, spent trying the database
 JOURNAL_RETRY_S = 1.0  # a failing journal (full or read-only volume) is tried again this often
 RESCAN_S = 30.0  # look for spool segments of other (dead) workers this often
+# A replay that fails for the database's state (down, slow, a bad connection, a server-side
+# error other than a DataError) keeps its segment for a retry: its rows can still be written.
+# Anything else (a row of another layout: IndexError, TypeError; a read error) is the
+# segment's own fault and would fail the same way for ever: the segment is quarantined.
+TRANSIENT_REPLAY_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    TimeoutError,
+    ServiceUnavailable,
+    asyncpg.PostgresError,
+)
 _JSON = orjson.OPT_SERIALIZE_NUMPY
 
 # A row is a JSON-native list (so the spool can store it as is); logged_at is epoch seconds.
@@ -222,6 +232,12 @@ class PredictionLog:
         self._set_aside_ids: set[str] = set()  # a batch retried after a later failure
         self.write_errors = 0
         self.failures = 0  # consecutive failed write attempts (0: healthy)
+        # The spool's replay fails and backs off on its own: the live buffer drains whatever
+        # a segment does (a bad one must not stop every row behind it).
+        self.replay_failures = 0  # consecutive failed replays (0: healthy)
+        self._replay_retry_at = 0.0  # monotonic time of the next replay after a failure
+        self.segments_quarantined = 0  # segments set aside as .quarantined (or skipped)
+        self._skipped_segments: set[Path] = set()  # could not even be renamed aside
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._spool_pending = False
@@ -425,9 +441,9 @@ class PredictionLog:
             if time.monotonic() >= self._next_rescan:  # segments other workers left behind
                 self._next_rescan = time.monotonic() + RESCAN_S
                 self._spool_pending = True
+            if self._spool_pending and time.monotonic() >= self._replay_retry_at:
+                await self._replay_with_backoff()
             try:
-                if self._spool_pending:
-                    await self._replay_spool()
                 await self._drain_buffer()
             except Exception as exc:  # database down, slow, or a bad connection: retry later
                 self.failures += 1
@@ -447,8 +463,31 @@ class PredictionLog:
                 self.failures = 0
             await self._sleep(self._backoff_s() if self.failures else self.flush_s)
 
-    def _backoff_s(self) -> float:
-        return min(self.max_backoff_s, 0.1 * 2 ** min(self.failures - 1, 16))
+    async def _replay_with_backoff(self) -> None:
+        """Replay the spool; a failure (the database's, as a bad segment is quarantined) is
+        counted, logged and retried with its own backoff, never stopping the buffer's drain."""
+        try:
+            await self._replay_spool()
+        except Exception as exc:
+            self.replay_failures += 1
+            self.write_errors += 1
+            self._replay_retry_at = time.monotonic() + self._backoff_s(self.replay_failures)
+            if self.replay_failures == 1 or self.replay_failures % 20 == 0:
+                log.warning(
+                    "prediction-log spool replay failed; retrying with backoff",
+                    extra={"error": repr(exc), "failures": self.replay_failures},
+                )
+        else:
+            if self.replay_failures:
+                log.info(
+                    "prediction-log spool replaying again", extra={"after": self.replay_failures}
+                )
+            self.replay_failures = 0
+            self._replay_retry_at = 0.0
+
+    def _backoff_s(self, failures: int | None = None) -> float:
+        failures = self.failures if failures is None else failures
+        return min(self.max_backoff_s, 0.1 * 2 ** min(failures - 1, 16))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -513,7 +552,8 @@ class PredictionLog:
         try:
             self.rows_recovered += await asyncio.to_thread(self._recover_journals)
             for path in await asyncio.to_thread(self.spool.segments):
-                await self._replay_segment(path)
+                if path not in self._skipped_segments:
+                    await self._replay_segment(path)
         except BaseException:
             self._spool_pending = True
             raise
@@ -524,16 +564,55 @@ class PredictionLog:
         if claimed is None:
             return  # another worker is replaying it
         try:
-            rows = await asyncio.to_thread(claimed.read)
-            for chunk in _chunks(rows, self.batch_rows):
-                await self._write_or_set_aside(chunk)
-            await asyncio.to_thread(claimed.remove)
+            rows: list[Row] | None = None
+            try:
+                rows = await asyncio.to_thread(claimed.read)
+                for chunk in _chunks(rows, self.batch_rows):
+                    await self._write_or_set_aside(chunk)
+            except Exception as exc:
+                if rows is not None and isinstance(exc, TRANSIENT_REPLAY_ERRORS):
+                    raise  # the database's state: kept for a retry, its rows can still be written
+                # Reading the file failed, or its rows are of another layout: its own fault.
+                await self._quarantine(claimed, exc, "read" if rows is None else "write", rows)
+                return
+            try:
+                await asyncio.to_thread(claimed.remove)
+            except Exception as exc:  # written, but it stays: must not be claimed for ever
+                await self._quarantine(claimed, exc, "remove", rows)
+                return
             self.rows_replayed += len(rows)
             log.info(
                 "spooled prediction rows replayed", extra={"rows": len(rows), "segment": path.name}
             )
         finally:
             await asyncio.to_thread(claimed.close)
+
+    async def _quarantine(
+        self, claimed: ClaimedSegment, exc: Exception, step: str, rows: list[Row] | None
+    ) -> None:
+        """A segment whose replay fails for its own sake (not the database's) would be claimed
+        again every pass, for ever: it is renamed `.quarantined` (never replayed, an operator's
+        to look at); if even that fails, this process skips it for the rest of its life."""
+        self.segments_quarantined += 1
+        self.write_errors += 1  # exported as podserve_prediction_log_write_errors_total
+        if step != "remove" and rows is not None:
+            self.rows_rejected += len(rows)  # not (all) written: set aside on disk
+        extra: dict[str, Any] = {"segment": str(claimed.path), "step": step, "error": repr(exc)}
+        if rows is not None:
+            extra["rows"] = len(rows)
+        try:
+            aside = await asyncio.to_thread(claimed.quarantine)
+        except Exception as rename_exc:
+            self._skipped_segments.add(claimed.path)
+            extra["rename_error"] = repr(rename_exc)
+            log.error(
+                "prediction-log spool segment cannot be replayed nor set aside; this worker "
+                "skips it from now on",
+                extra=extra,
+            )
+            return
+        extra["quarantined_as"] = str(aside)
+        log.error("prediction-log spool segment cannot be replayed; quarantined", extra=extra)
 
     # --- spiller ---------------------------------------------------------------------
     async def _spill_forever(self) -> None:

@@ -7,7 +7,9 @@ place and the directory fsync'd: a segment that is visible is complete.
 
 Rows PostgreSQL refuses for their values (not for its state) are set aside in
 `<time_ns>-<pid>-<seq>.rejected` files (JSON: the error and the rows), never replayed: kept
-for an operator, so that one such row cannot hold up every row behind it.
+for an operator, so that one such row cannot hold up every row behind it. A segment whose
+replay fails for its own sake (rows of another layout, an unreadable or unremovable file) is
+renamed `.quarantined`, never replayed (or, where even that fails, skipped by the process).
 
 Several workers share the directory. Replay takes an exclusive `flock` on the segment and
 checks it is still linked; the kernel drops the lock of a dead process, so segments of a
@@ -42,6 +44,7 @@ MAGIC = b"PSL1"
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
 SUFFIX = ".seg"
 REJECTED_SUFFIX = ".rejected"
+QUARANTINE_SUFFIX = ".quarantined"  # a segment whose replay fails for its own sake
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # a file being written: `.<final name>.tmp`
 # A temp file lives for one write and fsync. Its PID alone does not prove its writer dead
 # where pods share a spool volume (another pod's PIDs are not ours): its age must too.
@@ -162,6 +165,15 @@ class ClaimedSegment:
             self.path.rename(self.path.with_suffix(".corrupt"))
         _fsync_dir(self.path.parent)
         self.spool.bytes = max(0, self.spool.bytes - self.size)
+
+    def quarantine(self) -> Path:
+        """Set aside, never replayed again: its replay fails for its own sake (rows of
+        another layout, an unreadable file, a file that cannot be removed)."""
+        aside = self.path.with_suffix(QUARANTINE_SUFFIX)
+        self.path.rename(aside)
+        _fsync_dir(self.path.parent)
+        self.spool.bytes = max(0, self.spool.bytes - self.size)
+        return aside
 
     def close(self) -> None:
         os.close(self.fd)  # releases the flock
