@@ -133,32 +133,6 @@ def test_docs_can_be_switched_off(tmp_path: Path) -> None:
         assert httpx.get(f"{server.url}/docs").status_code == 404
 
 
-def test_dev_server_serves(tmp_path: Path) -> None:
-    save(affine_model(), tmp_path, "affine")
-    port = free_port()
-    env = {**os.environ, "PODSERVE_MODEL_REPOSITORY": str(tmp_path)}
-    proc = subprocess.Popen(
-        [*PODSERVE, "serve", "--dev", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("dev server never became ready")
-    finally:
-        proc.terminate()
-        proc.wait(20)
-
-
-# --- hints for a new user (from a new-user review) ---------------------------------------
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*PODSERVE, *args],
@@ -227,9 +201,10 @@ def test_a_bad_serve_flag_is_named_as_the_flag() -> None:
     ), out.stderr
 
 
-def test_dev_server_logs_its_address(tmp_path: Path) -> None:
-    """Before: --dev logged no address: uvicorn's "Uvicorn running on ..." is logged by the
-    reloader's process, which had no log handler (log_config=None)."""
+def test_dev_server_serves_and_logs_its_address(tmp_path: Path) -> None:
+    """`serve --dev` (one uvicorn process with auto-reload) serves, and logs its address:
+    before, uvicorn's "Uvicorn running on ..." came from the reloader's process, which had no
+    log handler (log_config=None)."""
     save(affine_model(), tmp_path, "affine")
     port = free_port()
     log_path = tmp_path / "dev.log"

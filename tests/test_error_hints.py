@@ -94,8 +94,14 @@ def test_a_v1_body_on_v2_is_pointed_to_v1(body: dict) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{}, {"inputs": []}, {"inputs": [{"name": "x"}], "instances": [1]}, {"inputs": 3}],
-    ids=["empty", "empty inputs", "v2 inputs beside instances", "a number"],
+    [
+        {},
+        {"inputs": []},
+        {"inputs": [{"name": "x"}], "instances": [1]},
+        {"inputs": 3},
+        {"inputs": {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}},
+    ],
+    ids=["empty", "empty inputs", "v2 inputs beside instances", "a number", "a v2 tensor, no list"],
 )
 def test_a_broken_v2_body_keeps_its_own_message(body: dict) -> None:
     with pytest.raises(BadRequest) as caught:

@@ -6,12 +6,16 @@ the OS (PODSERVE_MALLOC_MMAP_THRESHOLD_BYTES). RSS is read from /proc/<worker>/s
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import http.client
 import json
+import platform
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 import zlib
 from collections import Counter
@@ -74,14 +78,23 @@ def _post(
 
 
 def _partial(port: int, path: str, declared: int, sent: bytes) -> socket.socket:
-    """A request that declares `declared` bytes and sends only `sent` of them (for now)."""
+    """A request that declares `declared` bytes and sends only `sent` of them (for now),
+    returned once the server's kernel has all of them (the worker reads them at once): the
+    budget counts bytes as they arrive, so a request sent next must not race them."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Content-Length: {declared}\r\n\r\n".encode()
         + sent
     )
+    _until(lambda: _unsent(sock) == 0, "the partial body delivered")
+    time.sleep(0.05)  # and read by the worker's loop (a few ms at most)
     return sock
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes of `sock` the peer has not acknowledged yet (Linux SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 def _until(predicate: Callable[[], T | None], what: str, timeout: float = 20.0) -> T:
@@ -117,9 +130,14 @@ def test_bodies_past_the_budget_are_refused_and_every_path_gives_it_back(
     tight: ServerProcess,
 ) -> None:
     port = tight.port
-    # A body declared and half sent holds the budget: the next large one is refused at once,
-    # before its body is read, with Retry-After and the setting to raise.
-    holder = _partial(port, INFER, SMALL, b" " * 1000)
+    # Headers declaring a maximal body, and nothing sent: nothing is held (bytes are counted
+    # as they arrive), so a maximal body still fits.
+    idle = _partial(port, INFER, SMALL, b"")
+    assert _post(port, INFER, _padded(SMALL))[0] == 200
+    idle.close()
+    # A body mostly sent holds the budget: the next large one is refused as it arrives,
+    # with Retry-After and the setting to raise.
+    holder = _partial(port, INFER, SMALL, b" " * (SMALL - 1000))
     _, headers, text = _until(lambda: _refused(port), "a 503 while a body is held")
     assert headers["retry-after"] == "3"
     assert "PODSERVE_MAX_BODY_BYTES_IN_FLIGHT" in text.decode(), text
@@ -167,7 +185,7 @@ def test_bodies_past_the_budget_are_refused_and_every_path_gives_it_back(
 
 
 def test_refusals_count_as_shed_in_the_rejection_metric(tight: ServerProcess) -> None:
-    holder = _partial(tight.port, INFER, SMALL, b" ")
+    holder = _partial(tight.port, INFER, SMALL, b" " * (SMALL - 1000))
     _until(lambda: _refused(tight.port), "a 503 while a body is held")
     holder.close()
     with socket.create_connection(("127.0.0.1", tight.port)) as sock:
@@ -228,8 +246,8 @@ print(rss() - base)
 def test_the_mmap_threshold_gives_large_freed_buffers_back() -> None:
     """glibc only: with its default (dynamic) threshold, 24 freed 16 MiB buffers stay in the
     heap; fixed at 1 MiB they are unmapped on free."""
-    if not Path("/usr/include/gnu/libc-version.h").exists() and sys.platform != "linux":
-        pytest.skip("glibc only")
+    if platform.libc_ver()[0] != "glibc":  # musl (Alpine) has no mallopt thresholds
+        pytest.skip("glibc's malloc only: this C library has no M_MMAP_THRESHOLD")
     script = _RETENTION.format(service=str(Path(__file__).parents[1] / "service"))
 
     def retained(threshold: int) -> int:
@@ -279,7 +297,7 @@ def test_the_jobs_api_is_held_to_the_same_budget(
             PODSERVE_MAX_BODY_BYTES_IN_FLIGHT=str(SMALL),
         )
         with ServerProcess(affine_repo, workers=1, env=env) as server:
-            holder = _partial(server.port, INFER, SMALL, b" ")
+            holder = _partial(server.port, INFER, SMALL, b" " * (SMALL - 1000))
             jobs = "/v2/models/affine/jobs"
             _, _, text = _until(lambda: _refused(server.port, jobs), "a 503 from the jobs API")
             assert b"PODSERVE_MAX_BODY_BYTES_IN_FLIGHT" in text
@@ -302,3 +320,10 @@ def test_no_glibc_mallopt_is_logged_and_ignored(
     monkeypatch.setattr(malloc_tuning.ctypes, "CDLL", no_libc)
     assert malloc_tuning.set_mmap_threshold(MIB) is False
     assert "no glibc mallopt (no C library here)" in caplog.text
+
+
+def test_the_body_budget_reads_the_runtime_where_the_runtime_puts_itself() -> None:
+    """http_body names the scope key as a literal (importing runtime would be a cycle)."""
+    from podserve import http_body, runtime
+
+    assert http_body._RUNTIME_SCOPE_KEY == runtime.RUNTIME_SCOPE_KEY

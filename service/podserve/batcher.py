@@ -584,10 +584,7 @@ class Batcher:
             # Whatever fails meanwhile (an observer that raises included), the slot is given
             # back (else one thread: the worker hangs) and no request is left unanswered.
             try:
-                try:
-                    self._observe(batch, None, start_ns, error)  # the failed run counts too
-                except Exception:
-                    log.exception("a batch observer failed", extra={"model": self.model.name})
+                self._observe(batch, None, start_ns, error)  # the failed run counts too
                 await self._rerun_in_halves(batch)
             except Exception:
                 log.exception("rerunning a failed batch failed", extra={"model": self.model.name})
@@ -608,9 +605,14 @@ class Batcher:
         start_ns: int,
         error: BaseException | None,
     ) -> None:
+        """Each observer (metrics, tracing) sees the run; one that raises is logged and the
+        others still run: its bug must not fail the batch's requests or leak the slot."""
         record = BatchRecord(self.model, batch, result, start_ns, time.time_ns(), error)
         for observer in self.observers:
-            observer(record)
+            try:
+                observer(record)
+            except Exception:
+                log.exception("a batch observer failed", extra={"model": self.model.name})
 
     async def _attempt(
         self, batch: list[PendingRequest], started: float

@@ -100,15 +100,20 @@ def parse_infer_request(
     )
 
 
+_V2_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+
+
 def _check_not_v1(doc: dict[str, Any]) -> None:
     """A KServe V1 body sent here: rows ({"instances": [...]}) or columns ({"inputs": a
     tensor or an object naming them}) -- say so, not only that the tensors are wrong."""
     raw = doc.get("inputs")
     if raw is None and "instances" in doc:
         form = "rows, 'instances'"
-    elif isinstance(raw, dict) or (isinstance(raw, list) and raw and not isinstance(raw[0], dict)):
-        form = "columns, 'inputs' as a tensor or an object naming tensors"
-    else:
+    elif isinstance(raw, dict) and not _V2_TENSOR_KEYS.intersection(raw):
+        form = "columns, 'inputs' as an object naming tensors"
+    elif isinstance(raw, list) and raw and not isinstance(raw[0], dict):
+        form = "columns, 'inputs' as a tensor"
+    else:  # V2's own shape, or one V2 tensor without its list: the usual messages say
         return
     raise BadRequest(
         f"this looks like a KServe V1 request ({form}): POST it to /v1/models/<model>:predict, "

@@ -216,3 +216,34 @@ def test_a_segment_held_back_by_the_database_is_kept_and_replayed_later(
     assert stats == {"kept": True, "written": 4, "replayed": 4, "quarantined": 0}, stats
     assert _count(db_url, prefix) == 4
     assert not list(tmp_path.glob("*.seg")) and not list(tmp_path.glob("*.quarantined"))
+
+
+def test_a_segment_quarantined_half_written_counts_only_its_unwritten_rows(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its first chunk (10 rows, PODSERVE_PREDICTION_LOG_BATCH_ROWS) is written, the next
+    fails for its layout: 1 row rejected, not 11 (the 10 are in the database)."""
+    prefix = f"half-{uuid.uuid4().hex[:8]}-"
+    settings = _settings(db_url, tmp_path)
+    spool = Spool(tmp_path)
+    spool.open()
+    spool.write([*_rows(f"{prefix}seg-", 10), ["not", "a", "row"]])
+
+    async def scenario() -> tuple[int, int]:
+        db = Database(settings)
+        await db.open()
+        plog = PredictionLog(db, Spool(tmp_path), settings)
+        await plog.start()
+        try:
+            await _until(lambda: plog.segments_quarantined == 1)
+            return plog.rows_rejected, plog.segments_quarantined
+        finally:
+            await asyncio.wait_for(plog.close(), 10)
+            await db.close()
+
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        rejected, quarantined = postgres.run(scenario())
+    assert (rejected, quarantined) == (1, 1)
+    assert _count(db_url, prefix) == 10
+    [record] = [r for r in caplog.records if "quarantined" in r.getMessage()]
+    assert record.rows_unwritten == 1, record.__dict__

@@ -38,7 +38,7 @@ def test_weights_parse_and_reject_unknown_classes() -> None:
 
 
 def test_server_timing_parser_matches_podserve() -> None:
-    header = "parse;dur=0.212, queue;dur=0.041, infer;dur=0.377"
+    header = "parse;dur=0.212, queue;dur=0.041, infer;dur=0.377, total;dur=0.930"
     code = (
         "import loadtests.locustfile as l; from podserve.phases import parse_server_timing as p; "
         f"h = {header!r}; print(l.parse_server_timing(h) == p(h) == "

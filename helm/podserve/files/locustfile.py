@@ -176,10 +176,13 @@ PHASE_SAMPLES: dict[tuple[str, str], Reservoir] = defaultdict(Reservoir)
 
 
 def parse_server_timing(header: str) -> dict[str, float]:
-    """`parse;dur=0.2, infer;dur=1.3` -> {phase: ms} (podserve.phases, without importing it)."""
+    """`parse;dur=0.2, infer;dur=1.3, total;dur=2.0` -> {phase: ms}, the phases only, as
+    podserve.phases.parse_server_timing (without importing it): `total` is no phase."""
     result: dict[str, float] = {}
     for part in header.split(","):
         name, _, params = part.strip().partition(";")
+        if name.strip() == "total":
+            continue
         for param in params.split(";"):
             key, _, value = param.partition("=")
             if key.strip() == "dur" and name.strip():

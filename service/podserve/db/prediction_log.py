@@ -77,8 +77,7 @@ RESCAN_S = 30.0  # look for spool segments of other (dead) workers this often
 # Anything else (a row of another layout: IndexError, TypeError; a read error) is the
 # segment's own fault and would fail the same way for ever: the segment is quarantined.
 TRANSIENT_REPLAY_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    TimeoutError,
+    *CONNECTION_ERRORS,  # OSError: TimeoutError too
     ServiceUnavailable,
     asyncpg.PostgresError,
 )
@@ -565,20 +564,23 @@ class PredictionLog:
             return  # another worker is replaying it
         try:
             rows: list[Row] | None = None
+            written = 0  # rows of its chunks written (or set aside) before a failure
             try:
                 rows = await asyncio.to_thread(claimed.read)
                 for chunk in _chunks(rows, self.batch_rows):
                     await self._write_or_set_aside(chunk)
+                    written += len(chunk)
             except Exception as exc:
                 if rows is not None and isinstance(exc, TRANSIENT_REPLAY_ERRORS):
                     raise  # the database's state: kept for a retry, its rows can still be written
                 # Reading the file failed, or its rows are of another layout: its own fault.
-                await self._quarantine(claimed, exc, "read" if rows is None else "write", rows)
+                unwritten = None if rows is None else len(rows) - written
+                await self._quarantine(claimed, exc, "read" if rows is None else "write", unwritten)
                 return
             try:
                 await asyncio.to_thread(claimed.remove)
             except Exception as exc:  # written, but it stays: must not be claimed for ever
-                await self._quarantine(claimed, exc, "remove", rows)
+                await self._quarantine(claimed, exc, "remove", 0)
                 return
             self.rows_replayed += len(rows)
             log.info(
@@ -588,18 +590,19 @@ class PredictionLog:
             await asyncio.to_thread(claimed.close)
 
     async def _quarantine(
-        self, claimed: ClaimedSegment, exc: Exception, step: str, rows: list[Row] | None
+        self, claimed: ClaimedSegment, exc: Exception, step: str, unwritten: int | None
     ) -> None:
         """A segment whose replay fails for its own sake (not the database's) would be claimed
         again every pass, for ever: it is renamed `.quarantined` (never replayed, an operator's
-        to look at); if even that fails, this process skips it for the rest of its life."""
+        to look at); if even that fails, this process skips it for the rest of its life.
+        `unwritten`: its rows not yet written (None: the file could not be read)."""
         self.segments_quarantined += 1
         self.write_errors += 1  # exported as podserve_prediction_log_write_errors_total
-        if step != "remove" and rows is not None:
-            self.rows_rejected += len(rows)  # not (all) written: set aside on disk
+        if unwritten:
+            self.rows_rejected += unwritten  # set aside on disk, in the quarantined file
         extra: dict[str, Any] = {"segment": str(claimed.path), "step": step, "error": repr(exc)}
-        if rows is not None:
-            extra["rows"] = len(rows)
+        if unwritten is not None:
+            extra["rows_unwritten"] = unwritten
         try:
             aside = await asyncio.to_thread(claimed.quarantine)
         except Exception as rename_exc:
