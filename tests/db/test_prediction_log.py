@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from log_rows import affine_rows
 
 import postgres
 from podserve.db.pool import Database
@@ -231,26 +232,6 @@ def test_sigterm_with_the_database_down_spools_and_the_next_start_replays(
 
 
 # --- in-process: the writer, the spool and idempotency --------------------------------
-def _rows(prefix: str, count: int) -> list[list]:
-    import numpy as np
-
-    tensor = {"x": np.ones((1, 4), np.float32)}
-    return [
-        make_row(
-            str(uuid.uuid4()),
-            f"{prefix}{i}",
-            "affine",
-            "1",
-            tensor,
-            tensor,
-            {"infer": 0.001},
-            None,
-            "digest",
-        )
-        for i in range(count)
-    ]
-
-
 def test_resent_batches_are_ignored(db_url: str, tmp_path: Path) -> None:
     settings = Settings(database_url=db_url, spool_dir=tmp_path, db_pool_min=0)
 
@@ -259,9 +240,9 @@ def test_resent_batches_are_ignored(db_url: str, tmp_path: Path) -> None:
         await db.open()
         plog = PredictionLog(db, Spool(tmp_path), settings)
         try:
-            rows = _rows("resend-", 30)
+            rows = affine_rows("resend-", 30)
             first = await plog.write(rows)
-            second = await plog.write(rows[:10] + _rows("resend-extra-", 5))
+            second = await plog.write(rows[:10] + affine_rows("resend-extra-", 5))
             return first, second, plog.rows_duplicate
         finally:
             await db.close()
@@ -282,7 +263,7 @@ def test_a_lost_commit_does_not_hold_the_resent_rows(db_url: str, tmp_path: Path
         db = Database(settings)
         await db.open()
         plog = PredictionLog(db, Spool(tmp_path), settings)
-        rows = _rows("orphan-", 10)
+        rows = affine_rows("orphan-", 10)
         proxy.sever_at(b"COMMIT;")  # not "ON COMMIT DELETE ROWS"
         try:
             first = repr(await plog.write(rows))
@@ -345,7 +326,7 @@ def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path
         plog = PredictionLog(db, Spool(tmp_path), settings)
         await plog.start()
         proxy.cut()
-        for row in _rows("spill-", 95):
+        for row in affine_rows("spill-", 95):
             plog.append(row)
             await asyncio.sleep(0.002)
         await asyncio.sleep(0.3)
@@ -461,7 +442,7 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
         prediction_log_batch_rows=16,
         prediction_log_flush_ms=20,
     )
-    rows = _rows("refused-", 40)
+    rows = affine_rows("refused-", 40)
     bad = rows[5]
     bad[6] = "{not json"  # outputs: the jsonb column refuses it (a DataError)
 
@@ -510,7 +491,7 @@ def test_spool_bytes_follow_the_directory_not_the_worker_that_spilled(
         plog = PredictionLog(db, Spool(tmp_path), settings)
         try:
             plog.spool.open()
-            plog.spool.write(_rows("gauge-", 3))  # this worker spilled ...
+            plog.spool.write(affine_rows("gauge-", 3))  # this worker spilled ...
             spilled = plog.spool_bytes
             claimed = other.claim(other.segments()[0])  # ... another one replayed it
             assert claimed is not None

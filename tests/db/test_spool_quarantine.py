@@ -9,41 +9,24 @@ replayed once the database answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from log_rows import affine_rows
 
 import postgres
 from podserve.db.pool import Database
-from podserve.db.prediction_log import PredictionLog, make_row
+from podserve.db.prediction_log import PredictionLog
 from podserve.db.spool import ClaimedSegment, Spool
 from podserve.settings import Settings
 from tcp_proxy import TcpProxy
 
 LOGGER = "podserve.db.prediction_log"
-
-
-def _rows(prefix: str, count: int) -> list[list[Any]]:
-    import numpy as np
-
-    tensor = {"x": np.ones((1, 4), np.float32)}
-    return [
-        make_row(
-            str(uuid.uuid4()),
-            f"{prefix}{i}",
-            "affine",
-            "1",
-            tensor,
-            tensor,
-            {"infer": 0.001},
-            None,
-            "digest",
-        )
-        for i in range(count)
-    ]
 
 
 def _count(url: str, prefix: str) -> int:
@@ -65,6 +48,20 @@ def _settings(url: str, spool: Path) -> Settings:
         db_connect_timeout_s=0.5,
         db_command_timeout_s=0.5,
     )
+
+
+@contextlib.asynccontextmanager
+async def _running_log(settings: Settings, spool_dir: Path) -> AsyncIterator[PredictionLog]:
+    """A started PredictionLog over `spool_dir` and its database, closed after the block."""
+    db = Database(settings)
+    await db.open()
+    plog = PredictionLog(db, Spool(spool_dir), settings)
+    await plog.start()
+    try:
+        yield plog
+    finally:
+        await asyncio.wait_for(plog.close(), 10)
+        await db.close()
 
 
 async def _until(check: Any, timeout: float = 8.0) -> bool:
@@ -90,15 +87,11 @@ def test_a_segment_of_rows_of_another_layout_is_quarantined_and_writing_goes_on(
     spool = Spool(tmp_path)
     spool.open()
     bad = spool.write(bad_rows)  # oldest: replayed first
-    spool.write(_rows(f"{prefix}seg-", 5))  # a good segment behind it
+    spool.write(affine_rows(f"{prefix}seg-", 5))  # a good segment behind it
 
     async def scenario() -> dict[str, Any]:
-        db = Database(settings)
-        await db.open()
-        plog = PredictionLog(db, Spool(tmp_path), settings)
-        await plog.start()
-        try:
-            for row in _rows(f"{prefix}live-", 30):
+        async with _running_log(settings, tmp_path) as plog:
+            for row in affine_rows(f"{prefix}live-", 30):
                 plog.append(row)
             await _until(lambda: plog.rows_written >= 35)
             return {
@@ -107,9 +100,6 @@ def test_a_segment_of_rows_of_another_layout_is_quarantined_and_writing_goes_on(
                 "depth": plog.buffer_depth,
                 "quarantined": getattr(plog, "segments_quarantined", None),
             }
-        finally:
-            await asyncio.wait_for(plog.close(), 10)
-            await db.close()
 
     with caplog.at_level(logging.ERROR, logger=LOGGER):
         stats = postgres.run(scenario())
@@ -132,7 +122,7 @@ def test_a_segment_that_cannot_be_removed_nor_renamed_is_skipped_and_logged_once
     settings = _settings(db_url, tmp_path)
     spool = Spool(tmp_path)
     spool.open()
-    stuck = spool.write(_rows(f"{prefix}seg-", 3))
+    stuck = spool.write(affine_rows(f"{prefix}seg-", 3))
     claims: list[Path] = []
     real_claim = Spool.claim
 
@@ -148,12 +138,8 @@ def test_a_segment_that_cannot_be_removed_nor_renamed_is_skipped_and_logged_once
     monkeypatch.setattr(ClaimedSegment, "quarantine", refuse, raising=False)
 
     async def scenario() -> dict[str, Any]:
-        db = Database(settings)
-        await db.open()
-        plog = PredictionLog(db, Spool(tmp_path), settings)
-        await plog.start()
-        try:
-            for row in _rows(f"{prefix}live-", 30):
+        async with _running_log(settings, tmp_path) as plog:
+            for row in affine_rows(f"{prefix}live-", 30):
                 plog.append(row)
             await _until(lambda: plog.rows_written >= 33)
             for _ in range(3):  # more passes (as the rescan makes): it is not claimed again
@@ -165,9 +151,6 @@ def test_a_segment_that_cannot_be_removed_nor_renamed_is_skipped_and_logged_once
                 "failures": plog.failures,
                 "depth": plog.buffer_depth,
             }
-        finally:
-            await asyncio.wait_for(plog.close(), 10)
-            await db.close()
 
     with caplog.at_level(logging.ERROR, logger=LOGGER):
         stats = postgres.run(scenario())
@@ -187,7 +170,7 @@ def test_a_segment_held_back_by_the_database_is_kept_and_replayed_later(
     prefix = f"held-{uuid.uuid4().hex[:8]}-"
     spool = Spool(tmp_path)
     spool.open()
-    segment = spool.write(_rows(f"{prefix}seg-", 4))
+    segment = spool.write(affine_rows(f"{prefix}seg-", 4))
 
     async def scenario(proxy: TcpProxy) -> dict[str, Any]:
         settings = _settings(postgres.with_port(db_url, proxy.port), tmp_path)
@@ -227,19 +210,12 @@ def test_a_segment_quarantined_half_written_counts_only_its_unwritten_rows(
     settings = _settings(db_url, tmp_path)
     spool = Spool(tmp_path)
     spool.open()
-    spool.write([*_rows(f"{prefix}seg-", 10), ["not", "a", "row"]])
+    spool.write([*affine_rows(f"{prefix}seg-", 10), ["not", "a", "row"]])
 
     async def scenario() -> tuple[int, int]:
-        db = Database(settings)
-        await db.open()
-        plog = PredictionLog(db, Spool(tmp_path), settings)
-        await plog.start()
-        try:
+        async with _running_log(settings, tmp_path) as plog:
             await _until(lambda: plog.segments_quarantined == 1)
             return plog.rows_rejected, plog.segments_quarantined
-        finally:
-            await asyncio.wait_for(plog.close(), 10)
-            await db.close()
 
     with caplog.at_level(logging.ERROR, logger=LOGGER):
         rejected, quarantined = postgres.run(scenario())
