@@ -198,15 +198,16 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         # isascii: "²" is a digit to isdigit() but not to int(); HTTP allows only 0-9.
         if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a non-negative integer")
-        if len(declared) > 4000 or int(declared) > max_bytes:  # int() stops at 4300 digits
+        if len(declared) > 4000 or (size := int(declared)) > max_bytes:  # int(): 4300 digits
             raise PayloadTooLarge(f"body of {declared[:40]} bytes exceeds the limit of {max_bytes}")
     task = asyncio.current_task()
     assert task is not None
     # The in-flight budget counts a body past what uvicorn buffers per connection anyway
     # (READ_PAUSE_BYTES, before the app reads a byte): small plain bodies cost nothing here.
-    # Bytes are reserved as they arrive, not as declared: a client that sends headers
-    # declaring 16 MiB and then nothing would otherwise hold a quarter of the budget for the
-    # whole body-read timeout (4 such connections refused every larger request for 30 s).
+    # A declared body is reserved whole once more than that has arrived: not before (headers
+    # declaring 16 MiB and then nothing would hold a quarter of the budget for the whole
+    # body-read timeout), and not chunk by chunk (concurrent uploads would each hold a part
+    # and all be refused: 6 of 6 in a burst). A chunked body is reserved as it arrives.
     hold = None
     chunks: list[bytes] = []
     total = 0
@@ -234,8 +235,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             if total > READ_PAUSE_BYTES:  # what uvicorn does not buffer anyway: counted
                 if hold is None:
                     hold = _hold_for(request, max_bytes, task)
-                    hold.take(total)
-                else:
+                    hold.take(total if declared is None else size)
+                elif declared is None:
                     hold.take(len(chunk))
             chunks.append(chunk)
     except asyncio.CancelledError:
