@@ -11,6 +11,7 @@ inference slot (one thread: the worker would hang) nor leaves the batch's reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,24 @@ def test_the_followers_stop_does_not_raise_the_loops_failure(
 
     assert asyncio.run(scenario()) is None
     assert any("RuntimeError" in str(r.exc_info) for r in records if r.exc_info)
+
+
+def test_the_followers_stop_passes_on_its_callers_cancellation() -> None:
+    """Only the follower's own cancellation is swallowed: a shutdown that is itself
+    cancelled (a timeout around it) must still see its CancelledError."""
+
+    async def scenario() -> bool:
+        follower = pod_settings.Follower()
+        follower.start()
+        await asyncio.sleep(0)
+        stopping = asyncio.create_task(follower.stop())
+        await asyncio.sleep(0)  # stop() now awaits the follower's task
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        return stopping.cancelled()
+
+    assert asyncio.run(scenario())
 
 
 def test_the_lifespan_shutdown_runs_every_step_in_order(

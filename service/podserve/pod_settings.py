@@ -158,7 +158,9 @@ class Follower:
             try:
                 await self._task
             except asyncio.CancelledError:
-                pass
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the caller itself is being cancelled: it must see that
             except Exception:
                 log.exception("the pod-settings follower had failed")
 
