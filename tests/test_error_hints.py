@@ -118,6 +118,7 @@ def test_mix_ups_name_the_model_in_the_url(client: httpx.Client) -> None:
     )
     assert v2.status_code == 400, v2.text
     assert "looks like a KServe V1 request" in v2.json()["error"]
+    assert "POST it to /v1/models/affine:predict" in v2.json()["error"]
     form = client.post(
         "/v2/models/affine/infer",
         content=orjson.dumps(V2_BODY),

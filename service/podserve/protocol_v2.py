@@ -53,10 +53,14 @@ def loads_json(body: bytes | memoryview) -> Any:
 
 
 def parse_infer_request(
-    body: bytes, json_length: int | None = None, max_rows: int | None = None
+    body: bytes,
+    json_length: int | None = None,
+    max_rows: int | None = None,
+    model: str = "<model>",
 ) -> InferRequest:
     """`max_rows`: the model's limit per request, checked on each input's declared shape
-    before its data becomes an array (a 15 KiB deflated body of 2M rows cost ~200 MiB)."""
+    before its data becomes an array (a 15 KiB deflated body of 2M rows cost ~200 MiB).
+    `model`: the name the messages give."""
     if json_length == 0:
         raise BadRequest(
             "Inference-Header-Content-Length 0 (Triton's raw binary request, no JSON header) "
@@ -75,7 +79,7 @@ def parse_infer_request(
     if doc.get("inputs") is None and "entity_ids" in parameters:
         inputs, datatypes = {}, {}  # features are fetched by entity id (podserve.db.features)
     else:
-        _check_not_v1(doc)
+        _check_not_v1(doc, model)
         inputs, datatypes = _parse_inputs(doc.get("inputs"), binary, max_rows)
     request_id = doc.get("id")
     if request_id is not None:
@@ -103,7 +107,7 @@ def parse_infer_request(
 _V2_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
 
 
-def _check_not_v1(doc: dict[str, Any]) -> None:
+def _check_not_v1(doc: dict[str, Any], model: str) -> None:
     """A KServe V1 body sent here: rows ({"instances": [...]}) or columns ({"inputs": a
     tensor or an object naming them}) -- say so, not only that the tensors are wrong."""
     raw = doc.get("inputs")
@@ -116,7 +120,7 @@ def _check_not_v1(doc: dict[str, Any]) -> None:
     else:  # V2's own shape, or one V2 tensor without its list: the usual messages say
         return
     raise BadRequest(
-        f"this looks like a KServe V1 request ({form}): POST it to /v1/models/<model>:predict, "
+        f"this looks like a KServe V1 request ({form}): POST it to /v1/models/{model}:predict, "
         'or send V2\'s {"inputs": [{"name": ..., "shape": [...], "datatype": ..., '
         '"data": [...]}]} here'
     )

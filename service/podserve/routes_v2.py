@@ -98,7 +98,11 @@ async def _infer(request: Request, model_name: str, model_version: str | None) -
         check_content_type(request)
         body = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         parsed = await parse_body(
-            parse_infer_request, body, binary_header_length(request), model.max_rows_per_request
+            parse_infer_request,
+            body,
+            binary_header_length(request),
+            model.max_rows_per_request,
+            model.name,
         )
         check_requested_outputs(parsed, model.output_specs)
         lookup = entity_lookup(parsed.parameters, has_inputs=bool(parsed.inputs))
