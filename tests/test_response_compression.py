@@ -256,6 +256,20 @@ def test_json_routes_compress_large_answers(server: ServerProcess) -> None:
     check_plain(raw_get(server.url, "/v2/models/text", "gzip"))
 
 
+def test_metrics_scrapes_are_compressed_as_prometheus_asks(server: ServerProcess) -> None:
+    """Prometheus sends `Accept-Encoding: gzip`; a scrape is text that shrinks ~10x."""
+    response = raw_get(server.url, "/metrics", "gzip")
+    assert response.status_code == 200
+    assert response.headers.get("content-encoding") == "gzip", response.headers
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.headers["vary"].lower() == "accept-encoding"
+    text = DECOMPRESS["gzip"](response.content).decode()
+    assert "podserve_requests_total" in text and len(text) > 4 * len(response.content)
+    plain = raw_get(server.url, "/metrics", "identity")
+    check_plain(plain)
+    assert plain.content.startswith(b"# HELP"), plain.content[:100]
+
+
 # --- the settings -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def plain_server(affine_repo: Path) -> Iterator[ServerProcess]:
