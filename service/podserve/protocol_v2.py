@@ -214,7 +214,22 @@ def _tensor_header(item: Any) -> tuple[str, str, list[int], dict[str, Any]]:
             f"input '{name}': 'shape' must be a list of at most {MAX_DIMS} non-negative integers"
         )
     params = item.get("parameters")
-    return name, datatype, shape, {} if params is None else _object(params, f"{name}.parameters")
+    if params is None:
+        return name, datatype, shape, {}
+    params = _object(params, f"{name}.parameters")
+    _check_no_shared_memory(params, f"input '{name}'")
+    return name, datatype, shape, params
+
+
+def _check_no_shared_memory(params: dict[str, Any], what: str) -> None:
+    """Triton's shared-memory parameters: an output's was ignored (its data came in the body,
+    not in the region the client reads) and an input's read as a tensor without data."""
+    if "shared_memory_region" in params:
+        raise BadRequest(
+            f"{what} names shared-memory region {str(params['shared_memory_region'])[:100]!r}: "
+            "podserve does not support shared memory; send the tensor in the request body "
+            "(binary data or JSON) and read outputs from the answer"
+        )
 
 
 def _flatten(data: Any, out: list[Any], depth: int = 0) -> None:
@@ -403,6 +418,7 @@ def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
             raise BadRequest(f"output '{item['name']}' is requested more than once")
         names.add(item["name"])
         params = _object(item.get("parameters"), f"{item['name']}.parameters")
+        _check_no_shared_memory(params, f"output '{item['name']}'")
         binary = _flag(params, "binary_data")
         outputs.append(RequestedOutput(item["name"], binary, class_count(params, item["name"])))
     return outputs
