@@ -3,9 +3,11 @@ request_compression_algorithm): inflated within the body limit, corrupt data ref
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import httpx
@@ -13,10 +15,12 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
+from starlette.requests import Request
 
 from podserve import http_body
-from podserve.errors import BadRequest, PayloadTooLarge
+from podserve.errors import BadRequest, Overloaded, PayloadTooLarge
 from podserve.http_body import ENCODINGS, inflate
+from podserve.metrics import rejection_reason
 from server_process import ServerProcess
 
 PAYLOAD = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
@@ -204,3 +208,39 @@ def test_many_members_over_http(client: httpx.Client) -> None:
     assert elapsed < 2, f"answered in {elapsed:.1f} s: quadratic in the number of members again?"
     assert response.status_code == 400, response.text
     assert "gzip members; send it as one gzip stream" in response.json()["error"]
+
+
+def _receiving(body: bytes) -> Callable[[], Awaitable[dict[str, object]]]:
+    """An ASGI receive() that hands over `body` in one message."""
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def test_the_wait_for_the_inflate_slot_is_bounded() -> None:
+    """A compressed body waits for its worker's inflate slot at most the body-read timeout,
+    then 503 + Retry-After under its own rejection reason; it used to wait as long as the
+    bodies ahead of it took. Once the slot is free, the same body is inflated."""
+    body = gzip.compress(LARGE)  # > INFLATE_ON_LOOP_MAX_BYTES: inflated in a thread, in the slot
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [
+        (b"content-length", str(len(body)).encode()), (b"content-encoding", b"gzip"),
+    ]}  # fmt: skip
+
+    async def scenario() -> None:
+        slot = http_body._large_slot(http_body._LARGE_INFLATES)
+        await slot.acquire()  # another body's inflation, taking its time
+        request = Request(scope, _receiving(body))
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="PODSERVE_BODY_READ_TIMEOUT_S") as info:
+            await asyncio.wait_for(http_body.read_body(request, 16 * 1024 * 1024, 0.2), 5)
+        assert 0.2 <= time.perf_counter() - started < 2
+        assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "1"
+        assert rejection_reason(info.value) == "body_budget"
+        slot.release()
+        request = Request(scope, _receiving(body))
+        assert await http_body.read_body(request, 16 * 1024 * 1024, 0.2) == LARGE
+        assert not slot.locked()  # given back after the inflation
+
+    asyncio.run(scenario())

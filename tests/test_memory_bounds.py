@@ -184,16 +184,54 @@ def test_bodies_past_the_budget_are_refused_and_every_path_gives_it_back(
         assert _post(port, INFER, _padded(SMALL))[0] == 200
 
 
-def test_refusals_count_as_shed_in_the_rejection_metric(tight: ServerProcess) -> None:
-    holder = _partial(tight.port, INFER, SMALL, b" " * (SMALL - 1000))
-    _until(lambda: _refused(tight.port), "a 503 while a body is held")
-    holder.close()
-    with socket.create_connection(("127.0.0.1", tight.port)) as sock:
+def _scraped(port: int) -> dict[str, float]:
+    """The worker's /metrics: sample (name and labels) -> value."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
-    shed = 'podserve_rejections_total{reason="shed"}'
-    line = next(x for x in text.splitlines() if x.startswith(shed))
-    assert float(line.split()[-1]) >= 1
+    body = text.partition("\r\n\r\n")[2]
+    lines = [x.rsplit(" ", 1) for x in body.splitlines() if x and not x.startswith("#")]
+    return {sample: float(value) for sample, value in lines}
+
+
+def test_refusals_have_their_own_reason_and_the_held_bytes_a_gauge(tight: ServerProcess) -> None:
+    """Refused for the body budget: `body_budget`, not the full queue's `shed`; the bytes held
+    and the budget are gauges (a declared body is held whole once its first 64 KiB arrived)."""
+    holder = _partial(tight.port, INFER, SMALL, b" " * (SMALL - 1000))
+    _until(lambda: _refused(tight.port), "a 503 while a body is held")
+    held = _scraped(tight.port)
+    assert held["podserve_request_body_bytes_held"] == SMALL
+    assert held["podserve_request_body_bytes_budget"] == SMALL
+    assert held['podserve_rejections_total{reason="body_budget"}'] >= 1
+    assert held['podserve_rejections_total{reason="shed"}'] == 0
+    holder.close()
+    held_now = "podserve_request_body_bytes_held"
+    _until(lambda: _scraped(tight.port)[held_now] == 0, "the bytes given back")
+
+
+def test_a_stalled_declared_body_keeps_only_what_it_sent(affine_repo: Path) -> None:
+    """A declared body is held whole once 64 KiB of it arrived, but one that stalls cannot
+    arrive before its read deadline: within a tenth or two of the timeout it holds only what it
+    sent (it held its declared size until its 408). Resumed, it is counted as it arrives."""
+    env = {
+        "PODSERVE_MAX_BODY_BYTES": str(SMALL),
+        "PODSERVE_MAX_BODY_BYTES_IN_FLIGHT": str(SMALL),
+        "PODSERVE_BODY_READ_TIMEOUT_S": "20",
+    }
+    body = _padded(SMALL)
+    with ServerProcess(affine_repo, workers=1, env=env) as server:
+        stalled = _partial(server.port, INFER, SMALL, body[:100_000])
+        assert _post(server.port, INFER, _padded(PROBE))[0] == 503  # held whole at first
+        started = time.monotonic()
+        _until(lambda: _post(server.port, INFER, _padded(PROBE))[0] == 200, "the stall let go")
+        assert time.monotonic() - started < 10  # before its 408 (20 s)
+        held = "podserve_request_body_bytes_held"
+        _until(lambda: _scraped(server.port)[held] == 100_000, "only what it sent held")
+        stalled.sendall(body[100_000:])
+        response = http.client.HTTPResponse(stalled)
+        response.begin()
+        assert response.status == 200, response.read()
+        stalled.close()
 
 
 def test_many_concurrent_maximal_bodies_stay_within_a_worker_s_memory(affine_repo: Path) -> None:

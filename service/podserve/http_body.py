@@ -6,7 +6,8 @@ limit as a plain body, so a small compressed body cannot expand past it (a "zip 
 The bytes of all bodies a worker holds at once, read and inflated, are held to
 PODSERVE_MAX_BODY_BYTES_IN_FLIGHT: past it a request is refused (503) before more is read or
 inflated, so many concurrent large (or small compressed) bodies cannot take a worker's memory
-past its limit. A request's share is given back when its task ends, on every path.
+past its limit. A request's share is given back when its task ends, on every path. Refusals
+count as `body_budget` rejections; the bytes held are a gauge (metrics.py).
 Answers are compressed only when the client asks (Accept-Encoding): response_compression.py.
 """
 
@@ -63,6 +64,9 @@ INFLATE_OUT_BYTES = 1024 * 1024
 MAX_GZIP_MEMBERS = 1000
 # uvicorn's HIGH_WATER_LIMIT: it pauses reading once a body buffers past this.
 READ_PAUSE_BYTES = 64 * 1024
+# A declared body reserved whole is checked this many times per body-read timeout: one that
+# cannot arrive before its deadline at its pace so far keeps only the bytes it has sent.
+PACE_CHECKS = 10
 # runtime.RUNTIME_SCOPE_KEY (not imported: runtime imports the jobs, which import this module).
 _RUNTIME_SCOPE_KEY = "podserve.runtime"
 
@@ -75,6 +79,11 @@ _held_bytes = 0
 def body_bytes_held() -> int:
     """Request-body bytes this worker holds now (PODSERVE_MAX_BODY_BYTES_IN_FLIGHT's count)."""
     return _held_bytes
+
+
+class BodyBudgetFull(Overloaded):
+    """503 for the body budget (or its inflate slot), not a full queue: counted under its own
+    rejection reason, so that an operator can tell the two apart."""
 
 
 class BodyHold:
@@ -103,7 +112,7 @@ class BodyHold:
                 self.amount += amount
                 return
             held = _held_bytes
-        raise Overloaded(
+        raise BodyBudgetFull(
             f"this worker holds {held} bytes of request bodies, and {amount} more would pass "
             f"PODSERVE_MAX_BODY_BYTES_IN_FLIGHT ({self.limit}); retry shortly",
             self.retry_after_s,
@@ -124,15 +133,19 @@ class BodyHold:
             self.ended = True
 
 
+def _budget_of(request: Request, max_bytes: int) -> tuple[int, int]:
+    """(PODSERVE_MAX_BODY_BYTES_IN_FLIGHT, PODSERVE_RETRY_AFTER_S) as this request's runtime
+    has them; a bare scope (unit tests): the defaults."""
+    runtime = request.scope.get(_RUNTIME_SCOPE_KEY)
+    if runtime is None:
+        return 4 * max_bytes, 1
+    return runtime.settings.body_bytes_in_flight_limit, runtime.settings.retry_after_s
+
+
 def _hold_for(request: Request, max_bytes: int, task: asyncio.Task[Any]) -> BodyHold:
     """This request's hold, given back when its task ends (after the answer is sent, or on
     any error or cancellation)."""
-    runtime = request.scope.get(_RUNTIME_SCOPE_KEY)
-    if runtime is not None:
-        settings = runtime.settings
-        hold = BodyHold(settings.body_bytes_in_flight_limit, settings.retry_after_s)
-    else:  # a bare scope (unit tests): the default
-        hold = BodyHold(4 * max_bytes, 1)
+    hold = BodyHold(*_budget_of(request, max_bytes))
     task.add_done_callback(hold.end)
     return hold
 
@@ -207,11 +220,28 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     # A declared body is reserved whole once more than that has arrived: not before (headers
     # declaring 16 MiB and then nothing would hold a quarter of the budget for the whole
     # body-read timeout), and not chunk by chunk (concurrent uploads would each hold a part
-    # and all be refused: 6 of 6 in a burst). A chunked body is reserved as it arrives.
+    # and all be refused: 6 of 6 in a burst). A chunked body is reserved as it arrives, and
+    # so is a declared one that falls behind: at its pace so far, it would not arrive before
+    # its deadline (408 then anyway), so its whole size is given back, and a client that sent
+    # 64 KiB and stalled holds 64 KiB, not 16 MiB for the whole timeout.
     hold = None
     chunks: list[bytes] = []
     total = 0
+    covered = 0  # of the body's bytes, how many `hold` covers
     expired = False
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pace = None  # the sweep that checks a declared body's pace, once it is held whole
+
+    def check_pace() -> None:
+        nonlocal covered
+        assert hold is not None and pace is not None
+        elapsed = loop.time() - started
+        if (covered - total) * elapsed > total * (timeout_s - elapsed):  # behind its deadline
+            hold.give(covered - total)
+            covered = total
+        else:
+            pace.arm(hold, check_pace)
 
     def expire() -> None:
         nonlocal expired
@@ -219,7 +249,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         task.cancel()
 
     receive = request.receive  # the ASGI messages themselves: no stream generator per request
-    sweep = sweep_for(asyncio.get_running_loop(), timeout_s)
+    sweep = sweep_for(loop, timeout_s)
     sweep.arm(task, expire)
     try:
         more = True
@@ -235,9 +265,14 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
             if total > READ_PAUSE_BYTES:  # what uvicorn does not buffer anyway: counted
                 if hold is None:
                     hold = _hold_for(request, max_bytes, task)
-                    hold.take(total if declared is None else size)
-                elif declared is None:
-                    hold.take(len(chunk))
+                    hold.take(wanted := total if declared is None else size)
+                    covered = wanted
+                    if covered > total:
+                        pace = sweep_for(loop, timeout_s / PACE_CHECKS)
+                        pace.arm(hold, check_pace)
+                elif total > covered:
+                    hold.take(total - covered)
+                    covered = total
             chunks.append(chunk)
     except asyncio.CancelledError:
         if expired and task.uncancel() == 0:  # our deadline, and nobody else's cancel
@@ -250,6 +285,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         raise
     finally:
         sweep.disarm(task)
+        if pace is not None:
+            pace.disarm(hold)
     if total > READ_PAUSE_BYTES:  # uvicorn may have paused reading: see client_disconnect.py
         body_read(request.scope)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -269,10 +306,32 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     else:
         # CPU: off the loop. One at a time, as parses are: inflations reserving the budget
         # side by side starved each other (64 at once, each 1 MiB short: 63 refused).
-        async with _large_slot(_LARGE_INFLATES):
+        slot = _large_slot(_LARGE_INFLATES)
+        await _acquire_inflate_slot(slot, timeout_s, hold.retry_after_s)
+        try:
             inflated = await asyncio.to_thread(inflate, body, wbits, max_bytes, hold)
+        finally:
+            slot.release()
     hold.give(body_held)  # the compressed body is dropped on return; the inflated is held
     return inflated
+
+
+async def _acquire_inflate_slot(slot: asyncio.Semaphore, timeout_s: float, retry_s: int) -> None:
+    """The worker's inflate slot, or 503 + Retry-After past the body-read timeout: waiting
+    unbounded, a queue of compressed bodies (each holding its share of the budget) waited as
+    long as the bodies ahead took, however long that was."""
+    if not slot.locked():  # free: taken at once, without a timer (see deadline_sweep.py)
+        await slot.acquire()
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await slot.acquire()
+    except TimeoutError:
+        raise BodyBudgetFull(
+            f"waited {timeout_s:g} s (PODSERVE_BODY_READ_TIMEOUT_S) for this worker's other "
+            "compressed request bodies to be inflated; retry shortly",
+            retry_s,
+        ) from None
 
 
 def inflate(body: bytes, wbits: int, max_bytes: int, hold: BodyHold | None = None) -> bytes:

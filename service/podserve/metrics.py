@@ -48,6 +48,7 @@ from prometheus_client.utils import floatToGoString
 
 from podserve import connection_balance
 from podserve.errors import DeadlineExceeded, ModelNotReady, Overloaded, ServiceUnavailable
+from podserve.http_body import BodyBudgetFull, body_bytes_held
 
 BATCH_STAGES = ("input", "infer", "output")  # of a session run, as observe_batch takes them
 
@@ -71,6 +72,7 @@ LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 # Exception class -> podserve_rejections_total{reason}; the first match wins.
 REJECTION_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (BodyBudgetFull, "body_budget"),  # an Overloaded too: before it
     (Overloaded, "shed"),
     (DeadlineExceeded, "deadline"),
     (ModelNotReady, "not_ready"),
@@ -589,6 +591,15 @@ class Metrics:
             ["model", "version"], registry=r,
         )  # fmt: skip
         self.inflight = gauge("podserve_inflight_requests", "Requests being served (not scrapes)")
+        self.body_bytes_held = gauge(
+            "podserve_request_body_bytes_held",
+            "Request-body bytes held (read and inflated): per worker, up to its "
+            "PODSERVE_MAX_BODY_BYTES_IN_FLIGHT",
+        )
+        self.body_bytes_budget = gauge(
+            "podserve_request_body_bytes_budget",
+            "PODSERVE_MAX_BODY_BYTES_IN_FLIGHT of each worker, summed as the held bytes are",
+        )
         self.queue_rows = gauge("podserve_queue_rows", "Rows waiting for an inference batch")
         self.pool_busy = gauge("podserve_pool_busy_threads", "Inference threads running a batch")
         self.pool_threads = gauge("podserve_pool_threads", "Inference threads")
@@ -749,8 +760,9 @@ class Metrics:
             child.inc(amount)
 
     def flush(self) -> None:
-        """Write this worker's pending samples and in-flight count to its files."""
+        """Write this worker's pending samples and in-flight counts to its files."""
         self.inflight.set(self.inflight_requests)
+        self.body_bytes_held.set(body_bytes_held())
         last, self._last_inference = self._last_inference, {}
         for model, ended_s in last.items():
             self._child(self.last_inference, model).set(ended_s)
@@ -761,6 +773,7 @@ class Metrics:
     def refresh(self, runtime: Any) -> None:
         """Write this worker's instantaneous state; read by the next scrape of any worker."""
         self.flush()
+        self.body_bytes_budget.set(runtime.settings.body_bytes_in_flight_limit)
         self.queue_rows.set(runtime.budget.queued_rows)
         self.pool_busy.set(runtime.pool.busy)
         self.pool_threads.set(runtime.pool.capacity)
