@@ -388,9 +388,14 @@ PREDICTION_LOG_TOTALS = {
     "rows_spooled": ("podserve_prediction_log_rows_spooled", "Prediction-log rows spooled to disk"),
     "rows_rejected": (
         "podserve_prediction_log_rows_rejected",
-        "Prediction-log rows PostgreSQL refused for their values, set aside on disk",
+        "Prediction-log rows refused for their own values or a constraint (set aside on "
+        "disk), or in a quarantined spool segment",
     ),
-    "write_errors": ("podserve_prediction_log_write_errors", "Failed prediction-log writes"),
+    "write_errors": (
+        "podserve_prediction_log_write_errors",
+        "Failed prediction-log writer passes (rows kept and retried), journal writes, "
+        "quarantined spool segments",
+    ),
 }
 # db.log_retention.LogRetention's, in the one worker per pod that purges.
 LOG_RETENTION_TOTALS = {

@@ -30,8 +30,10 @@ from typing import Any
 import asyncpg
 import numpy as np
 import orjson
+from asyncpg.exceptions._base import DataError as ClientDataError  # not asyncpg.DataError
 
 from podserve.datatypes import numpy_to_v2
+from podserve.db.features import SCHEMA_MISSING
 from podserve.db.journal import Journal, forget, recover_dead_journals
 from podserve.db.pool import CONNECTION_ERRORS, Database
 from podserve.db.spool import ClaimedSegment, Spool
@@ -72,14 +74,37 @@ INSERT_ONE = (
 SHUTDOWN_FLUSH_S = 1.0  # of the worker's graceful budget, spent trying the database
 JOURNAL_RETRY_S = 1.0  # a failing journal (full or read-only volume) is tried again this often
 RESCAN_S = 30.0  # look for spool segments of other (dead) workers this often
+# SQLSTATE classes of a row's own fault, which retrying the same row cannot cure: 22 data
+# exception (a value the column refuses), 23 integrity constraint violation (NOT NULL, CHECK,
+# a foreign key). Such rows are found by halving the batch and set aside. Class 42 (a column
+# missing until a migration runs, one of another type, a missing GRANT) is the table's or the
+# grants' state, an operator's to fix: its rows are kept and retried, as in an outage, and so
+# are those of every other class (08 connection, 25 read-only after a failover, 40
+# serialization, 53 resources, 55 lock, 57 cancelled or shut down, ...).
+ROW_ERROR_CLASSES = frozenset({"22", "23"})
+UNDEFINED_TABLE = "42P01"  # class 42 too, but its hint is SCHEMA_MISSING
+SCHEMA_MISMATCH = (
+    "the prediction-log table does not match this podserve version (or its grants): "
+    "run `podserve db migrate`, or check the role's privileges"
+)
+
+
+class SchemaMismatch(Exception):
+    """A write the table's state refuses whatever its rows hold, even on a fresh staging
+    table (class 42, or a value the codec of its column's type cannot take): the rows are
+    kept and retried with backoff until an operator fixes the table or the grants."""
+
+
 # A replay that fails for the database's state (down, slow, a bad connection, a server-side
-# error other than a DataError) keeps its segment for a retry: its rows can still be written.
+# error that retrying may cure) or the table's (SchemaMismatch) keeps its segment for a
+# retry: its rows can still be written.
 # Anything else (a row of another layout: IndexError, TypeError; a read error) is the
 # segment's own fault and would fail the same way for ever: the segment is quarantined.
 TRANSIENT_REPLAY_ERRORS: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,  # OSError: TimeoutError too
     ServiceUnavailable,
     asyncpg.PostgresError,
+    SchemaMismatch,
 )
 _JSON = orjson.OPT_SERIALIZE_NUMPY
 
@@ -183,6 +208,46 @@ def row_bytes(row: Row) -> int:
     return size
 
 
+def row_error(exc: BaseException) -> bool:
+    """Whether a write failed for a row's own values (classes 22 and 23, or a value asyncpg
+    cannot encode: its client-side DataError): the same row fails for ever, the others not."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in ROW_ERROR_CLASSES
+    return isinstance(exc, ClientDataError)
+
+
+def statement_error(exc: BaseException) -> bool:
+    """Whether a write failed for the table's or the grants' state, whatever its rows hold:
+    class 42 but a missing table (a column missing or of another type, a missing GRANT), or
+    the TypeError/ValueError of asyncpg's binary codecs (a column of another type)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return state.startswith("42") and state != UNDEFINED_TABLE
+    return isinstance(exc, TypeError | ValueError) and not isinstance(exc, asyncpg.InterfaceError)
+
+
+def error_text(exc: BaseException) -> str:
+    """A failed write's reason for its log line: what to do, where that is known."""
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return f"{SCHEMA_MISSING} ({exc!r})"
+    if isinstance(exc, SchemaMismatch):
+        return str(exc)
+    return repr(exc)
+
+
+def check_layout(rows: Sequence[Row]) -> None:
+    """Raise (ValueError, IndexError, TypeError) for a row of another layout than COLUMNS (a
+    spooled segment's own fault, quarantined), told apart from a column that refuses a good
+    row: a codec's TypeError on a row of this layout is the table's state, retried."""
+    for row in rows:
+        if len(row) != len(COLUMNS):
+            raise ValueError(f"a spooled row of {len(row)} values, not {len(COLUMNS)}")
+        for name, value in zip(COLUMNS[:_LOGGED_AT], row, strict=False):  # text and jsonb
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"a spooled row's {name} is a {type(value).__name__}, not text")
+        to_record(row)
+
+
 def to_record(row: Row) -> tuple[Any, ...]:
     """A buffered/spooled row as asyncpg wants it (timestamptz needs a datetime)."""
     record = list(row)
@@ -204,6 +269,9 @@ class PredictionLog:
         self.max_backoff_s = settings.prediction_log_max_backoff_s
         self.write_timeout_s = settings.db_command_timeout_s + settings.db_connect_timeout_s
         self._begin_sql = f"{db.bound_transaction_sql}; {_CREATE_STAGE}"  # one round trip
+        self._fresh_begin_sql = (
+            f"{db.bound_transaction_sql}; DROP TABLE IF EXISTS {STAGE}; {_CREATE_STAGE}"
+        )
         self.inputs_mode = settings.prediction_log_inputs
         self._full_headers = {"Retry-After": str(settings.retry_after_s)}  # for the 503
         self.buffer: deque[Row] = deque()
@@ -440,49 +508,56 @@ class PredictionLog:
             if time.monotonic() >= self._next_rescan:  # segments other workers left behind
                 self._next_rescan = time.monotonic() + RESCAN_S
                 self._spool_pending = True
+            replay_failed = False
             if self._spool_pending and time.monotonic() >= self._replay_retry_at:
-                await self._replay_with_backoff()
-            try:
-                await self._drain_buffer()
-            except Exception as exc:  # database down, slow, or a bad connection: retry later
-                self.failures += 1
+                replay_failed = await self._replay_with_backoff()
+            drain_failed = await self._drain_with_backoff()
+            if replay_failed or drain_failed:  # one pass, one cause: counted once
                 self.write_errors += 1
-                if self.failures == 1 or self.failures % 20 == 0:
-                    log.warning(
-                        "prediction log write failed; retrying with backoff",
-                        extra={
-                            "error": repr(exc),
-                            "failures": self.failures,
-                            "buffered": len(self.buffer),
-                        },
-                    )
-            else:
-                if self.failures:
-                    log.info("prediction log writing again", extra={"after": self.failures})
-                self.failures = 0
             await self._sleep(self._backoff_s() if self.failures else self.flush_s)
 
-    async def _replay_with_backoff(self) -> None:
-        """Replay the spool; a failure (the database's, as a bad segment is quarantined) is
-        counted, logged and retried with its own backoff, never stopping the buffer's drain."""
+    async def _drain_with_backoff(self) -> bool:
+        """Drain the buffer; True if it failed (the database down, slow, or a bad connection:
+        retried later with backoff; rows no retry can write are set aside instead)."""
+        try:
+            await self._drain_buffer()
+        except Exception as exc:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 20 == 0:
+                log.warning(
+                    "prediction log write failed; retrying with backoff",
+                    extra={
+                        "error": error_text(exc),
+                        "failures": self.failures,
+                        "buffered": len(self.buffer),
+                    },
+                )
+            return True
+        if self.failures:
+            log.info("prediction log writing again", extra={"after": self.failures})
+        self.failures = 0
+        return False
+
+    async def _replay_with_backoff(self) -> bool:
+        """Replay the spool; True if it failed (the database's state, as a bad segment is
+        quarantined): logged and retried with its own backoff, never stopping the buffer's
+        drain."""
         try:
             await self._replay_spool()
         except Exception as exc:
             self.replay_failures += 1
-            self.write_errors += 1
             self._replay_retry_at = time.monotonic() + self._backoff_s(self.replay_failures)
             if self.replay_failures == 1 or self.replay_failures % 20 == 0:
                 log.warning(
                     "prediction-log spool replay failed; retrying with backoff",
-                    extra={"error": repr(exc), "failures": self.replay_failures},
+                    extra={"error": error_text(exc), "failures": self.replay_failures},
                 )
-        else:
-            if self.replay_failures:
-                log.info(
-                    "prediction-log spool replaying again", extra={"after": self.replay_failures}
-                )
-            self.replay_failures = 0
-            self._replay_retry_at = 0.0
+            return True
+        if self.replay_failures:
+            log.info("prediction-log spool replaying again", extra={"after": self.replay_failures})
+        self.replay_failures = 0
+        self._replay_retry_at = 0.0
+        return False
 
     def _backoff_s(self, failures: int | None = None) -> float:
         failures = self.failures if failures is None else failures
@@ -506,14 +581,20 @@ class PredictionLog:
                 self._inflight = []
             self._mark_durable(batch)
 
-    async def write(self, rows: Sequence[Row]) -> int:
-        """One batch, idempotently; returns the rows that were new to the database."""
+    async def write(self, rows: Sequence[Row], fresh_stage: bool = False) -> int:
+        """One batch, idempotently; returns the rows that were new to the database.
+        `fresh_stage`: make the connection's staging table again, from the table as it is
+        now, and drop asyncpg's cached statements (the column types its COPY encodes for):
+        a migration may have changed a column since the connection made them."""
         # One trace for the write's statements, not a lone trace per statement.
         span = background_span("prediction_log.write", {"podserve.rows": len(rows)})
+        begin = self._fresh_begin_sql if fresh_stage else self._begin_sql
         async with asyncio.timeout(self.write_timeout_s):
             with span:
                 async with self.db.background(self.write_timeout_s) as conn, conn.transaction():
-                    await conn.execute(self._begin_sql)
+                    if fresh_stage:  # the pool's caches dropped: no I/O
+                        await conn.reload_schema_state()
+                    await conn.execute(begin)
                     await conn.copy_records_to_table(
                         STAGE, records=map(to_record, rows), columns=COLUMNS
                     )
@@ -524,25 +605,75 @@ class PredictionLog:
         return inserted
 
     async def _write_or_set_aside(self, rows: Sequence[Row]) -> None:
-        """`write`, but rows PostgreSQL refuses for their values (a DataError: the same rows
-        would fail forever, and hold up every row behind them) are found by halving the
-        batch and set aside on disk; the others are written."""
+        """`write`, but rows no retry can write (row_error: the same rows would fail for
+        ever, and hold up every row behind them) are set aside on disk, counted in
+        rows_rejected, and the others are written. Any other error is raised (a statement
+        error as SchemaMismatch): the caller keeps every row of the batch for a retry."""
+        unwritable: list[tuple[Row, str]] = []
+        await self._write_or_find_unwritable(rows, unwritable)
+        if unwritable:
+            await self._set_aside(unwritable)
+
+    async def _write_or_find_unwritable(
+        self, rows: Sequence[Row], unwritable: list[tuple[Row, str]]
+    ) -> None:
+        """Rows refused for their values are found by halving the batch (the rows around
+        them are written). A statement error is tried once more on a staging table made from
+        the table as it is now (the connection's may be from before a migration)."""
         try:
             await self.write(rows)
-        except asyncpg.DataError as exc:
-            if len(rows) > 1:
-                half = len(rows) // 2
-                await self._write_or_set_aside(rows[:half])
-                await self._write_or_set_aside(rows[half:])
+            return
+        except Exception as exc:
+            if not (row_error(exc) or statement_error(exc)):
+                raise
+            error: Exception | None = exc
+        if statement_error(error):
+            error = await self._write_on_fresh_stage(rows)
+            if error is None:
                 return
-            if rows[0][0] in self._set_aside_ids:  # set aside before its batch was retried
-                return
-            await asyncio.to_thread(self.spool.set_aside, list(rows), repr(exc))
-            self._set_aside_ids.add(rows[0][0])
-            self.rows_rejected += 1
+        if len(rows) == 1:
+            unwritable.append((rows[0], repr(error)))
+            return
+        half = len(rows) // 2
+        await self._write_or_find_unwritable(rows[:half], unwritable)
+        await self._write_or_find_unwritable(rows[half:], unwritable)
+
+    async def _write_on_fresh_stage(self, rows: Sequence[Row]) -> Exception | None:
+        """`write` on a fresh staging table: None once written, a row error to halve on. A
+        statement error again is the table's or the grants' state, not the rows': raised as
+        SchemaMismatch, a transient failure (the rows are kept and retried with backoff,
+        not set aside in an unbounded pile) whose warning tells the operator what to do."""
+        try:
+            await self.write(rows, fresh_stage=True)
+        except Exception as exc:
+            if statement_error(exc):
+                raise SchemaMismatch(f"{SCHEMA_MISMATCH} ({exc!r})") from exc
+            if not row_error(exc):
+                raise
+            return exc
+        return None
+
+    async def _set_aside(self, unwritable: list[tuple[Row, str]]) -> None:
+        """One `.rejected` file per distinct error (rows a constraint refuses alike: one
+        file for them, not one per row); a row set aside before its batch was retried
+        (after a later transient failure) is not set aside twice."""
+        by_error: dict[str, list[Row]] = {}
+        for row, error in unwritable:
+            if row[0] not in self._set_aside_ids:
+                by_error.setdefault(error, []).append(row)
+        for error, rows in by_error.items():
+            path = await asyncio.to_thread(self.spool.set_aside, rows, error)
+            self._set_aside_ids.update(row[0] for row in rows)
+            self.rows_rejected += len(rows)
             log.error(
-                "prediction-log row refused by the database; set aside in the spool directory",
-                extra={"request_id": rows[0][0], "error": repr(exc)},
+                "prediction-log rows the database refuses for good; set aside in the spool "
+                "directory",
+                extra={
+                    "rows": len(rows),
+                    "request_id": rows[0][0],
+                    "error": error,
+                    "set_aside_as": str(path),
+                },
             )
 
     async def _replay_spool(self) -> None:
@@ -568,6 +699,7 @@ class PredictionLog:
             try:
                 rows = await asyncio.to_thread(claimed.read)
                 for chunk in _chunks(rows, self.batch_rows):
+                    check_layout(chunk)  # the segment's fault, not a column's: quarantined
                     await self._write_or_set_aside(chunk)
                     written += len(chunk)
             except Exception as exc:

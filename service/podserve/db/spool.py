@@ -5,7 +5,8 @@ names sort in spill order. A segment holds records `PSL1 | u32 length | u32 crc3
 (payload: a JSON list of rows). It is written to a hidden temp file, fsync'd, renamed into
 place and the directory fsync'd: a segment that is visible is complete.
 
-Rows PostgreSQL refuses for their values (not for its state) are set aside in
+Rows PostgreSQL refuses for their own sake (a value, a constraint: not the table's, the
+grants' or the database's state, which an operator or time fixes) are set aside in
 `<time_ns>-<pid>-<seq>.rejected` files (JSON: the error and the rows), never replayed: kept
 for an operator, so that one such row cannot hold up every row behind it. A segment whose
 replay fails for its own sake (rows of another layout, an unreadable or unremovable file) is
