@@ -1,7 +1,9 @@
 """Feature lookup: requests send entity ids, the server fetches the vectors and builds the tensor.
 
 All rows of a request come from one query (`entity_id = ANY($2)`). An optional bounded
-in-process TTL cache saves the round trip for hot entities. Time budget: connection plus
+in-process TTL cache saves the round trip for hot entities, and concurrent requests for the
+same entity share one query (a hot entity's burst, or its cache entry expiring, would
+otherwise take every pool connection and queue the rest). Time budget: connection plus
 query within PODSERVE_FEATURES_TIMEOUT_S, or within what is left of the request's deadline
 (X-Podserve-Timeout-Ms, PODSERVE_REQUEST_TIMEOUT_MS) when that is sooner; a slow query is a
 504, a database that is down a 503, none configured a 501.
@@ -9,6 +11,7 @@ query within PODSERVE_FEATURES_TIMEOUT_S, or within what is left of the request'
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -18,7 +21,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from podserve.db.pool import Database
+from podserve.db.pool import Database, deadline_exceeded
 from podserve.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -36,6 +39,9 @@ FETCH_SQL = (
     "WHERE feature_set = $1 AND entity_id = ANY($2::text[])"
 )
 MAX_LISTED = 50  # unknown ids named in a 404
+# A shared lookup's answer for an id that it could not give (it failed, or its request was
+# cancelled): each request waiting on it then queries for that id itself, within its own budget.
+_ASK_AGAIN = object()
 SCHEMA_MISSING = "database schema is missing: run `podserve db migrate`"
 
 
@@ -138,8 +144,12 @@ class FeatureStore:
         )
         size = settings.features_cache_size
         self.cache = TtlCache(size, settings.features_cache_ttl_s) if size > 0 else None
-        self.queries = 0  # round trips to PostgreSQL (the cache saves some)
+        self.queries = 0  # round trips to PostgreSQL (the cache and shared lookups save some)
+        self.shared = 0  # ids a request took from another request's query in flight
         self.retry_after_s = settings.retry_after_s
+        # (feature set, entity id) -> the answer of the query in flight that fetches it: a
+        # vector, None (no such entity) or _ASK_AGAIN. Bounded by the ids of requests in flight.
+        self._in_flight: dict[tuple[str, str], asyncio.Future[object]] = {}
 
     async def tensor(
         self, model: OnnxModel, lookup: EntityLookup, deadline: float | None = None
@@ -172,26 +182,83 @@ class FeatureStore:
                     wanted.append(entity)
                 else:
                     found[entity] = hit
-        if wanted:
-            for entity, vector in (await self._fetch(feature_set, wanted, deadline)).items():
-                found[entity] = vector
-                if self.cache is not None:
-                    self.cache.put((feature_set, entity), vector)
+        if not wanted:
+            return found
+        now = time.perf_counter()
+        budget, message, by_request = self._budget(now, deadline)
+        until = now + budget
+        theirs = {i: f for i in wanted if (f := self._in_flight.get((feature_set, i)))}
+        mine = [i for i in wanted if i not in theirs]
+        if mine:
+            found.update(await self._lead(feature_set, mine, until, message, by_request))
+        if theirs:
+            again = await self._follow(theirs, found, until, message, by_request)
+            if again:
+                found.update(await self._fetch(feature_set, again, until, message, by_request))
         return found
 
-    async def _fetch(
-        self, feature_set: str, ids: list[str], deadline: float | None
+    async def _lead(
+        self, feature_set: str, ids: list[str], until: float, message: str, by_request: bool
     ) -> dict[str, np.ndarray]:
-        started = time.perf_counter()  # read anyway: the query gets what acquiring left
-        budget, message, by_request = self._budget(started, deadline)
+        """Query for `ids`, and give the answer to the requests that want them meanwhile."""
+        loop = asyncio.get_running_loop()
+        shared = {i: loop.create_future() for i in ids}
+        self._in_flight.update(((feature_set, i), f) for i, f in shared.items())
+        rows: dict[str, np.ndarray] = {}
+        answered = False
+        try:
+            rows = await self._fetch(feature_set, ids, until, message, by_request)
+            answered = True
+            if self.cache is not None:
+                for entity, vector in rows.items():
+                    self.cache.put((feature_set, entity), vector)
+        finally:  # on a failure or cancellation the followers ask again themselves
+            for entity, future in shared.items():
+                del self._in_flight[(feature_set, entity)]
+                future.set_result(rows.get(entity) if answered else _ASK_AGAIN)
+        return rows
+
+    async def _follow(
+        self,
+        theirs: dict[str, asyncio.Future[object]],
+        found: dict[str, np.ndarray],
+        until: float,
+        message: str,
+        by_request: bool,
+    ) -> list[str]:
+        """Wait, within this request's own budget, for the queries in flight that fetch
+        `theirs`; their vectors go into `found`. The ids to query again (their query failed)."""
+        futures = set(theirs.values())
+        _, pending = await asyncio.wait(futures, timeout=max(0.0, until - time.perf_counter()))
+        if pending:  # never cancelled here: the query is the other request's
+            raise deadline_exceeded(message, None if by_request else self._retry())
+        again = []
+        for entity, future in theirs.items():
+            answer = future.result()
+            if answer is _ASK_AGAIN:
+                again.append(entity)
+            elif isinstance(answer, np.ndarray):
+                found[entity] = answer
+                self.shared += 1
+        return again
+
+    async def _fetch(
+        self, feature_set: str, ids: list[str], until: float, message: str, by_request: bool
+    ) -> dict[str, np.ndarray]:
+        budget = until - time.perf_counter()
+        if budget <= 0:
+            raise deadline_exceeded(message, None if by_request else self._retry())
         self.queries += 1
         try:
             async with self.db.connection(budget, message, request_deadline=by_request) as conn:
-                remaining = max(0.001, started + budget - time.perf_counter())
+                remaining = max(0.001, until - time.perf_counter())
                 rows = await conn.fetch(FETCH_SQL, feature_set, ids, timeout=remaining)
         except asyncpg.UndefinedTableError:
             raise schema_missing(self.retry_after_s) from None
         return {row["entity_id"]: np.asarray(row["values"], np.float32) for row in rows}
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
     def _budget(self, now: float, deadline: float | None) -> tuple[float, str, bool]:
         """(seconds for connection and query, the 504's message, whether they are the rest of

@@ -4,6 +4,12 @@ When PostgreSQL is down, a request must get its 503 within the feature timeout a
 must not queue behind others that are already waiting: the breaker opens after a few
 connection failures and then fails fast (one probe at a time), and the number of
 requests waiting for a connection is bounded.
+
+Waiting for a connection that this worker's own requests hold (every one in use) is not a
+database failure: it is a 503 "database busy" that leaves the breaker alone. A semaphore of
+db_pool_max slots in front of the pool tells the two apart: once a request holds a slot,
+the pool has a connection for it, or room to open one, so a timeout after that is PostgreSQL
+(connecting) and counts.
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ class Database:
         self.bound_transaction_sql = f"SET LOCAL idle_in_transaction_session_timeout = {bound_ms}"
         self.max_waiting = settings.db_max_waiting
         self.waiting = 0
+        self.pool_max = settings.db_pool_max
+        # One slot per pool connection, taken before the pool's acquire (module docstring).
+        self._slots = asyncio.Semaphore(settings.db_pool_max)
         self.pool: asyncpg.Pool | None = None
         # A timed-out query keeps running in its backend (holding a pool slot there, and a
         # max_connections slot) until PostgreSQL hears of it: asyncpg sends a CancelRequest on
@@ -166,14 +175,16 @@ class Database:
             conn = None
             if request_deadline:  # the request's own deadline says nothing about the database
                 self.breaker.release_probe()
-                raise _deadline(timeout_message or self.query_timeout_message, None) from None
+                raise deadline_exceeded(
+                    timeout_message or self.query_timeout_message, None
+                ) from None
             # Slow or unreachable: repeated timeouts open the breaker too, or requests would
             # pile up behind a dead network.
             self.breaker.failure()
-            raise _deadline(timeout_message or self.query_timeout_message, retry) from None
+            raise deadline_exceeded(timeout_message or self.query_timeout_message, retry) from None
         except asyncpg.QueryCanceledError as exc:  # the server's statement_timeout, an admin
             self.breaker.failure()
-            raise _deadline(f"database cancelled the query: {exc}", retry) from None
+            raise deadline_exceeded(f"database cancelled the query: {exc}", retry) from None
         except CONNECTION_ERRORS as exc:
             _drop(conn)
             self.breaker.failure()
@@ -190,7 +201,15 @@ class Database:
             self.breaker.success()
         finally:
             if conn is not None:
-                await _release(self.pool, conn)
+                await self._release(conn)
+
+    async def _release(self, conn: asyncpg.Connection, timeout_s: float | None = None) -> None:
+        """Back to the pool, then its slot (the pool has the connection again by then)."""
+        assert self.pool is not None
+        try:
+            await _release(self.pool, conn, timeout_s)
+        finally:
+            self._slots.release()
 
     def _hand_back_later(self, conn: asyncpg.Connection) -> None:
         """Return a connection whose query timed out or was cancelled, off the request path.
@@ -202,7 +221,7 @@ class Database:
         it never comes) and then keeps the connection, or closes it.
         """
         assert self.pool is not None
-        task = asyncio.create_task(_release(self.pool, conn, self.cancel_grace_s))
+        task = asyncio.create_task(self._release(conn, self.cancel_grace_s))
         self._hand_backs.add(task)  # a reference, or the task could be collected mid-way
         task.add_done_callback(self._hand_backs.discard)
 
@@ -213,7 +232,12 @@ class Database:
         assert self.pool is not None
         self.waiting += 1
         try:
-            return await self.pool.acquire(timeout=timeout_s)
+            left = await self._take_slot(timeout_s, retry, deadline_message)
+            try:
+                return await self.pool.acquire(timeout=left)
+            except BaseException:
+                self._slots.release()
+                raise
         except TimeoutError:
             if deadline_message is not None:  # the request's budget ran out, not the database
                 self.breaker.release_probe()
@@ -229,6 +253,33 @@ class Database:
         finally:
             self.waiting -= 1
 
+    async def _take_slot(
+        self, timeout_s: float, retry: dict[str, str], deadline_message: str | None
+    ) -> float:
+        """Wait for one of the pool's connections to be free; the seconds left of timeout_s.
+
+        Running out here means every connection stayed in use by this worker's own work
+        (healthy or not, the queries that hold them count for themselves): a 503 "busy" or
+        the request's 504, never a breaker failure.
+        """
+        if not self._slots.locked():  # one free: taken at once, without a timer
+            await self._slots.acquire()
+            return timeout_s
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            self.breaker.release_probe()
+            if deadline_message is not None:
+                raise DeadlineExceeded(deadline_message) from None
+            raise ServiceUnavailable(
+                f"database busy: all {self.pool_max} connections of this worker stayed in use "
+                f"for {timeout_s:g} s (PODSERVE_DB_POOL_MAX)",
+                retry,
+            ) from None
+        return max(0.001, timeout_s - (time.perf_counter() - started))
+
     def _no_connection(self, timeout_s: float) -> str:
         """asyncpg raises the same TimeoutError for both: name each (no clock read to tell)."""
         connect_s = self.settings.db_connect_timeout_s
@@ -243,7 +294,18 @@ class Database:
     async def background(self, timeout_s: float) -> AsyncIterator[asyncpg.Connection]:
         """A connection for background work: no breaker, errors propagate to the caller's retry."""
         assert self.pool is not None  # open() ran first: it sets the pool or raises
-        conn: asyncpg.Connection | None = await self.pool.acquire(timeout=timeout_s)
+        started = time.perf_counter()
+        if self._slots.locked():
+            async with asyncio.timeout(timeout_s):  # its TimeoutError reaches the caller's retry
+                await self._slots.acquire()
+        else:  # one free: taken at once, without a timer
+            await self._slots.acquire()
+        try:
+            left = max(0.001, timeout_s - (time.perf_counter() - started))
+            conn: asyncpg.Connection | None = await self.pool.acquire(timeout=left)
+        except BaseException:
+            self._slots.release()
+            raise
         try:
             yield conn
         except (TimeoutError, asyncio.CancelledError):
@@ -257,7 +319,7 @@ class Database:
             raise
         finally:
             if conn is not None:
-                await _release(self.pool, conn)
+                await self._release(conn)
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:
@@ -290,7 +352,7 @@ async def _release(
         log.debug("connection dropped on release", exc_info=True)
 
 
-def _deadline(message: str, headers: dict[str, str] | None) -> DeadlineExceeded:
+def deadline_exceeded(message: str, headers: dict[str, str] | None) -> DeadlineExceeded:
     exc = DeadlineExceeded(message)
     exc.headers = dict(headers or {})  # DeadlineExceeded takes none; a 504 may say when to retry
     return exc

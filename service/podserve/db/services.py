@@ -12,6 +12,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from podserve import connection_balance
 from podserve.db.features import FeatureStore
 from podserve.db.jobs import JobRunner, JobStore
@@ -26,6 +28,15 @@ if TYPE_CHECKING:
     from podserve.runtime import ServingRuntime
 
 log = logging.getLogger(__name__)
+
+# What this role may open in this database: the server's slots less those kept for
+# superusers, and the database's and the role's own CONNECTION LIMIT (-1: none).
+CONNECTION_LIMITS_SQL = """
+SELECT current_setting('max_connections')::int
+         - current_setting('superuser_reserved_connections')::int AS server,
+       (SELECT datconnlimit FROM pg_database WHERE datname = current_database()) AS db,
+       (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user) AS role
+"""
 
 
 class DatabaseServices:
@@ -92,6 +103,8 @@ class DatabaseServices:
             async with asyncio.timeout(self.settings.db_connect_timeout_s * 2):
                 async with self.database.pool.acquire() as conn:
                     applied, latest = await schema_status(conn)
+                    if connection_balance.own_slot() in (None, 0):  # one warning per pod
+                        await self._check_connection_budget(conn)
         except (*CONNECTION_ERRORS, TimeoutError) as exc:
             log.warning("cannot check the database schema now", extra={"error": repr(exc)})
             return
@@ -100,3 +113,25 @@ class DatabaseServices:
                 "database schema is behind: run `podserve db migrate`",
                 extra={"schema_version": applied, "expected": latest},
             )
+
+    async def _check_connection_budget(self, conn: asyncpg.Connection) -> None:
+        """Warn when this pod's pools alone may open more connections than PostgreSQL lets
+        this role have: past that, under load, connecting fails ("too many clients"), which
+        answers 503 and counts toward the breaker, with the database healthy."""
+        from podserve.runtime import resolve_workers  # runtime imports this module
+
+        try:
+            row = await conn.fetchrow(CONNECTION_LIMITS_SQL)
+        except asyncpg.PostgresError as exc:  # a look, not a need: never fail the start on it
+            log.info("cannot read PostgreSQL's connection limits", extra={"error": repr(exc)})
+            return
+        limits = {name: row[name] for name in ("server", "db", "role") if row[name] >= 0}
+        workers = resolve_workers(self.settings)
+        wanted = workers * self.settings.db_pool_max
+        if wanted > min(limits.values()):
+            log.warning(
+                "PODSERVE_WORKERS x PODSERVE_DB_POOL_MAX exceeds what PostgreSQL accepts "
+                "(other pods and clients not counted): lower either, or raise max_connections",
+                extra={"workers": workers, "db_pool_max": self.settings.db_pool_max,
+                       "connections": wanted, "postgres_limits": limits},
+            )  # fmt: skip

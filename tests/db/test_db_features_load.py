@@ -1,0 +1,174 @@
+"""The feature lookup under concurrent load with a healthy PostgreSQL (real server).
+
+- Requests that wait for a pool connection while every one is in use answer a clear 503
+  ("database busy") and do not count toward the breaker: the database did nothing wrong,
+  and the next request must not be failed fast.
+- Concurrent misses for the same entities share one query (no stampede when the cache is
+  cold or an entry expires), and a request that waits on another's query still keeps to
+  its own deadline, and still gets its answer when that other request is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+
+import postgres
+from podserve.db.features import FeatureStore
+from podserve.db.pool import Database
+from podserve.errors import DeadlineExceeded, ServiceUnavailable
+from podserve.settings import Settings
+
+ENTITIES = 10
+
+
+@pytest.fixture(scope="module")
+def loaded(db_url: str) -> str:
+    async def load() -> None:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.executemany(
+                'INSERT INTO podserve_features (feature_set, entity_id, "values") '
+                "VALUES ($1, $2, $3)",
+                [("hot", f"e{i}", [float(i)] * 4) for i in range(ENTITIES)],
+            )
+        finally:
+            await conn.close()
+
+    postgres.run(load())
+    return db_url
+
+
+async def _hold_every_connection(db: Database, seconds: float, held: asyncio.Event) -> None:
+    """A request (or the log writer) keeps the pool's only connection busy, healthily."""
+    async with db.connection(5.0) as conn:
+        held.set()
+        await conn.execute(f"SELECT pg_sleep({seconds})")
+
+
+def test_pool_waits_answer_busy_and_spare_the_breaker(loaded: str) -> None:
+    """Four lookups wait 0.3 s for the pool's one connection, held 0.5 s by a healthy query.
+    Before: each wait counted as a database failure, the breaker opened, and a lookup that
+    came next was failed fast although the connection was free 0.2 s later."""
+    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=1,
+                        features_timeout_s=0.3, db_breaker_failures=3,
+                        db_breaker_reset_s=5.0)  # fmt: skip
+
+    async def scenario() -> tuple[list[BaseException | dict], dict | BaseException]:
+        db = Database(settings)
+        await db.open()
+        store = FeatureStore(db, settings)
+        try:
+            held = asyncio.Event()
+            holder = asyncio.create_task(_hold_every_connection(db, 0.5, held))
+            await held.wait()
+            waits = await asyncio.gather(
+                *(store.vectors("hot", [f"e{i}"]) for i in range(4)), return_exceptions=True
+            )
+            try:  # still held for ~0.2 s: this one waits for it, within its 0.3 s
+                after: dict | BaseException = await store.vectors("hot", ["e1"])
+            except ServiceUnavailable as exc:
+                after = exc
+            await holder
+            return waits, after
+        finally:
+            await db.close()
+
+    waits, after = postgres.run(scenario())
+    assert isinstance(after, dict) and list(after) == ["e1"], after
+    for outcome in waits:  # no connection in time: it was in use by a healthy query
+        assert isinstance(outcome, ServiceUnavailable), outcome
+        assert "busy" in str(outcome), outcome
+        assert outcome.headers.get("Retry-After"), outcome.headers
+
+
+def test_concurrent_misses_share_one_query(loaded: str) -> None:
+    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=4,
+                        features_cache_size=100)  # fmt: skip
+
+    async def scenario() -> tuple[int, list[dict], int]:
+        db = Database(settings)
+        await db.open()
+        store = FeatureStore(db, settings)
+        try:
+            burst = await asyncio.gather(*(store.vectors("hot", ["e1", "e2"]) for _ in range(30)))
+            queries = store.queries
+            await store.vectors("hot", ["e1", "e2"])  # cached now: no query
+            return queries, burst, store.queries
+        finally:
+            await db.close()
+
+    queries, burst, after = postgres.run(scenario())
+    assert queries == 1, f"{queries} queries for 30 concurrent lookups of the same two ids"
+    assert after == 1
+    for found in burst:
+        assert sorted(found) == ["e1", "e2"]
+        assert found["e2"].tolist() == [2.0] * 4
+
+
+async def _lock_features(url: str) -> asyncpg.Connection:
+    """Another session holds the table: every lookup's query waits until it lets go."""
+    conn = await asyncpg.connect(url)
+    await conn.execute("BEGIN; LOCK TABLE podserve_features IN ACCESS EXCLUSIVE MODE")
+    return conn
+
+
+def test_a_cancelled_shared_lookup_leaves_its_followers_an_answer(loaded: str) -> None:
+    """The request whose query the others wait on goes away (client disconnect): they query
+    for themselves instead of failing with it."""
+    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
+
+    async def scenario() -> tuple[dict, int]:
+        db = Database(settings)
+        await db.open()
+        store = FeatureStore(db, settings)
+        locker = await _lock_features(loaded)
+        try:
+            leader = asyncio.create_task(store.vectors("hot", ["e3"]))
+            await asyncio.sleep(0.1)  # its query waits on the lock
+            follower = asyncio.create_task(store.vectors("hot", ["e3"]))
+            await asyncio.sleep(0.1)
+            leader.cancel()
+            await asyncio.sleep(0.1)
+            await locker.execute("COMMIT")
+            return await asyncio.wait_for(follower, 5.0), store.queries
+        finally:
+            await locker.close()
+            await db.close()
+
+    found, queries = postgres.run(scenario())
+    assert found["e3"].tolist() == [3.0] * 4
+    assert queries == 2  # the cancelled one, then the follower's own
+
+
+def test_a_follower_keeps_to_its_own_deadline(loaded: str) -> None:
+    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
+
+    async def scenario() -> tuple[BaseException | None, float, dict]:
+        db = Database(settings)
+        await db.open()
+        store = FeatureStore(db, settings)
+        locker = await _lock_features(loaded)
+        try:
+            leader = asyncio.create_task(store.vectors("hot", ["e4"]))
+            await asyncio.sleep(0.1)
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                await store.vectors("hot", ["e4"], deadline=started + 0.2)
+            except DeadlineExceeded as exc:
+                error = exc
+            waited = time.perf_counter() - started
+            await locker.execute("COMMIT")
+            return error, waited, await asyncio.wait_for(leader, 5.0)
+        finally:
+            await locker.close()
+            await db.close()
+
+    error, waited, leader_found = postgres.run(scenario())
+    assert error is not None and "request deadline" in str(error), error
+    assert 0.15 <= waited < 1.0, waited  # its own 0.2 s, not the leader's 5 s
+    assert leader_found["e4"].tolist() == [4.0] * 4  # the shared query went on for the leader
