@@ -95,6 +95,9 @@ class Database:
         self.max_waiting = settings.db_max_waiting
         self.waiting = 0
         self.pool_max = settings.db_pool_max
+        # A busy worker (its own requests hold every connection) clears in milliseconds: the
+        # overload's Retry-After, not the breaker's reset time.
+        self._busy_retry = {"Retry-After": str(settings.retry_after_s)}
         # One slot per pool connection, taken before the pool's acquire (module docstring).
         self._slots = asyncio.Semaphore(settings.db_pool_max)
         self.pool: asyncpg.Pool | None = None
@@ -161,8 +164,8 @@ class Database:
         """
         assert self.pool is not None  # open() ran first: it sets the pool or raises
         retry = {"Retry-After": str(max(1, round(self.breaker.reset_s)))}
-        if self.waiting >= self.max_waiting:
-            raise ServiceUnavailable("database busy: too many requests waiting", retry)
+        if self.waiting >= self.max_waiting:  # this worker's load, not the database: clears fast
+            raise ServiceUnavailable("database busy: too many requests waiting", self._busy_retry)
         if not self.breaker.admit():
             raise ServiceUnavailable("database unavailable (failing fast; retry later)", retry)
         conn: asyncpg.Connection | None = await self._acquire(
@@ -232,7 +235,7 @@ class Database:
         assert self.pool is not None
         self.waiting += 1
         try:
-            left = await self._take_slot(timeout_s, retry, deadline_message)
+            left = await self._take_slot(timeout_s, deadline_message)
             try:
                 return await self.pool.acquire(timeout=left)
             except BaseException:
@@ -253,9 +256,7 @@ class Database:
         finally:
             self.waiting -= 1
 
-    async def _take_slot(
-        self, timeout_s: float, retry: dict[str, str], deadline_message: str | None
-    ) -> float:
+    async def _take_slot(self, timeout_s: float, deadline_message: str | None) -> float:
         """Wait for one of the pool's connections to be free; the seconds left of timeout_s.
 
         Running out here means every connection stayed in use by this worker's own work
@@ -276,7 +277,7 @@ class Database:
             raise ServiceUnavailable(
                 f"database busy: all {self.pool_max} connections of this worker stayed in use "
                 f"for {timeout_s:g} s (PODSERVE_DB_POOL_MAX)",
-                retry,
+                self._busy_retry,
             ) from None
         return max(0.001, timeout_s - (time.perf_counter() - started))
 
