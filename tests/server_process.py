@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,14 @@ class ServerProcess:
 
     def logs(self) -> str:
         return Path(self.log_file.name).read_text(errors="replace")
+
+    def wait_for_logs(self, ready: Callable[[str], bool], timeout: float = 15.0) -> str:
+        """The logs once `ready` says so, or as they are at the deadline (the caller asserts):
+        a worker writes a request's line after its answer, later still on a loaded machine."""
+        deadline = time.monotonic() + timeout
+        while not ready(logs := self.logs()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return logs
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ import psutil
 from gunicorn.config import Config
 
 from load_client import AFFINE
-from metrics_support import scrape
+from metrics_support import Scrape, scrape
 from podserve.connection_balance import (
     FREE,
     NOT_SERVING,
@@ -26,6 +27,7 @@ from podserve.connection_balance import (
     gunicorn_hooks,
 )
 from podserve.gunicorn_conf import chain_hooks
+from podserve.metrics import REFRESH_S
 from server_process import ServerProcess
 
 
@@ -235,9 +237,24 @@ async def _load(server: ServerProcess, connections: int, requests_each: int) -> 
 
         await asyncio.gather(*(user(client) for client in clients))
         seen["split"] = _connections_per_worker(server)  # every user's connection, still open
-        await asyncio.sleep(1.5)  # each worker writes its connection gauges once a second
-        seen["metrics"] = await asyncio.to_thread(scrape, server.url)  # one more connection
+
+        def settled(metrics: Scrape) -> bool:
+            rebalanced = metrics.value("podserve_connections_rebalanced_total")
+            return rebalanced == seen["closes"] and metrics.value("podserve_open_connections") >= 32
+
+        # The users' connections stay open meanwhile; the scrape is one more connection.
+        seen["metrics"] = await asyncio.to_thread(_scrape_until, server.url, settled)
     return seen
+
+
+def _scrape_until(url: str, ready: Callable[[Scrape], bool]) -> Scrape:
+    """The first scrape that is `ready`, or the last one after 10 refreshes: each worker
+    writes its connection gauges and counts once a second (REFRESH_S), so a fixed 1.5 s wait
+    can read a worker's sample from before the load ended on a loaded machine."""
+    deadline = time.monotonic() + 10 * REFRESH_S
+    while not ready(metrics := scrape(url)) and time.monotonic() < deadline:
+        time.sleep(REFRESH_S / 4)
+    return metrics
 
 
 def test_keepalive_connections_even_out_across_workers(model_repo: Path) -> None:
@@ -278,5 +295,6 @@ def test_websocket_upgrades_are_answered_as_before_and_not_left_counted(model_re
                 sock.sendall(upgrade)
                 answer = sock.recv(200)
             assert answer.startswith(b"HTTP/1.1 403"), answer  # no WebSocket route: refused
-        time.sleep(1.5)  # the workers write their connection gauges once a second
-        assert scrape(server.url).value("podserve_open_connections") <= 1  # the scrape's own
+        # The workers write their connection gauges once a second: a leaked count stays.
+        metrics = _scrape_until(server.url, lambda m: m.value("podserve_open_connections") <= 1)
+        assert metrics.value("podserve_open_connections") <= 1  # the scrape's own

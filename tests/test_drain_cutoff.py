@@ -9,12 +9,12 @@ bug. A real server, a real request kept running by a long `features` phase
 from __future__ import annotations
 
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
+from metrics_support import wait_for_in_flight
 from server_process import ServerProcess
 
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -29,7 +29,7 @@ def _sigterm_during_request(
     with ServerProcess(model_repo, workers=1, env=env) as server, ThreadPoolExecutor(1) as pool:
         url = f"{server.url}/v2/models/affine/infer"
         pending = pool.submit(httpx.post, url, json=BODY, timeout=30)
-        time.sleep(0.5)  # the request is in its features phase
+        wait_for_in_flight(server.url, 1)  # in its features phase (io_ms long)
         server.signal(signal.SIGTERM)
         response = pending.result()
         exit_code = server.proc.wait(20)  # type: ignore[union-attr]

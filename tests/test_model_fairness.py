@@ -5,6 +5,7 @@ running, not also for the one a flooded model booked as soon as that batch start
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -33,17 +34,30 @@ async def _flood(http: httpx.AsyncClient, done: list[float], stop: asyncio.Event
         done.append(time.perf_counter())
 
 
-async def _probe(http: httpx.AsyncClient, probes: int) -> list[tuple[float, float]]:
+async def _probe(http: httpx.AsyncClient, probes: int, batch_s: float) -> list[tuple[float, float]]:
     """Fast-model requests sent while the slow model is flooded: (sent, answered) each."""
     body = _body(1, 4)
     spans = []
     for index in range(probes):
-        await asyncio.sleep(0.17 + 0.05 * index)  # at different points of a slow batch
+        # At different points of a slow batch: offsets in batches, not seconds, so a loaded
+        # machine's slower batches are sampled alike (fixed 0.17 s + 0.05 s steps saw 13
+        # batches in 6 probes on a loaded machine, not the 18+ the test needs).
+        await asyncio.sleep((1.5 + 0.3 * index) * batch_s)
         sent = time.perf_counter()
         response = await http.post("/v2/models/affine/infer", content=body)
         assert response.status_code == 200, response.text
         spans.append((sent, time.perf_counter()))
     return spans
+
+
+async def _slow_batch_seconds(done: list[float], batches: int = 5) -> float:
+    """The median time between slow answers once the flood is running back to back."""
+    deadline = time.perf_counter() + 60
+    while len(done) < batches + 1:
+        assert time.perf_counter() < deadline, f"the slow model answered {len(done)} in 60 s"
+        await asyncio.sleep(0.01)
+    gaps = sorted(b - a for a, b in itertools.pairwise(done[-batches - 1 :]))
+    return gaps[len(gaps) // 2]
 
 
 async def _flood_and_probe(url: str, probes: int) -> tuple[list[float], list[tuple[float, float]]]:
@@ -53,9 +67,9 @@ async def _flood_and_probe(url: str, probes: int) -> tuple[list[float], list[tup
         done: list[float] = []
         stop = asyncio.Event()
         flood = [asyncio.create_task(_flood(http, done, stop)) for _ in range(FLOODERS)]
-        await asyncio.sleep(0.5)  # the slow model is backlogged
         try:
-            spans = await _probe(http, probes)
+            batch_s = await _slow_batch_seconds(done)  # the slow model is backlogged
+            spans = await _probe(http, probes, batch_s)
         finally:
             stop.set()
             await asyncio.gather(*flood)

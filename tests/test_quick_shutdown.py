@@ -19,6 +19,7 @@ import httpx
 import pytest
 from uvicorn.config import Config
 
+from metrics_support import wait_for_in_flight
 from podserve import connection_balance, lifecycle
 from podserve.worker import DrainingServer
 from server_process import ServerProcess
@@ -51,7 +52,7 @@ def test_a_quick_shutdown_drains_the_workers(affine_repo: Path, sig: signal.Sign
             pending = pool.submit(
                 httpx.post, f"{server.url}/v2/models/affine/infer", json=BODY, timeout=30
             )
-            time.sleep(0.5)  # the request is in its features phase
+            wait_for_in_flight(server.url, 1)  # in its features phase (io_ms long)
             sent = time.monotonic()
             server.signal(sig)
             # Before: ready (200) and serving until the master's SIGKILL at GRACEFUL_S.

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from load_client import AFFINE, closed_loop, percentile
+from metrics_support import arrivals, scrape, wait_for_arrivals
 from podserve.phases import parse_server_timing
 from server_process import ServerProcess
 
@@ -98,10 +99,14 @@ def test_keepalive_connections_spread_over_workers(model_repo: Path) -> None:
 
 @pytest.mark.parametrize("workers", [2])
 def test_sigterm_drains_in_flight_requests(model_repo: Path, workers: int) -> None:
-    server = ServerProcess(model_repo, workers=workers).start()
+    # A drain long enough for 24 slow requests on a loaded machine (the default 10 s, less
+    # 2 s, cut some off with 503 there: the drain's end, tested in test_drain_cutoff.py).
+    env = {"PODSERVE_GRACEFUL_TIMEOUT_S": "60"}
+    server = ServerProcess(model_repo, workers=workers, env=env).start()
 
     async def scenario() -> tuple[list[int], int | None]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        before = arrivals(await asyncio.to_thread(scrape, server.url), "slow")
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             requests = [
                 asyncio.create_task(
                     client.post(
@@ -112,7 +117,9 @@ def test_sigterm_drains_in_flight_requests(model_repo: Path, workers: int) -> No
                 )
                 for _ in range(24)
             ]
-            await asyncio.sleep(0.3)  # all sent and accepted; most still queued
+            # All sent and accepted (a fixed 0.3 s was not enough on a loaded machine: 503s
+            # for the requests that reached the draining server after the SIGTERM).
+            await asyncio.to_thread(wait_for_arrivals, server.url, "slow", before + 24)
             server.signal(15)
             await asyncio.sleep(0.05)
             ready_status = await _ready_status(client)
@@ -120,7 +127,7 @@ def test_sigterm_drains_in_flight_requests(model_repo: Path, workers: int) -> No
             return [r.status_code for r in responses], ready_status
 
     statuses, ready_status = asyncio.run(scenario())
-    exit_code = server.proc.wait(30)
+    exit_code = server.proc.wait(90)
     assert statuses == [200] * 24, statuses
     assert ready_status != 200  # readiness said no (503 or refused) while draining
     assert exit_code == 0, server.logs()[-3000:]
@@ -136,7 +143,8 @@ async def _ready_status(client: httpx.AsyncClient) -> int | None:
 
 def test_deadline_header_gives_504_instead_of_late_work(server: ServerProcess) -> None:
     async def scenario() -> tuple[int, int, str]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        # 4 x 64 rows of the slow model took longer than 30 s on a loaded machine.
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             headers = {"content-type": "application/json"}
             busy = [
                 asyncio.create_task(
