@@ -69,7 +69,9 @@ def test_event_loop_stays_responsive_while_inference_saturates(model_repo: Path)
                     assert response.status_code == 200
                     await asyncio.sleep(0.02)
             result = await load
-            assert result.statuses[200] > 10 and not result.errors
+            # Enough inference timings for a median (a count tied to speed failed under load:
+            # 8-row requests took ~4 s each at load average 10, 6 answered in the 4 s).
+            assert result.statuses[200] >= 3 and not result.errors, result.statuses
             return probe_latencies, result.server_timings
 
         probes, timings = asyncio.run(scenario())
