@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from podserve.errors import NotFound
-from podserve.model_config import CONFIG_NAMES, load_model_config
+from podserve.model_config import CONFIG_NAMES, ModelConfig, load_model_config
 from podserve.onnx_model import OnnxModel, ThreadBudget
 from podserve.settings import Settings
 
@@ -139,23 +139,55 @@ def _misnamed(version_dir: Path) -> str:
     return " (every version directory needs a model.onnx)"
 
 
+@dataclass(frozen=True)
+class _ModelPlan:
+    """One model's layout and config, checked before any session is made."""
+
+    model_dir: Path
+    config: ModelConfig
+    versions: dict[str, Path]  # version -> its model.onnx
+
+
 def load_repository(root: Path, settings: Settings, threads: ThreadBudget) -> ModelRepository:
+    """Every model's layout and config is checked first (milliseconds), so a typo in the last
+    model's config.yaml fails the start before minutes of loading the others; and every
+    broken model is named in one error, not one per crash-looping restart."""
     if not root.is_dir():
         raise ModelLoadError(f"model repository {root} does not exist or is not a directory")
-    models: dict[str, ServedModel] = {}
+    plans: list[_ModelPlan] = []
+    errors: list[ModelLoadError] = []
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p)):
         if not _looks_like_a_model(model_dir):  # a shared tokenizer's folder, docs, ...
             log.warning("not a model (no config.yaml or config.yml, no *.onnx): skipped",
                         extra={"directory": str(model_dir)})  # fmt: skip
             continue
-        served = _load_model(model_dir, settings, threads)
-        models[served.name] = served
-    if not models:
+        try:
+            plans.append(_plan_model(model_dir))
+        except ModelLoadError as exc:
+            errors.append(exc)
+    if not plans and not errors:
         raise ModelLoadError(f"model repository {root} holds no <model>/<version>/model.onnx")
+    _raise_all(errors)
+    models: dict[str, ServedModel] = {}
+    for plan in plans:
+        try:
+            models[plan.model_dir.name] = _load_model(plan, settings, threads)
+        except ModelLoadError as exc:  # the others still load: all failures are named
+            errors.append(exc)
+    _raise_all(errors)
     return ModelRepository(models)
 
 
-def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> ServedModel:
+def _raise_all(errors: list[ModelLoadError]) -> None:
+    """One error as it is; several as one, each on its own line."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        listed = "\n".join(f"- {exc}" for exc in errors)
+        raise ModelLoadError(f"{len(errors)} models failed to load:\n{listed}") from errors[0]
+
+
+def _plan_model(model_dir: Path) -> _ModelPlan:
     configs = _yaml_configs(model_dir)
     if len(configs) > 1:  # only the first would be read, the other silently ignored
         raise ModelLoadError(f"{model_dir}: more than one model config ({', '.join(configs)})")
@@ -163,17 +195,25 @@ def _load_model(model_dir: Path, settings: Settings, threads: ThreadBudget) -> S
         config = load_model_config(model_dir)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
-    served = ServedModel(model_dir.name)
+    versions: dict[str, Path] = {}
     for version, version_dir in _version_dirs(model_dir).items():
         path = version_dir / "model.onnx"
         if not path.exists():
             raise ModelLoadError(f"{path}: missing{_misnamed(version_dir)}")
+        versions[version] = path
+    return _ModelPlan(model_dir, config, versions)
+
+
+def _load_model(plan: _ModelPlan, settings: Settings, threads: ThreadBudget) -> ServedModel:
+    name = plan.model_dir.name
+    served = ServedModel(name)
+    for version, path in plan.versions.items():
         try:
             model = OnnxModel(
-                name=model_dir.name,
+                name=name,
                 version=version,
                 path=path,
-                config=config,
+                config=plan.config,
                 threads=threads,
                 default_max_batch_size=settings.max_batch_size,
                 default_max_batch_delay_ms=settings.max_batch_delay_ms,
