@@ -133,6 +133,32 @@ def test_the_followers_stop_passes_on_its_callers_cancellation() -> None:
     assert asyncio.run(scenario())
 
 
+def test_a_cancelled_callers_cleanup_still_stops_the_follower_quietly() -> None:
+    """A task that was cancelled and stops the follower in its `finally` (asyncio.run
+    cancelling the lifespan at teardown) must not get a CancelledError from stop(): the
+    shutdown steps after it (the prediction log's flush) would be skipped."""
+    after: list[str] = []
+
+    async def lifespan(follower: pod_settings.Follower) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await follower.stop()
+            after.append("the next shutdown step")
+
+    async def scenario() -> None:
+        follower = pod_settings.Follower()
+        follower.start()
+        task = asyncio.create_task(lifespan(follower))
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert after == ["the next shutdown step"]
+
+
 def test_the_lifespan_shutdown_runs_every_step_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, records: list[logging.LogRecord]
 ) -> None:

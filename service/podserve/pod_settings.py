@@ -155,11 +155,14 @@ class Follower:
         (the prediction log's flush, the jobs' requeue) must run."""
         if self._task is not None:
             self._task.cancel()
+            current = asyncio.current_task()
+            # A caller already cancelled (cleaning up in its `finally`) counts as cancelling
+            # for good: only a cancellation that arrives during this wait is the caller's own.
+            before = current.cancelling() if current is not None else 0
             try:
                 await self._task
             except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
+                if current is not None and current.cancelling() > before:
                     raise  # the caller itself is being cancelled: it must see that
             except Exception:
                 log.exception("the pod-settings follower had failed")
