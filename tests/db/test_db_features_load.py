@@ -145,6 +145,42 @@ def test_a_cancelled_shared_lookup_leaves_its_followers_an_answer(loaded: str) -
     assert queries == 2  # the cancelled one, then the follower's own
 
 
+def test_followers_of_a_leader_that_gives_up_share_one_query_again(loaded: str) -> None:
+    """A leader with a short deadline (its own X-Podserve-Timeout-Ms) gives up: its followers
+    must not each query on their own (20 queries for one hot entity, a pool of 2: the
+    stampede the sharing is for), but follow the first of them to lead."""
+    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
+
+    async def scenario() -> tuple[BaseException | None, list, int]:
+        db = Database(settings)
+        await db.open()
+        store = FeatureStore(db, settings)
+        locker = await _lock_features(loaded)
+        try:
+            leader = asyncio.create_task(
+                store.vectors("hot", ["e5"], deadline=time.perf_counter() + 0.2)
+            )
+            await asyncio.sleep(0.05)  # its query waits on the lock
+            followers = [asyncio.create_task(store.vectors("hot", ["e5"])) for _ in range(20)]
+            error: BaseException | None = None
+            try:
+                await leader
+            except DeadlineExceeded as exc:
+                error = exc
+            await asyncio.sleep(0.2)  # the followers' own queries would all be sent by now
+            await locker.execute("COMMIT")
+            found = await asyncio.wait_for(asyncio.gather(*followers), 5.0)
+            return error, found, store.queries
+        finally:
+            await locker.close()
+            await db.close()
+
+    error, found, queries = postgres.run(scenario())
+    assert isinstance(error, DeadlineExceeded), error
+    assert all(f["e5"].tolist() == [5.0] * 4 for f in found)
+    assert queries == 2, queries  # the leader's, then one for all 20 followers
+
+
 def test_a_follower_keeps_to_its_own_deadline(loaded: str) -> None:
     settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
 
