@@ -69,6 +69,12 @@ REQUEST_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # How late a 0.1 s tick runs: ~1 ms idle (timer resolution), tens of ms is trouble.
 LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A PostgreSQL connection: tens of us when one is free, up to the request's timeout (seconds)
+# when this worker's requests hold every one.
+DB_POOL_WAIT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0,
+)  # fmt: skip
 
 # Exception class -> podserve_rejections_total{reason}; the first match wins.
 REJECTION_REASONS: tuple[tuple[type[Exception], str], ...] = (
@@ -520,6 +526,37 @@ class PendingSamples:
             tally.total = 0.0
 
 
+class ObservationTally:
+    """Observations of an unlabelled histogram, kept by an object the metrics only read
+    (db.pool.Database's connection waits) and added to the histogram by Metrics.flush.
+
+    Event loop only, like PendingSamples; a count per bucket and a sum, so its size stays
+    fixed while nothing takes them (metrics off).
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le, as Histogram.observe
+        self.total += value
+
+    def add_to(self, histogram: Histogram) -> None:
+        """Into the histogram's own values (a multiprocess file's), then start again at 0."""
+        if not any(self.counts):
+            return
+        for index, count in enumerate(self.counts):
+            if count:
+                histogram._buckets[index].inc(count)
+                self.counts[index] = 0
+        histogram._sum.inc(self.total)
+        self.total = 0.0
+
+
 # --- the metrics ----------------------------------------------------------------------------
 class Metrics:
     """All podserve metrics of this worker. Create it in the worker (after fork)."""
@@ -543,6 +580,7 @@ class Metrics:
         # (model, version) -> Unix time, not yet written
         self._last_inference: dict[tuple[str, str], float] = {}
         self._batch_by_size: dict[tuple[tuple[str, str], int], tuple[Any, list[Any]]] = {}
+        self._pool_waits: ObservationTally | None = None  # the database's, once refresh saw it
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -614,6 +652,12 @@ class Metrics:
         self.db_pool_waiting = gauge(
             "podserve_db_pool_waiting", "Requests waiting for a PostgreSQL connection"
         )
+        self.db_pool_wait = Histogram(
+            "podserve_db_pool_wait_seconds",
+            "Time a request waited for a PostgreSQL connection (a free one of "
+            "PODSERVE_DB_POOL_MAX, connecting included), given up or not",
+            buckets=DB_POOL_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
         self.log_buffer_rows = gauge(
             "podserve_prediction_log_buffer_rows", "Prediction-log rows waiting to be written"
         )
@@ -773,6 +817,8 @@ class Metrics:
             self._child(self.last_inference, model).set(ended_s)
         if self.pending is not None:
             self.pending.flush()
+        if self._pool_waits is not None:
+            self._pool_waits.add_to(self.db_pool_wait)
 
     # --- sampled state (a task per worker) ------------------------------------------------
     def refresh(self, runtime: Any) -> None:
@@ -799,7 +845,8 @@ class Metrics:
     def _refresh_database(self, runtime: Any) -> None:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
 
-        Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting` and `db.prediction_log`
+        Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting`, `db.database.pool_waits`
+        (an ObservationTally: flush adds it from then on) and `db.prediction_log`
         (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, buffer_bytes,
         spool_bytes),
         and `db.log_retention` (rows_purged) in the worker that purges old rows.
@@ -814,6 +861,10 @@ class Metrics:
         waiting = getattr(database, "waiting", None)
         if isinstance(waiting, int):
             self.db_pool_waiting.set(waiting)
+        pool_waits = getattr(database, "pool_waits", None)
+        if isinstance(pool_waits, ObservationTally) and pool_waits is not self._pool_waits:
+            self._pool_waits = pool_waits
+            pool_waits.add_to(self.db_pool_wait)  # refresh flushed before this
         retention = getattr(services, "log_retention", None)  # db.log_retention.LogRetention
         if retention is not None:
             self._advance_all(retention, self.log_retention_totals)

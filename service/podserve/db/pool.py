@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from podserve.errors import DeadlineExceeded, ServiceUnavailable
+from podserve.metrics import DB_POOL_WAIT_BUCKETS, ObservationTally
 from podserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ class Database:
         self._busy_retry = {"Retry-After": str(settings.retry_after_s)}
         # One slot per pool connection, taken before the pool's acquire (module docstring).
         self._slots = asyncio.Semaphore(settings.db_pool_max)
+        # Each request's wait for a connection (podserve_db_pool_wait_seconds): a slow
+        # `features` phase with long waits is an exhausted pool, with short ones the database.
+        self.pool_waits = ObservationTally(DB_POOL_WAIT_BUCKETS)
         self.pool: asyncpg.Pool | None = None
         # A timed-out query keeps running in its backend (holding a pool slot there, and a
         # max_connections slot) until PostgreSQL hears of it: asyncpg sends a CancelRequest on
@@ -234,8 +238,9 @@ class Database:
         """`deadline_message`: timeout_s is the rest of the request's deadline (504 then)."""
         assert self.pool is not None
         self.waiting += 1
+        started = time.perf_counter()
         try:
-            left = await self._take_slot(timeout_s, deadline_message)
+            left = await self._take_slot(timeout_s, deadline_message, started)
             try:
                 return await self.pool.acquire(timeout=left)
             except BaseException:
@@ -255,9 +260,14 @@ class Database:
             raise
         finally:
             self.waiting -= 1
+            # A wait that ended in a 503 or 504 counts too: that is what an exhausted pool does.
+            self.pool_waits.observe(time.perf_counter() - started)
 
-    async def _take_slot(self, timeout_s: float, deadline_message: str | None) -> float:
-        """Wait for one of the pool's connections to be free; the seconds left of timeout_s.
+    async def _take_slot(
+        self, timeout_s: float, deadline_message: str | None, started: float
+    ) -> float:
+        """Wait for one of the pool's connections to be free; the seconds left of timeout_s
+        (counted from `started`, a perf_counter() reading).
 
         Running out here means every connection stayed in use by this worker's own work
         (healthy or not, the queries that hold them count for themselves): a 503 "busy" or
@@ -266,7 +276,6 @@ class Database:
         if not self._slots.locked():  # one free: taken at once, without a timer
             await self._slots.acquire()
             return timeout_s
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._slots.acquire()
