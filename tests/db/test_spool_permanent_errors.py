@@ -127,6 +127,20 @@ def test_rows_a_constraint_refuses_are_set_aside_and_the_others_written(
     assert not list(tmp_path.glob("*.seg"))  # replayed, not retried for ever
 
 
+def test_a_column_added_not_null_with_a_default_takes_every_row(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    """The safe way to add a column (NOT NULL DEFAULT ...): the table's default fills it.
+    The staging table copied NOT NULL but not the default (LIKE), so every row was refused
+    in the stage and set aside for good."""
+    postgres.query(fresh_url, f"ALTER TABLE {TABLE} ADD COLUMN tenant text NOT NULL DEFAULT 'x'")
+    live = _half_live_half_spooled(tmp_path, "default-", 10)
+    stats = postgres.run(_log_all(_settings(fresh_url, tmp_path), tmp_path, live, 20))
+    assert stats == (True, 20, 0, 0, 0), stats
+    assert not _set_aside(tmp_path)
+    assert {r[0] for r in postgres.query(fresh_url, f"SELECT tenant FROM {TABLE}")} == {"x"}
+
+
 @pytest.mark.parametrize(
     ("change", "restore", "error"),
     [
@@ -140,8 +154,13 @@ def test_rows_a_constraint_refuses_are_set_aside_and_the_others_written(
             f"ALTER TABLE {TABLE} ALTER COLUMN model_version TYPE text",
             "Error(",  # the codec's TypeError or ValueError
         ),
+        (
+            f"ALTER TABLE {TABLE} ADD COLUMN tenant text NOT NULL",
+            f"ALTER TABLE {TABLE} ALTER COLUMN tenant SET DEFAULT 'default'",
+            "NotNullViolationError",
+        ),
     ],
-    ids=["dropped-column-42703", "column-of-another-type"],
+    ids=["dropped-column-42703", "column-of-another-type", "not-null-column-unwritten-23502"],
 )
 def test_a_changed_schema_keeps_every_row_warns_and_writes_them_once_it_is_put_back(
     fresh_url: str,
@@ -226,7 +245,7 @@ def test_a_spooled_row_of_this_length_but_other_types_is_quarantined_not_retried
     ("exc", "kind"),
     [
         (asyncpg.CheckViolationError("check"), "row"),  # 23514
-        (asyncpg.NotNullViolationError("null"), "row"),  # 23502
+        (asyncpg.NotNullViolationError("null"), "statement"),  # 23502: the table's state
         (asyncpg.InvalidTextRepresentationError("json"), "row"),  # 22P02
         (asyncpg.StringDataRightTruncationError("long"), "row"),  # 22001
         (ClientDataError("cannot encode"), "row"),

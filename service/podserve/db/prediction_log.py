@@ -62,7 +62,13 @@ _LOGGED_AT = COLUMNS.index("logged_at")
 _CLIENT_ID = COLUMNS.index("client_request_id")
 _INPUTS = COLUMNS.index("inputs")
 _OUTPUTS = COLUMNS.index("outputs")
-_CREATE_STAGE = f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {TABLE}) ON COMMIT DELETE ROWS"
+# The written columns only, their types and nothing else: LIKE copied NOT NULL but not the
+# defaults, so a column added the safe way (NOT NULL DEFAULT ...) refused every row in the
+# stage. The table's own defaults and constraints apply at the INSERT ... SELECT.
+_CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ON COMMIT DELETE ROWS AS "
+    f"SELECT {', '.join(COLUMNS)} FROM {TABLE} WITH NO DATA"
+)
 _MOVE_STAGE = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM {STAGE} "
     "ON CONFLICT (request_id) DO NOTHING"
@@ -82,6 +88,10 @@ RESCAN_S = 30.0  # look for spool segments of other (dead) workers this often
 # are those of every other class (08 connection, 25 read-only after a failover, 40
 # serialization, 53 resources, 55 lock, 57 cancelled or shut down, ...).
 ROW_ERROR_CLASSES = frozenset({"22", "23"})
+# Class 23, but the table's state: a NOT NULL column this version does not write, or writes
+# null (a migration ahead of the code, an operator's ALTER): every row fails alike.
+NOT_NULL_VIOLATION = "23502"
+SET_ASIDE_IDS_KEPT = 10_000  # ids remembered so a retried batch is not set aside twice
 UNDEFINED_TABLE = "42P01"  # class 42 too, but its hint is SCHEMA_MISSING
 SCHEMA_MISMATCH = (
     "the prediction-log table does not match this podserve version (or its grants): "
@@ -209,20 +219,23 @@ def row_bytes(row: Row) -> int:
 
 
 def row_error(exc: BaseException) -> bool:
-    """Whether a write failed for a row's own values (classes 22 and 23, or a value asyncpg
-    cannot encode: its client-side DataError): the same row fails for ever, the others not."""
+    """Whether a write failed for a row's own values (classes 22 and 23 but a NOT NULL
+    violation, or a value asyncpg cannot encode: its client-side DataError): the same row
+    fails for ever, the others not."""
     if isinstance(exc, asyncpg.PostgresError):
-        return (exc.sqlstate or "")[:2] in ROW_ERROR_CLASSES
+        state = exc.sqlstate or ""
+        return state[:2] in ROW_ERROR_CLASSES and state != NOT_NULL_VIOLATION
     return isinstance(exc, ClientDataError)
 
 
 def statement_error(exc: BaseException) -> bool:
     """Whether a write failed for the table's or the grants' state, whatever its rows hold:
-    class 42 but a missing table (a column missing or of another type, a missing GRANT), or
-    the TypeError/ValueError of asyncpg's binary codecs (a column of another type)."""
+    class 42 but a missing table (a column missing or of another type, a missing GRANT), a
+    NOT NULL violation, or the TypeError/ValueError of asyncpg's binary codecs (a column of
+    another type)."""
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
-        return state.startswith("42") and state != UNDEFINED_TABLE
+        return (state.startswith("42") and state != UNDEFINED_TABLE) or state == NOT_NULL_VIOLATION
     return isinstance(exc, TypeError | ValueError) and not isinstance(exc, asyncpg.InterfaceError)
 
 
@@ -663,6 +676,8 @@ class PredictionLog:
                 by_error.setdefault(error, []).append(row)
         for error, rows in by_error.items():
             path = await asyncio.to_thread(self.spool.set_aside, rows, error)
+            if len(self._set_aside_ids) > SET_ASIDE_IDS_KEPT:  # bounded: at worst a dup
+                self._set_aside_ids.clear()
             self._set_aside_ids.update(row[0] for row in rows)
             self.rows_rejected += len(rows)
             log.error(
