@@ -75,6 +75,7 @@ def _drop_service_matcher(expr: str) -> str:
 MUTATIONS: dict[str, Callable[[str], str]] = {
     "selector leaks to other releases": _drop_service_matcher,
     "sheds and deadlines count as server errors": lambda e: e.replace(', status!~"503|504"', ""),
+    "body-budget refusals are not shedding": lambda e: e.replace("shed|body_budget", "shed"),
     "every status counts as slow inference": lambda e: e.replace(', status="200"', ""),
     "every route counts as inference": lambda e: e.replace(', route=~".*/infer|.*:predict"', ""),
     "the worker count is off by one": lambda e: re.sub(r"< (\d+)$", lambda m: f"< {m[1]}1", e),
