@@ -386,7 +386,7 @@ def test_sigterm_hands_running_jobs_back_at_once(
             url,
             tmp_path,
             PODSERVE_JOBS_POLL_MS="100",
-            PODSERVE_JOBS_LEASE_S="60",  # a lease that would outlast us
+            PODSERVE_JOBS_LEASE_S="600",  # a lease that would outlast us
             PODSERVE_MAX_QUEUE_ROWS="1024",  # room for the long jobs below
         )
         # ~2-5 s each (machines differ 2.6x): well past the 0.5 s drain grace, however late
@@ -402,7 +402,7 @@ def test_sigterm_hands_running_jobs_back_at_once(
         try:
             # One job done and the next one claimed: SIGTERM between the two would find
             # nothing running (CI once stopped the worker in that gap).
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120  # a job takes 2-5 s, several times that loaded
             while not (_count_done(url, ids) >= 1 and _count_running(url) == 1):
                 assert time.monotonic() < deadline, "the first worker never ran a second job"
                 time.sleep(0.02)
@@ -416,7 +416,9 @@ def test_sigterm_hands_running_jobs_back_at_once(
         done_by_first = _count_done(url, ids)
         assert done_by_first < len(ids)
         with ServerProcess(db_models, workers=1, env=env):
-            deadline = time.monotonic() + 50  # less than the 60 s lease
+            # Well within the 600 s lease (it was 50 s of a 60 s one: too short for 3 jobs of
+            # 448 rows at a load average of 16)
+            deadline = time.monotonic() + 300
             while _count_done(url, ids) < len(ids) and time.monotonic() < deadline:
                 time.sleep(0.1)
         assert _count_done(url, ids) == len(ids)

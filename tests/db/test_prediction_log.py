@@ -329,14 +329,13 @@ def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path
         for row in affine_rows("spill-", 95):
             plog.append(row)
             await asyncio.sleep(0.002)
-        await asyncio.sleep(0.3)
+        # The spill runs in a thread: wait until the buffer is back within its capacity
+        # (a fixed 0.3 s, and 5 s for the replay below, were short on a loaded machine).
+        await _until(lambda: plog.buffer_depth <= 20, 30)
         spooled = plog.rows_spooled
         segments = len(list(tmp_path.glob("*.seg")))
         proxy.restore()
-        for _ in range(100):
-            if plog.rows_written >= 95:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: plog.rows_written >= 95, 60)
         await plog.close()
         await db.close()
         return {
@@ -356,6 +355,15 @@ def test_full_buffer_spills_to_disk_and_replays_once(db_url: str, tmp_path: Path
     assert stats["errors"] > 0 and stats["depth"] == 0 and stats["spool_bytes"] == 0, stats
     assert _count(db_url, "spill-") == 95
     assert not list(tmp_path.glob("*.seg"))
+
+
+async def _until(done: Callable[[], bool], timeout: float) -> None:
+    """Until `done()`, or `timeout` seconds (the caller's asserts then say what is missing)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 def test_spool_segments_survive_torn_writes(tmp_path: Path) -> None:
