@@ -29,12 +29,13 @@ import contextlib
 import errno
 import glob
 import logging
+import math
 import os
 import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -475,15 +476,6 @@ class _MultiProcessWithExemplars:
 
 
 # --- per-request samples, written in bulk -------------------------------------------------
-class _Tally:
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: list[float]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.total = 0.0
-
-
 class PendingSamples:
     """Counter increments and histogram observations not yet in the multiprocess files.
 
@@ -494,7 +486,7 @@ class PendingSamples:
 
     def __init__(self) -> None:
         self._counts: dict[Any, float] = {}
-        self._tallies: dict[Any, _Tally] = {}
+        self._tallies: dict[Any, ObservationTally] = {}
 
     def inc(self, child: Any, amount: float = 1.0) -> None:
         self._counts[child] = self._counts.get(child, 0.0) + amount
@@ -506,8 +498,8 @@ class PendingSamples:
             if bounds is None or not hasattr(child, "_buckets") or not hasattr(child, "_sum"):
                 child.observe(value)
                 return
-            tally = self._tallies[child] = _Tally(list(bounds))
-        # The first bucket whose upper bound is >= value (le semantics, as observe()).
+            tally = self._tallies[child] = ObservationTally(bounds)
+        # ObservationTally.observe, inlined: several times per request.
         tally.counts[bisect.bisect_left(tally.bounds, value)] += 1
         tally.total += value
 
@@ -516,37 +508,32 @@ class PendingSamples:
         for child, amount in counts.items():
             child.inc(amount)
         for child, tally in self._tallies.items():
-            if tally.total == 0.0 and not any(tally.counts):
-                continue
-            for index, count in enumerate(tally.counts):
-                if count:
-                    child._buckets[index].inc(count)
-                    tally.counts[index] = 0
-            child._sum.inc(tally.total)
-            tally.total = 0.0
+            tally.add_to(child)
 
 
 class ObservationTally:
-    """Observations of an unlabelled histogram, kept by an object the metrics only read
-    (db.pool.Database's connection waits) and added to the histogram by Metrics.flush.
-
-    Event loop only, like PendingSamples; a count per bucket and a sum, so its size stays
-    fixed while nothing takes them (metrics off).
+    """A histogram's observations not yet in its multiprocess file: a count per bucket and
+    a sum, so its size stays fixed however many come (and while nothing takes them: metrics
+    off). PendingSamples keeps one per histogram child; db.pool.Database keeps its
+    connection waits in one, which Metrics.flush adds. Event loop only.
     """
 
     __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last: +Inf
+    def __init__(self, bounds: Sequence[float]) -> None:
+        """`bounds`: the buckets' upper bounds, +Inf last or implied (a histogram's own
+        `_upper_bounds` have it)."""
+        self.bounds = list(bounds) if bounds and bounds[-1] == math.inf else [*bounds, math.inf]
+        self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le, as Histogram.observe
         self.total += value
 
-    def add_to(self, histogram: Histogram) -> None:
-        """Into the histogram's own values (a multiprocess file's), then start again at 0."""
+    def add_to(self, histogram: Any) -> None:
+        """Into a histogram's own values (a multiprocess file's: prometheus_client keeps
+        them in `_buckets` and `_sum`), then start again at 0."""
         if not any(self.counts):
             return
         for index, count in enumerate(self.counts):
