@@ -227,6 +227,23 @@ def scalar(url: str, sql: str, *args: Any) -> Any:
     return rows[0][0] if rows else None
 
 
+async def _load_features(url: str, feature_set: str, count: int) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.executemany(
+            'INSERT INTO podserve_features (feature_set, entity_id, "values") VALUES ($1, $2, $3)',
+            [(feature_set, f"e{i}", [float(i)] * 4) for i in range(count)],
+        )
+    finally:
+        await conn.close()
+
+
+def load_features(url: str, feature_set: str, count: int) -> str:
+    """Entities e0 .. e{count-1} of `feature_set`, each the 4-vector [i, i, i, i]; `url` back."""
+    run(_load_features(url, feature_set, count))
+    return url
+
+
 def server_env(url: str, spool_dir: Path, **overrides: str) -> dict[str, str]:
     """podserve settings for a database test: short timeouts and retries keep tests short."""
     return {

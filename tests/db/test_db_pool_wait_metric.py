@@ -34,19 +34,7 @@ ENTITIES = 40
 
 @pytest.fixture(scope="module")
 def loaded(db_url: str) -> str:
-    async def load() -> None:
-        conn = await asyncpg.connect(db_url)
-        try:
-            await conn.executemany(
-                'INSERT INTO podserve_features (feature_set, entity_id, "values") '
-                "VALUES ($1, $2, $3)",
-                [("affine", f"e{i}", [float(i)] * 4) for i in range(ENTITIES)],
-            )
-        finally:
-            await conn.close()
-
-    postgres.run(load())
-    return db_url
+    return postgres.load_features(db_url, "affine", ENTITIES)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ hint of what to do, every row kept; an outage counts one write error per writer 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ import asyncpg
 import orjson
 import pytest
 from asyncpg.exceptions._base import DataError as ClientDataError
-from log_rows import affine_rows
+from log_rows import affine_rows, log_settings, running_log, until
 
 import postgres
-from podserve.db.pool import Database
 from podserve.db.prediction_log import (
     SCHEMA_MISMATCH,
-    PredictionLog,
     row_error,
     statement_error,
 )
@@ -44,43 +41,6 @@ def fresh_url(pg_server: postgres.PostgresServer) -> Iterator[str]:
     with postgres.fresh_database(pg_server.admin_url) as url:
         postgres.migrate(url)
         yield url
-
-
-def _settings(url: str, spool: Path, **knobs: Any) -> Settings:
-    return Settings(
-        database_url=url,
-        spool_dir=spool,
-        db_pool_min=0,
-        prediction_log_batch_rows=10,
-        prediction_log_flush_ms=20,
-        prediction_log_max_backoff_s=0.2,
-        db_connect_timeout_s=0.5,
-        db_command_timeout_s=0.5,
-        **knobs,
-    )
-
-
-@contextlib.asynccontextmanager
-async def _running_log(settings: Settings, spool_dir: Path) -> AsyncIterator[PredictionLog]:
-    db = Database(settings)
-    await db.open()
-    plog = PredictionLog(db, Spool(spool_dir), settings)
-    await plog.start()
-    try:
-        yield plog
-    finally:
-        await asyncio.wait_for(plog.close(), 10)
-        await db.close()
-
-
-async def _until(check: Any, timeout: float = 10.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if check():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(check())
 
 
 def _logged(url: str) -> set[str]:
@@ -100,10 +60,10 @@ def _half_live_half_spooled(spool_dir: Path, prefix: str, count: int) -> list[li
 
 
 async def _log_all(settings: Settings, spool_dir: Path, live: list[list[Any]], total: int) -> Any:
-    async with _running_log(settings, spool_dir) as plog:
+    async with running_log(settings, spool_dir) as plog:
         for row in live:
             plog.append(row)
-        done = await _until(lambda: plog.rows_written + plog.rows_rejected >= total)
+        done = await until(lambda: plog.rows_written + plog.rows_rejected >= total)
         return done, plog.rows_written, plog.rows_rejected, plog.failures, plog.replay_failures
 
 
@@ -116,7 +76,7 @@ def test_rows_a_constraint_refuses_are_set_aside_and_the_others_written(
         f"ALTER TABLE {TABLE} ADD CONSTRAINT no_sevens CHECK (client_request_id NOT LIKE '%7')",
     )
     live = _half_live_half_spooled(tmp_path, "check-", 20)  # ...-7 and ...-17: refused
-    stats = postgres.run(_log_all(_settings(fresh_url, tmp_path), tmp_path, live, 40))
+    stats = postgres.run(_log_all(log_settings(fresh_url, tmp_path), tmp_path, live, 40))
     assert stats == (True, 36, 4, 0, 0), stats
     expected = {f"check-{kind}-{i}" for kind in ("seg", "live") for i in range(20)}
     refused = {f"check-{kind}-{i}" for kind in ("seg", "live") for i in (7, 17)}
@@ -135,7 +95,7 @@ def test_a_column_added_not_null_with_a_default_takes_every_row(
     in the stage and set aside for good."""
     postgres.query(fresh_url, f"ALTER TABLE {TABLE} ADD COLUMN tenant text NOT NULL DEFAULT 'x'")
     live = _half_live_half_spooled(tmp_path, "default-", 10)
-    stats = postgres.run(_log_all(_settings(fresh_url, tmp_path), tmp_path, live, 20))
+    stats = postgres.run(_log_all(log_settings(fresh_url, tmp_path), tmp_path, live, 20))
     assert stats == (True, 20, 0, 0, 0), stats
     assert not _set_aside(tmp_path)
     assert {r[0] for r in postgres.query(fresh_url, f"SELECT tenant FROM {TABLE}")} == {"x"}
@@ -176,20 +136,20 @@ def test_a_changed_schema_keeps_every_row_warns_and_writes_them_once_it_is_put_b
     do, and once the schema is put back every row is written, once."""
     postgres.query(fresh_url, change)
     live = _half_live_half_spooled(tmp_path, "schema-", 15)
-    settings = _settings(fresh_url, tmp_path)
+    settings = log_settings(fresh_url, tmp_path)
 
     async def scenario() -> dict[str, Any]:
-        async with _running_log(settings, tmp_path) as plog:
+        async with running_log(settings, tmp_path) as plog:
             for row in live:
                 plog.append(row)
-            await _until(lambda: plog.failures >= 3 and plog.replay_failures >= 3)
+            await until(lambda: plog.failures >= 3 and plog.replay_failures >= 3)
             while_changed = {
                 "written": plog.rows_written,
                 "rejected": plog.rows_rejected,
                 "segments": len(list(tmp_path.glob("*.seg"))),
             }
             await asyncio.to_thread(postgres.query, fresh_url, restore)
-            await _until(lambda: plog.rows_written >= 30)
+            await until(lambda: plog.rows_written >= 30)
             return {
                 "changed": while_changed,
                 "written": plog.rows_written,
@@ -225,10 +185,10 @@ def test_a_spooled_row_of_this_length_but_other_types_is_quarantined_not_retried
     live = affine_rows("typed-live-", 5)
 
     async def scenario() -> tuple[int, int, int, int]:
-        async with _running_log(_settings(fresh_url, tmp_path), tmp_path) as plog:
+        async with running_log(log_settings(fresh_url, tmp_path), tmp_path) as plog:
             for live_row in live:
                 plog.append(live_row)
-            await _until(lambda: plog.segments_quarantined == 1 and plog.rows_written >= 5)
+            await until(lambda: plog.segments_quarantined == 1 and plog.rows_written >= 5)
             return (
                 plog.rows_written,
                 plog.rows_rejected,
@@ -272,10 +232,10 @@ def test_a_column_changed_under_a_connection_s_staging_table_is_no_reason_to_set
 ) -> None:
     """The staging table a connection made before a migration still has the old column
     type (INSERT ... SELECT then fails with 42804): made again, the rows are written."""
-    settings = _settings(fresh_url, tmp_path, db_pool_max=1)  # the same connection throughout
+    settings = log_settings(fresh_url, tmp_path, db_pool_max=1)  # the same connection throughout
 
     async def scenario() -> tuple[int, int]:
-        async with _running_log(settings, tmp_path) as plog:
+        async with running_log(settings, tmp_path) as plog:
             await plog.write(affine_rows("stale-before-", 2))  # the connection's stage made
             await asyncio.to_thread(
                 postgres.query,
@@ -284,7 +244,7 @@ def test_a_column_changed_under_a_connection_s_staging_table_is_no_reason_to_set
             )
             for row in affine_rows("stale-after-", 5):  # trace_id None: fits an integer
                 plog.append(row)
-            await _until(lambda: plog.rows_written + plog.rows_rejected >= 7)
+            await until(lambda: plog.rows_written + plog.rows_rejected >= 7)
             return plog.rows_written, plog.rows_rejected
 
     assert postgres.run(scenario()) == (7, 0)
@@ -297,16 +257,16 @@ def test_a_missing_table_is_retried_and_the_warnings_say_to_migrate(
     """Unmigrated: nothing is set aside (the migrations may still come), the warnings of the
     buffer's writes and of the spool's replay say what to do, and once migrated all is in."""
     live = _half_live_half_spooled(tmp_path, "unmigrated-", 5)
-    settings = _settings(empty_db, tmp_path)
+    settings = log_settings(empty_db, tmp_path)
 
     async def scenario() -> dict[str, Any]:
-        async with _running_log(settings, tmp_path) as plog:
+        async with running_log(settings, tmp_path) as plog:
             for row in live:
                 plog.append(row)
-            await _until(lambda: plog.failures >= 3 and plog.replay_failures >= 3)
+            await until(lambda: plog.failures >= 3 and plog.replay_failures >= 3)
             rejected = plog.rows_rejected
             await asyncio.to_thread(postgres.migrate, empty_db)
-            await _until(lambda: plog.rows_written >= 10)
+            await until(lambda: plog.rows_written >= 10)
             return {"rejected": rejected, "written": plog.rows_written, "after": plog.failures}
 
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -324,13 +284,13 @@ def test_an_outage_keeps_the_rows_and_counts_one_write_error_a_pass(tmp_path: Pa
     spool and the buffer's drain failing in one writer pass are one write error (it was
     the sum of both: twice the rate as soon as anything was spooled)."""
     live = _half_live_half_spooled(tmp_path, "down-", 5)
-    settings = _settings("postgresql://nobody@127.0.0.1:1/none", tmp_path)
+    settings = log_settings("postgresql://nobody@127.0.0.1:1/none", tmp_path)
 
     async def scenario() -> dict[str, int]:
-        async with _running_log(settings, tmp_path) as plog:
+        async with running_log(settings, tmp_path) as plog:
             for row in live:
                 plog.append(row)
-            await _until(lambda: plog.failures >= 5 and plog.replay_failures >= 3)
+            await until(lambda: plog.failures >= 5 and plog.replay_failures >= 3)
             return {  # read together: no await between them
                 "errors": plog.write_errors,
                 "failures": plog.failures,

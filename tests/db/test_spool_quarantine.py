@@ -9,21 +9,18 @@ replayed once the database answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from log_rows import affine_rows
+from log_rows import affine_rows, log_settings, running_log, until
 
 import postgres
 from podserve.db.pool import Database
 from podserve.db.prediction_log import PredictionLog
 from podserve.db.spool import ClaimedSegment, Spool
-from podserve.settings import Settings
 from tcp_proxy import TcpProxy
 
 LOGGER = "podserve.db.prediction_log"
@@ -37,43 +34,6 @@ def _count(url: str, prefix: str) -> int:
     )
 
 
-def _settings(url: str, spool: Path) -> Settings:
-    return Settings(
-        database_url=url,
-        spool_dir=spool,
-        db_pool_min=0,
-        prediction_log_batch_rows=10,
-        prediction_log_flush_ms=20,
-        prediction_log_max_backoff_s=0.2,
-        db_connect_timeout_s=0.5,
-        db_command_timeout_s=0.5,
-    )
-
-
-@contextlib.asynccontextmanager
-async def _running_log(settings: Settings, spool_dir: Path) -> AsyncIterator[PredictionLog]:
-    """A started PredictionLog over `spool_dir` and its database, closed after the block."""
-    db = Database(settings)
-    await db.open()
-    plog = PredictionLog(db, Spool(spool_dir), settings)
-    await plog.start()
-    try:
-        yield plog
-    finally:
-        await asyncio.wait_for(plog.close(), 10)
-        await db.close()
-
-
-async def _until(check: Any, timeout: float = 8.0) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if check():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(check())
-
-
 @pytest.mark.parametrize(
     "bad_rows",
     [[["not", "a", "row"]], [[1, 2, 3, 4, 5, 6, 7, 8, 9, "not a time"]]],
@@ -83,17 +43,17 @@ def test_a_segment_of_rows_of_another_layout_is_quarantined_and_writing_goes_on(
     db_url: str, tmp_path: Path, bad_rows: list[list[Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     prefix = f"layout-{uuid.uuid4().hex[:8]}-"
-    settings = _settings(db_url, tmp_path)
+    settings = log_settings(db_url, tmp_path)
     spool = Spool(tmp_path)
     spool.open()
     bad = spool.write(bad_rows)  # oldest: replayed first
     spool.write(affine_rows(f"{prefix}seg-", 5))  # a good segment behind it
 
     async def scenario() -> dict[str, Any]:
-        async with _running_log(settings, tmp_path) as plog:
+        async with running_log(settings, tmp_path) as plog:
             for row in affine_rows(f"{prefix}live-", 30):
                 plog.append(row)
-            await _until(lambda: plog.rows_written >= 35)
+            await until(lambda: plog.rows_written >= 35)
             return {
                 "written": plog.rows_written,
                 "failures": plog.failures,
@@ -119,7 +79,7 @@ def test_a_segment_that_cannot_be_removed_nor_renamed_is_skipped_and_logged_once
     """As on a volume that turned read-only: the segment's rows are written, it cannot be
     removed or set aside, so this worker skips it (not claim it again every pass)."""
     prefix = f"stuck-{uuid.uuid4().hex[:8]}-"
-    settings = _settings(db_url, tmp_path)
+    settings = log_settings(db_url, tmp_path)
     spool = Spool(tmp_path)
     spool.open()
     stuck = spool.write(affine_rows(f"{prefix}seg-", 3))
@@ -138,10 +98,10 @@ def test_a_segment_that_cannot_be_removed_nor_renamed_is_skipped_and_logged_once
     monkeypatch.setattr(ClaimedSegment, "quarantine", refuse, raising=False)
 
     async def scenario() -> dict[str, Any]:
-        async with _running_log(settings, tmp_path) as plog:
+        async with running_log(settings, tmp_path) as plog:
             for row in affine_rows(f"{prefix}live-", 30):
                 plog.append(row)
-            await _until(lambda: plog.rows_written >= 33)
+            await until(lambda: plog.rows_written >= 33)
             for _ in range(3):  # more passes (as the rescan makes): it is not claimed again
                 plog._spool_pending = True
                 plog._wake.set()
@@ -173,17 +133,17 @@ def test_a_segment_held_back_by_the_database_is_kept_and_replayed_later(
     segment = spool.write(affine_rows(f"{prefix}seg-", 4))
 
     async def scenario(proxy: TcpProxy) -> dict[str, Any]:
-        settings = _settings(postgres.with_port(db_url, proxy.port), tmp_path)
+        settings = log_settings(postgres.with_port(db_url, proxy.port), tmp_path)
         db = Database(settings)
         await db.open()
         proxy.cut()
         plog = PredictionLog(db, Spool(tmp_path), settings)
         await plog.start()
         try:
-            await _until(lambda: plog.write_errors >= 2)
+            await until(lambda: plog.write_errors >= 2)
             kept = segment.exists()
             proxy.restore()
-            await _until(lambda: plog.rows_written >= 4)
+            await until(lambda: plog.rows_written >= 4)
             return {
                 "kept": kept,
                 "written": plog.rows_written,
@@ -207,14 +167,14 @@ def test_a_segment_quarantined_half_written_counts_only_its_unwritten_rows(
     """Its first chunk (10 rows, PODSERVE_PREDICTION_LOG_BATCH_ROWS) is written, the next
     fails for its layout: 1 row rejected, not 11 (the 10 are in the database)."""
     prefix = f"half-{uuid.uuid4().hex[:8]}-"
-    settings = _settings(db_url, tmp_path)
+    settings = log_settings(db_url, tmp_path)
     spool = Spool(tmp_path)
     spool.open()
     spool.write([*affine_rows(f"{prefix}seg-", 10), ["not", "a", "row"]])
 
     async def scenario() -> tuple[int, int]:
-        async with _running_log(settings, tmp_path) as plog:
-            await _until(lambda: plog.segments_quarantined == 1)
+        async with running_log(settings, tmp_path) as plog:
+            await until(lambda: plog.segments_quarantined == 1)
             return plog.rows_rejected, plog.segments_quarantined
 
     with caplog.at_level(logging.ERROR, logger=LOGGER):
