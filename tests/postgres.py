@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -242,6 +243,34 @@ def load_features(url: str, feature_set: str, count: int) -> str:
     """Entities e0 .. e{count-1} of `feature_set`, each the 4-vector [i, i, i, i]; `url` back."""
     run(_load_features(url, feature_set, count))
     return url
+
+
+async def _hold_lock(
+    url: str, table: str, locked: threading.Event, release: threading.Event
+) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def table_locked(url: str, table: str) -> Iterator[None]:
+    """`table` locked by another session (its queries wait) for the block, from a thread."""
+    locked, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=run, args=(_hold_lock(url, table, locked, release),))
+    holder.start()
+    try:
+        assert locked.wait(10), f"could not lock {table}"
+        yield
+    finally:
+        release.set()
+        holder.join(10)
 
 
 def server_env(url: str, spool_dir: Path, **overrides: str) -> dict[str, str]:

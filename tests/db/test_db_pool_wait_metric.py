@@ -8,13 +8,11 @@ in the histogram's count and sum; with the pool free, every wait is small.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
@@ -101,19 +99,6 @@ def test_a_held_connection_shows_as_the_next_requests_wait(
 ) -> None:
     """Request A takes the pool's only connection and its query waits on a table lock; B waits
     for the connection until A is answered. Before: no metric said B waited at all."""
-    locked, release = threading.Event(), threading.Event()
-
-    async def hold_lock() -> None:
-        conn = await asyncpg.connect(loaded)
-        try:
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE podserve_features IN ACCESS EXCLUSIVE MODE")
-                locked.set()
-                while not release.is_set():
-                    await asyncio.sleep(0.01)
-        finally:
-            await conn.close()
-
     before = scrape(server.url)
     statuses: dict[str, int] = {}
 
@@ -124,20 +109,16 @@ def test_a_held_connection_shows_as_the_next_requests_wait(
         thread.start()
         return thread
 
-    holder = threading.Thread(target=postgres.run, args=(hold_lock(),))
-    holder.start()
     threads: list[threading.Thread] = []
     try:
-        assert locked.wait(10)
-        threads.append(send("e30"))  # A: holds the connection, its query behind the lock
-        wait_for_in_flight(server.url, 1)
-        _wait_for_gauge(server.url, "podserve_db_pool_in_use", 1)
-        threads.append(send("e31"))  # B: another entity, so it waits for the connection
-        _wait_for_gauge(server.url, "podserve_db_pool_waiting", 1)
-        time.sleep(HOLD_S)  # B waits all along
+        with postgres.table_locked(loaded, "podserve_features"):
+            threads.append(send("e30"))  # A: holds the connection, its query behind the lock
+            wait_for_in_flight(server.url, 1)
+            _wait_for_gauge(server.url, "podserve_db_pool_in_use", 1)
+            threads.append(send("e31"))  # B: another entity, so it waits for the connection
+            _wait_for_gauge(server.url, "podserve_db_pool_waiting", 1)
+            time.sleep(HOLD_S)  # B waits all along
     finally:
-        release.set()
-        holder.join(10)
         for thread in threads:
             thread.join(30)
     assert statuses == {"e30": 200, "e31": 200}, statuses

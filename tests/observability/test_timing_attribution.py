@@ -14,18 +14,15 @@ dashboard: on real Gunicorn (one worker: every scrape is exact) with PostgreSQL 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 import yaml
@@ -211,29 +208,10 @@ def test_a_slow_database_504_shows_in_the_features_histogram(
 ) -> None:
     """A lock holds the feature query past PODSERVE_FEATURES_TIMEOUT_S: the 504's wait is
     in the `features` histogram, where an operator looks for a slow database."""
-    locked, release = threading.Event(), threading.Event()
-
-    async def hold_lock() -> None:
-        conn = await asyncpg.connect(db_url)
-        try:
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE podserve_features IN ACCESS EXCLUSIVE MODE")
-                locked.set()
-                while not release.is_set():
-                    await asyncio.sleep(0.01)
-        finally:
-            await conn.close()
-
-    holder = threading.Thread(target=postgres.run, args=(hold_lock(),))
-    holder.start()
-    try:
-        assert locked.wait(10)
+    with postgres.table_locked(db_url, "podserve_features"):
         response, requests, phases = _observed(
             server.url, lambda: client.post("/v2/models/affine/infer", json=_by_ids(["e2"]))
         )
-    finally:
-        release.set()
-        holder.join(10)
     assert response.status_code == 504, response.text
     _assert_histogram_matches_header(response, requests, phases, {"parse", "features"})
     count, seconds = phases[(*DEFAULT_AFFINE, "features")]
