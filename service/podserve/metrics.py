@@ -327,8 +327,12 @@ def fold_dead_worker(path: Path, pid: int, generation: FoldGeneration) -> None:
 
 
 def read_samples(file: Path) -> dict[str, tuple[float, float]]:
-    """key -> (value, timestamp) of one multiprocess file ({} if there is none)."""
+    """key -> (value, timestamp) of one multiprocess file ({} if there is none, or if it is
+    shorter than its 8-byte header: a worker killed as it created the file, which
+    prometheus_client's reader refuses with struct.error)."""
     try:
+        if file.stat().st_size < 8:
+            return {}
         return {
             key: (value, timestamp)
             for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(file))

@@ -125,6 +125,21 @@ def test_folding_keeps_every_total_and_drops_only_dead_live_gauges(
     generation.close()
 
 
+def test_a_worker_killed_as_it_created_its_file_folds_without_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty file (the master's halt SIGTERMed a booting worker right after it created
+    it) holds no samples: the fold removes it. It raised struct.error, logged as a
+    traceback on a start-up failure that must be one line."""
+    _write_worker(tmp_path, 1, 1.0, monkeypatch)
+    (tmp_path / "counter_2.db").touch()
+    generation = FoldGeneration(tmp_path)
+    fold_dead_worker(tmp_path, 2, generation)
+    assert not (tmp_path / "counter_2.db").exists()
+    assert generation._value == 2
+    generation.close()
+
+
 def test_a_fold_with_nothing_to_fold_leaves_the_directory_alone(tmp_path: Path) -> None:
     generation = FoldGeneration(tmp_path)
     fold_dead_worker(tmp_path, 12345, generation)
