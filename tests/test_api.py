@@ -203,7 +203,7 @@ def test_what_is_served_is_listed(client: httpx.Client) -> None:
     [
         ("/v2/repository/models/tabular/load", None, 400, "does not load models at run time"),
         ("/v2/repository/models/tabular/unload", None, 400, "does not unload models"),
-        ("/v2/repository/models/nope/load", None, 404, "unknown model 'nope'"),
+        ("/v2/repository/models/nope/load", None, 400, "model 'nope' is not among them"),
         ("/v2/repository/index", b"[1", 400, "malformed JSON"),
         ("/v2/repository/index", b"[]", 400, "must be a JSON object"),
         ("/v2/repository/index", b'{"ready": "yes"}', 400, "'ready' must be true or false"),

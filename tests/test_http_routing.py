@@ -99,3 +99,33 @@ def test_answers_do_not_name_the_server_stack(client: httpx.Client, path: str) -
     response = client.get(path)
     assert "server" not in response.headers, response.headers
     assert "date" in response.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "infer_path"),
+    [
+        ("/v2/models/affine/generate", "/v2/models/affine/infer"),
+        ("/v2/models/affine/generate_stream", "/v2/models/affine/infer"),
+        ("/v2/models/affine/versions/1/generate", "/v2/models/affine/versions/1/infer"),
+        ("/v2/models/affine/versions/01/generate_stream", "/v2/models/affine/versions/1/infer"),
+    ],
+)
+def test_generate_says_the_extension_is_not_supported(
+    client: httpx.Client, path: str, infer_path: str
+) -> None:
+    """Triton's generate extension was routing's bare 404 "no route", which reads as a wrong
+    URL or version: a 400 says what is missing and where the tensors go instead."""
+    response = client.post(path, json={"text_input": "hello", "max_tokens": 8})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]
+    assert "does not support Triton's generate extension" in message
+    assert f"POST the input tensors to {infer_path}" in message
+
+
+def test_generate_of_an_unknown_model_or_with_get(client: httpx.Client) -> None:
+    """As in Triton, which looks the model up first: no such model is a 404; GET a 405."""
+    missing = client.post("/v2/models/nope/generate", json={})
+    assert missing.status_code == 404 and "unknown model 'nope'" in missing.json()["error"]
+    assert client.post("/v2/models/affine/versions/9/generate", json={}).status_code == 404
+    wrong_method = client.get("/v2/models/affine/generate")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"

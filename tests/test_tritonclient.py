@@ -63,6 +63,20 @@ def test_repository_index_and_model_control(triton_client: triton.InferenceServe
         triton_client.unload_model("tabular")
 
 
+@pytest.mark.parametrize("call", ["load_model", "unload_model"])
+def test_model_control_of_an_unknown_model_is_the_same_400(
+    triton_client: triton.InferenceServerClient, call: str
+) -> None:
+    """Triton in model control mode NONE refuses a load or unload before it looks the name
+    up; podserve answered an unknown name 404, which told a client to fix the name and retry."""
+    with pytest.raises(InferenceServerException) as refused:
+        getattr(triton_client, call)("not-a-model")
+    assert refused.value.status() == "400"
+    message = refused.value.message()
+    assert "roll out a new revision" in message
+    assert "model 'not-a-model' is not among them" in message and "'tabular'" in message
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_tabular_round_trip(triton_client: triton.InferenceServerClient, binary: bool) -> None:
     from sklearn.datasets import load_breast_cancer

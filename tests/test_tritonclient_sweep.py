@@ -1,7 +1,7 @@
 """tritonclient's methods beyond the round trips of test_tritonclient.py: the shared-memory
 calls podserve does not support (a 400 that says so), the sequence and priority options it
-accepts and ignores (no model has a sequence batcher or priority levels), and the asyncio
-client."""
+checks and ignores as Triton does for a model without a sequence batcher or priority levels,
+and the asyncio client."""
 
 from __future__ import annotations
 
@@ -98,6 +98,30 @@ def test_sequence_and_priority_are_accepted_and_ignored(
     result = triton_client.infer("affine", [_affine_input()], request_id="seq", **options)
     np.testing.assert_array_equal(result.as_numpy("y"), [[0, 3, 6, 9]])
     assert result.get_response()["id"] == "seq"
+
+
+@pytest.mark.parametrize(
+    ("options", "parameter"),
+    [
+        ({"sequence_id": -1}, "sequence_id"),
+        ({"sequence_id": 2.5}, "sequence_id"),
+        ({"sequence_id": 5, "sequence_start": "yes"}, "sequence_start"),
+        ({"sequence_id": 5, "sequence_end": 1}, "sequence_end"),
+        ({"priority": -1}, "priority"),
+        ({"priority": "high"}, "priority"),
+    ],
+    ids=["negative id", "float id", "string start", "int end", "negative priority", "text"],
+)
+def test_malformed_sequence_and_priority_options_are_a_400(
+    triton_client: Client, options: dict[str, Any], parameter: str
+) -> None:
+    """Triton parses them before it schedules (a 400 "Unable to parse '<parameter>'"); they
+    were ignored here whatever their type, so a client's bug went unseen until it moved to
+    Triton."""
+    with pytest.raises(InferenceServerException) as refused:
+        triton_client.infer("affine", [_affine_input()], **options)
+    assert refused.value.status() == "400"
+    assert f"Unable to parse '{parameter}'" in refused.value.message()
 
 
 def test_async_infer_answers_each_request(triton_client: Client, server: ServerProcess) -> None:

@@ -19,6 +19,7 @@ from podserve import (
     batching_demotion,
     drain_grace,
     log_control,
+    options_requests,
     pod_settings,
     routes_health,
     routes_jobs,
@@ -192,6 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside every layer but QuietStartupFailure (which HTTP requests only pass through): the
     # inference endpoints skip FastAPI's router (see direct_routes.py).
     app.add_middleware(DirectRoutes, fastapi_app=app, routes=inference_routes())
+    app.add_middleware(options_requests.OptionsAnswer, fastapi_app=app)  # inside auth
     install_auth(app, keys, settings)  # inside observability: 401s are counted and traced
     # Inside observability too: its 503 for a request cut off by the drain is what is counted.
     app.add_middleware(

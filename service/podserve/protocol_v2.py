@@ -76,6 +76,7 @@ def parse_infer_request(
         raise BadRequest("request body must be a JSON object")
     binary = view[json_length:] if json_length is not None else view[:0]
     parameters = _object(doc.get("parameters"), "parameters")
+    _check_scheduling_parameters(parameters)
     if doc.get("inputs") is None and "entity_ids" in parameters:
         inputs, datatypes = {}, {}  # features are fetched by entity id (podserve.db.features)
     else:
@@ -133,6 +134,39 @@ def _flag(params: dict[str, Any], key: str) -> bool:
     if value is True or value is False:
         return value
     raise BadRequest(f"Unable to parse '{key}': it must be true or false")
+
+
+def _check_scheduling_parameters(params: dict[str, Any]) -> None:
+    """Triton's sequence and priority parameters (tritonclient's `infer(sequence_id=...,
+    sequence_start=..., sequence_end=..., priority=...)`): their types are checked as Triton
+    checks them (a 400 otherwise), and their values are ignored, as Triton ignores them for
+    a model without a sequence batcher or priority levels (its dynamic batcher never reads
+    the correlation ID; a priority past the model's levels becomes the default). podserve
+    has no stateful models and batches by arrival: every request stands alone."""
+    if "sequence_id" in params:
+        value = params["sequence_id"]
+        if not (isinstance(value, str) or _is_uint64(value)):
+            raise BadRequest(
+                "Unable to parse 'sequence_id': it must be a non-negative integer or a string, "
+                f"got {_shown(value)}"
+            )
+    _flag(params, "sequence_start")
+    _flag(params, "sequence_end")
+    if "priority" in params and not _is_uint64(params["priority"]):
+        raise BadRequest(
+            "Unable to parse 'priority': it must be a non-negative integer, "
+            f"got {_shown(params['priority'])}"
+        )
+
+
+def _is_uint64(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**64  # `type`: a bool is no integer here
+
+
+def _shown(value: Any) -> str:
+    """A client's value in a message, cut short: it is echoed in the answer."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def _timeout_ms(params: dict[str, Any]) -> float | None:

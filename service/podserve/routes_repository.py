@@ -3,8 +3,11 @@
 podserve loads every model of PODSERVE_MODEL_REPOSITORY at start-up, in every worker, and
 serves that set until the pod is replaced: a change of models is a rollout, so that all
 workers and replicas always serve the same versions. Triton's load and unload calls
-therefore answer 400 with that reason (as Triton does when its model control mode does not
-allow them), and the `model_repository` extension is not announced in `GET /v2`.
+therefore answer 400 with that reason, for any model name, and the `model_repository`
+extension is not announced in `GET /v2`. Triton in model control mode NONE refuses them
+before it looks the name up ("explicit model load / unload is not allowed if polling is
+enabled", UNAVAILABLE): 400 in its HTTP server until it mapped error codes to statuses, 503
+since. podserve keeps 400: a 503 is retried by clients and meshes, and no retry can help.
 """
 
 from __future__ import annotations
@@ -63,11 +66,21 @@ async def _read_index_options(request: Request) -> None:
 
 @router.post("/v2/repository/models/{model_name}/load", summary="Load a model (not supported)")
 async def load_model(request: Request, model_name: str) -> Response:
-    _repository(request).get(model_name)  # an unknown model is a 404, as everywhere
-    raise BadRequest(FIXED_SET.format(action="load"))
+    raise _not_at_run_time(_repository(request), "load", model_name)
 
 
 @router.post("/v2/repository/models/{model_name}/unload", summary="Unload a model (not supported)")
 async def unload_model(request: Request, model_name: str) -> Response:
-    _repository(request).get(model_name)
-    raise BadRequest(FIXED_SET.format(action="unload"))
+    raise _not_at_run_time(_repository(request), "unload", model_name)
+
+
+def _not_at_run_time(repository: ModelRepository, action: str, model_name: str) -> BadRequest:
+    """The same 400 whether or not the model is served: Triton, whose model control mode
+    does not allow loads, refuses before it looks the name up (a 404 for an unknown model
+    told a client that loading it might work once the name was right)."""
+    shown = model_name if len(model_name) <= 200 else model_name[:200] + "..."
+    if model_name in repository.models:
+        which = f"model '{shown}' is served already"
+    else:
+        which = f"model '{shown}' is not among them (served: {sorted(repository.models)})"
+    return BadRequest(f"{FIXED_SET.format(action=action)}; {which}")

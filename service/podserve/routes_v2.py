@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from podserve.db.features import entity_lookup
 from podserve.db.hooks import fetch_features
+from podserve.errors import BadRequest
 from podserve.http_body import binary_header_length, check_content_type, parse_body, read_body
 from podserve.inference_flow import (
     RequestContext,
@@ -147,3 +148,38 @@ async def infer(request: Request, model_name: str) -> Response:
 )
 async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
     return await _infer(request, model_name, model_version)
+
+
+# Triton's generate extension (a JSON object of named values mapped onto input tensors, one
+# answer or a stream of server-sent events from a decoupled model): routing's bare 404 read
+# as a wrong URL or version. A model that is not served is still a 404, as in Triton, which
+# looks the model up first.
+GENERATE_KINDS = ("generate", "generate_stream")
+
+
+async def generate(request: Request, model_name: str) -> Response:
+    raise _no_generate(request, model_name, None)
+
+
+async def generate_version(request: Request, model_name: str, model_version: str) -> Response:
+    raise _no_generate(request, model_name, model_version)
+
+
+def _no_generate(request: Request, model_name: str, model_version: str | None) -> BadRequest:
+    model = runtime_of(request).model(model_name, model_version)
+    version = f"/versions/{model.version}" if model_version else ""
+    return BadRequest(
+        "podserve does not support Triton's generate extension (generate, generate_stream): "
+        f"POST the input tensors to /v2/models/{model.name}{version}/infer"
+    )
+
+
+for _kind in GENERATE_KINDS:
+    router.add_api_route(
+        f"/v2/models/{{model_name}}/{_kind}", generate, methods=["POST"],
+        summary=f"Triton's {_kind} (not supported: 400)",
+    )  # fmt: skip
+    router.add_api_route(
+        f"/v2/models/{{model_name}}/versions/{{model_version}}/{_kind}", generate_version,
+        methods=["POST"], summary=f"Triton's {_kind} of a version (not supported: 400)",
+    )  # fmt: skip
