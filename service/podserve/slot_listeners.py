@@ -249,6 +249,7 @@ class Cover:
         self.stall_s = stall_s
         self.servers: dict[int, list[asyncio.AbstractServer]] = {}
         self.stalled: set[int] = set()  # slots covered because their worker stalled
+        self.cover_failed: set[int] = set()  # slots not covered for want of a descriptor
         self._beat()  # before the first tick: a fresh worker must not look stalled
 
     def _beat(self) -> None:
@@ -270,9 +271,11 @@ class Cover:
             not_serving = count == NOT_SERVING or slot in self.stalled
             needed = not_serving and _listens(wrappers[0])
             if needed and slot not in self.servers:
-                self.servers[slot] = [await self._serve(wrapper) for wrapper in wrappers]
-            elif not needed and slot in self.servers:
-                self._stop(slot)
+                await self._cover(slot, wrappers)
+            elif not needed:
+                self.cover_failed.discard(slot)  # a later failure is a new one: warned again
+                if slot in self.servers:
+                    self._stop(slot)
         for slot in [slot for slot in self.servers if slot not in _sockets]:
             self._stop(slot)
 
@@ -298,11 +301,40 @@ class Cover:
         self.stalled = stalled
         connection_balance.set_stalled(frozenset(stalled))
 
+    async def _cover(self, slot: int, wrappers: list[Any]) -> None:
+        """Serve the slot's sockets too; tried again next tick if this worker is out of file
+        descriptors (EMFILE: a flood of idle connections). Raised, that error ended the tick,
+        and with it this worker: the one left serving died because another had."""
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            for wrapper in wrappers:
+                servers.append(await self._serve(wrapper))
+        except OSError as exc:
+            for server in servers:
+                server.close()
+            if slot not in self.cover_failed:  # once per slot, not every tick
+                self.cover_failed.add(slot)
+                log.warning(
+                    "cannot take the connections of slot %d: %s; retrying every tick",
+                    slot,
+                    exc,
+                    extra={"slot": slot, "error": repr(exc)},
+                )
+            return
+        if slot in self.cover_failed:
+            self.cover_failed.discard(slot)
+            log.info("takes the connections of slot %d again", slot, extra={"slot": slot})
+        self.servers[slot] = servers
+
     async def _serve(self, wrapper: Any) -> asyncio.AbstractServer:
         # A duplicate: closing this server closes only it, the slot's socket stays open.
         sock = socket.socket(fileno=os.dup(wrapper.fileno()))
         loop = asyncio.get_running_loop()
-        return await loop.create_server(self.protocol_factory, sock=sock, backlog=self.backlog)
+        try:
+            return await loop.create_server(self.protocol_factory, sock=sock, backlog=self.backlog)
+        except BaseException:
+            sock.close()
+            raise
 
     def _stop(self, slot: int) -> None:
         for server in self.servers.pop(slot):
