@@ -571,7 +571,9 @@ class Metrics:
         # (model, version) -> Unix time, not yet written
         self._last_inference: dict[tuple[str, str], float] = {}
         self._batch_by_size: dict[tuple[tuple[str, str], int], tuple[Any, list[Any]]] = {}
-        self._pool_waits: ObservationTally | None = None  # the database's, once refresh saw it
+        # The database's tallies (pool waits, shared feature lookups' waits), once refresh saw
+        # them: flush adds each to its histogram.
+        self._db_tallies: dict[str, tuple[ObservationTally, Histogram]] = {}
 
     def _define(self, r: CollectorRegistry) -> None:
         def gauge(name: str, doc: str) -> Gauge:
@@ -647,6 +649,12 @@ class Metrics:
             "podserve_db_pool_wait_seconds",
             "Time a request waited for a PostgreSQL connection (a free one of "
             "PODSERVE_DB_POOL_MAX, connecting included), given up or not",
+            buckets=DB_POOL_WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.feature_shared_wait = Histogram(
+            "podserve_feature_shared_wait_seconds",
+            "Time a feature lookup waited for another request's query in flight for the same "
+            "entities instead of querying itself (no connection taken), given up or not",
             buckets=DB_POOL_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
         self.log_buffer_rows = gauge(
@@ -808,8 +816,8 @@ class Metrics:
             self._child(self.last_inference, model).set(ended_s)
         if self.pending is not None:
             self.pending.flush()
-        if self._pool_waits is not None:
-            self._pool_waits.add_to(self.db_pool_wait)
+        for tally, histogram in self._db_tallies.values():
+            tally.add_to(histogram)
 
     # --- sampled state (a task per worker) ------------------------------------------------
     def refresh(self, runtime: Any) -> None:
@@ -837,7 +845,8 @@ class Metrics:
         """Duck-typed: `runtime.db` (db.services) exists only when PODSERVE_DATABASE_URL is set.
 
         Reads `db.database.pool` (asyncpg.Pool), `db.database.waiting`, `db.database.pool_waits`
-        (an ObservationTally: flush adds it from then on) and `db.prediction_log`
+        and `db.features.shared_waits` (ObservationTallies: flush adds them from then on) and
+        `db.prediction_log`
         (rows_written, rows_spooled, rows_rejected, write_errors, buffer_depth, buffer_bytes,
         spool_bytes),
         and `db.log_retention` (rows_purged) in the worker that purges old rows.
@@ -852,10 +861,10 @@ class Metrics:
         waiting = getattr(database, "waiting", None)
         if isinstance(waiting, int):
             self.db_pool_waiting.set(waiting)
-        pool_waits = getattr(database, "pool_waits", None)
-        if isinstance(pool_waits, ObservationTally) and pool_waits is not self._pool_waits:
-            self._pool_waits = pool_waits
-            pool_waits.add_to(self.db_pool_wait)  # refresh flushed before this
+        self._adopt("pool_waits", getattr(database, "pool_waits", None), self.db_pool_wait)
+        features = getattr(services, "features", None)  # db.features.FeatureStore
+        shared = getattr(features, "shared_waits", None)
+        self._adopt("shared_waits", shared, self.feature_shared_wait)
         retention = getattr(services, "log_retention", None)  # db.log_retention.LogRetention
         if retention is not None:
             self._advance_all(retention, self.log_retention_totals)
@@ -869,6 +878,13 @@ class Metrics:
             if isinstance(value, int | float):
                 gauge.set(value)
         self._advance_all(plog, self.log_totals)
+
+    def _adopt(self, key: str, tally: object, histogram: Histogram) -> None:
+        """A tally of the database's that flush adds to `histogram` from now on."""
+        adopted = self._db_tallies.get(key)
+        if isinstance(tally, ObservationTally) and (adopted is None or adopted[0] is not tally):
+            self._db_tallies[key] = (tally, histogram)
+            tally.add_to(histogram)  # refresh flushed before this
 
     def _refresh_jobs(self, runtime: Any) -> None:
         """Duck-typed: `runtime.db.job_runner` (db.jobs.JobRunner) exists in workers that run

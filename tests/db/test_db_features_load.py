@@ -198,3 +198,41 @@ def test_a_follower_keeps_to_its_own_deadline(loaded: str) -> None:
     assert error is not None and "request deadline" in str(error), error
     assert 0.15 <= waited < 1.0, waited  # its own 0.2 s, not the leader's 5 s
     assert leader_found["e4"].tolist() == [4.0] * 4  # the shared query went on for the leader
+
+
+def test_a_followers_wait_is_tallied_as_shared_not_as_a_pool_wait(loaded: str) -> None:
+    """Two followers wait on the leader's query (held by a table lock): one gives up at its own
+    0.2 s deadline, one gets the answer. Both waits are in `shared_waits`
+    (podserve_feature_shared_wait_seconds), the given-up one too; the pool's tally has the
+    leader's one acquisition only. Before: neither follower's wait was observed anywhere."""
+    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
+
+    async def scenario() -> tuple[BaseException | None, dict, list[int], float, int]:
+        db = Database(settings)
+        await db.open()
+        store = FeatureStore(db, settings)
+        locker = await _lock_features(loaded)
+        try:
+            leader = asyncio.create_task(store.vectors("hot", ["e6"]))
+            await asyncio.sleep(0.1)  # its query waits on the lock
+            patient = asyncio.create_task(store.vectors("hot", ["e6"]))
+            error: BaseException | None = None
+            try:
+                await store.vectors("hot", ["e6"], deadline=time.perf_counter() + 0.2)
+            except DeadlineExceeded as exc:
+                error = exc
+            await locker.execute("COMMIT")
+            found = await asyncio.wait_for(patient, 5.0)
+            await asyncio.wait_for(leader, 5.0)
+            waits = store.shared_waits
+            return error, found, list(waits.counts), waits.total, sum(db.pool_waits.counts)
+        finally:
+            await locker.close()
+            await db.close()
+
+    error, found, counts, total, pool_waits = postgres.run(scenario())
+    assert isinstance(error, DeadlineExceeded), error
+    assert found["e6"].tolist() == [6.0] * 4
+    assert sum(counts) == 2, counts  # the one that gave up, and the one that got its answer
+    assert total >= 0.2 + 0.15, total  # both waited at least the impatient one's 0.2 s
+    assert pool_waits == 1  # the leader's: a follower takes no connection

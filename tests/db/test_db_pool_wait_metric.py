@@ -3,7 +3,9 @@
 A slow `features` phase is either a slow database or an exhausted pool; the histogram tells
 them apart. Real server (one worker, PODSERVE_DB_POOL_MAX=1) and real PostgreSQL: with the
 one connection held by a request whose query waits on a lock, the next request's wait shows
-in the histogram's count and sum; with the pool free, every wait is small.
+in the histogram's count and sum; with the pool free, every wait is small. A request for
+the same entity waits on the first one's query instead (a shared lookup): that wait is in
+podserve_feature_shared_wait_seconds, not in the pool's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from podserve.settings import Settings
 from server_process import ServerProcess
 
 WAIT = "podserve_db_pool_wait_seconds"
+SHARED_WAIT = "podserve_feature_shared_wait_seconds"
 HOLD_S = 0.8  # how long the test keeps the pool's one connection busy
 SMALL_S = "0.1"  # a bucket bound every wait for a free connection stays under
 ENTITIES = 40
@@ -61,12 +64,12 @@ def _lookup(url: str, entity: str) -> int:
     return httpx.post(f"{url}/v2/models/affine/infer", json=body, timeout=30).status_code
 
 
-def _waits(url: str, at_least: float) -> Scrape:
-    """A scrape once the histogram counts `at_least` waits (the worker adds them once a second
-    at most, and at every scrape it answers)."""
+def _waits(url: str, at_least: float, name: str = WAIT) -> Scrape:
+    """A scrape once the histogram `name` counts `at_least` waits (the worker adds them once a
+    second at most, and at every scrape it answers)."""
     deadline = time.monotonic() + 10
-    while (result := scrape(url)).value(f"{WAIT}_count") < at_least:
-        assert time.monotonic() < deadline, f"{WAIT}_count stayed below {at_least}"
+    while (result := scrape(url)).value(f"{name}_count") < at_least:
+        assert time.monotonic() < deadline, f"{name}_count stayed below {at_least}"
         time.sleep(0.1)
     return result
 
@@ -130,6 +133,41 @@ def test_a_held_connection_shows_as_the_next_requests_wait(
     assert _delta(after, before, f"{WAIT}_bucket", le=SMALL_S) == 1
     assert _delta(after, before, f"{WAIT}_bucket", le="0.5") == 1
     assert _delta(after, before, f"{WAIT}_bucket", le="+Inf") == 2
+
+
+def test_a_wait_on_another_requests_lookup_is_a_shared_wait(
+    server: ServerProcess, loaded: str
+) -> None:
+    """A's query for e32 holds the pool's only connection behind a table lock; B asks for e32
+    too, so it waits on A's query, not for a connection. Before: B's wait showed nowhere, and
+    a slow `features` phase looked the same whether the pool was exhausted or not."""
+    before = scrape(server.url)
+    statuses: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: statuses.append(_lookup(server.url, "e32")))
+        for _ in range(2)
+    ]
+    try:
+        with postgres.table_locked(loaded, "podserve_features"):
+            threads[0].start()  # A: the query, behind the lock
+            wait_for_in_flight(server.url, 1)
+            _wait_for_gauge(server.url, "podserve_db_pool_in_use", 1)
+            threads[1].start()  # B: the same entity
+            wait_for_in_flight(server.url, 2)
+            time.sleep(HOLD_S)  # B waits on A's query all along
+    finally:
+        for thread in threads:
+            thread.join(30)
+    assert statuses == [200, 200], statuses
+
+    after = _waits(server.url, before.value(f"{SHARED_WAIT}_count") + 1, SHARED_WAIT)
+    assert _delta(after, before, f"{SHARED_WAIT}_count") == 1  # B's
+    # Most of HOLD_S (B's wait began some time after it was in flight): past small buckets.
+    assert _delta(after, before, f"{SHARED_WAIT}_sum") >= HOLD_S / 2
+    assert _delta(after, before, f"{SHARED_WAIT}_bucket", le="0.25") == 0
+    after = _waits(server.url, before.value(f"{WAIT}_count") + 1)
+    assert _delta(after, before, f"{WAIT}_count") == 1  # A's only: B took no connection
+    assert _delta(after, before, f"{WAIT}_bucket", le=SMALL_S) == 1
 
 
 def test_the_database_tallies_every_request_acquisition(loaded: str) -> None:

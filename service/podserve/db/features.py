@@ -29,6 +29,7 @@ from podserve.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from podserve.metrics import DB_POOL_WAIT_BUCKETS, ObservationTally
 from podserve.model_config import TensorSpec
 from podserve.onnx_model import OnnxModel
 from podserve.processors import Tensors
@@ -146,6 +147,10 @@ class FeatureStore:
         self.cache = TtlCache(size, settings.features_cache_ttl_s) if size > 0 else None
         self.queries = 0  # round trips to PostgreSQL (the cache and shared lookups save some)
         self.shared = 0  # ids a request took from another request's query in flight
+        # Each wait on another request's query in flight (podserve_feature_shared_wait_seconds):
+        # neither a pool wait nor a query of its own, a slow `features` phase would hide it.
+        # The pool wait's buckets, so that the two compare.
+        self.shared_waits = ObservationTally(DB_POOL_WAIT_BUCKETS)
         self.retry_after_s = settings.retry_after_s
         # (feature set, entity id) -> the answer of the query in flight that fetches it: a
         # vector, None (no such entity) or _ASK_AGAIN. Bounded by the ids of requests in flight.
@@ -230,7 +235,11 @@ class FeatureStore:
         """Wait, within this request's own budget, for the queries in flight that fetch
         `theirs`; their vectors go into `found`. The ids to query again (their query failed)."""
         futures = set(theirs.values())
-        _, pending = await asyncio.wait(futures, timeout=max(0.0, until - time.perf_counter()))
+        started = time.perf_counter()
+        try:
+            _, pending = await asyncio.wait(futures, timeout=max(0.0, until - started))
+        finally:  # a wait given up (504) or cancelled (client gone) took its time too
+            self.shared_waits.observe(time.perf_counter() - started)
         if pending:  # never cancelled here: the query is the other request's
             raise deadline_exceeded(message, None if by_request else self._retry())
         again = []

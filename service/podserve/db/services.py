@@ -29,11 +29,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What this role may open in this database: the server's slots less those kept for
-# superusers, and the database's and the role's own CONNECTION LIMIT (-1: none).
+# What an ordinary role may open in this database: the server's slots less those kept for
+# superusers and, from PostgreSQL 16, for roles with pg_use_reserved_connections
+# (reserved_connections: NULL before 16, where current_setting(name, true) finds no such
+# setting), and the database's and the role's own CONNECTION LIMIT (-1: none). A role that
+# may use the reserved slots is told the ordinary budget: the conservative side.
 CONNECTION_LIMITS_SQL = """
 SELECT current_setting('max_connections')::int
-         - current_setting('superuser_reserved_connections')::int AS server,
+         - current_setting('superuser_reserved_connections')::int
+         - COALESCE(current_setting('reserved_connections', true)::int, 0) AS server,
        (SELECT datconnlimit FROM pg_database WHERE datname = current_database()) AS db,
        (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user) AS role
 """
@@ -99,6 +103,8 @@ class DatabaseServices:
 
     async def _check_schema(self) -> None:
         assert self.database is not None and self.database.pool is not None
+        # The pool's own acquire, no slot: nothing else can want one yet (the feature store,
+        # prediction log and jobs start after this), and the connection is back before they do.
         try:
             async with asyncio.timeout(self.settings.db_connect_timeout_s * 2):
                 async with self.database.pool.acquire() as conn:
