@@ -58,6 +58,8 @@ class ModelConfig(BaseModel):
     outputs: list[TensorSpec] | None = None
     # output -> class labels (a list, or a file in the model's directory, one per line)
     labels: dict[str, list[str] | str] = Field(default_factory=dict)
+    # false: ORT's "session.disable_prepacking" (less memory per worker, see README)
+    prepack_weights: bool = True
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:

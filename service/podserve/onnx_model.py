@@ -162,7 +162,12 @@ def _spec(node: ort.NodeArg) -> TensorSpec:
     return TensorSpec(name=node.name, datatype=datatype, shape=[_dim(d) for d in node.shape])
 
 
-def make_session(path: Path, threads: ThreadBudget) -> ort.InferenceSession:
+def make_session(
+    path: Path, threads: ThreadBudget, prepack_weights: bool = True
+) -> ort.InferenceSession:
+    """`prepack_weights=False` keeps ORT from copying MatMul/Gemm weights into its own packed
+    buffers: the kernels read the initializers in place, which for ONNX external data are
+    pages of the mapped file that every worker shares (see README, "Memory per model")."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads.intra_op
     options.inter_op_num_threads = threads.inter_op
@@ -172,6 +177,8 @@ def make_session(path: Path, threads: ThreadBudget) -> ort.InferenceSession:
     spin = "1" if threads.allow_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if not prepack_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -191,7 +198,7 @@ class OnnxModel:
         self.name = name
         self.version = version
         self.path = path
-        self.session = make_session(path, threads)
+        self.session = make_session(path, threads, config.prepack_weights)
         self.model_inputs = [_spec(n) for n in self.session.get_inputs()]
         self.model_outputs = [_spec(n) for n in self.session.get_outputs()]
         self.preprocessor = self._make_preprocessor(config, path.parent.parent)

@@ -464,6 +464,16 @@ def test_model_configs_mounted_per_model(helm: str) -> None:
     }
 
 
+def test_the_schemas_model_config_keys_are_the_servers() -> None:
+    """The chart's schema lists the keys of a model's config.yaml by hand (extra keys are
+    refused there as in the server): a key the server gained but the schema lacks makes
+    `modelConfigs` refuse a valid config (it once refused labels)."""
+    from podserve.model_config import ModelConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["definitions"]["modelConfig"]["properties"]) == set(ModelConfig.model_fields)
+
+
 def test_database_and_migration_hook(helm: str) -> None:
     objs = helm_template(helm, VALUE_SETS["database"])
     url = env_map(server_container(objs))["PODSERVE_DATABASE_URL"]
