@@ -163,7 +163,7 @@ def _metrics_hooks(settings: Settings) -> dict[str, Any]:
     """on_starting / child_exit / on_exit: the per-pod multiprocess metrics directory."""
     if not settings.metrics_enabled:
         return {}
-    from podserve.metrics import gunicorn_hooks
+    from podserve.metrics_multiprocess import gunicorn_hooks
 
     return gunicorn_hooks(settings.prometheus_multiproc_dir)
 

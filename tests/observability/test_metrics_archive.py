@@ -1,5 +1,5 @@
 """A dead worker's metric files are folded into archives: the directory stays bounded while
-workers recycle, and no count is lost or goes backwards (metrics.fold_dead_worker).
+workers recycle, and no count is lost or goes backwards (metrics_multiprocess.fold_dead_worker).
 
 Before, every recycled or crashed worker left its counter, histogram and max-gauge files
 (~69 KiB) for good: scrapes slowed by ~1.3 ms per dead worker, and the chart's 64 MiB
@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from metrics_support import scrape
-from podserve import metrics
-from podserve.metrics import (
+from podserve import metrics_multiprocess
+from podserve.metrics_multiprocess import (
     ARCHIVE_ID,
     FOLD_RULES,
     FoldGeneration,
@@ -186,7 +186,7 @@ def test_hooks_built_again_on_a_hup_keep_the_masters_state(tmp_path: Path) -> No
     code = """
 import os, sys, tempfile
 tempfile.tempdir = sys.argv[1]
-from podserve.metrics import gunicorn_hooks
+from podserve.metrics_multiprocess import gunicorn_hooks
 first = gunicorn_hooks(None)
 first["on_starting"](None)
 made = os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -210,7 +210,7 @@ def test_a_fold_that_fails_leaves_the_counts_and_is_retried_at_the_next_exit(
     for pid in (1, 2, 3):
         _write_worker(tmp_path, pid, 1.0, monkeypatch)
     totals = _by_pid(_samples(sorted(tmp_path.glob("*.db"))), _folded)
-    hooks = metrics.gunicorn_hooks(tmp_path)
+    hooks = metrics_multiprocess.gunicorn_hooks(tmp_path)
     child_exit = hooks["child_exit"]  # the directory from the environment (no on_starting)
 
     def no_space(*_: object) -> None:
@@ -314,5 +314,5 @@ def test_module_constants_match_prometheus_client() -> None:
     """write_samples sizes files as MmapedDict does; every gauge mode has a fold rule."""
     from prometheus_client import mmap_dict
 
-    assert metrics._MMAP_INITIAL_SIZE == mmap_dict._INITIAL_MMAP_SIZE
+    assert metrics_multiprocess._MMAP_INITIAL_SIZE == mmap_dict._INITIAL_MMAP_SIZE
     assert {f"gauge_{mode}" for mode in Gauge._MULTIPROC_MODES} <= set(FOLD_RULES)
