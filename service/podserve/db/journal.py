@@ -158,33 +158,59 @@ def _cut_back(segment: _Segment) -> None:
 def recover_dead_journals(directory: Path) -> list[tuple[Path, list[list[Any]], int]]:
     """Journals whose writer is gone: (path, rows, locked fd). Blocking: call in a thread.
 
-    The caller makes the rows durable (spool), then calls `forget(path, fd)`.
+    The caller makes the rows durable (spool), then calls `forget(path, fd)`, or closes the
+    fd. On an error (EMFILE, ENOMEM) no fd is left open: a leaked one would hold the lock,
+    and keep the journal from every worker's recovery, as long as this process lives.
     """
-    found = []
+    found: list[tuple[Path, list[list[Any]], int]] = []
     try:
         paths = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
     except FileNotFoundError:
         return []
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its worker is alive
+    try:
+        for path in paths:
+            fd = _lock_dead(path)
+            if fd is None:
+                continue
+            try:
+                rows = _read_rows(path, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            found.append((path, rows, fd))
+    except BaseException:
+        for _, _, fd in found:
             os.close(fd)
-            continue
-        if not path.exists():  # recovered and removed by another worker meanwhile
-            os.close(fd)
-            continue
-        found.append((path, _read_rows(path), fd))
+        raise
     return found
 
 
-def _read_rows(path: Path) -> list[list[Any]]:
+def _lock_dead(path: Path) -> int | None:
+    """The journal opened and locked, if its writer is gone and it is still there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if path.exists():
+            return fd
+    except BlockingIOError:  # its worker is alive
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)  # locked by its live worker, or recovered by another worker meanwhile
+    return None
+
+
+def _read_rows(path: Path, fd: int) -> list[list[Any]]:
+    """From the locked fd: no second descriptor, which a process short of them lacks."""
+    data = bytearray()
+    while chunk := os.pread(fd, 1 << 20, len(data)):
+        data += chunk
     rows = []
-    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+    for number, line in enumerate(bytes(data).splitlines(), 1):
         try:
             rows.append(orjson.loads(line))
         except orjson.JSONDecodeError:
@@ -193,5 +219,7 @@ def _read_rows(path: Path) -> list[list[Any]]:
 
 
 def forget(path: Path, fd: int) -> None:
-    path.unlink(missing_ok=True)
-    os.close(fd)
+    try:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -36,7 +37,7 @@ from podserve.datatypes import numpy_to_v2
 from podserve.db.features import SCHEMA_MISSING
 from podserve.db.journal import Journal, forget, recover_dead_journals
 from podserve.db.pool import CONNECTION_ERRORS, Database
-from podserve.db.spool import ClaimedSegment, Spool
+from podserve.db.spool import ClaimedSegment, Spool, shortage
 from podserve.errors import ServiceUnavailable
 from podserve.processors import Tensors
 from podserve.settings import Settings
@@ -109,7 +110,8 @@ class SchemaMismatch(Exception):
 # error that retrying may cure) or the table's (SchemaMismatch) keeps its segment for a
 # retry: its rows can still be written.
 # Anything else (a row of another layout: IndexError, TypeError; a read error) is the
-# segment's own fault and would fail the same way for ever: the segment is quarantined.
+# segment's own fault and would fail the same way for ever: the segment is quarantined. But
+# a `shortage` (EMFILE, ENOMEM, ...) at any step is the process's state: the segment is kept.
 TRANSIENT_REPLAY_ERRORS: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,  # OSError: TimeoutError too
     ServiceUnavailable,
@@ -430,11 +432,18 @@ class PredictionLog:
         if self.journal is None:
             return 0
         recovered = 0
-        for path, rows, fd in recover_dead_journals(self.journal.directory):
-            if rows:
-                self.spool.write(rows)
-            forget(path, fd)
-            recovered += len(rows)
+        found = recover_dead_journals(self.journal.directory)
+        try:
+            while found:
+                path, rows, fd = found[0]
+                if rows:
+                    self.spool.write(rows)
+                del found[0]
+                forget(path, fd)
+                recovered += len(rows)
+        finally:  # not spooled (EMFILE, a full volume): unlocked, recovered on a later pass
+            for _, _, fd in found:
+                os.close(fd)
         if recovered:
             log.warning(
                 "prediction rows recovered from a dead worker's journal", extra={"rows": recovered}
@@ -718,8 +727,8 @@ class PredictionLog:
                     await self._write_or_set_aside(chunk)
                     written += len(chunk)
             except Exception as exc:
-                if rows is not None and isinstance(exc, TRANSIENT_REPLAY_ERRORS):
-                    raise  # the database's state: kept for a retry, its rows can still be written
+                if shortage(exc) or (rows is not None and isinstance(exc, TRANSIENT_REPLAY_ERRORS)):
+                    raise  # the process's or the database's state: kept for a retry
                 # Reading the file failed, or its rows are of another layout: its own fault.
                 unwritten = None if rows is None else len(rows) - written
                 await self._quarantine(claimed, exc, "read" if rows is None else "write", unwritten)
@@ -727,6 +736,8 @@ class PredictionLog:
             try:
                 await asyncio.to_thread(claimed.remove)
             except Exception as exc:  # written, but it stays: must not be claimed for ever
+                if shortage(exc):
+                    raise  # kept, replayed again later: its rows are in, a no-op
                 await self._quarantine(claimed, exc, "remove", 0)
                 return
             self.rows_replayed += len(rows)
@@ -741,18 +752,18 @@ class PredictionLog:
     ) -> None:
         """A segment whose replay fails for its own sake (not the database's) would be claimed
         again every pass, for ever: it is renamed `.quarantined` (never replayed, an operator's
-        to look at); if even that fails, this process skips it for the rest of its life.
+        to look at); if even that fails, this process skips it for the rest of its life. A
+        rename that fails for a `shortage` is raised instead: tried again on a later pass.
         `unwritten`: its rows not yet written (None: the file could not be read)."""
-        self.segments_quarantined += 1
-        self.write_errors += 1  # exported as podserve_prediction_log_write_errors_total
-        if unwritten:
-            self.rows_rejected += unwritten  # set aside on disk, in the quarantined file
         extra: dict[str, Any] = {"segment": str(claimed.path), "step": step, "error": repr(exc)}
         if unwritten is not None:
             extra["rows_unwritten"] = unwritten
         try:
             aside = await asyncio.to_thread(claimed.quarantine)
         except Exception as rename_exc:
+            if shortage(rename_exc):
+                raise
+            self._count_quarantined(unwritten)
             self._skipped_segments.add(claimed.path)
             extra["rename_error"] = repr(rename_exc)
             log.error(
@@ -761,8 +772,15 @@ class PredictionLog:
                 extra=extra,
             )
             return
+        self._count_quarantined(unwritten)
         extra["quarantined_as"] = str(aside)
         log.error("prediction-log spool segment cannot be replayed; quarantined", extra=extra)
+
+    def _count_quarantined(self, unwritten: int | None) -> None:
+        self.segments_quarantined += 1
+        self.write_errors += 1  # exported as podserve_prediction_log_write_errors_total
+        if unwritten:
+            self.rows_rejected += unwritten  # set aside on disk, in the quarantined file
 
     # --- spiller ---------------------------------------------------------------------
     async def _spill_forever(self) -> None:

@@ -11,6 +11,8 @@ grants' or the database's state, which an operator or time fixes) are set aside 
 for an operator, so that one such row cannot hold up every row behind it. A segment whose
 replay fails for its own sake (rows of another layout, an unreadable or unremovable file) is
 renamed `.quarantined`, never replayed (or, where even that fails, skipped by the process).
+An error that says the process or the system is short of something (`shortage`: descriptors,
+kernel memory) is no fault of the file: the segment is kept and replayed later.
 
 Several workers share the directory. Replay takes an exclusive `flock` on the segment and
 checks it is still linked; the kernel drops the lock of a dead process, so segments of a
@@ -27,6 +29,7 @@ All methods block (file I/O and fsync): call them through asyncio.to_thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -47,6 +50,13 @@ SUFFIX = ".seg"
 REJECTED_SUFFIX = ".rejected"
 QUARANTINE_SUFFIX = ".quarantined"  # a segment whose replay fails for its own sake
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # a file being written: `.<final name>.tmp`
+# errnos of a process or system short of something, not of a file's fault: EMFILE and
+# ENFILE (descriptors), ENOMEM and ENOBUFS (kernel memory), ENOLCK (locks), EAGAIN (try
+# again). Not EIO (the medium), EACCES/EPERM/EROFS (the file's or the volume's state) nor
+# ENOSPC/EDQUOT (the volume full: reading and renaming need no space).
+SHORTAGE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ENOLCK, errno.EAGAIN}
+)
 # A temp file lives for one write and fsync. Its PID alone does not prove its writer dead
 # where pods share a spool volume (another pod's PIDs are not ours): its age must too.
 STALE_TEMP_S = 60.0
@@ -106,7 +116,10 @@ class Spool:
         payload = orjson.dumps(rows)
         record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
         final = self._write_file(record, SUFFIX)
-        self.measure()
+        try:
+            self.measure()
+        except OSError:  # the segment is durable: a failed gauge must not fail the write
+            self.bytes += len(record)
         return final
 
     def set_aside(self, rows: list[Any], error: str) -> Path:
@@ -114,7 +127,10 @@ class Spool:
         return self._write_file(orjson.dumps({"error": error, "rows": rows}), REJECTED_SUFFIX)
 
     def _write_file(self, content: bytes, suffix: str) -> Path:
-        """Durably: a temp file, fsync'd, renamed into place, the directory fsync'd."""
+        """Durably: a temp file, fsync'd, renamed into place, the directory fsync'd. One
+        descriptor at a time (a process short of them may have one). If the directory's
+        fsync fails, this raises with the file in place: the caller keeps the rows and
+        writes them again (a second copy is harmless: replay is idempotent)."""
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):06d}{suffix}"
         final = self.directory / name
         temp = self.directory / f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
@@ -138,10 +154,13 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_ino != os.stat(path).st_ino:
                 raise FileNotFoundError(path)  # replayed and removed meanwhile
+            return ClaimedSegment(self, path, fd)
         except (BlockingIOError, FileNotFoundError):
             os.close(fd)
             return None
-        return ClaimedSegment(self, path, fd)
+        except BaseException:  # ENOLCK, ENOMEM: a leaked fd would hold the lock for ever
+            os.close(fd)
+            raise
 
 
 class ClaimedSegment:
@@ -153,31 +172,46 @@ class ClaimedSegment:
         self.intact = True
 
     def read(self) -> list[Any]:
-        with os.fdopen(os.dup(self.fd), "rb") as handle:
-            data = handle.read()
-        rows, self.intact = decode_records(data, self.path)
+        """From the claimed descriptor itself: no second one, which a process short of
+        descriptors could not get."""
+        chunks = []
+        offset = 0
+        while chunk := os.pread(self.fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        rows, self.intact = decode_records(b"".join(chunks), self.path)
         return rows
 
     def remove(self) -> None:
-        """Replayed: unlink while still holding the lock (a damaged one is kept aside)."""
+        """Replayed: unlink while still holding the lock (a damaged one is kept aside).
+        Raises only if the file stays where it is."""
         if self.intact:
             self.path.unlink(missing_ok=True)
         else:
             self.path.rename(self.path.with_suffix(".corrupt"))
-        _fsync_dir(self.path.parent)
+        _sync_dir_after_change(self.path.parent)  # lost in a crash: replayed again, harmless
         self.spool.bytes = max(0, self.spool.bytes - self.size)
 
     def quarantine(self) -> Path:
         """Set aside, never replayed again: its replay fails for its own sake (rows of
-        another layout, an unreadable file, a file that cannot be removed)."""
+        another layout, an unreadable file, a file that cannot be removed). Raises only if
+        the file was not renamed."""
         aside = self.path.with_suffix(QUARANTINE_SUFFIX)
         self.path.rename(aside)
-        _fsync_dir(self.path.parent)
+        _sync_dir_after_change(self.path.parent)  # lost in a crash: a segment, tried again
         self.spool.bytes = max(0, self.spool.bytes - self.size)
         return aside
 
     def close(self) -> None:
         os.close(self.fd)  # releases the flock
+
+
+def shortage(exc: BaseException) -> bool:
+    """Whether an error says the process or the system is short of something (descriptors,
+    memory), not that a file is bad: what failed may work later, unchanged."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in SHORTAGE_ERRNOS
 
 
 def decode_records(data: bytes, path: Path) -> tuple[list[Any], bool]:
@@ -242,3 +276,15 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_dir_after_change(directory: Path) -> None:
+    """Best effort, after a rename or unlink that is made whatever the fsync says (EMFILE:
+    the claimed segment may hold the process's last descriptor): a warning, not an error."""
+    try:
+        _fsync_dir(directory)
+    except OSError as exc:
+        log.warning(
+            "spool directory not fsync'd after a rename or removal in it",
+            extra={"path": str(directory), "error": repr(exc)},
+        )
