@@ -39,6 +39,7 @@ from podserve.inference_flow import error_headers
 from podserve.json_response import json_response
 from podserve.logs import configure_logging
 from podserve.observability import Observability, note_error
+from podserve.request_id import RequestIdMiddleware, response_header
 from podserve.runtime import RUNTIME_SCOPE_KEY, ServingRuntime
 from podserve.settings import Settings, get_settings
 from podserve.time_slice import shorten_slice
@@ -107,7 +108,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error", extra={"path": request.url.path})
         # The error propagates after this answer, and uvicorn then closes the connection:
         # say so, or a keep-alive client sends its next request into a closed socket.
-        headers = error_headers(request.scope, {"connection": "close"})
+        # Starlette sends this answer outside every middleware: the request id is added here.
+        headers = error_headers(request.scope, {"connection": "close", **response_header()})
         return json_response({"error": "internal server error"}, 500, headers)
 
 
@@ -201,4 +203,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     observability.install(app, [route for module in routers for route in module.router.routes])
     app.add_middleware(HeadAsGet)  # outermost: every layer, metrics included, sees the GET
+    app.add_middleware(RequestIdMiddleware)  # outside HeadAsGet: the access line says HEAD
     return app

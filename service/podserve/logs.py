@@ -17,6 +17,8 @@ from typing import Any, TextIO
 import orjson
 from opentelemetry import trace
 
+from podserve.request_id import AccessFields, current_request_id
+
 # Record attributes that are not user-supplied `extra` fields (uvicorn adds color_message).
 _STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
@@ -70,6 +72,9 @@ class JsonFormatter(logging.Formatter):
             "pid": os.getpid(),
         }
         entry.update(_trace_fields())
+        request_id = current_request_id()
+        if request_id is not None:
+            entry["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
@@ -223,6 +228,11 @@ def configure_logging(level: str = "info", access_log: bool = False) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = _propagates(name, access_log)
+    # Its line's fields (an instance of its own: addFilter skips one it holds already).
+    logging.getLogger("uvicorn.access").addFilter(_ACCESS_FIELDS)
+
+
+_ACCESS_FIELDS = AccessFields()
 
 
 def _propagates(logger: str, access_log: bool) -> bool:
@@ -238,18 +248,16 @@ def _logger_config(name: str, level: str, access_log: bool) -> dict[str, Any]:
 
 
 def gunicorn_logconfig_dict(level: str = "info", access_log: bool = False) -> dict[str, Any]:
-    """Gunicorn's own loggers in the same JSON format (for the master process too)."""
+    """Gunicorn's own loggers in the same JSON format, for the master process too, and through
+    the same handler as the workers': a master blocked writing to a full stderr pipe neither
+    replaced a dead worker nor handled a signal."""
     names = ("gunicorn.error", "gunicorn.access", "uvicorn.error", "uvicorn.access")
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "podserve.logs.JsonFormatter"}},
         "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "json",
-                "stream": "ext://sys.stderr",
-            }
+            "stderr": {"class": "podserve.logs.BackgroundStderrHandler", "formatter": "json"}
         },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {name: _logger_config(name, level, access_log) for name in names},
