@@ -301,7 +301,7 @@ class Batcher:
         item = PendingRequest(
             inputs,
             rows,
-            self.model.batch_key(inputs),
+            self._batch_key(inputs),
             loop.create_future(),
             deadline=deadline,
             context=context,
@@ -324,6 +324,14 @@ class Batcher:
                 item.future.cancel()
             if item.future.cancelled():  # gave up (deadline, cancelled): maybe still queued
                 self._withdraw(item)
+
+    def _batch_key(self, inputs: Tensors) -> tuple:
+        """Requests merge only with equal keys: the model's, and a pre-processor's padding
+        class (texts of about one length), as padding to a batch-mate's longer text costs
+        the short ones as much as the long one (processors.TokenizerPreprocessor)."""
+        key = self.model.batch_key(inputs)
+        preprocessor = self.model.preprocessor
+        return key if preprocessor is None else (*key, preprocessor.padding_class(inputs))
 
     # --- requests in pieces -------------------------------------------------------
     async def _submit_split(
@@ -369,13 +377,12 @@ class Batcher:
         self, inputs: Tensors, rows: int, size: int, deadline: float | None, context: Any
     ) -> SplitRequest:
         loop = asyncio.get_running_loop()
-        key = self.model.batch_key(inputs)
         now = time.perf_counter()  # every piece's `enqueued`: the request's
         pieces = [
             PendingRequest(
-                slice_rows(inputs, start, start + size),
+                piece := slice_rows(inputs, start, start + size),
                 min(size, rows - start),
-                key,
+                self._batch_key(piece),
                 loop.create_future(),
                 now,
                 deadline,

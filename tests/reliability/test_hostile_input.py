@@ -255,8 +255,16 @@ HOSTILE: list[tuple[str, str, bytes, set[int]]] = [
     (
         "BYTES v1 unicode",
         "/v1/models/text:predict",
-        json.dumps({"instances": ["\u0000", "\U0010ffff", "a" * 100_000]}).encode(),
+        json.dumps({"instances": ["\u0000", "\U0010ffff", "a" * 10_000]}).encode(),
         {200},
+    ),
+    (
+        # One unknown token however long: past max_length x 128 characters it is refused
+        # rather than tokenized whole (15 MB took 10 s and 1.7 GB).
+        "BYTES v1 one huge word",
+        "/v1/models/text:predict",
+        json.dumps({"instances": ["a" * 100_000]}).encode(),
+        {400},
     ),
     (
         "huge exponent",
