@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from metrics_support import scrape
 from server_process import ServerProcess
 
 KEY = "options-test-key-0123456789abcdef"
@@ -69,3 +70,20 @@ def test_options_needs_a_key_like_any_method(keyed: ServerProcess) -> None:
         assert keyed_answer.status_code == 204
         assert keyed_answer.headers["allow"] == "POST, OPTIONS"
         assert http.options("/v2/health/ready").status_code == 204
+
+
+def test_options_is_not_counted_as_a_request_of_the_route_it_asks_about(
+    affine_repo: Path,
+) -> None:
+    """Counted under the infer route (status 204), preflights and probes diluted the Grafana
+    per-phase panels, which divide by that route's request count."""
+    with ServerProcess(affine_repo, workers=1) as server, httpx.Client(base_url=server.url) as http:
+        for _ in range(3):
+            assert http.options("/v2/models/affine/infer").status_code == 204
+        samples = scrape(server.url)
+    infer = "/v2/models/{model_name}/infer"
+    assert samples.value("podserve_request_duration_seconds_count", route=infer) == 0
+    counted = samples.value(
+        "podserve_request_duration_seconds_count", route="options", status="204"
+    )
+    assert counted == 3

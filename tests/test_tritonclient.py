@@ -74,7 +74,7 @@ def test_model_control_of_an_unknown_model_is_the_same_400(
     assert refused.value.status() == "400"
     message = refused.value.message()
     assert "roll out a new revision" in message
-    assert "model 'not-a-model' is not among them" in message and "'tabular'" in message
+    assert "model 'not-a-model' is not among them" in message and "/v2/repository/index" in message
 
 
 @pytest.mark.parametrize("binary", [True, False])

@@ -203,7 +203,7 @@ class ObservabilityMiddleware:
         if status in _ANSWERED_BEFORE_ROUTING and "route" not in scope:
             _find_route(scope, self.obs.routes)
         model = self.obs.model_label(scope, ctx)
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        route = getattr(scope.get("route"), "path", None) or _unrouted(scope)
         trace_id = _sampled_trace_id(span)
         metrics.observe_request(model, route, status, seconds, trace_id)
         reason = scope.get(ERROR_SCOPE_KEY)
@@ -218,6 +218,12 @@ class ObservabilityMiddleware:
             metrics.observe_phases(model, ctx.timings.durations, trace_id)
         if ctx.model is not None and failed and ctx.outcome is None:
             metrics.count_inference_error(model[0])  # an unhandled error out of inference
+
+
+def _unrouted(scope: Scope) -> str:
+    """The route label of a request no route answered: OPTIONS (options_requests.py, which
+    answers it before routing) apart from the paths nothing serves."""
+    return "options" if scope.get("method") == "OPTIONS" else "unmatched"
 
 
 _ANSWERED_BEFORE_ROUTING = frozenset({401, 403})  # authentication answers before the router

@@ -5,8 +5,8 @@ An OPTIONS request asks which methods a resource supports: 204 with `Allow` list
 where no route has the path. A middleware inside authentication (a catch-all OPTIONS route
 made every unknown path a 405): authentication applies as to any method (podserve sends no
 CORS headers, so a browser's key-less preflight would gain nothing from an exemption, and
-the routes' methods are no more public than /docs, which needs a key too), and the access
-log and the metrics count it under the route that was asked about.
+the routes' methods are no more public than /docs, which needs a key too). The metrics
+count it under route="options", not the route asked about.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ class OptionsAnswer:
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
             allowed, asked = _allowed_methods(self.fastapi_app.router.routes, scope)
             if asked is not None:
-                # The route and path parameters, as routing would have set them: the
-                # metrics count the request under the route and model it asked about.
-                scope.update(asked)
+                # Not under the route asked about (observability labels it route="options"):
+                # counted with the infer route's requests, preflights and probes would dilute
+                # its per-phase averages, which divide by that route's request count.
                 answer = Response(status_code=204, headers={"Allow": ", ".join(allowed)})
                 await answer(scope, receive, send)
                 return

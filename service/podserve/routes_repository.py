@@ -82,5 +82,5 @@ def _not_at_run_time(repository: ModelRepository, action: str, model_name: str) 
     if model_name in repository.models:
         which = f"model '{shown}' is served already"
     else:
-        which = f"model '{shown}' is not among them (served: {sorted(repository.models)})"
+        which = f"model '{shown}' is not among them (GET /v2/repository/index lists them)"
     return BadRequest(f"{FIXED_SET.format(action=action)}; {which}")
