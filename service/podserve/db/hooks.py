@@ -15,6 +15,7 @@ from podserve.onnx_model import OnnxModel
 from podserve.phases import PhaseTimings
 from podserve.processors import Tensors
 from podserve.request_headers import as_utf8, request_headers
+from podserve.request_id import current_request_id
 from podserve.runtime import runtime_of
 from podserve.tracing import current_trace_id
 
@@ -59,7 +60,7 @@ def log_prediction(
         prediction_log.append(
             make_row(
                 new_request_id(),
-                as_utf8(request_headers(request.scope).get("x-request-id")),
+                client_request_id(request),
                 model.name,
                 model.version,
                 inputs,
@@ -69,6 +70,14 @@ def log_prediction(
                 prediction_log.inputs_mode,
             )
         )
+
+
+def client_request_id(request: Request) -> str | None:
+    """The caller's X-Request-ID as sent (a client finds its rows by it, even one the answer
+    replaced for not being a valid id), else the id podserve made and answered with, which
+    its log lines carry too."""
+    sent = request_headers(request.scope).get("x-request-id")
+    return as_utf8(sent) if sent is not None else current_request_id()
 
 
 def trace_id(request: Request) -> str | None:
