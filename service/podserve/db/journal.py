@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 
+from podserve.db.file_locks import lock_linked
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jnl"
@@ -169,7 +171,7 @@ def recover_dead_journals(directory: Path) -> list[tuple[Path, list[list[Any]], 
         return []
     try:
         for path in paths:
-            fd = _lock_dead(path)
+            fd = lock_linked(path)  # its writer is gone, and it is still there
             if fd is None:
                 continue
             try:
@@ -183,25 +185,6 @@ def recover_dead_journals(directory: Path) -> list[tuple[Path, list[list[Any]], 
             os.close(fd)
         raise
     return found
-
-
-def _lock_dead(path: Path) -> int | None:
-    """The journal opened and locked, if its writer is gone and it is still there."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if path.exists():
-            return fd
-    except BlockingIOError:  # its worker is alive
-        pass
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)  # locked by its live worker, or recovered by another worker meanwhile
-    return None
 
 
 def _read_rows(path: Path, fd: int) -> list[list[Any]]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from podserve.db.file_locks import lock_linked
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +147,8 @@ class Spool:
 
     def claim(self, path: Path) -> ClaimedSegment | None:
         """Lock a segment for replay; None if another process has it or it is gone."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino != os.stat(path).st_ino:
-                raise FileNotFoundError(path)  # replayed and removed meanwhile
-            return ClaimedSegment(self, path, fd)
-        except (BlockingIOError, FileNotFoundError):
-            os.close(fd)
-            return None
-        except BaseException:  # ENOLCK, ENOMEM: a leaked fd would hold the lock for ever
-            os.close(fd)
-            raise
+        fd = lock_linked(path)
+        return None if fd is None else ClaimedSegment(self, path, fd)
 
 
 class ClaimedSegment:
