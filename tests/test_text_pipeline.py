@@ -25,6 +25,7 @@ from podserve.processors import (
     CHARS_PER_TOKEN,
     MAX_CHARS_PER_TOKEN,
     PREFIX_CHARS_PER_TOKEN,
+    WHOLE_READ_CHARS,
     TokenizerPreprocessor,
 )
 from podserve.settings import Settings
@@ -176,18 +177,45 @@ def test_a_long_text_of_huge_words_is_refused_having_read_a_bounded_part(
 ) -> None:
     """15 MB of 150-character words (each one unknown token) held the inference thread 8 s
     and the worker's memory peaked 1.1 GB higher: a text that makes too few tokens in
-    max_length x 64 characters is refused past twice that, not read whole."""
+    its last try (max_length x 64 characters or half of WHOLE_READ_CHARS, whichever is
+    more) is refused past twice that, not read whole."""
     text = ("y" * 999 + " ") * 1000  # 1 MB: 1000 words, 1000 unknown tokens
     recording = copy.copy(preprocessor)
     recording.tokenizer = RecordingTokenizer(preprocessor.tokenizer)
     batch = [{"text": np.array(["fine", text], dtype=object)}]
     with pytest.raises(BadRequest, match=r"element 1 has 1000000 characters .* too few tokens"):
         recording(batch)
-    assert max(recording.tokenizer.lengths) <= preprocessor.max_length * MAX_CHARS_PER_TOKEN
+    whole_read = max(2 * preprocessor.max_length * MAX_CHARS_PER_TOKEN, WHOLE_READ_CHARS)
+    assert max(recording.tokenizer.lengths) <= whole_read // 2
     # Up to twice that length such a text is still read whole, and answered.
-    whole = text[: 2 * preprocessor.max_length * MAX_CHARS_PER_TOKEN]
+    whole = text[:whole_read]
     feed = preprocessor([{"text": np.array([whole], dtype=object)}])
     assert feed["input_ids"][0].tolist() == preprocessor.tokenizer.encode(whole).ids
+
+
+def test_a_document_opening_with_a_long_token_poor_run_is_still_answered(
+    preprocessor: TokenizerPreprocessor,
+) -> None:
+    """A 16,400-character hex digest (one unknown token) before the prose: refused past
+    max_length x 128 characters (16 Ki for this model), where reading it whole costs ~10 ms."""
+    prose = _long_texts(preprocessor.max_length * PREFIX_CHARS_PER_TOKEN)["prose"]
+    text = "0123456789abcdef" * 1025 + " " + prose[:4000]
+    assert 2 * preprocessor.max_length * MAX_CHARS_PER_TOKEN < len(text) <= WHOLE_READ_CHARS
+    feed = preprocessor([{"text": np.array([text], dtype=object)}])
+    assert feed["input_ids"][0].tolist() == preprocessor.tokenizer.encode(text).ids
+
+
+def test_a_refused_text_costs_its_batch_mates_no_rerun(repository: ModelRepository) -> None:
+    """One refused text failed its whole batch, which bisection then reran: 15 good long
+    texts in 8 runs (16/8/4/2/1 requests). Now only its own request gets the 400."""
+    model = repository.get("text")
+    prose = _long_texts(model.preprocessor.max_length * PREFIX_CHARS_PER_TOKEN)["prose"][:3000]
+    requests = [{"text": np.array([f"{prose} {i}"], dtype=object)} for i in range(16)]
+    requests[5] = {"text": np.array([("y" * 999 + " ") * 1000], dtype=object)}
+    outcomes, records = asyncio.run(run_concurrently(model, requests, return_exceptions=True))
+    assert [i for i, o in enumerate(outcomes) if isinstance(o, Exception)] == [5]
+    assert isinstance(outcomes[5], BadRequest)
+    assert [len(r.requests) for r in records if r.error is None] == [15]
 
 
 def test_long_and_short_texts_batched_equal_alone(repository: ModelRepository) -> None:

@@ -34,11 +34,12 @@ from podserve.errors import (
     DeadlineExceeded,
     Overloaded,
     PayloadTooLarge,
+    RejectedRequests,
     StoppedWaiting,
     note_phases,
 )
 from podserve.inference_pool import ONLINE, InferencePool, Turn
-from podserve.onnx_model import BatchResult, OnnxModel, RejectedRequests
+from podserve.onnx_model import BatchResult, OnnxModel
 from podserve.pieces import join_pieces, piece_rows, slice_rows
 from podserve.processors import Tensors
 

@@ -135,3 +135,16 @@ def phases_of(error: BaseException) -> tuple[float, float | None] | None:
     if isinstance(error, StoppedWaiting):
         return None if error.waited_s is None else (error.waited_s, error.ran_s)
     return getattr(error, "podserve_phases", None)
+
+
+class RejectedRequests(Exception):
+    """Some requests of a batch hold values the model must not see (NaN, Inf), or texts its
+    tokenizer refuses (processors.py); nothing ran.
+
+    `errors` maps each such request's index in the batch to its client error; the batcher
+    answers those and runs the others as one batch. A batch of one raises the error itself.
+    """
+
+    def __init__(self, errors: dict[int, BadRequest]) -> None:
+        super().__init__(f"{len(errors)} request(s) of the batch rejected")
+        self.errors = errors

@@ -17,7 +17,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 from podserve import batching_demotion
 from podserve.classification import load_labels
 from podserve.datatypes import FLOAT_TYPES, ORT_TO_V2, V2_TO_NUMPY
-from podserve.errors import BadRequest, check_rows
+from podserve.errors import BadRequest, RejectedRequests, check_rows
 from podserve.model_config import ModelConfig, TensorSpec
 from podserve.processors import (
     Postprocessor,
@@ -63,18 +63,6 @@ class BatchResult:
     infer_s: float
     postprocess_s: float
     feed: Tensors | None = None  # the session's inputs, where a pre-processor made them
-
-
-class RejectedRequests(Exception):
-    """Some requests of a batch hold values the model must not see (NaN, Inf); nothing ran.
-
-    `errors` maps each such request's index in the batch to its client error; the batcher
-    answers those and runs the others as one batch. A batch of one raises the error itself.
-    """
-
-    def __init__(self, errors: dict[int, BadRequest]) -> None:
-        super().__init__(f"{len(errors)} request(s) of the batch rejected")
-        self.errors = errors
 
 
 class UnsplittableBatch(RuntimeError):

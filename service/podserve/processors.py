@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from podserve.datatypes import INT_TYPES, V2_TO_NUMPY
-from podserve.errors import BadRequest
+from podserve.errors import BadRequest, RejectedRequests
 from podserve.model_config import TensorSpec
 
 Tensors = dict[str, np.ndarray]
@@ -24,18 +24,21 @@ Tensors = dict[str, np.ndarray]
 # inference thread for its 256 tokens, holding up every model of the worker. A text longer
 # than max_length x this many characters is tokenized from a part of it (see _readable).
 PREFIX_CHARS_PER_TOKEN = 32
-# A text whose first max_length x this many characters still make too few tokens to be cut
-# there (words of over 100 characters make one unknown token each) is read whole only up to
-# twice that length, and refused beyond. Read whole at any length, 15 MB of 150-character
-# words held the thread 8 s and raised the worker's memory peak by 1.1 GB, and 32 texts of
-# 240,000 characters (7.7 MB) took 8.6 s and left it 550 MB larger. Bounded so, the tries
-# and the whole reads of a MiniLM batch of 32 such texts tokenize at most 1.8 M characters.
+# A text whose part of max_length x 32 characters makes too few tokens to be cut there
+# (words of over 100 characters make one unknown token each) is tried at twice that, and so
+# on; it is read whole up to max_length x 128 characters or WHOLE_READ_CHARS, whichever is
+# more, and refused beyond. Read whole at any length, 15 MB of 150-character words held the
+# thread 8 s and raised the worker's memory peak by 1.1 GB, and 32 texts of 240,000
+# characters (7.7 MB) took 8.6 s and left it 550 MB larger. WHOLE_READ_CHARS keeps ordinary
+# documents that open with a long token-poor run (a 16,000-character hex digest before the
+# prose) answered: ~0.5 us a character, a 64 Ki-character text costs ~30 ms.
 MAX_CHARS_PER_TOKEN = 64
+WHOLE_READ_CHARS = 1 << 16
 
 # Length classes (padding_class): a text's length in characters stands in for its tokens
 # (English: ~4.4 characters per MiniLM token), as tokenizing on the event loop would cost
-# the inference thread's work twice. Texts up to MIN_CLASS_CHARS share the lowest class:
-# padding a few tokens to ~16 costs little beside a run's fixed cost.
+# the inference thread's work twice. Texts under twice MIN_CLASS_CHARS share the lowest
+# class: padding a few tokens to ~30 costs little beside a run's fixed cost.
 CHARS_PER_TOKEN = 4
 MIN_CLASS_CHARS = 64
 
@@ -132,11 +135,16 @@ class TokenizerPreprocessor:
         return min(max(longest, MIN_CLASS_CHARS), cap).bit_length()
 
     def __call__(self, batch: Sequence[Tensors]) -> Tensors:
-        texts = [
-            self._readable(str(text), element)
-            for request in batch
-            for element, text in enumerate(request[self.input_name])
-        ]
+        texts: list[str] = []
+        errors: dict[int, BadRequest] = {}
+        for index, request in enumerate(batch):
+            try:
+                texts += [self._readable(str(text), element)
+                          for element, text in enumerate(request[self.input_name])]  # fmt: skip
+            except BadRequest as exc:
+                errors[index] = exc
+        if errors:  # those requests get their 400s; the batcher runs the others at once
+            raise errors[0] if len(batch) == 1 else RejectedRequests(errors)
         encodings = self.tokenizer.encode_batch(texts)
         columns = {
             "input_ids": [e.ids for e in encodings],
@@ -150,14 +158,16 @@ class TokenizerPreprocessor:
         """What to tokenize of `text` for the same tokens as the whole text: the part that
         truncation keeps (its start, or its end for a tokenizer that truncates on the left)
         of max_length x 32 characters, doubled while it makes too few tokens; the whole
-        text where it is short enough. Beyond max_length x 128 characters without enough
+        text where it is short enough. Beyond that (see WHOLE_READ_CHARS) without enough
         tokens, a 400: reading it whole would cost time and memory in proportion."""
         size = self.max_length * PREFIX_CHARS_PER_TOKEN
+        last_try = max(self.max_length * MAX_CHARS_PER_TOKEN, WHOLE_READ_CHARS // 2)
         while size < len(text):
-            if size > self.max_length * MAX_CHARS_PER_TOKEN:
+            if size > last_try:
+                end = "first" if self.keeps_start else "last"
                 raise BadRequest(
                     f"input '{self.input_name}': element {element} has {len(text)} characters "
-                    f"whose first {size // 2} make too few tokens to truncate it there (words "
+                    f"whose {end} {size // 2} make too few tokens to truncate it there (words "
                     f"of hundreds of characters); send at most {size} characters of such text"
                 )
             part = self._part(text, size)
