@@ -34,9 +34,12 @@ def test_a_row_carries_the_id_answered_or_sent(
         sent = http.post("/v2/models/affine/infer", json=BODY, headers={"x-request-id": "mine-7"})
         # Not a valid id (a space): answered with a new one, stored as sent (the caller's key).
         odd = http.post("/v2/models/affine/infer", json=BODY, headers={"x-request-id": "a b"})
-    assert [r.status_code for r in (made, sent, odd)] == [200, 200, 200]
+        empty = http.post("/v2/models/affine/infer", json=BODY, headers={"x-request-id": ""})
+    assert [r.status_code for r in (made, sent, odd, empty)] == [200] * 4
     answered = made.headers["x-request-id"]
     # Before, a request that sent no id had a row with none: its answer's id found nothing.
     assert _stored(db_url, answered) == 1
     assert sent.headers["x-request-id"] == "mine-7" and _stored(db_url, "mine-7") == 1
     assert odd.headers["x-request-id"] != "a b" and _stored(db_url, "a b") == 1
+    # An empty one is no id: the row carries the one answered.
+    assert _stored(db_url, empty.headers["x-request-id"]) == 1

@@ -77,7 +77,7 @@ def client_request_id(request: Request) -> str | None:
     replaced for not being a valid id), else the id podserve made and answered with, which
     its log lines carry too."""
     sent = request_headers(request.scope).get("x-request-id")
-    return as_utf8(sent) if sent is not None else current_request_id()
+    return as_utf8(sent) if sent else current_request_id()  # "": replaced in the answer
 
 
 def trace_id(request: Request) -> str | None:
