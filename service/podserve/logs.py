@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -158,16 +159,21 @@ class BackgroundStderrHandler(logging.Handler):
         caught again, at the default action) still has its last lines out."""
         stream = self.stream or sys.stderr
         try:
-            writable = _has_room(stream.fileno(), len(line) + 1)
-        except (AttributeError, OSError, ValueError):  # no file descriptor: cannot block
-            writable = True
-        if not writable:
-            return False
-        try:
-            stream.write(line + "\n")
-            stream.flush()
-        except Exception:  # stderr closed: nowhere left to say so
-            pass
+            fd = _descriptor(stream)
+            if fd is None:  # a test's StringIO: cannot block
+                _write_to_stream(stream, line)
+                return True
+            data = _encoded(stream, line)
+            if not _has_room(fd, len(data)):  # bytes: a non-ASCII line is longer than len()
+                return False
+            written = os.write(fd, data)
+        except BlockingIOError:  # an O_NONBLOCK stderr whose room another writer took first
+            return False  # nothing written: the writer thread writes it whole
+        except Exception:  # stderr closed, its reader gone (EPIPE): nowhere left to say so
+            return True
+        if written < len(data):  # a socket may take part of it (a pipe takes all or nothing)
+            with contextlib.suppress(Exception):
+                _write_all(fd, data[written:])
         return True
 
     def _write(self) -> None:
@@ -177,9 +183,8 @@ class BackgroundStderrHandler(logging.Handler):
                 stream = self.stream or sys.stderr
                 dropped = self._take_dropped()
                 if dropped:
-                    stream.write(_dropped_line(dropped) + "\n")
-                stream.write(line + "\n")
-                stream.flush()
+                    _write_line(stream, _dropped_line(dropped))
+                _write_line(stream, line)
             except Exception:  # stderr closed: nowhere left to say so
                 pass
             finally:
@@ -195,6 +200,53 @@ class BackgroundStderrHandler(logging.Handler):
         deadline = time.monotonic() + FLUSH_WAIT_S
         while self._lines.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.005)
+
+
+def _descriptor(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # no descriptor, or the stream is closed
+        return None
+
+
+def _encoded(stream: TextIO, line: str) -> bytes:
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return (line + "\n").encode(encoding, "backslashreplace")  # as sys.stderr's errors
+
+
+def _write_to_stream(stream: TextIO, line: str) -> None:
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def _write_line(stream: TextIO, line: str) -> None:
+    """To the file descriptor itself, past the stream and its lock: a writer thread blocked
+    in a buffered stream's write on a full pipe holds that lock, and a process forked then
+    (Gunicorn's master forking a worker) has it held for ever: its lines never came out."""
+    fd = _descriptor(stream)
+    if fd is None:
+        _write_to_stream(stream, line)
+    else:
+        _write_all(fd, _encoded(stream, line))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data`, however many writes that takes (a signal can cut a pipe write short;
+    a line past the pipe's size goes in as the reader makes room). os.write retries EINTR
+    itself; EPIPE and EBADF raise to the caller."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # O_NONBLOCK set on the shared description (by another holder)
+            _wait_writable(fd)
+
+
+def _wait_writable(fd: int) -> None:
+    """Until the descriptor takes bytes, or fails (an error or hang-up: the next write raises)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()
 
 
 def _has_room(fd: int, size: int) -> bool:

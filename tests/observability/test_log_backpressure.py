@@ -7,6 +7,7 @@ out: the write blocked each worker's event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,6 +64,40 @@ def test_a_full_stderr_pipe_drops_and_counts_lines_instead_of_blocking() -> None
     written = [line for line in lines if line["msg"].startswith("line ")]
     assert len(written) + sum(line["dropped"] for line in dropped) == 2000
     assert lines[-1]["msg"] == "after the pipe is read again"
+
+
+def test_a_line_longer_in_bytes_than_the_room_left_is_not_written_in_the_callers_thread() -> None:
+    """Room is counted in bytes: a line of 2,100 'é' is ~2,200 characters but ~4,300 bytes.
+    Measured before the fix: with one page (4,096 bytes) free, the call wrote it at once and
+    blocked the caller until the pipe was read."""
+    from podserve.logs import BackgroundStderrHandler, JsonFormatter
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    for size in (4096, 1):  # full, to the last byte
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_end, b"\n" * size)
+    os.set_blocking(write_end, True)
+    os.read(read_end, 4096)  # one page free: room for a line of up to 4,096 bytes
+    stream = os.fdopen(write_end, "w", encoding="utf-8")
+    handler = BackgroundStderrHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("podserve.test_backpressure_bytes")
+    log.propagate, log.handlers = False, [handler]
+    done = threading.Event()
+    threading.Thread(target=lambda: (log.warning("é" * 2100), done.set()), daemon=True).start()
+    returned = done.wait(5)
+    collected: list[bytes] = []  # read either way: a blocked write must not hang the run
+    reader = threading.Thread(target=lambda: collected.append(_read_all(read_end)))
+    reader.start()
+    done.wait(10)
+    handler.flush()
+    stream.close()
+    reader.join(10)
+    assert returned, "logging blocked on a pipe with room for the characters, not the bytes"
+    (line,) = [json.loads(line) for line in collected[0].decode().splitlines() if line]
+    assert line["msg"] == "é" * 2100
 
 
 def test_a_server_whose_stderr_nobody_reads_keeps_serving(model_repo: Path) -> None:
