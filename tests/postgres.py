@@ -261,12 +261,22 @@ async def _hold_lock(
 
 @contextmanager
 def table_locked(url: str, table: str) -> Iterator[None]:
-    """`table` locked by another session (its queries wait) for the block, from a thread."""
+    """Another session holds ACCESS EXCLUSIVE on `table` until the block ends, from a
+    thread: every query on it waits (a slow database, from podserve's side)."""
     locked, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=run, args=(_hold_lock(url, table, locked, release),))
+    failure: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            run(_hold_lock(url, table, locked, release))
+        except BaseException as exc:  # surfaced by the test, not lost in the thread
+            failure.append(exc)
+            locked.set()
+
+    holder = threading.Thread(target=hold, daemon=True)
     holder.start()
     try:
-        assert locked.wait(10), f"could not lock {table}"
+        assert locked.wait(10) and not failure, failure or f"could not lock {table}"
         yield
     finally:
         release.set()

@@ -38,18 +38,16 @@ def affine_rows(prefix: str, count: int) -> list[list[Any]]:
 
 
 def log_settings(url: str, spool: Path, **knobs: Any) -> Settings:
-    """Small batches, a fast flush and short timeouts: a test sees each pass quickly."""
-    return Settings(
-        database_url=url,
-        spool_dir=spool,
-        db_pool_min=0,
-        prediction_log_batch_rows=10,
-        prediction_log_flush_ms=20,
-        prediction_log_max_backoff_s=0.2,
-        db_connect_timeout_s=0.5,
-        db_command_timeout_s=0.5,
-        **knobs,
-    )
+    """Small batches, a fast flush and short timeouts (each of which `knobs` may change): a
+    test sees each pass quickly."""
+    defaults: dict[str, Any] = {
+        "prediction_log_batch_rows": 10,
+        "prediction_log_flush_ms": 20,
+        "prediction_log_max_backoff_s": 0.2,
+        "db_connect_timeout_s": 0.5,
+        "db_command_timeout_s": 0.5,
+    }
+    return Settings(database_url=url, spool_dir=spool, db_pool_min=0, **(defaults | knobs))
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -99,24 +102,28 @@ def test_concurrent_misses_share_one_query(loaded: str) -> None:
         assert found["e2"].tolist() == [2.0] * 4
 
 
-async def _lock_features(url: str) -> asyncpg.Connection:
-    """Another session holds the table: every lookup's query waits until it lets go."""
-    conn = await asyncpg.connect(url)
-    await conn.execute("BEGIN; LOCK TABLE podserve_features IN ACCESS EXCLUSIVE MODE")
-    return conn
+@contextlib.asynccontextmanager
+async def _behind_a_lock(url: str) -> AsyncIterator[tuple[Database, FeatureStore, Any]]:
+    """A pool of 2 and its feature store, while another session holds the table: every
+    lookup's query waits until the test commits the `locker`'s transaction."""
+    settings = Settings(database_url=url, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
+    db = Database(settings)
+    await db.open()
+    locker = await asyncpg.connect(url)
+    try:
+        await locker.execute("BEGIN; LOCK TABLE podserve_features IN ACCESS EXCLUSIVE MODE")
+        yield db, FeatureStore(db, settings), locker
+    finally:
+        await locker.close()
+        await db.close()
 
 
 def test_a_cancelled_shared_lookup_leaves_its_followers_an_answer(loaded: str) -> None:
     """The request whose query the others wait on goes away (client disconnect): they query
     for themselves instead of failing with it."""
-    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
 
     async def scenario() -> tuple[dict, int]:
-        db = Database(settings)
-        await db.open()
-        store = FeatureStore(db, settings)
-        locker = await _lock_features(loaded)
-        try:
+        async with _behind_a_lock(loaded) as (_db, store, locker):
             leader = asyncio.create_task(store.vectors("hot", ["e3"]))
             await asyncio.sleep(0.1)  # its query waits on the lock
             follower = asyncio.create_task(store.vectors("hot", ["e3"]))
@@ -125,9 +132,6 @@ def test_a_cancelled_shared_lookup_leaves_its_followers_an_answer(loaded: str) -
             await asyncio.sleep(0.1)
             await locker.execute("COMMIT")
             return await asyncio.wait_for(follower, 5.0), store.queries
-        finally:
-            await locker.close()
-            await db.close()
 
     found, queries = postgres.run(scenario())
     assert found["e3"].tolist() == [3.0] * 4
@@ -138,14 +142,9 @@ def test_followers_of_a_leader_that_gives_up_share_one_query_again(loaded: str) 
     """A leader with a short deadline (its own X-Podserve-Timeout-Ms) gives up: its followers
     must not each query on their own (20 queries for one hot entity, a pool of 2: the
     stampede the sharing is for), but follow the first of them to lead."""
-    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
 
     async def scenario() -> tuple[BaseException | None, list, int]:
-        db = Database(settings)
-        await db.open()
-        store = FeatureStore(db, settings)
-        locker = await _lock_features(loaded)
-        try:
+        async with _behind_a_lock(loaded) as (_db, store, locker):
             leader = asyncio.create_task(
                 store.vectors("hot", ["e5"], deadline=time.perf_counter() + 0.2)
             )
@@ -160,9 +159,6 @@ def test_followers_of_a_leader_that_gives_up_share_one_query_again(loaded: str) 
             await locker.execute("COMMIT")
             found = await asyncio.wait_for(asyncio.gather(*followers), 5.0)
             return error, found, store.queries
-        finally:
-            await locker.close()
-            await db.close()
 
     error, found, queries = postgres.run(scenario())
     assert isinstance(error, DeadlineExceeded), error
@@ -171,14 +167,9 @@ def test_followers_of_a_leader_that_gives_up_share_one_query_again(loaded: str) 
 
 
 def test_a_follower_keeps_to_its_own_deadline(loaded: str) -> None:
-    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
 
     async def scenario() -> tuple[BaseException | None, float, dict]:
-        db = Database(settings)
-        await db.open()
-        store = FeatureStore(db, settings)
-        locker = await _lock_features(loaded)
-        try:
+        async with _behind_a_lock(loaded) as (_db, store, locker):
             leader = asyncio.create_task(store.vectors("hot", ["e4"]))
             await asyncio.sleep(0.1)
             started = time.perf_counter()
@@ -190,9 +181,6 @@ def test_a_follower_keeps_to_its_own_deadline(loaded: str) -> None:
             waited = time.perf_counter() - started
             await locker.execute("COMMIT")
             return error, waited, await asyncio.wait_for(leader, 5.0)
-        finally:
-            await locker.close()
-            await db.close()
 
     error, waited, leader_found = postgres.run(scenario())
     assert error is not None and "request deadline" in str(error), error
@@ -205,14 +193,9 @@ def test_a_followers_wait_is_tallied_as_shared_not_as_a_pool_wait(loaded: str) -
     0.2 s deadline, one gets the answer. Both waits are in `shared_waits`
     (podserve_feature_shared_wait_seconds), the given-up one too; the pool's tally has the
     leader's one acquisition only. Before: neither follower's wait was observed anywhere."""
-    settings = Settings(database_url=loaded, db_pool_min=1, db_pool_max=2, features_timeout_s=5.0)
 
     async def scenario() -> tuple[BaseException | None, dict, list[int], float, int]:
-        db = Database(settings)
-        await db.open()
-        store = FeatureStore(db, settings)
-        locker = await _lock_features(loaded)
-        try:
+        async with _behind_a_lock(loaded) as (db, store, locker):
             leader = asyncio.create_task(store.vectors("hot", ["e6"]))
             await asyncio.sleep(0.1)  # its query waits on the lock
             patient = asyncio.create_task(store.vectors("hot", ["e6"]))
@@ -226,9 +209,6 @@ def test_a_followers_wait_is_tallied_as_shared_not_as_a_pool_wait(loaded: str) -
             await asyncio.wait_for(leader, 5.0)
             waits = store.shared_waits
             return error, found, list(waits.counts), waits.total, sum(db.pool_waits.counts)
-        finally:
-            await locker.close()
-            await db.close()
 
     error, found, counts, total, pool_waits = postgres.run(scenario())
     assert isinstance(error, DeadlineExceeded), error

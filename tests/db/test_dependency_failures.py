@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,41 +49,6 @@ LOOKUP = {"parameters": {"entity_ids": ["e1", "e2"]}}
 
 
 # --- helpers ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def table_locked(url: str, table: str) -> Iterator[None]:
-    """Another session holds ACCESS EXCLUSIVE on `table` until the block ends: every query
-    on it waits (a slow database, from podserve's side)."""
-    locked, release = threading.Event(), threading.Event()
-    failure: list[BaseException] = []
-
-    async def hold() -> None:
-        conn = await asyncpg.connect(url, timeout=10)
-        try:
-            async with conn.transaction():
-                await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-                locked.set()
-                while not release.is_set():
-                    await asyncio.sleep(0.01)
-        finally:
-            await conn.close()
-
-    def run() -> None:
-        try:
-            postgres.run(hold())
-        except BaseException as exc:  # surfaced by the test, not lost in the thread
-            failure.append(exc)
-            locked.set()
-
-    holder = threading.Thread(target=run, daemon=True)
-    holder.start()
-    try:
-        assert locked.wait(10) and not failure, failure
-        yield
-    finally:
-        release.set()
-        holder.join(10)
-
-
 def waiting_backends(url: str) -> int:
     """podserve's backends in this database that are waiting on a lock."""
     return postgres.scalar(
@@ -168,7 +132,7 @@ def test_a_lookup_keeps_to_the_request_deadline_and_spares_the_breaker(
             "/v1/models/affine:predict", json={"entity_ids": ["e3"]}, headers=header
         ),
     ]
-    with table_locked(db_url, "podserve_features"):
+    with postgres.table_locked(db_url, "podserve_features"):
         answers = [timed(calls[i % 2]) for i in range(6)]  # breaker threshold: 3
     for response, elapsed in answers:
         assert response.status_code == 504, response.text
@@ -183,7 +147,7 @@ def test_a_lookup_keeps_to_the_request_deadline_and_spares_the_breaker(
 def test_a_deadline_longer_than_the_lookup_timeout_changes_nothing(
     client: httpx.Client, db_url: str
 ) -> None:
-    with table_locked(db_url, "podserve_features"):
+    with postgres.table_locked(db_url, "podserve_features"):
         response, elapsed = timed(
             lambda: client.post(
                 "/v2/models/affine/infer", json=LOOKUP, headers={"X-Podserve-Timeout-Ms": "5000"}
@@ -201,7 +165,7 @@ def test_a_timed_out_lookup_leaves_no_backend_waiting(
     client: httpx.Client, db_url: str, deadline: int | None
 ) -> None:
     headers = {"X-Podserve-Timeout-Ms": str(deadline)} if deadline else {}
-    with table_locked(db_url, "podserve_features"):
+    with postgres.table_locked(db_url, "podserve_features"):
         for _ in range(2):
             response = client.post("/v2/models/affine/infer", json=LOOKUP, headers=headers)
             assert response.status_code == 504, response.text
@@ -238,7 +202,7 @@ def test_a_timed_out_background_query_leaves_no_backend_waiting(db_url: str) -> 
         finally:
             await db.close()
 
-    with table_locked(db_url, "podserve_jobs"):
+    with postgres.table_locked(db_url, "podserve_jobs"):
         cleared, other_backend = postgres.run(scenario())
     assert cleared, "the timed-out background query still waits on the lock in PostgreSQL"
     assert other_backend == 0, "a statement_timeout closed a sound connection"
@@ -251,7 +215,7 @@ def test_jobs_answer_504_with_retry_after_while_the_table_is_locked(
     submitted = client.post("/v2/models/affine/jobs", json=RAW)
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()["id"]
-    with table_locked(db_url, "podserve_jobs"):
+    with postgres.table_locked(db_url, "podserve_jobs"):
         submit, submit_s = timed(lambda: client.post("/v2/models/affine/jobs", json=RAW))
         status, status_s = timed(lambda: client.get(f"/v2/jobs/{job}"))
     for response, elapsed in ((submit, submit_s), (status, status_s)):

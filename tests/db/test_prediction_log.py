@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from log_rows import affine_rows
+from log_rows import affine_rows, log_settings, running_log
 
 import postgres
 from podserve.db.pool import Database
@@ -398,30 +398,23 @@ def test_a_full_buffer_blames_the_spool_only_when_it_fails(db_url: str, tmp_path
     from podserve.errors import ServiceUnavailable
 
     spool_dir = tmp_path / "spool"
-    knobs = {
-        "spool_dir": spool_dir,
-        "db_pool_min": 0,
-        "prediction_log_buffer_rows": 5,
-        "prediction_log_batch_rows": 2,
-    }
 
     async def scenario(proxy: TcpProxy) -> dict[str, object]:
-        settings = Settings(database_url=postgres.with_port(db_url, proxy.port), **knobs)
-        db = Database(settings)
-        await db.open()
-        plog = PredictionLog(db, Spool(spool_dir), settings)
-        await plog.start()
-        proxy.cut()  # nothing drains the buffer but the spiller
+        url = postgres.with_port(db_url, proxy.port)
+        settings = log_settings(
+            url, spool_dir, prediction_log_buffer_rows=5, prediction_log_batch_rows=2
+        )
         rows = iter(affine_rows("full-", 500))
         refusals: list[ServiceUnavailable] = []
+        async with running_log(settings, spool_dir) as plog:
+            proxy.cut()  # nothing drains the buffer but the spiller
 
-        def append() -> None:
-            try:
-                plog.append(next(rows))
-            except ServiceUnavailable as exc:
-                refusals.append(exc)
+            def append() -> None:
+                try:
+                    plog.append(next(rows))
+                except ServiceUnavailable as exc:
+                    refusals.append(exc)
 
-        try:
             while not refusals:  # no await: the spiller has not had its turn, as while its
                 append()  # fsync stalls
             behind = refusals.pop()
@@ -440,9 +433,6 @@ def test_a_full_buffer_blames_the_spool_only_when_it_fails(db_url: str, tmp_path
                         await asyncio.sleep(0.01)
                     break
                 await asyncio.sleep(0.01)
-        finally:
-            await plog.close()
-            await db.close()
         return {
             "behind": behind.message,
             "retry_after": behind.headers.get("Retry-After"),
@@ -466,23 +456,15 @@ def test_a_batch_put_back_after_a_failed_write_wakes_the_spiller(
     spiller, and predictions answered 503 with a working spool until the database returned."""
     from podserve.errors import ServiceUnavailable
 
-    knobs = {
-        "spool_dir": tmp_path,
-        "db_pool_min": 0,
-        "prediction_log_buffer_rows": 5,
-        "prediction_log_batch_rows": 100,
-    }
-
     async def scenario(proxy: TcpProxy) -> dict[str, int | bool]:
-        settings = Settings(database_url=postgres.with_port(db_url, proxy.port), **knobs)
-        db = Database(settings)
-        await db.open()
-        plog = PredictionLog(db, Spool(tmp_path), settings)
-        await plog.start()
-        proxy.cut()
+        url = postgres.with_port(db_url, proxy.port)
+        settings = log_settings(
+            url, tmp_path, prediction_log_buffer_rows=5, prediction_log_batch_rows=100
+        )
         rows = affine_rows("put-back-", 11)
         refused = False
-        try:
+        async with running_log(settings, tmp_path) as plog:
+            proxy.cut()
             for row in rows[:10]:  # no await: the writer takes them all first
                 plog.append(row)
             try:
@@ -496,9 +478,6 @@ def test_a_batch_put_back_after_a_failed_write_wakes_the_spiller(
                 stats["answered_again"] = True
             except ServiceUnavailable:
                 stats["answered_again"] = False
-        finally:
-            await plog.close()
-            await db.close()
         return stats
 
     with TcpProxy(*postgres.host_port(db_url)) as proxy:
