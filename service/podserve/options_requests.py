@@ -34,8 +34,8 @@ class OptionsAnswer:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
-            allowed, asked = _allowed_methods(self.fastapi_app.router.routes, scope)
-            if asked is not None:
+            allowed = _allowed_methods(self.fastapi_app.router.routes, scope)
+            if allowed is not None:
                 # Not under the route asked about (observability labels it route="options"):
                 # counted with the infer route's requests, preflights and probes would dilute
                 # its per-phase averages, which divide by that route's request count.
@@ -57,29 +57,30 @@ def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
             yield route
 
 
-def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> tuple[list[str], Scope | None]:
-    """The methods of the most specific routes that have the request's path, and the first
-    one's scope. Most specific: the most literal characters in the path template, as a
+def _allowed_methods(routes: list[BaseRoute], scope: Scope) -> list[str] | None:
+    """The methods of the most specific routes that have the request's path (None: no route
+    has it). Most specific: the most literal characters in the path template, as a
     path that two templates match is served (`/v1/models/m:predict`: POST by predict, GET
     refused by the model-status route; `/v2/models/stats`: the statistics, not a model)."""
     methods: set[str] = set()
-    first: Scope | None = None
     best = -1
     for route in _leaf_routes(routes):
         path = getattr(route, "path", None)
         route_methods = getattr(route, "methods", None)
         if path is None or not route_methods:
             continue
-        match, child_scope = route.matches(scope)
+        match, _ = route.matches(scope)
         if match is Match.NONE:
             continue
         literal = len(_PARAMETER.sub("", path))
         if literal > best:
-            methods, first, best = set(), {**child_scope, "route": route}, literal
+            methods, best = set(), literal
         if literal == best:
             methods |= set(route_methods)
+    if not methods:
+        return None
     if "GET" in methods:
         methods.add("HEAD")  # head_requests.HeadAsGet answers HEAD on every GET route
     methods.add("OPTIONS")
     ordered = [m for m in _METHOD_ORDER if m in methods]
-    return ordered + sorted(methods.difference(_METHOD_ORDER)), first
+    return ordered + sorted(methods.difference(_METHOD_ORDER))
