@@ -143,7 +143,8 @@ def test_a_segment_held_back_by_the_database_is_kept_and_replayed_later(
             await until(lambda: plog.write_errors >= 2)
             kept = segment.exists()
             proxy.restore()
-            await until(lambda: plog.rows_written >= 4)
+            # Counted replayed only once the segment is removed, after its rows are written.
+            await until(lambda: plog.rows_written >= 4 and plog.rows_replayed >= 4)
             return {
                 "kept": kept,
                 "written": plog.rows_written,
